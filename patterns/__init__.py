@@ -1,0 +1,19 @@
+"""The catalog of fusions, one module per family, applied in this order.
+
+Each family module states what it matches, its constraints and its replacement candidates, and
+exposes ``FAMILY = Family(name, flag, apply)``. Installed as ``zen_inductor.patterns``.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # counter key and report "pattern"
+    flag: str  # zen_inductor.config flag that turns it on
+    apply: Callable  # apply(ctx: PatternContext) -> None
+
+
+from . import dequant_matmul  # noqa: E402
+
+FAMILIES = (dequant_matmul.FAMILY,)

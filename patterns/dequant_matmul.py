@@ -1,0 +1,277 @@
+"""dequant -> matmul: a linear whose weight is dequantized in the graph runs on a quantized kernel.
+
+Matches (joint graph, weights still placeholders)::
+
+    codes  = <int weight param, possibly unpacked with shifts/masks, possibly viewed [N, K/G, G]>
+    w      = layout/affine ops of convert(codes, float)      # e.g. (codes - zp) * scale, view, permute
+    y      = mm(x, w) | addmm(bias, x, w) [| mul(y, scale_per_column)]
+
+which covers torchao IntxWeightOnly (int4/int8, sym/asym, per-group/per-channel), Int8WeightOnly
+(scale applied after the mm), hand-written dequant code, and GPTQ-style int4 packed in int32.
+
+The chain is not matched op by op. It is *read* on the real weights: with the float codes replaced
+by 0 and by 1 the chain gives the offset and the scale of every weight element, so any affine
+dequant is understood, whatever its spelling; the reading is then proven by recomputing the
+weight both ways. The group size is where scale and offset are constant along K.
+
+Constraints (each failure is a near miss with its reason): weights frozen; activations bf16 or
+fp32; codes fit 8 bits; the chain is affine in the codes; some kernel that keeps the weight
+quantized supports the shape (else Inductor's own code is as good).
+
+Replacement: ``zen.quant_linear(x, packed, counts, bias, plan)``; candidates come from the kernel
+registry, one per shape bin, chosen by the autotuner.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from zen_inductor.autotune import NoKernel, sqnr_db
+from zen_inductor.kernels import LinearSpec, QuantWeight, candidates, pack_for_plan, quant_linear
+
+from . import Family
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+PATTERN = "dequant_matmul"
+
+# matmul op -> (activation arg, weight arg, bias arg)
+_MATMULS = {aten.mm.default: (0, 1, None), aten.addmm.default: (1, 2, 0)}
+
+_LAYOUT_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+    aten.t.default, aten.transpose.int, aten.clone.default, aten.alias.default,
+    aten.squeeze.dim, aten.unsqueeze.default, aten.expand.default,
+    prims.convert_element_type.default, aten._to_copy.default,
+}
+_AFFINE_OPS = {aten.sub.Tensor, aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.rsub.Scalar}
+_CONVERTS = (prims.convert_element_type.default, aten._to_copy.default)
+_ACT_DTYPES = (torch.bfloat16, torch.float32)
+_MIN_GROUP = 8
+
+
+class Miss(Exception):
+    """A constraint failed; the message is the near-miss reason shown to users."""
+
+
+# --- search -----------------------------------------------------------------------------------
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _is_int_to_float(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in _CONVERTS:
+        return False
+    src, out = _val(node.args[0]) if node.args else None, _val(node)
+    return src is not None and out is not None and not src.dtype.is_floating_point and src.dtype != torch.bool and out.dtype.is_floating_point
+
+
+def find_codes(weight: fx.Node) -> fx.Node | None:
+    """The int->float convert that produces one value per weight element."""
+    numel = _val(weight).numel()
+    found, stack, seen = [], [weight], set()
+    while stack:
+        node = stack.pop()
+        if node in seen or not isinstance(node, fx.Node):
+            continue
+        seen.add(node)
+        if _is_int_to_float(node) and _val(node).numel() == numel:
+            found.append(node)
+            continue
+        stack.extend(node.all_input_nodes)
+    return found[0] if len(found) == 1 else None
+
+
+def search(ctx):
+    """Yield (matmul node, activation, weight, bias) for matmuls with a dequantized weight."""
+    for target, (xi, wi, bi) in _MATMULS.items():
+        for mm in ctx.graph.find_nodes(op="call_function", target=target):
+            x, w = mm.args[xi], mm.args[wi]
+            if _val(w) is None or find_codes(w) is None:
+                continue
+            yield mm, x, w, (mm.args[bi] if bi is not None else None)
+
+
+# --- reading the weight -------------------------------------------------------------------------
+
+
+def _path(codes: fx.Node, weight: fx.Node) -> list[fx.Node]:
+    """Nodes from ``codes`` (exclusive) to ``weight`` (inclusive), in graph order."""
+    below, stack = set(), [weight]
+    while stack:
+        node = stack.pop()
+        if node in below or node is codes:
+            continue
+        below.add(node)
+        stack.extend(node.all_input_nodes)
+    above, stack = set(), [codes]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user not in above and user in below:
+                above.add(user)
+                stack.append(user)
+    order = {n: i for i, n in enumerate(weight.graph.nodes)}
+    return sorted(above, key=order.__getitem__)
+
+
+def _codes_in_weight_layout(ctx, codes: fx.Node, path: list[fx.Node]) -> torch.Tensor:
+    """The integer codes, moved through the chain's layout ops only (affine ops pass through)."""
+    values = {codes: ctx.evaluate(codes.args[0]).to(torch.float32)}
+    for node in path:
+        on_path = [a for a in node.all_input_nodes if a in values]
+        if node.target in _AFFINE_OPS:
+            values[node] = values[on_path[0]]
+        elif node.target in _CONVERTS:
+            values[node] = values[on_path[0]]
+        else:
+            args = torch.fx.node.map_arg(node.args, lambda n: values[n])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: values[n])
+            values[node] = node.target(*args, **kwargs)
+    return values[path[-1]] if path else values[codes]
+
+
+def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight:
+    codes = find_codes(weight)
+    if any(n not in ctx.constants for n in (weight, codes)):
+        raise Miss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
+    path = _path(codes, weight)
+    for node in path:
+        if node.target not in _LAYOUT_OPS and node.target not in _AFFINE_OPS:
+            raise Miss(f"{node.target} between the integer codes and the matmul is not a dequant op")
+        if sum(a in path or a is codes for a in node.all_input_nodes) != 1:
+            raise Miss("the dequant chain combines the codes with themselves")
+    shape = _val(codes).shape
+    ones = torch.ones(shape, dtype=torch.float64)
+    offset = ctx.evaluate(weight, {codes: torch.zeros(shape, dtype=torch.float64)}, float64=True)
+    scale = ctx.evaluate(weight, {codes: ones}, float64=True) - offset
+    real = ctx.evaluate(weight).to(torch.float64)
+    q = _codes_in_weight_layout(ctx, codes, path)
+    if post_scale is not None:  # Int8WeightOnly: y = mm(x, convert(codes^T)) * scale[N]
+        column = ctx.evaluate(post_scale).to(torch.float64).reshape(1, -1)
+        scale, offset, real = scale * column, offset * column, real * column
+    # mm sees the weight as [K, N]; canonical form is [N, K]
+    q, scale, offset, real = (t.t().contiguous() for t in (q, scale, offset, real))
+    if sqnr_db(q * scale + offset, real) < 45:
+        raise Miss("the dequant chain is not affine in the integer codes")
+    return _quantize_description(q, scale, offset, group_hint(codes, q.shape[1]))
+
+
+def group_hint(codes: fx.Node, k: int) -> int:
+    shape = tuple(_val(codes).shape)
+    return shape[-1] if len(shape) == 3 and shape[-2] * shape[-1] == k else k
+
+
+def _constant_in_groups(t: torch.Tensor, g: int) -> bool:
+    n, k = t.shape
+    blocks = t.view(n, k // g, g)
+    return bool((blocks == blocks[..., :1]).all())
+
+
+def _quantize_description(q, scale, offset, hint: int) -> QuantWeight:
+    n, k = q.shape
+    qmin, qmax = int(q.min()), int(q.max())
+    if qmin >= -8 and qmax <= 7:
+        bits, shift = 4, 0
+    elif qmin >= 0 and qmax <= 15:
+        bits, shift = 4, 8
+    elif qmin >= -128 and qmax <= 127:
+        bits, shift = 8, 0
+    elif qmin >= 0 and qmax <= 255:
+        bits, shift = 8, 128
+    else:
+        raise Miss(f"integer codes span [{qmin}, {qmax}], wider than 8 bits")
+    # signed codes; the shift moves into the offset: (q) * s + b == (q - shift) * s + (b + shift * s)
+    q = q - shift
+    offset = offset + shift * scale
+    group = None
+    for g in [hint] + sorted((d for d in range(1, k + 1) if k % d == 0), reverse=True):
+        if k % g == 0 and _constant_in_groups(scale, g) and _constant_in_groups(offset, g):
+            group = g
+            break
+    if group < _MIN_GROUP:
+        raise Miss(f"scales change every {group} elements along K; no kernel takes groups that small")
+    s = scale.view(n, k // group, group)[..., 0]
+    b = offset.view(n, k // group, group)[..., 0]
+    zp = None
+    nonzero = s != 0
+    z = torch.where(nonzero, -b / torch.where(nonzero, s, 1), 0)
+    if torch.equal(z, z.round()) and bool((b[~nonzero] == 0).all()):
+        zp = z.round().to(torch.int32)
+    return QuantWeight(
+        codes=q.round().to(torch.int8), scale=s.to(torch.float32), offset=b.to(torch.float32),
+        zero_point=zp, group_size=group, bits=bits,
+    )
+
+
+def variant_name(spec: LinearSpec) -> str:
+    gran = "per_channel" if spec.group_size == spec.k else f"group{spec.group_size}"
+    return f"int{spec.bits}_{'sym' if spec.symmetric else 'asym'}_{gran}"
+
+
+# --- rewrite ------------------------------------------------------------------------------------
+
+
+def _post_scale(ctx, mm: fx.Node, n: int) -> fx.Node | None:
+    """``mul(mm, s)`` with a constant per-column ``s``: torchao Int8WeightOnly applies its scale here."""
+    if len(mm.users) != 1:
+        return None
+    (user,) = mm.users
+    if user.target is not aten.mul.Tensor or user.args[0] is not mm:
+        return None
+    s = user.args[1]
+    if isinstance(s, fx.Node) and s in ctx.constants and _val(s) is not None and _val(s).numel() == n and _val(s).shape[-1] == n:
+        return user
+    return None
+
+
+def apply(ctx) -> None:
+    for mm, x, w, bias in list(search(ctx)):
+        try:
+            rewrite(ctx, mm, x, w, bias)
+        except Miss as miss:
+            ctx.record.near_miss(PATTERN, mm, str(miss))
+
+
+def rewrite(ctx, mm, x, w, bias) -> None:
+    act = _val(x)
+    if act.dtype not in _ACT_DTYPES:
+        raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
+    if not ctx.frozen:
+        raise Miss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
+    n = _val(w).shape[1]
+    post = _post_scale(ctx, mm, n)
+    if post is not None and bias is not None:
+        post = None  # addmm then scale: bias would be scaled too; read as a plain weight instead
+    weight = read_weight(ctx, w, post.args[1] if post is not None else None)
+    spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits,
+                      symmetric=weight.symmetric, act_dtype=act.dtype)
+    kernels, excluded = candidates(spec)
+    if not any(k.name != "dequant_gemm" for k in kernels):
+        reasons = "; ".join(f"{name}: {why}" for name, why in excluded.items())
+        raise Miss(f"no kernel keeps this {variant_name(spec)} weight quantized ({reasons}); left to Inductor")
+    bias_value = ctx.evaluate(bias) if bias is not None and bias in ctx.constants else None
+    try:
+        plan, results, excluded = ctx.tuner.plan(spec, weight, bias_value)
+    except NoKernel as e:
+        raise Miss(str(e)) from None
+    packed, counts = pack_for_plan(plan, weight)
+    out = post if post is not None else mm
+    nodes = [ctx.add_constant(t, mm, "dequant_matmul") for t in packed]
+    with ctx.graph.inserting_before(out):
+        fused = ctx.graph.call_function(quant_linear._opoverload, (x, nodes, counts, bias, plan.encode()))
+    fused.meta.update({k: v for k, v in out.meta.items() if k in ("val", "stack_trace", "nn_module_stack", "source_fn_stack")})
+    out.replace_all_uses_with(fused)
+    kernels_by_bin = {r.bin: r.winner for r in results}
+    ctx.record.match(PATTERN, variant_name(spec), mm, "zen.quant_linear", kernels_by_bin)
+    ctx.record.autotune.append({
+        "source": ctx.record.matches[-1].source, "kind": spec.kind, "n": spec.n, "k": spec.k,
+        "excluded": excluded,
+        "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded, "cached": r.from_cache} for r in results],
+    })
+
+
+FAMILY = Family(PATTERN, "dequant_matmul", apply)

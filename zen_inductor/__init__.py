@@ -1,0 +1,35 @@
+"""zen_inductor: a torch.compile backend for quantized LLM inference on x86 CPUs.
+
+    torch.compile(model, backend="zen")   # registered by entry point; no import needed
+
+``config`` holds the flags, ``counters`` the match counts of this process.
+"""
+__version__ = "0.1.0"
+
+from . import config  # noqa: E402
+from .record import counters  # noqa: E402
+
+
+def last_report() -> dict:
+    """report.json of the most recent compiled graph of this process (also without debug_dir)."""
+    from .dumps import recent_records
+
+    records = recent_records()
+    if not records:
+        raise RuntimeError("nothing compiled with backend='zen' yet")
+    return records[-1].report()
+
+
+def reports() -> list:
+    from .dumps import recent_records
+
+    return [r.report() for r in recent_records()]
+
+
+def zen(gm, example_inputs, **kwargs):
+    from .backend import zen as _zen
+
+    return _zen(gm, example_inputs, **kwargs)
+
+
+__all__ = ["config", "counters", "last_report", "reports", "zen"]

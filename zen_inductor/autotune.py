@@ -1,0 +1,297 @@
+"""Choose a kernel per shape bin for every match, by measurement, and remember the choice.
+
+M (rows = tokens) changes with every call of an LLM: the prompt at prefill, one row at decode.
+One compiled graph serves every M; ``ShapeBin``s split M into ranges, each with its own kernel.
+
+For each bin the tuner runs every candidate on a representative M, first checking its output
+against the fp32 reference (a fast wrong kernel must never win), then timing it with the weights
+evicted from cache between runs (decode reads weights from DRAM in a real model). Winners are
+stored in a JSON file keyed by machine, versions and shape, so a second process tunes nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import config
+from .kernels import KERNELS, Kernel, LinearSpec, Plan, QuantWeight, candidates, run_kernel, cpu_flags
+
+log = logging.getLogger("zen_inductor")
+
+CACHE_VERSION = 1
+SQNR_WEIGHT_ONLY_DB = 40.0
+SQNR_DYNAMIC_DB = 30.0
+
+
+@dataclass(frozen=True)
+class ShapeBin:
+    lo: int
+    hi: Optional[int]  # None: open above
+
+    @property
+    def label(self) -> str:
+        if self.hi is None:
+            return f"{self.lo}+"
+        return str(self.lo) if self.lo == self.hi else f"{self.lo}-{self.hi}"
+
+    @property
+    def representative_m(self) -> int:
+        # the largest M of the bin is where a wrong choice costs most; open bin: twice its start
+        return self.hi if self.hi is not None else min(2 * self.lo, 2048)
+
+
+def shape_bins(edges=None) -> list[ShapeBin]:
+    edges = tuple(sorted(set(int(e) for e in (edges if edges is not None else config.shape_bin_edges))))
+    bins, lo = [], 1
+    for e in edges:
+        bins.append(ShapeBin(lo, e))
+        lo = e + 1
+    bins.append(ShapeBin(lo, None))
+    return bins
+
+
+def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
+    noise = (y.to(torch.float64) - ref.to(torch.float64)).norm()
+    if not torch.isfinite(noise):
+        return float("-inf")
+    if noise == 0:
+        return float("inf")
+    return float(20 * torch.log10(ref.to(torch.float64).norm() / noise))
+
+
+@dataclass
+class BinResult:
+    bin: str
+    winner: str
+    times_us: dict = field(default_factory=dict)
+    excluded: dict = field(default_factory=dict)
+    from_cache: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Static rule (config.autotune=False): quantized kernels while the GEMM is memory-bound (decode),
+# dequantize + dense GEMM once it is compute-bound (measured here: int4 kernels are 3-5x slower
+# than a bf16 GEMM at M=512). Among quantized kernels, vendor kernels first.
+
+STATIC_DENSE_FROM_M = 64
+_STATIC_ORDER = ("zentorch_woq_linear", "aten_int4pack_mm", "aten_int8pack_mm", "dequant_gemm")
+
+
+def static_choice(bin: ShapeBin, usable: list[str]) -> str:
+    order = list(_STATIC_ORDER)
+    if bin.lo >= STATIC_DENSE_FROM_M:
+        order.remove("dequant_gemm")
+        order.insert(0, "dequant_gemm")
+    for name in order:
+        if name in usable:
+            return name
+    return usable[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent cache.
+
+
+def _machine_key() -> str:
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+    try:
+        import zentorch
+
+        zentorch_version = zentorch.__version__
+    except Exception:
+        zentorch_version = "none"
+    try:
+        import torchao
+
+        torchao_version = torchao.__version__
+    except Exception:
+        torchao_version = "none"
+    from . import __version__
+
+    parts = [
+        platform.processor() or platform.machine(), _cpu_model(), ",".join(flags),
+        f"threads={torch.get_num_threads()}", f"torch={torch.__version__}",
+        f"zentorch={zentorch_version}", f"torchao={torchao_version}", f"zen={__version__}",
+        f"use_zentorch={config.use_zentorch}",
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+class TuningCache:
+    """``{version, entries: {key: {winner, times_us}}}`` in ``cache_dir/autotune.json``.
+
+    Writers take an exclusive lock on a side file, re-read, merge and replace the file
+    atomically, so concurrent processes neither corrupt it nor lose each other's entries.
+    """
+
+    def __init__(self, directory: Optional[str] = None):
+        self.directory = directory or config.cache_dir
+        self.path = os.path.join(self.directory, "autotune.json")
+
+    def _read(self) -> dict:
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+                raise ValueError("unknown format")
+            return data["entries"]
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("zen: autotune cache %s is unreadable (%s); rebuilding it", self.path, e)
+            return {}
+
+    def get(self, key: str) -> Optional[dict]:
+        entry = self._read().get(key)
+        if isinstance(entry, dict) and entry.get("winner") in KERNELS:
+            return entry
+        return None
+
+    def put(self, updates: dict) -> None:
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(self.path + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                entries = self._read()
+                entries.update(updates)
+                fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".autotune-", suffix=".json")
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
+                os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("zen: could not write autotune cache %s (%s)", self.path, e)
+
+
+def cache_key(spec: LinearSpec, bin: ShapeBin, usable: list[str]) -> str:
+    return "|".join([_machine_key(), spec.kind, f"n={spec.n}", f"k={spec.k}", f"bin={bin.label}", ",".join(sorted(usable))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement.
+
+_FLUSH_BYTES = 48 << 20  # larger than this machine's L2 + L3 share
+
+
+def _flush(buf: torch.Tensor) -> None:
+    buf.add_(1)
+
+
+def time_kernel(kernel: Kernel, x, packed, bias, spec, reps: int, flush: torch.Tensor) -> float:
+    run_kernel(kernel, x, packed, bias, spec)  # warm-up: lazy init, allocator
+    times = []
+    for _ in range(reps):
+        _flush(flush)
+        t0 = time.perf_counter()
+        run_kernel(kernel, x, packed, bias, spec)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+class Tuner:
+    """Tunes the matches of one compile within ``config.autotune_budget_s``."""
+
+    def __init__(self):
+        self.cache = TuningCache()
+        self.deadline = time.perf_counter() + config.autotune_budget_s
+        self._flush_buf = None
+
+    def flush_buffer(self):
+        if self._flush_buf is None:
+            self._flush_buf = torch.zeros(_FLUSH_BYTES // 4, dtype=torch.int32)
+        return self._flush_buf
+
+    def plan(self, spec: LinearSpec, weight: QuantWeight, bias: Optional[torch.Tensor]) -> tuple[Plan, list[BinResult], dict]:
+        """Returns the plan, per-bin results, and kernels excluded for every bin (with reasons)."""
+        kernels, excluded = candidates(spec)
+        if not kernels:
+            raise NoKernel("; ".join(f"{k}: {r}" for k, r in excluded.items()))
+        bins = shape_bins()
+        packed = {}
+        for kernel in kernels:
+            try:
+                packed[kernel.name] = kernel.prepack(weight, spec.act_dtype)
+            except Exception as e:  # a kernel that cannot pack this weight is not a candidate
+                excluded[kernel.name] = f"prepack failed: {type(e).__name__}: {e}"
+        usable = [k.name for k in kernels if k.name in packed]
+        threshold = SQNR_DYNAMIC_DB if spec.dynamic_activation else SQNR_WEIGHT_ONLY_DB
+        reference_w = weight.dequantize(torch.float32)
+        results = []
+        verified: dict[str, Optional[str]] = {}
+
+        for b in bins:
+            m = b.representative_m
+            key = cache_key(spec, b, usable)
+            torch.manual_seed(0)
+            x = torch.randn(m, spec.k, dtype=spec.act_dtype)
+            ref = x.to(torch.float32) @ reference_w.t()
+            if bias is not None:
+                ref = ref + bias.to(torch.float32)
+
+            def check(name):  # None when the kernel's output on this weight is right
+                try:
+                    db = sqnr_db(run_kernel(KERNELS[name], x, packed[name], bias, spec), ref)
+                except Exception as e:
+                    return f"failed: {type(e).__name__}: {e}"
+                return None if db >= threshold else f"SQNR {db:.1f} dB < {threshold:.0f} dB against the fp32 reference"
+
+            cached = self.cache.get(key) if config.autotune else None
+            # a cached winner was verified on another weight; it is checked again on this one
+            if cached and cached["winner"] in usable and check(cached["winner"]) is None:
+                results.append(BinResult(b.label, cached["winner"], cached.get("times_us", {}), dict(cached.get("excluded", {})), True))
+                continue
+            result = BinResult(b.label, "")
+            passing = []
+            for name in usable:
+                reason = check(name)
+                if reason:
+                    result.excluded[name] = reason
+                else:
+                    passing.append(name)
+            if not passing:
+                raise NoKernel("every candidate failed verification: " + "; ".join(f"{k}: {r}" for k, r in result.excluded.items()))
+            if config.autotune and len(passing) > 1 and time.perf_counter() < self.deadline:
+                for name in passing:
+                    result.times_us[name] = round(
+                        time_kernel(KERNELS[name], x, packed[name], bias, spec, config.autotune_reps, self.flush_buffer()), 1
+                    )
+                result.winner = min(result.times_us, key=result.times_us.get)
+                self.cache.put({key: {"winner": result.winner, "times_us": result.times_us, "excluded": result.excluded}})
+            else:
+                result.winner = static_choice(b, passing)
+                if config.autotune and len(passing) > 1:
+                    result.excluded.setdefault("_note", "autotune budget spent; static rule used")
+            results.append(result)
+
+        plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))
+        return plan, results, excluded
+
+
+class WrongResult(Exception):
+    pass
+
+
+class NoKernel(Exception):
+    pass

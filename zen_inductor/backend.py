@@ -1,0 +1,138 @@
+"""``torch.compile(model, backend="zen")``: Inductor with our passes, for this compile only.
+
+    Dynamo graph
+      -> lift parameters to graph attributes (so freezing can see them)
+      -> compile_fx(config_patches={joint_custom_post_pass: ZenJointPass, freezing: ...})
+           joint passes (ours: match, check, prepack, replace) -> freeze -> post-grad -> lowering
+      -> dumps + one-line summary
+Nothing global is touched: Inductor settings go through ``config_patches``, ours through
+``config.patch``, and both end with the compile.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import warnings
+
+import torch
+import torch.fx as fx
+from torch._inductor.compile_fx import compile_fx
+
+from . import config, dumps
+from .graph_pass import ZenJointPass
+from .record import CompileRecord
+
+log = logging.getLogger("zen_inductor")
+
+_graph_ids = itertools.count()
+
+
+def _split_options(options: dict | None) -> tuple[dict, dict]:
+    ours, inductor = {}, {}
+    for key, value in (options or {}).items():
+        (ours if key in config._config else inductor)[key] = value
+    return ours, inductor
+
+
+def zen(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
+    ours, inductor_patches = _split_options(options)
+    if mode not in (None, "default"):
+        inductor_patches.update(torch._inductor.list_mode_options(mode))
+    with config.patch(ours):
+        return _compile(gm, list(example_inputs), inductor_patches)
+
+
+def _compile(gm, example_inputs, inductor_patches):
+    record = CompileRecord(graph_name=f"graph_{next(_graph_ids)}")
+    freeze = config.freezing and not torch.is_grad_enabled()
+    if config.freezing and torch.is_grad_enabled():
+        warnings.warn(
+            "zen: grad mode is on, so weights cannot be frozen and quantized linears are left to "
+            "Inductor; run the compiled model under torch.no_grad() or torch.inference_mode()",
+            stacklevel=3,
+        )
+    lifted = []
+    if freeze:
+        gm = _copy_for_lifting(gm)  # Dynamo calls us with the inputs of *its* graph; keep that intact
+        lifted = _lift_parameters(gm, example_inputs)
+    inputs = [a for i, a in enumerate(example_inputs) if i not in set(lifted)]
+    patches = {"joint_custom_post_pass": ZenJointPass(record), "freezing": freeze, **inductor_patches}
+    compiled = compile_fx(gm, inputs, config_patches=patches)
+    _forget_zentorch_reorders()
+    dumps.finish(record)
+    if not lifted:
+        return compiled
+    keep = [i for i in range(len(example_inputs)) if i not in set(lifted)]
+
+    def run(*args):
+        return compiled(*[args[i] for i in keep])
+
+    return run
+
+
+def _copy_for_lifting(gm: fx.GraphModule) -> fx.GraphModule:
+    env: dict = {}
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, env))
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        copy._param_name_to_source = dict(gm._param_name_to_source)
+    for old, new in env.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    return copy
+
+
+def _lift_parameters(gm: fx.GraphModule, example_inputs) -> list[int]:
+    """Turn placeholders that hold module parameters/buffers into attributes of ``gm``.
+
+    Dynamo makes parameters graph attributes only if Inductor's *global* ``freezing`` flag was
+    on while it traced; otherwise they arrive here as inputs and AOTAutograd/freezing treat them
+    as activations. Lifting them here gives freezing its constants without touching globals.
+    Dynamo marks such inputs static (``_dynamo_static_input_type``); that mark is the test.
+    """
+    lifted = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(value, torch.Tensor) or not hasattr(value, "_dynamo_static_input_type"):
+            continue
+        if _mutated(node):  # a KV cache marked static is state, not a weight
+            continue
+        name = f"_zen_lifted_{i}"
+        if isinstance(value, torch.nn.Parameter):
+            gm.register_parameter(name, value)
+        else:
+            gm.register_buffer(name, value)
+        if hasattr(gm, "_param_name_to_source"):  # AOTAutograd maps attributes back to Dynamo sources
+            gm._param_name_to_source[name] = getattr(node, "_dynamo_source", None)
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        gm.graph.erase_node(node)
+        lifted.append(i)
+    if lifted:
+        gm.recompile()
+    return lifted
+
+
+def _mutated(node: fx.Node) -> bool:
+    for user in node.users:
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            return True
+    return False
+
+
+def _forget_zentorch_reorders():
+    # ZenDNN caches reordered weights by data pointer; a new model's packed weight can land at a
+    # freed model's address and be served the old reorder. Dropping the cache at every compile
+    # makes each compiled model start clean.
+    try:
+        import sys
+
+        if "zentorch" in sys.modules:
+            sys.modules["zentorch"]._C.clear_weight_cache()
+    except Exception:
+        pass

@@ -1,0 +1,68 @@
+"""Flags of the zen backend, in the style of ``torch._inductor.config``.
+
+Every flag can be set three ways, strongest last:
+  * environment: ``ZEN_INDUCTOR_<FLAG>`` (read once, at import);
+  * code: ``zen_inductor.config.autotune = False`` or ``with config.patch(autotune=False):``;
+  * one compile: ``torch.compile(m, backend="zen", options={"autotune": False})``.
+Options that are not zen flags are passed on to Inductor's own config.
+"""
+import os
+import sys
+
+from torch.utils._config_module import install_config_module
+
+
+def _env(flag, default):
+    # Parsed by the default's type so ZEN_INDUCTOR_AUTOTUNE_BUDGET_S=2.5 is a float, not a string.
+    raw = os.environ.get("ZEN_INDUCTOR_" + flag.upper())
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, (list, tuple)):
+        items = [s.strip() for s in raw.split(",") if s.strip()]
+        if default and isinstance(default[0], int):
+            items = [int(s) for s in items]
+        return type(default)(items)
+    return raw
+
+
+# --- pattern families -------------------------------------------------------------------
+# dequant -> matmul rewritten to a fused quantized linear (weight-only and dynamic-activation)
+dequant_matmul: bool = _env("dequant_matmul", True)
+# residual add feeding an RMSNorm, and standalone RMSNorm
+add_rmsnorm: bool = _env("add_rmsnorm", True)
+# linears sharing one input merged into one GEMM
+concat_linear: bool = _env("concat_linear", True)
+
+# --- compilation ------------------------------------------------------------------------
+# freeze weights into constants under torch.no_grad(); needed to prepack weights once
+freezing: bool = _env("freezing", True)
+
+# --- kernel choice ----------------------------------------------------------------------
+# time the candidate kernels per shape bin; False picks by the static rule in kernels.py
+autotune: bool = _env("autotune", True)
+# upper bound of tuning time per compiled graph, seconds
+autotune_budget_s: float = _env("autotune_budget_s", 20.0)
+# timed repetitions per candidate and bin (the median is kept)
+autotune_reps: int = _env("autotune_reps", 5)
+# upper edges of the M (token) bins; a last open bin covers everything above
+shape_bin_edges: tuple = _env("shape_bin_edges", (1, 4, 16, 64, 256, 1024))
+# kernel names that may be chosen (empty: all available)
+kernel_allow: tuple = _env("kernel_allow", ())
+# kernel names that must not be chosen
+kernel_deny: tuple = _env("kernel_deny", ())
+# use zentorch ops when zentorch imports and the CPU has the ISA it needs
+use_zentorch: bool = _env("use_zentorch", True)
+
+# --- files ------------------------------------------------------------------------------
+# persistent autotune cache
+cache_dir: str = _env("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "zen_inductor"))
+# write per-graph pattern-debug dumps here when set
+debug_dir: str = _env("debug_dir", "")
+
+install_config_module(sys.modules[__name__])

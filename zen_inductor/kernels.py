@@ -1,0 +1,347 @@
+"""Candidate kernels for quantized linears, and the one op the compiled graph calls.
+
+A pattern turns a matched subgraph into a ``QuantWeight`` (what the weight *is*) and a
+``LinearSpec`` (what the linear needs). For each spec the registry lists the kernels that can run
+it; every kernel says why it cannot (``supports -> reason | None``), packs the weight once at
+compile time (``prepack``) and runs it (``run``). Pattern code never names a vendor.
+
+The compiled graph holds one call per match::
+
+    y = zen.quant_linear(x2d, [packed tensors of every kernel in the plan], bias, plan)
+
+``plan`` is a string (so it is part of Inductor's FX-graph-cache key) naming the kernel of every
+shape bin; the op picks the kernel for the rows of ``x`` at run time, without recompiling.
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import config
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A weight as ``W[n, k] = codes[n, k] * scale[n, k // G] + offset[n, k // G]``.
+
+    ``codes`` are signed (int4 in [-8, 7] or int8 in [-128, 127]) and stored as int8 ``[N, K]``.
+    ``zero_point`` is set when the offset is an integer zero point (``offset == -zp * scale``).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor
+    zero_point: Optional[torch.Tensor]
+    group_size: int
+    bits: int
+
+    @property
+    def n(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def symmetric(self) -> bool:
+        return not bool(self.offset.any())
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        n, k, g = self.n, self.k, self.group_size
+        w = self.codes.view(n, k // g, g).to(torch.float32) * self.scale[..., None] + self.offset[..., None]
+        return w.view(n, k).to(dtype)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """What a kernel must support for one match."""
+
+    n: int
+    k: int
+    group_size: int
+    bits: int
+    symmetric: bool
+    act_dtype: torch.dtype
+    dynamic_activation: bool = False  # int8 per-row activation quantization in the kernel
+
+    @property
+    def kind(self) -> str:
+        act = "da8" if self.dynamic_activation else "wo"
+        gran = "pc" if self.group_size == self.k else f"g{self.group_size}"
+        sym = "sym" if self.symmetric else "asym"
+        return f"{act}_int{self.bits}_{gran}_{sym}_{str(self.act_dtype).replace('torch.', '')}"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    source: str  # "aten", "zentorch", "torch" (dequantize + GEMM)
+    supports: Callable[[LinearSpec], Optional[str]]
+    prepack: Callable[[QuantWeight, torch.dtype], list]
+    run: Callable  # (x2d, packed, bias, spec) -> y2d
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine facts that decide availability.
+
+
+@functools.lru_cache(None)
+def cpu_flags() -> frozenset:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.lru_cache(None)
+def _zentorch_import_error() -> Optional[str]:
+    try:
+        import zentorch  # noqa: F401
+    except Exception as e:  # any import failure means: not available
+        return f"zentorch does not import ({type(e).__name__}: {e})"
+    return None
+
+
+_ZENTORCH_ISA = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+
+
+def zentorch_unavailable() -> Optional[str]:
+    """Why zentorch ops must not be used here, or None.
+
+    Without AVX512-BF16 zentorch's WOQ kernels return NaN or garbage with no error (measured on
+    an AVX2-only EPYC VM), so the ISA is checked before any call.
+    """
+    if not config.use_zentorch:
+        return "zentorch disabled by config.use_zentorch=False"
+    missing = [f for f in _ZENTORCH_ISA if f not in cpu_flags()]
+    if missing:
+        return f"CPU lacks {', '.join(missing)} that zentorch kernels need"
+    return _zentorch_import_error()
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates.
+
+_INT4PACK_GROUPS = (32, 64, 128, 256)
+
+
+def _int4pack_supports(spec: LinearSpec) -> Optional[str]:
+    if spec.dynamic_activation:
+        return "weight-only kernel"
+    if spec.bits != 4:
+        return f"int{spec.bits} weights"
+    if spec.group_size not in _INT4PACK_GROUPS:
+        return f"group size {spec.group_size} not in {set(_INT4PACK_GROUPS)}"
+    if spec.k % spec.group_size:
+        return f"K={spec.k} not divisible by group size {spec.group_size}"
+    if spec.act_dtype not in (torch.bfloat16, torch.float32):
+        return f"{spec.act_dtype} activations"
+    return None
+
+
+def _int4pack_prepack(w: QuantWeight, act_dtype):
+    unsigned = (w.codes.to(torch.int32) + 8).contiguous()
+    packed = aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+    # the kernel computes (u - 8) * s + z, which is codes * s + offset
+    scale_and_zero = torch.stack([w.scale.t(), w.offset.t()], dim=-1).to(act_dtype).contiguous()
+    return [packed, scale_and_zero]
+
+
+def _int4pack_run(x, packed, bias, spec):
+    y = aten._weight_int4pack_mm_for_cpu(x, packed[0], spec.group_size, packed[1])
+    return y if bias is None else y + bias
+
+
+def _int8pack_supports(spec: LinearSpec) -> Optional[str]:
+    if spec.dynamic_activation:
+        return "weight-only kernel"
+    if spec.group_size != spec.k:
+        return f"per-group scales (group size {spec.group_size}); kernel is per-channel only"
+    if not spec.symmetric:
+        return "zero points; kernel is symmetric only"
+    if spec.act_dtype not in (torch.bfloat16, torch.float32):
+        return f"{spec.act_dtype} activations"
+    return None
+
+
+def _int8pack_prepack(w: QuantWeight, act_dtype):
+    return [w.codes.contiguous(), w.scale[:, 0].to(act_dtype).contiguous()]
+
+
+def _int8pack_run(x, packed, bias, spec):
+    y = aten._weight_int8pack_mm(x, packed[0], packed[1])
+    return y if bias is None else y + bias
+
+
+def _dequant_supports(spec: LinearSpec) -> Optional[str]:
+    if spec.dynamic_activation:
+        return "weight-only kernel"
+    if spec.act_dtype not in (torch.bfloat16, torch.float32):
+        return f"{spec.act_dtype} activations"
+    return None
+
+
+def _dequant_prepack(w: QuantWeight, act_dtype):
+    return [w.codes.contiguous(), w.scale.contiguous(), w.offset.contiguous()]
+
+
+def _dequant_run(x, packed, bias, spec):
+    codes, scale, offset = packed
+    n, k, g = spec.n, spec.k, spec.group_size
+    w = (codes.view(n, k // g, g).to(torch.float32) * scale[..., None] + offset[..., None]).view(n, k)
+    w = w.to(x.dtype)
+    return torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
+
+
+def _zentorch_woq_supports(spec: LinearSpec) -> Optional[str]:
+    reason = zentorch_unavailable()
+    if reason:
+        return reason
+    if spec.dynamic_activation or spec.bits != 4:
+        return "zentorch WOQ is int4 weight-only"
+    if spec.act_dtype != torch.bfloat16:
+        return "zentorch WOQ needs bf16 activations"
+    if spec.k % 8 or spec.k % spec.group_size:
+        return f"K={spec.k} must be a multiple of 8 and of the group size"
+    return None
+
+
+def _zentorch_woq_prepack(w: QuantWeight, act_dtype):
+    # zentorch reads raw pointers: scales must be [K/G, N] contiguous, and the weight is passed as
+    # the transposed *view* of the repacked tensor (it derives transB from the strides).
+    if w.symmetric:
+        repacked = torch.ops.zentorch.zentorch_woq_repack_weight(w.codes.contiguous())
+        zp = None
+    else:
+        if w.zero_point is None:
+            raise ValueError("zentorch WOQ needs integer zero points")
+        repacked = torch.ops.zentorch.zentorch_woq_repack_weight((w.codes.to(torch.int32) + 8).to(torch.int8))
+        zp = (w.zero_point.to(torch.int32) + 8).to(torch.int8).t().contiguous()
+    packed = [repacked, w.scale.t().to(torch.bfloat16).contiguous()]
+    return packed + ([zp] if zp is not None else [])
+
+
+def _zentorch_woq_run(x, packed, bias, spec):
+    zp = packed[2] if len(packed) > 2 else None
+    return torch.ops.zentorch.zentorch_woq_linear(x, packed[0].t(), packed[1], zp, bias)
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in (
+        Kernel("zentorch_woq_linear", "zentorch", _zentorch_woq_supports, _zentorch_woq_prepack, _zentorch_woq_run),
+        Kernel("aten_int4pack_mm", "aten", _int4pack_supports, _int4pack_prepack, _int4pack_run),
+        Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run),
+        Kernel("dequant_gemm", "torch", _dequant_supports, _dequant_prepack, _dequant_run),
+    )
+}
+
+
+def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
+    """Kernels that may run ``spec``, and the reason each other kernel may not."""
+    ok, excluded = [], {}
+    for kernel in KERNELS.values():
+        if config.kernel_allow and kernel.name not in config.kernel_allow:
+            reason = "not in config.kernel_allow"
+        elif kernel.name in config.kernel_deny:
+            reason = "in config.kernel_deny"
+        else:
+            reason = kernel.supports(spec)
+        if reason:
+            excluded[kernel.name] = reason
+        else:
+            ok.append(kernel)
+    return ok, excluded
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan a compiled graph carries, and the op that follows it.
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: LinearSpec
+    edges: tuple  # upper edges of the M bins; one more open bin above the last
+    bin_kernels: tuple  # kernel name per bin (len(edges) + 1)
+
+    @property
+    def kernels(self) -> tuple:
+        return tuple(dict.fromkeys(self.bin_kernels))
+
+    def kernel_for(self, m: int) -> str:
+        return self.bin_kernels[bisect.bisect_left(self.edges, m)]
+
+    def encode(self) -> str:
+        s = self.spec
+        return ";".join(
+            [
+                f"n={s.n}", f"k={s.k}", f"g={s.group_size}", f"bits={s.bits}", f"sym={int(s.symmetric)}",
+                f"act={str(s.act_dtype).replace('torch.', '')}", f"da8={int(s.dynamic_activation)}",
+                "edges=" + ",".join(map(str, self.edges)),
+                "bins=" + ",".join(self.bin_kernels),
+            ]
+        )
+
+    @staticmethod
+    @functools.lru_cache(None)
+    def decode(text: str) -> "Plan":
+        f = dict(item.split("=", 1) for item in text.split(";"))
+        spec = LinearSpec(
+            n=int(f["n"]), k=int(f["k"]), group_size=int(f["g"]), bits=int(f["bits"]),
+            symmetric=bool(int(f["sym"])), act_dtype=getattr(torch, f["act"]),
+            dynamic_activation=bool(int(f["da8"])),
+        )
+        edges = tuple(int(e) for e in f["edges"].split(",") if e)
+        return Plan(spec, edges, tuple(f["bins"].split(",")))
+
+
+def pack_for_plan(plan: Plan, weight: QuantWeight) -> tuple[list, list]:
+    """The packed tensors of every kernel the plan uses, and how many belong to each."""
+    packed, counts = [], []
+    for name in plan.kernels:
+        tensors = KERNELS[name].prepack(weight, plan.spec.act_dtype)
+        packed.extend(tensors)
+        counts.append(len(tensors))
+    return packed, counts
+
+
+@functools.lru_cache(None)
+def _packed_slices(text: str, counts: tuple) -> dict:
+    plan = Plan.decode(text)
+    slices, start = {}, 0
+    for name, count in zip(plan.kernels, counts):
+        slices[name] = slice(start, start + count)
+        start += count
+    return slices
+
+
+def run_kernel(kernel: Kernel, x, packed, bias, spec):
+    if x.stride(-1) != 1:  # every kernel here reads rows of x contiguously
+        x = x.contiguous()
+    return kernel.run(x, packed, bias, spec)
+
+
+# Packed tensors per kernel are told apart by a count list carried in the plan's op call.
+@torch.library.custom_op("zen::quant_linear", mutates_args=())
+def quant_linear(x: torch.Tensor, packed: list[torch.Tensor], counts: list[int], bias: Optional[torch.Tensor], plan: str) -> torch.Tensor:
+    p = Plan.decode(plan)
+    name = p.kernel_for(x.shape[0])
+    tensors = packed[_packed_slices(plan, tuple(counts))[name]]
+    return run_kernel(KERNELS[name], x, tensors, bias, p.spec)
+
+
+@quant_linear.register_fake
+def _(x, packed, counts, bias, plan):
+    return x.new_empty((x.shape[0], Plan.decode(plan).spec.n))

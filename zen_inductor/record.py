@@ -1,0 +1,77 @@
+"""What our passes did to one compiled graph: matches, near misses, kernel choices.
+
+Patterns append here; ``dumps`` turns it into files and the log summary; tests read it through
+``zen_inductor.counters`` and ``last_report()``.
+"""
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch.fx as fx
+
+# Process-wide match counts, as ``torch._dynamo.utils.counters["inductor"]``: tests assert on them.
+counters: collections.Counter = collections.Counter()
+
+
+@dataclass
+class Match:
+    pattern: str
+    variant: str
+    source: str
+    replacement: str
+    kernels: dict = field(default_factory=dict)  # bin label -> kernel name
+
+
+@dataclass
+class NearMiss:
+    pattern: str
+    source: str
+    reason: str
+
+
+@dataclass
+class CompileRecord:
+    graph_name: str
+    matches: list = field(default_factory=list)
+    near_misses: list = field(default_factory=list)
+    autotune: list = field(default_factory=list)
+    graph_before: str = ""
+    graph_after: str = ""
+    frozen: bool = True
+    dump_dir: Optional[str] = None
+
+    def match(self, pattern: str, variant: str, node: fx.Node, replacement: str, kernels=None) -> Match:
+        m = Match(pattern, variant, source_line(node), replacement, dict(kernels or {}))
+        self.matches.append(m)
+        counters[pattern] += 1
+        counters[f"{pattern}.{variant}"] += 1
+        return m
+
+    def near_miss(self, pattern: str, node: fx.Node, reason: str) -> None:
+        self.near_misses.append(NearMiss(pattern, source_line(node), reason))
+        counters[f"{pattern}.near_miss"] += 1
+
+    def report(self) -> dict:
+        return {
+            "graph": self.graph_name,
+            "frozen": self.frozen,
+            "matches": [asdict(m) for m in self.matches],
+            "near_misses": [asdict(n) for n in self.near_misses],
+            "autotune": self.autotune,
+        }
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+
+
+def source_line(node: fx.Node) -> str:
+    """``file:line (function): code`` of the innermost model frame that produced ``node``."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return f"<{node.name}: no source>"
+    path, line, fn, code = frames[-1]
+    return f"{path.split('site-packages/')[-1]}:{line} ({fn}): {code.strip()}"
