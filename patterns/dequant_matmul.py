@@ -70,6 +70,28 @@ def _is_int_to_float(node: fx.Node) -> bool:
 
 
 def find_codes(weight: fx.Node) -> fx.Node | None:
+    """The integer node holding the raw codes: one value per weight element.
+
+    Found as the int->float convert of the chain, moved up past integer zero-point arithmetic
+    (GPTQ code subtracts int zeros before converting: ``convert(q - zeros)``).
+    """
+    convert = _find_convert(weight)
+    if convert is None:
+        return None
+    codes, numel = convert.args[0], _val(weight).numel()
+    while (
+        isinstance(codes, fx.Node)
+        and codes.target in (aten.sub.Tensor, aten.add.Tensor)
+        and isinstance(codes.args[0], fx.Node)
+        and _val(codes.args[0]) is not None
+        and _val(codes.args[0]).numel() == numel
+        and not (isinstance(codes.args[1], fx.Node) and _val(codes.args[1]).numel() == numel)
+    ):
+        codes = codes.args[0]
+    return codes
+
+
+def _find_convert(weight: fx.Node) -> fx.Node | None:
     """The int->float convert that produces one value per weight element."""
     numel = _val(weight).numel()
     found, stack, seen = [], [weight], set()
@@ -120,7 +142,7 @@ def _path(codes: fx.Node, weight: fx.Node) -> list[fx.Node]:
 
 def _codes_in_weight_layout(ctx, codes: fx.Node, path: list[fx.Node]) -> torch.Tensor:
     """The integer codes, moved through the chain's layout ops only (affine ops pass through)."""
-    values = {codes: ctx.evaluate(codes.args[0]).to(torch.float32)}
+    values = {codes: ctx.evaluate(codes).to(torch.float32)}
     for node in path:
         on_path = [a for a in node.all_input_nodes if a in values]
         if node.target in _AFFINE_OPS:

@@ -71,7 +71,17 @@ def source_line(node: fx.Node) -> str:
     """``file:line (function): code`` of the innermost model frame that produced ``node``."""
     trace = node.meta.get("stack_trace") or ""
     frames = _FRAME.findall(trace)
-    if not frames:
-        return f"<{node.name}: no source>"
-    path, line, fn, code = frames[-1]
-    return f"{path.split('site-packages/')[-1]}:{line} ({fn}): {code.strip()}"
+    # the model's own line, not the torch / torchao internals it called into
+    model_frames = [f for f in frames if not _LIBRARY.search(f[0])]
+    if frames:
+        path, line, fn, code = (model_frames or frames)[-1]
+        return f"{path.split('site-packages/')[-1]}:{line} ({fn}): {code.strip()}"
+    modules = node.meta.get("nn_module_stack")
+    if modules:
+        path, cls = list(modules.values())[-1]
+        path = path.replace("L['self'].", "").replace("L['fn'].", "")
+        return f"module {path} ({getattr(cls, '__name__', cls)})"
+    return f"<{node.name}: no source>"
+
+
+_LIBRARY = re.compile(r"site-packages/(torch|torchao)/")

@@ -1,0 +1,43 @@
+import os
+
+# keep the tests' own runs of Inductor and zen apart from the user's caches
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".inductor-cache"))
+
+import pytest
+import torch
+
+import zen_inductor
+from zen_inductor import config
+
+
+@pytest.fixture(autouse=True)
+def fresh(tmp_path):
+    """Every test starts with no compiled code, zero counters and its own autotune cache.
+
+    Dynamo's recompile limit is per process: without a reset, later models silently run eager.
+    """
+    torch._dynamo.reset()
+    zen_inductor.counters.clear()
+    with config.patch(cache_dir=str(tmp_path / "zen-cache"), autotune_reps=3):
+        yield
+    torch._dynamo.reset()
+
+
+def quantize(model, cfg):
+    """torchao's quantize_ without it rewriting Inductor's global settings."""
+    from torchao.quantization import quantize_
+
+    if hasattr(cfg, "set_inductor_config"):
+        cfg.set_inductor_config = False
+    quantize_(model, cfg)
+    return model
+
+
+def sqnr(y, ref) -> float:
+    from zen_inductor.autotune import sqnr_db
+
+    return sqnr_db(y, ref)
+
+
+def compile_zen(model, **options):
+    return torch.compile(model, backend="zen", options=options or None)
