@@ -77,13 +77,12 @@ def format_report(report: dict) -> str:
     """The report as plain-text tables."""
     lines = [f"graph {report.get('graph', '?')}  (weights {'frozen' if report.get('frozen') else 'NOT frozen'})", ""]
     lines.append("MATCHES")
-    rows = [("pattern", "variant", "replacement", "kernels by M bin", "source")]
+    rows = [("pattern", "variant", "source", "kernel by M bin")]
     for m in report["matches"]:
-        kernels = " ".join(f"{b}:{k}" for b, k in m["kernels"].items())
-        rows.append((m["pattern"], m["variant"], m["replacement"], kernels, m["source"]))
+        rows.append((m["pattern"], m["variant"], m["source"], _bin_ranges(m["kernels"])))
     lines += _table(rows)
     lines += ["", "NEAR MISSES"]
-    rows = [("pattern", "reason", "source")] + [(n["pattern"], n["reason"], n["source"]) for n in report["near_misses"]]
+    rows = [("pattern", "source", "reason")] + [(n["pattern"], n["source"], n["reason"]) for n in report["near_misses"]]
     lines += _table(rows)
     if report.get("autotune"):
         lines += ["", "AUTOTUNE (median us per call; x = excluded)"]
@@ -105,3 +104,16 @@ def _table(rows) -> list[str]:
         cells = [str(c)[:60].ljust(w) for c, w in zip(r[:-1], widths)] + [str(r[-1])]
         out.append("  " + "  ".join(cells))
     return out
+
+
+def _bin_ranges(kernels: dict) -> str:
+    """{"1": a, "2-4": a, "5-16": b} -> "M 1-4: a | 5-16: b"."""
+    runs = []
+    for label, kernel in kernels.items():
+        lo, _, hi = label.rstrip("+").partition("-")
+        hi = "" if label.endswith("+") else (hi or lo)
+        if runs and runs[-1][2] == kernel:
+            runs[-1][1] = hi
+        else:
+            runs.append([lo, hi, kernel])
+    return " | ".join(f"{lo}+: {k}" if not hi else f"{lo if lo == hi else f'{lo}-{hi}'}: {k}" for lo, hi, k in runs)

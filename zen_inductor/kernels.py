@@ -143,7 +143,7 @@ def _int4pack_supports(spec: LinearSpec) -> Optional[str]:
     if spec.bits != 4:
         return f"int{spec.bits} weights"
     if spec.group_size not in _INT4PACK_GROUPS:
-        return f"group size {spec.group_size} not in {set(_INT4PACK_GROUPS)}"
+        return f"group size {spec.group_size} not in {'/'.join(map(str, _INT4PACK_GROUPS))}"
     if spec.k % spec.group_size:
         return f"K={spec.k} not divisible by group size {spec.group_size}"
     if spec.act_dtype not in (torch.bfloat16, torch.float32):

@@ -1,0 +1,148 @@
+"""The backend as a user meets it: entry point, options, no leaks, freezing, FX-graph cache, config."""
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import zen_inductor
+from zen_inductor import config
+from zen_inductor.graph_pass import ZenJointPass
+from zen_inductor.record import CompileRecord
+
+from conftest import compile_zen, sqnr
+from test_dequant_matmul import HandDequant, K
+
+PYTHON = sys.executable
+
+
+def _run(code: str, env=None) -> str:
+    out = subprocess.run([PYTHON, "-c", textwrap.dedent(code)], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_entry_point_is_declared():
+    names = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="torch_dynamo_backends")}
+    assert names.get("zen") == "zen_inductor:zen"
+
+
+def test_backend_works_without_importing_zen_inductor():
+    out = _run(
+        """
+        import sys, torch
+        torch.manual_seed(0)
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("q", torch.randint(-8, 8, (64, 128), dtype=torch.int8))
+                self.register_buffer("s", torch.rand(64, 1, dtype=torch.bfloat16) * 0.01)
+            def forward(self, x):
+                return torch.nn.functional.linear(x, self.q.to(torch.bfloat16) * self.s)
+        m = M()
+        x = torch.randn(3, 128, dtype=torch.bfloat16)
+        assert "zen_inductor" not in sys.modules
+        with torch.no_grad():
+            y = torch.compile(m, backend="zen")(x)
+        import zen_inductor
+        print(zen_inductor.counters["dequant_matmul"], float((y.float() - m(x).float()).abs().max()))
+        """
+    )
+    count, err = out.split()
+    assert count == "1" and float(err) < 0.05
+
+
+def test_options_override_flags_for_one_compile_only():
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compile_zen(m, dequant_matmul=False)(x)
+    assert zen_inductor.counters["dequant_matmul"] == 0
+    assert config.dequant_matmul is True
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compile_zen(m)(x)
+    assert zen_inductor.counters["dequant_matmul"] == 1
+
+
+def test_inductor_options_pass_through():
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(m, autotune=False, **{"cpp.simdlen": None})(x)
+    assert zen_inductor.counters["dequant_matmul"] == 1
+    assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
+
+
+def test_no_global_state_leaks_into_stock_inductor():
+    before = {k: getattr(torch._inductor.config, k) for k in ("joint_custom_post_pass", "joint_custom_pre_pass", "post_grad_custom_post_pass", "freezing")}
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compile_zen(m)(x)
+        assert zen_inductor.counters["dequant_matmul"] == 1
+        after = {k: getattr(torch._inductor.config, k) for k in before}
+        assert after == before
+        torch._dynamo.reset()
+        zen_inductor.counters.clear()
+        y = torch.compile(m, backend="inductor")(x)
+    assert sum(zen_inductor.counters.values()) == 0  # our pass did not run
+    assert sqnr(y, m(x)) >= 40
+
+
+def test_freezing_is_on_under_no_grad():
+    m = HandDequant(64, True, 4).eval()
+    with torch.no_grad():
+        compile_zen(m)(torch.randn(2, K, dtype=torch.bfloat16))
+    report = zen_inductor.last_report()
+    assert report["frozen"] is True
+    assert torch._inductor.config.freezing is False
+
+
+def test_two_models_same_shapes_each_get_their_own_weights_with_caches_on():
+    """Stock Inductor + freezing + max_autotune replays the first model's packed weights here."""
+    x = torch.randn(4, K, dtype=torch.bfloat16)
+    results = []
+    with torch._inductor.config.patch(fx_graph_cache=True), torch.no_grad():
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            m = HandDequant(64, True, 4).eval()
+            torch._dynamo.reset()
+            y = compile_zen(m)(x)
+            results.append((y, x.float() @ m.reference_weight().t()))
+        hits = torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"]
+    for y, ref in results:
+        assert sqnr(y, ref) >= 40
+    assert sqnr(results[0][0], results[1][0]) < 10  # really different models
+    assert hits >= 1  # the second compile was served from the cache, and still right
+
+
+def test_pass_uuid_follows_flags():
+    p = ZenJointPass(CompileRecord("g"))
+    a = p.uuid()
+    with config.patch(add_rmsnorm=False):
+        b = p.uuid()
+    assert a and b and a != b
+    assert p.uuid() == a
+
+
+def test_config_patch_as_decorator_and_context_manager():
+    @config.patch(autotune=False)
+    def inner():
+        return config.autotune
+
+    assert inner() is False
+    with config.patch(shape_bin_edges=(1, 8)):
+        assert config.shape_bin_edges == (1, 8)
+    assert config.autotune is True
+
+
+def test_environment_overrides():
+    out = _run(
+        "import zen_inductor as z; print(z.config.autotune, z.config.autotune_budget_s, z.config.shape_bin_edges, z.config.debug_dir)",
+        env={"ZEN_INDUCTOR_AUTOTUNE": "0", "ZEN_INDUCTOR_AUTOTUNE_BUDGET_S": "2.5", "ZEN_INDUCTOR_SHAPE_BIN_EDGES": "1,8,64", "ZEN_INDUCTOR_DEBUG_DIR": "/tmp/x"},
+    )
+    assert out.split() == ["False", "2.5", "(1,", "8,", "64)", "/tmp/x"]
