@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from zen_inductor.autotune import NoKernel, sqnr_db
-from zen_inductor.kernels import LinearSpec, QuantWeight, candidates, pack_for_plan, quant_linear
+from zen_inductor.kernels import LinearSpec, QuantWeight, candidates, quant_linear
 
 from . import Family
 
@@ -277,10 +277,12 @@ def rewrite(ctx, mm, x, w, bias) -> None:
         raise Miss(f"no kernel keeps this {variant_name(spec)} weight quantized ({reasons}); left to Inductor")
     bias_value = ctx.evaluate(bias) if bias is not None and bias in ctx.constants else None
     try:
-        plan, results, excluded = ctx.tuner.plan(spec, weight, bias_value)
+        tuning = ctx.tuner.plan(spec, weight, bias_value)
     except NoKernel as e:
         raise Miss(str(e)) from None
-    packed, counts = pack_for_plan(plan, weight)
+    plan, results = tuning.plan, tuning.bins
+    packed = [t for name in plan.kernels for t in tuning.packed[name]]
+    counts = [len(tuning.packed[name]) for name in plan.kernels]
     out = post if post is not None else mm
     nodes = [ctx.add_constant(t, mm, "dequant_matmul") for t in packed]
     with ctx.graph.inserting_before(out):
@@ -291,8 +293,8 @@ def rewrite(ctx, mm, x, w, bias) -> None:
     ctx.record.match(PATTERN, variant_name(spec), mm, "zen.quant_linear", kernels_by_bin)
     ctx.record.autotune.append({
         "source": ctx.record.matches[-1].source, "kind": spec.kind, "n": spec.n, "k": spec.k,
-        "excluded": excluded,
-        "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded, "cached": r.from_cache} for r in results],
+        "excluded": tuning.excluded,
+        "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded, "cached": r.from_cache, "note": r.note} for r in results],
     })
 
 

@@ -10,7 +10,6 @@ stored in a JSON file keyed by machine, versions and shape, so a second process 
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -79,6 +78,7 @@ class BinResult:
     times_us: dict = field(default_factory=dict)
     excluded: dict = field(default_factory=dict)
     from_cache: bool = False
+    note: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,12 +229,10 @@ class Tuner:
         self.cache = TuningCache()
         self.deadline = time.perf_counter() + config.autotune_budget_s
 
-    def plan(self, spec: LinearSpec, weight: QuantWeight, bias: Optional[torch.Tensor]) -> tuple[Plan, list[BinResult], dict]:
-        """Returns the plan, per-bin results, and kernels excluded for every bin (with reasons)."""
+    def plan(self, spec: LinearSpec, weight: QuantWeight, bias: Optional[torch.Tensor]) -> "Tuning":
         kernels, excluded = candidates(spec)
         if not kernels:
             raise NoKernel("; ".join(f"{k}: {r}" for k, r in excluded.items()))
-        bins = shape_bins()
         packed = {}
         for kernel in kernels:
             try:
@@ -242,36 +240,20 @@ class Tuner:
             except Exception as e:  # a kernel that cannot pack this weight is not a candidate
                 excluded[kernel.name] = f"prepack failed: {type(e).__name__}: {e}"
         usable = [k.name for k in kernels if k.name in packed]
-        threshold = SQNR_DYNAMIC_DB if spec.dynamic_activation else SQNR_WEIGHT_ONLY_DB
-        reference_w = weight.dequantize(torch.float32)
-        results = []
-        copies: dict[str, list] = {}
-
+        verify = _Verifier(spec, weight, bias, packed)
+        bins = shape_bins()
+        results, copies = [], {}
         for b in bins:
-            m = b.representative_m
             key = cache_key(spec, b, usable)
-            torch.manual_seed(0)
-            x = torch.randn(m, spec.k, dtype=spec.act_dtype)
-            ref = x.to(torch.float32) @ reference_w.t()
-            if bias is not None:
-                ref = ref + bias.to(torch.float32)
-
-            def check(name):  # None when the kernel's output on this weight is right
-                try:
-                    db = sqnr_db(run_kernel(KERNELS[name], x, packed[name], bias, spec), ref)
-                except Exception as e:
-                    return f"failed: {type(e).__name__}: {e}"
-                return None if db >= threshold else f"SQNR {db:.1f} dB < {threshold:.0f} dB against the fp32 reference"
-
             cached = self.cache.get(key) if config.autotune else None
             # a cached winner was verified on another weight; it is checked again on this one
-            if cached and cached["winner"] in usable and check(cached["winner"]) is None:
+            if cached and cached["winner"] in usable and verify(cached["winner"], b.representative_m) is None:
                 results.append(BinResult(b.label, cached["winner"], cached.get("times_us", {}), dict(cached.get("excluded", {})), True))
                 continue
             result = BinResult(b.label, "")
             passing = []
             for name in usable:
-                reason = check(name)
+                reason = verify(name, b.representative_m)
                 if reason:
                     result.excluded[name] = reason
                 else:
@@ -279,6 +261,8 @@ class Tuner:
             if not passing:
                 raise NoKernel("every candidate failed verification: " + "; ".join(f"{k}: {r}" for k, r in result.excluded.items()))
             if config.autotune and len(passing) > 1 and time.perf_counter() < self.deadline:
+                torch.manual_seed(0)
+                x = torch.randn(b.representative_m, spec.k, dtype=spec.act_dtype)
                 for name in passing:
                     if name not in copies:
                         copies[name] = weight_copies(packed[name], lambda: KERNELS[name].prepack(weight, spec.act_dtype))
@@ -287,12 +271,51 @@ class Tuner:
                 self.cache.put({key: {"winner": result.winner, "times_us": result.times_us, "excluded": result.excluded}})
             else:
                 result.winner = static_choice(b, passing)
-                if config.autotune and len(passing) > 1:
-                    result.excluded.setdefault("_note", "autotune budget spent; static rule used")
+                result.note = "static rule" if not config.autotune or len(passing) == 1 else "autotune budget spent; static rule"
             results.append(result)
-
         plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))
-        return plan, results, excluded
+        return Tuning(plan, results, excluded, {name: packed[name] for name in plan.kernels})
+
+
+VERIFY_MAX_M = 256  # rows checked against the reference; kernels' large-M paths start well below
+
+
+class _Verifier:
+    """``verify(kernel, m) -> reason | None``: the kernel's output on this weight against fp32."""
+
+    def __init__(self, spec, weight, bias, packed):
+        self.spec, self.bias, self.packed = spec, bias, packed
+        self.reference_w = weight.dequantize(torch.float32)
+        self.threshold = SQNR_DYNAMIC_DB if spec.dynamic_activation else SQNR_WEIGHT_ONLY_DB
+        self.inputs: dict = {}
+        self.verdicts: dict = {}
+
+    def __call__(self, name: str, m: int) -> Optional[str]:
+        m = min(m, VERIFY_MAX_M)
+        if (name, m) not in self.verdicts:
+            self.verdicts[name, m] = self._check(name, m)
+        return self.verdicts[name, m]
+
+    def _check(self, name, m):
+        if m not in self.inputs:
+            torch.manual_seed(m)
+            x = torch.randn(m, self.spec.k, dtype=self.spec.act_dtype)
+            ref = x.to(torch.float32) @ self.reference_w.t()
+            self.inputs[m] = (x, ref if self.bias is None else ref + self.bias.to(torch.float32))
+        x, ref = self.inputs[m]
+        try:
+            db = sqnr_db(run_kernel(KERNELS[name], x, self.packed[name], self.bias, self.spec), ref)
+        except Exception as e:
+            return f"failed: {type(e).__name__}: {e}"
+        return None if db >= self.threshold else f"SQNR {db:.1f} dB < {self.threshold:.0f} dB against the fp32 reference"
+
+
+@dataclass
+class Tuning:
+    plan: Plan
+    bins: list  # BinResult per shape bin
+    excluded: dict  # kernel -> reason it was never a candidate
+    packed: dict  # kernel of the plan -> its packed tensors
 
 
 class WrongResult(Exception):

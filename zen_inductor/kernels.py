@@ -307,16 +307,6 @@ class Plan:
         return Plan(spec, edges, tuple(f["bins"].split(",")))
 
 
-def pack_for_plan(plan: Plan, weight: QuantWeight) -> tuple[list, list]:
-    """The packed tensors of every kernel the plan uses, and how many belong to each."""
-    packed, counts = [], []
-    for name in plan.kernels:
-        tensors = KERNELS[name].prepack(weight, plan.spec.act_dtype)
-        packed.extend(tensors)
-        counts.append(len(tensors))
-    return packed, counts
-
-
 @functools.lru_cache(None)
 def _packed_slices(text: str, counts: tuple) -> dict:
     plan = Plan.decode(text)
