@@ -272,8 +272,10 @@ def rewrite(ctx, mm, x, w, bias) -> None:
     spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits,
                       symmetric=weight.symmetric, act_dtype=act.dtype)
     kernels, excluded = candidates(spec)
-    if not any(k.name != "dequant_gemm" for k in kernels):
-        reasons = "; ".join(f"{name}: {why}" for name, why in excluded.items())
+    if not any(k.source != "torch" for k in kernels):
+        from zen_inductor.kernels import KERNELS
+
+        reasons = "; ".join(f"{name}: {why}" for name, why in excluded.items() if KERNELS[name].source != "torch")
         raise Miss(f"no kernel keeps this {variant_name(spec)} weight quantized ({reasons}); left to Inductor")
     bias_value = ctx.evaluate(bias) if bias is not None and bias in ctx.constants else None
     try:
