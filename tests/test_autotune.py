@@ -1,0 +1,130 @@
+"""Shape bins, per-call dispatch, the verification gate's cache path, and the persistent cache."""
+import json
+import logging
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import zen_inductor
+from zen_inductor import config
+from zen_inductor.autotune import ShapeBin, TuningCache, shape_bins
+from zen_inductor.kernels import KERNELS, Plan
+
+from conftest import compile_zen, sqnr
+from test_dequant_matmul import HandDequant, K
+
+
+def test_bins_cover_every_m_once():
+    bins = shape_bins((1, 4, 16))
+    assert [b.label for b in bins] == ["1", "2-4", "5-16", "17+"]
+    plan = Plan.decode(
+        "n=8;k=32;g=32;bits=4;sym=1;act=bfloat16;da8=0;edges=1,4,16;bins=a,b,c,d"
+    )
+    assert [plan.kernel_for(m) for m in (1, 2, 4, 5, 16, 17, 10_000)] == ["a", "b", "b", "c", "c", "d", "d"]
+    assert Plan.decode(plan.encode()) == plan
+
+
+def test_one_graph_serves_every_bin(monkeypatch):
+    calls = []
+    for name in ("aten_int4pack_mm", "dequant_sgemm"):
+        kernel = KERNELS[name]
+        monkeypatch.setitem(KERNELS, name, kernel.__class__(kernel.name, kernel.source, kernel.supports, kernel.prepack,
+                                                            lambda x, p, b, s, run=kernel.run, n=name: calls.append((n, x.shape[0])) or run(x, p, b, s)))
+    m = HandDequant(64, True, 4).eval()
+    compiled = compile_zen(m, autotune=False, kernel_allow=("aten_int4pack_mm", "dequant_sgemm"))
+    x = torch.randn(8, K, dtype=torch.bfloat16)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        compiled(x)
+        for rows in (2, 40, 100, 700):
+            x = torch.randn(rows, K, dtype=torch.bfloat16)
+            assert sqnr(compiled(x), x.float() @ m.reference_weight().t()) >= 40
+    assert len(zen_inductor.reports()) == 1  # no recompiles
+    ran = dict((rows, name) for name, rows in calls)
+    assert ran[2] == ran[40] == "aten_int4pack_mm"  # static rule: quantized kernel below M=64
+    assert ran[100] == ran[700] == "dequant_sgemm"  # dense GEMM above
+
+
+_COMPILE_IN_A_NEW_PROCESS = """
+import json, torch, zen_inductor
+torch.manual_seed({seed})
+q = torch.randint(-8, 8, (192, 256), dtype=torch.int8)
+s = torch.rand(192, 4, 1, dtype=torch.bfloat16) * 0.01
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__(); self.register_buffer("q", q); self.register_buffer("s", s)
+    def forward(self, x):
+        return torch.nn.functional.linear(x, (self.q.view(192, 4, 64).to(torch.bfloat16) * self.s).view(192, 256))
+with torch.no_grad():
+    torch.compile(M(), backend="zen")(torch.randn(3, 256, dtype=torch.bfloat16))
+print(json.dumps([b["cached"] for b in zen_inductor.last_report()["autotune"][0]["bins"]]))
+"""
+
+
+def _compile_elsewhere(cache_dir, seed=0):
+    out = subprocess.run([sys.executable, "-c", _COMPILE_IN_A_NEW_PROCESS.format(seed=seed)], capture_output=True, text=True,
+                         env={**os.environ, "ZEN_INDUCTOR_CACHE_DIR": str(cache_dir)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_tunes_nothing(tmp_path):
+    assert not any(_compile_elsewhere(tmp_path, seed=0))
+    assert all(_compile_elsewhere(tmp_path, seed=1))  # other weights, same shapes: served from cache
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"version": -1, "entries": {}}), json.dumps([1, 2])])
+def test_corrupt_or_foreign_cache_is_rebuilt(tmp_path, caplog, content):
+    cache = tmp_path / "zen-cache"
+    cache.mkdir()
+    (cache / "autotune.json").write_text(content)
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="zen_inductor"), config.patch(cache_dir=str(cache)), torch.no_grad():
+        y = compile_zen(m)(x)
+    assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    rebuilt = json.loads((cache / "autotune.json").read_text())
+    assert rebuilt["version"] >= 1 and len(rebuilt["entries"]) == len(shape_bins())
+
+
+def test_cached_winner_must_pass_on_this_weight(tmp_path, monkeypatch):
+    """A cache naming a kernel that is wrong for these weights does not get it chosen."""
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compile_zen(m)(x)
+    winners = set(zen_inductor.last_report()["matches"][0]["kernels"].values())
+    broken = next(iter(winners))
+    kernel = KERNELS[broken]
+    monkeypatch.setitem(KERNELS, broken, kernel.__class__(kernel.name, kernel.source, kernel.supports, kernel.prepack,
+                                                          lambda x, p, b, s: torch.zeros(x.shape[0], s.n, dtype=x.dtype)))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = compile_zen(m)(x)
+    assert broken not in zen_inductor.last_report()["matches"][0]["kernels"].values()
+    assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
+
+
+def _writer(directory, worker):
+    cache = TuningCache(directory)
+    for i in range(25):
+        cache.put({f"w{worker}-{i}": {"winner": "dequant_sgemm", "times_us": {"dequant_sgemm": float(i)}}})
+
+
+def test_concurrent_writers_keep_every_entry(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    entries = json.loads((tmp_path / "autotune.json").read_text())["entries"]
+    assert len(entries) == 100
+    assert TuningCache(str(tmp_path)).get("w3-24")["winner"] == "dequant_sgemm"
