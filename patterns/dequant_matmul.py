@@ -256,6 +256,12 @@ def apply(ctx) -> None:
             rewrite(ctx, mm, x, w, bias)
         except Miss as miss:
             ctx.record.near_miss(PATTERN, mm, str(miss))
+    for search_fn, rewrite_fn in ((search_dynamic, rewrite_dynamic), (search_int4pack, rewrite_int4pack)):
+        for mm in list(search_fn(ctx)):
+            try:
+                rewrite_fn(ctx, mm)
+            except Miss as miss:
+                ctx.record.near_miss(PATTERN, mm, str(miss))
 
 
 def rewrite(ctx, mm, x, w, bias) -> None:
@@ -277,6 +283,11 @@ def rewrite(ctx, mm, x, w, bias) -> None:
 
         reasons = "; ".join(f"{name}: {why}" for name, why in excluded.items() if KERNELS[name].source != "torch")
         raise Miss(f"no kernel keeps this {variant_name(spec)} weight quantized ({reasons}); left to Inductor")
+    _replace(ctx, mm, post if post is not None else mm, x, bias, weight, spec, variant_name(spec))
+
+
+def _replace(ctx, anchor, out, x, bias, weight, spec, variant) -> None:
+    """Tune, pack and put ``zen.quant_linear(x, ...)`` where ``out`` was."""
     bias_value = ctx.evaluate(bias) if bias is not None and bias in ctx.constants else None
     try:
         tuning = ctx.tuner.plan(spec, weight, bias_value)
@@ -285,19 +296,133 @@ def rewrite(ctx, mm, x, w, bias) -> None:
     plan, results = tuning.plan, tuning.bins
     packed = [t for name in plan.kernels for t in tuning.packed[name]]
     counts = [len(tuning.packed[name]) for name in plan.kernels]
-    out = post if post is not None else mm
-    nodes = [ctx.add_constant(t, mm, "dequant_matmul") for t in packed]
+    shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
+    nodes = [shared.get(id(t)) or shared.setdefault(id(t), ctx.add_constant(t, out, "dequant_matmul")) for t in packed]
     with ctx.graph.inserting_before(out):
         fused = ctx.graph.call_function(quant_linear._opoverload, (x, nodes, counts, bias, plan.encode()))
-    fused.meta.update({k: v for k, v in out.meta.items() if k in ("val", "stack_trace", "nn_module_stack", "source_fn_stack")})
-    out.replace_all_uses_with(fused)
+        fused.meta.update({k: v for k, v in out.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+        fused.meta["val"] = _val(out).to(spec.act_dtype) if _val(out) is not None else None
+        result = fused
+        if _val(out) is not None and _val(out).dtype != spec.act_dtype:  # torchao's DA8 span ends in fp32
+            result = ctx.graph.call_function(prims.convert_element_type.default, (fused, _val(out).dtype))
+            result.meta.update(fused.meta)
+            result.meta["val"] = _val(out)
+    out.replace_all_uses_with(result)
     kernels_by_bin = {r.bin: r.winner for r in results}
-    ctx.record.match(PATTERN, variant_name(spec), mm, "zen.quant_linear", kernels_by_bin)
+    ctx.record.match(PATTERN, variant, anchor, "zen.quant_linear", kernels_by_bin)
     ctx.record.autotune.append({
         "source": ctx.record.matches[-1].source, "kind": spec.kind, "n": spec.n, "k": spec.k,
         "excluded": tuning.excluded,
         "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded, "cached": r.from_cache, "note": r.note} for r in results],
     })
+
+
+# --- int8 dynamic activation x int8 weight ------------------------------------------------------
+#
+# torchao Int8DynamicActivationInt8WeightConfig quantizes x per row in the graph and calls _int_mm:
+#     xq = convert_i8(clamp(round(x * (1 / s_x))))                    [+128 -> u8 on VNNI CPUs]
+#     y  = convert(_int_mm(view(xq), permute(w_i8)) [- 128 * colsum(w)]) * s_x * s_w
+# The whole span, from x to the weight scale, becomes one zen.quant_linear on x.
+
+
+def search_dynamic(ctx):
+    for mm in ctx.graph.find_nodes(op="call_function", target=aten._int_mm.default):
+        a, b = mm.args
+        if b in ctx.constants and a not in ctx.constants:
+            yield mm
+
+
+def _activation_source(ctx, a: fx.Node) -> fx.Node:
+    """The float activation that ``a`` quantizes: the input of the ``round`` in its chain."""
+    node = a
+    while node.target is not aten.round.default:
+        moving = [i for i in node.all_input_nodes if i not in ctx.constants]
+        if len(moving) != 1 or node.op != "call_function":
+            raise Miss("the int8 activation of _int_mm is not a per-row quantization of one tensor")
+        node = moving[0]
+    scaled = node.args[0]
+    numel = _val(a).numel()
+    for operand in scaled.all_input_nodes if scaled.target in (aten.mul.Tensor, aten.div.Tensor) else ():
+        if _val(operand).numel() == numel and _val(operand).dtype.is_floating_point:
+            return operand
+    raise Miss("could not find the float activation before round()")
+
+
+def _output_span(ctx, mm: fx.Node, n: int):
+    """Follow _int_mm's result to the multiply by the per-column weight scale."""
+    node = mm
+    while len(node.users) == 1:
+        (user,) = node.users
+        others = [a for a in user.args if a is not node]
+        if user.target in _CONVERTS or (user.target is aten.sub.Tensor and others[0] in ctx.constants):
+            node = user  # dtype change, or the u8 zero-point compensation
+            continue
+        if user.target is aten.mul.Tensor and isinstance(others[0], fx.Node):
+            scale = others[0]
+            if scale in ctx.constants and _val(scale).numel() == n:
+                return user, scale
+            if scale not in ctx.constants:  # the activation's per-row scale
+                node = user
+                continue
+        break
+    raise Miss("no per-column weight scale after _int_mm")
+
+
+def rewrite_dynamic(ctx, mm) -> None:
+    a, b = mm.args
+    x = _activation_source(ctx, a)
+    act = _val(x)
+    if act.dtype not in _ACT_DTYPES:
+        raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
+    if not ctx.frozen:
+        raise Miss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
+    codes_kn = ctx.evaluate(b)
+    k, n = codes_kn.shape
+    out, scale_node = _output_span(ctx, mm, n)
+    w_scale = ctx.evaluate(scale_node).to(torch.float64).reshape(n, 1)
+    q = codes_kn.t().to(torch.float64)
+    weight = _quantize_description(q, w_scale.expand(n, k), torch.zeros(n, k, dtype=torch.float64), k)
+    spec = LinearSpec(n=n, k=k, group_size=k, bits=weight.bits, symmetric=weight.symmetric,
+                      act_dtype=act.dtype, dynamic_activation=True)
+    with ctx.graph.inserting_before(out):
+        rows = ctx.graph.call_function(aten.reshape.default, (x, [-1, k]))
+        rows.meta["val"] = act.reshape(-1, k)
+    _replace(ctx, mm, out, rows, None, weight, spec, f"da8w{spec.bits}_per_channel")
+
+
+# --- ATen's packed int4 op -----------------------------------------------------------------------
+#
+# torchao PrototypeInt4WeightOnlyConfig (and gpt-fast style code) already calls one fused op:
+#     y = _weight_int4pack_mm_for_cpu(x, packed_u8[N, K/2], G, scale_and_zero[K/G, N, 2])
+# It is one candidate among several: taking it over lets prefill rows go to a faster kernel.
+
+
+def search_int4pack(ctx):
+    for mm in ctx.graph.find_nodes(op="call_function", target=aten._weight_int4pack_mm_for_cpu.default):
+        x, packed, group, scale_and_zero = mm.args
+        if packed in ctx.constants and scale_and_zero in ctx.constants and x not in ctx.constants:
+            yield mm
+
+
+def rewrite_int4pack(ctx, mm) -> None:
+    x, packed_node, group, sz_node = mm.args
+    act = _val(x)
+    if act.dtype not in _ACT_DTYPES:
+        raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
+    packed, sz = ctx.evaluate(packed_node), ctx.evaluate(sz_node)
+    k, n = group * sz.shape[0], sz.shape[1]
+    # the op itself unpacks: on the identity with unit scales and zero offsets it returns the codes
+    eye = torch.eye(k, dtype=sz.dtype)
+    unit = torch.stack([torch.ones(k // group, n), torch.zeros(k // group, n)], dim=-1).to(sz.dtype)
+    q = aten._weight_int4pack_mm_for_cpu(eye, packed, group, unit).t().to(torch.float64)
+    scale = sz[..., 0].t().to(torch.float64).repeat_interleave(group, dim=1)
+    offset = sz[..., 1].t().to(torch.float64).repeat_interleave(group, dim=1)
+    real = aten._weight_int4pack_mm_for_cpu(eye, packed, group, sz).t().to(torch.float64)
+    if sqnr_db(q * scale + offset, real) < 40:
+        raise Miss("could not read the packed int4 weight")
+    weight = _quantize_description(q, scale, offset, group)
+    spec = LinearSpec(n=n, k=k, group_size=weight.group_size, bits=weight.bits, symmetric=weight.symmetric, act_dtype=act.dtype)
+    _replace(ctx, mm, mm, x, None, weight, spec, "int4pack_" + variant_name(spec))
 
 
 FAMILY = Family(PATTERN, "dequant_matmul", apply)

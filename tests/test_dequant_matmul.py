@@ -256,3 +256,47 @@ def test_a_fast_wrong_kernel_never_wins(monkeypatch):
     for b in report["autotune"][0]["bins"]:
         assert "SQNR" in b["excluded"]["fast_but_wrong"]
     assert sqnr(y, _reference(x, m.reference_weight(), None)) >= 40
+
+
+# --- dynamic int8 activations, and ATen's packed int4 op -----------------------------------------
+
+
+def test_int8_dynamic_activation_int8_weight():
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    m = quantize(_linear(), Int8DynamicActivationInt8WeightConfig())
+    x = torch.randn(2, 9, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(m)(x)
+    assert zen_inductor.counters["dequant_matmul.da8w8_per_channel"] == 1
+    assert sqnr(y, _reference(x, m[0].weight.dequantize(), m[0].bias)) >= 30
+    # the activation quantization went with the span it replaced
+    report = zen_inductor.last_report()
+    assert report["autotune"][0]["kind"].startswith("da8_")
+
+
+def test_da8_kernel_alone_meets_its_bar():
+    """The int8 x int8 kernel itself, without weight-only kernels to fall back on."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    m = quantize(_linear(), Int8DynamicActivationInt8WeightConfig())
+    x = torch.randn(6, K, dtype=torch.bfloat16)
+    with config.patch(kernel_allow=("aten_int_mm_da8",)), torch.no_grad():
+        y = compile_zen(m)(x)
+    assert set(zen_inductor.last_report()["matches"][0]["kernels"].values()) == {"aten_int_mm_da8"}
+    assert sqnr(y, _reference(x, m[0].weight.dequantize(), m[0].bias)) >= 30
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_prototype_int4_weight_only(group):
+    from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+
+    m = quantize(_linear(), PrototypeInt4WeightOnlyConfig(group_size=group))
+    x = torch.randn(3, 5, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = m(x)
+        y = compile_zen(m)(x)
+    assert zen_inductor.counters["dequant_matmul"] == 1
+    variant = next(k for k in zen_inductor.counters if k.startswith("dequant_matmul.int4pack_"))
+    assert variant.endswith(f"group{group}")
+    assert sqnr(y, eager) >= 40

@@ -88,14 +88,14 @@ class BinResult:
 
 STATIC_DENSE_FROM_M = 64
 _QUANTIZED_ORDER = ("zentorch_woq_linear", "aten_int4pack_mm", "aten_int8pack_mm")
+_DYNAMIC_ORDER = ("zentorch_dynamic_qlinear", "aten_int_mm_da8")
 
 
-def static_choice(bin: ShapeBin, usable: list[str]) -> str:
-    from .kernels import cpu_flags
-
+def static_choice(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> str:
     native_bf16 = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
     dense = ("dequant_gemm", "dequant_sgemm") if native_bf16 else ("dequant_sgemm", "dequant_gemm")
-    order = (dense + _QUANTIZED_ORDER) if bin.lo >= STATIC_DENSE_FROM_M else (_QUANTIZED_ORDER + dense)
+    quantized = (_DYNAMIC_ORDER + _QUANTIZED_ORDER) if spec.dynamic_activation else _QUANTIZED_ORDER
+    order = (dense + quantized) if bin.lo >= STATIC_DENSE_FROM_M else (quantized + dense)
     for name in order:
         if name in usable:
             return name
@@ -276,7 +276,7 @@ class Tuner:
                 result.winner = min(result.times_us, key=result.times_us.get)
                 self.cache.put({key: {"winner": result.winner, "times_us": result.times_us, "excluded": result.excluded}})
             else:
-                result.winner = static_choice(b, passing)
+                result.winner = static_choice(b, passing, spec)
                 result.note = "static rule" if not config.autotune or len(passing) == 1 else "autotune budget spent; static rule"
             results.append(result)
         plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))

@@ -138,8 +138,6 @@ _INT4PACK_GROUPS = (32, 64, 128, 256)
 
 
 def _int4pack_supports(spec: LinearSpec) -> Optional[str]:
-    if spec.dynamic_activation:
-        return "weight-only kernel"
     if spec.bits != 4:
         return f"int{spec.bits} weights"
     if spec.group_size not in _INT4PACK_GROUPS:
@@ -165,8 +163,6 @@ def _int4pack_run(x, packed, bias, spec):
 
 
 def _int8pack_supports(spec: LinearSpec) -> Optional[str]:
-    if spec.dynamic_activation:
-        return "weight-only kernel"
     if spec.group_size != spec.k:
         return f"per-group scales (group size {spec.group_size}); kernel is per-channel only"
     if not spec.symmetric:
@@ -186,8 +182,6 @@ def _int8pack_run(x, packed, bias, spec):
 
 
 def _dequant_supports(spec: LinearSpec) -> Optional[str]:
-    if spec.dynamic_activation:
-        return "weight-only kernel"
     if spec.act_dtype not in (torch.bfloat16, torch.float32):
         return f"{spec.act_dtype} activations"
     return None
@@ -254,12 +248,59 @@ def _zentorch_woq_run(x, packed, bias, spec):
     return torch.ops.zentorch.zentorch_woq_linear(x, packed[0].t(), packed[1], zp, bias)
 
 
+def _int_mm_da8_supports(spec: LinearSpec) -> Optional[str]:
+    if not spec.dynamic_activation:
+        return "dynamic-activation kernel"
+    if spec.group_size != spec.k or not spec.symmetric:
+        return "per-channel symmetric weights only"
+    if spec.act_dtype not in (torch.bfloat16, torch.float32):
+        return f"{spec.act_dtype} activations"
+    return None
+
+
+def _int_mm_da8_prepack(w: QuantWeight, act_dtype):
+    return [w.codes.t().contiguous(), w.scale[:, 0].contiguous()]
+
+
+def _int_mm_da8_run(x, packed, bias, spec):
+    # per-row symmetric int8 activations (as torchao's Int8DynamicActivation), int32 accumulate
+    codes_kn, w_scale = packed
+    xf = x.to(torch.float32)
+    x_scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-7) / 127.0
+    xq = torch.round(xf / x_scale).clamp_(-127, 127).to(torch.int8)
+    y = torch._int_mm(xq, codes_kn).to(torch.float32).mul_(x_scale).mul_(w_scale)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype)
+
+
+def _zentorch_dqlinear_supports(spec: LinearSpec) -> Optional[str]:
+    reason = zentorch_unavailable()
+    if reason:
+        return reason
+    if not spec.dynamic_activation or spec.bits != 8 or spec.group_size != spec.k or not spec.symmetric:
+        return "zentorch dynamic qlinear: per-channel symmetric int8 weights, dynamic activations"
+    return None
+
+
+def _zentorch_dqlinear_prepack(w: QuantWeight, act_dtype):
+    # prepacked copy: the unpacked path reorders the caller's weight in place (measured)
+    packed = torch.ops.zentorch.zentorch_weight_prepack_for_dynamic_qlinear(w.codes.contiguous().clone(), False)
+    return [packed, w.scale[:, 0].contiguous()]
+
+
+def _zentorch_dqlinear_run(x, packed, bias, spec):
+    return torch.ops.zentorch.zentorch_dynamic_qlinear(x, packed[0], packed[1], bias, is_weight_prepacked=True)
+
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
         Kernel("zentorch_woq_linear", "zentorch", _zentorch_woq_supports, _zentorch_woq_prepack, _zentorch_woq_run),
         Kernel("aten_int4pack_mm", "aten", _int4pack_supports, _int4pack_prepack, _int4pack_run),
         Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run),
+        Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack, _zentorch_dqlinear_run),
+        Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run),
         Kernel("dequant_gemm", "torch", _dequant_bf16_supports, _dequant_prepack, _dequant_gemm_run),
         Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run),
     )
