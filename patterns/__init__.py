@@ -14,6 +14,7 @@ class Family:
     apply: Callable  # apply(ctx: PatternContext) -> None
 
 
-from . import dequant_matmul  # noqa: E402
+from . import concat_linear, dequant_matmul  # noqa: E402
 
-FAMILIES = (dequant_matmul.FAMILY,)
+# dequant_matmul first: concat_linear merges the quantized linears it leaves
+FAMILIES = (dequant_matmul.FAMILY, concat_linear.FAMILY)

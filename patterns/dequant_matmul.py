@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from zen_inductor.autotune import NoKernel, sqnr_db
-from zen_inductor.kernels import LinearSpec, QuantWeight, candidates, quant_linear
+from zen_inductor.kernels import LinearSpec, QuantWeight, candidates
 
 from . import Family
 
@@ -288,33 +288,18 @@ def rewrite(ctx, mm, x, w, bias) -> None:
 
 def _replace(ctx, anchor, out, x, bias, weight, spec, variant) -> None:
     """Tune, pack and put ``zen.quant_linear(x, ...)`` where ``out`` was."""
-    bias_value = ctx.evaluate(bias) if bias is not None and bias in ctx.constants else None
     try:
-        tuning = ctx.tuner.plan(spec, weight, bias_value)
+        fused, tuning = ctx.emit_quant_linear(out, x, weight, spec, bias)
     except NoKernel as e:
         raise Miss(str(e)) from None
-    plan, results = tuning.plan, tuning.bins
-    packed = [t for name in plan.kernels for t in tuning.packed[name]]
-    counts = [len(tuning.packed[name]) for name in plan.kernels]
-    shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
-    nodes = [shared.get(id(t)) or shared.setdefault(id(t), ctx.add_constant(t, out, "dequant_matmul")) for t in packed]
-    with ctx.graph.inserting_before(out):
-        fused = ctx.graph.call_function(quant_linear._opoverload, (x, nodes, counts, bias, plan.encode()))
-        fused.meta.update({k: v for k, v in out.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
-        fused.meta["val"] = _val(out).to(spec.act_dtype) if _val(out) is not None else None
-        result = fused
-        if _val(out) is not None and _val(out).dtype != spec.act_dtype:  # torchao's DA8 span ends in fp32
+    result = fused
+    if _val(out) is not None and _val(out).dtype != spec.act_dtype:  # torchao's DA8 span ends in fp32
+        with ctx.graph.inserting_after(fused):
             result = ctx.graph.call_function(prims.convert_element_type.default, (fused, _val(out).dtype))
-            result.meta.update(fused.meta)
-            result.meta["val"] = _val(out)
+        result.meta.update(fused.meta)
+        result.meta["val"] = _val(out)
     out.replace_all_uses_with(result)
-    kernels_by_bin = {r.bin: r.winner for r in results}
-    ctx.record.match(PATTERN, variant, anchor, "zen.quant_linear", kernels_by_bin)
-    ctx.record.autotune.append({
-        "source": ctx.record.matches[-1].source, "kind": spec.kind, "n": spec.n, "k": spec.k,
-        "excluded": tuning.excluded,
-        "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded, "cached": r.from_cache, "note": r.note} for r in results],
-    })
+    ctx.record_quant_linear(PATTERN, variant, anchor, tuning)
 
 
 # --- int8 dynamic activation x int8 weight ------------------------------------------------------

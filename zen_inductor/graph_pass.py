@@ -18,6 +18,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from . import config
 from .autotune import Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
+from .kernels import quant_linear
 from .record import CompileRecord
 
 
@@ -59,6 +60,39 @@ class PatternContext:
         return node
 
 
+    def emit_quant_linear(self, before: fx.Node, x: fx.Node, weight, spec, bias: fx.Node | None):
+        """Tune kernels for ``weight``, add its packed constants, insert ``zen.quant_linear``.
+
+        The node keeps ``meta["zen_quant"] = (weight, spec, bias)`` so later families (concat)
+        can rebuild it. Raises ``NoKernel`` when no candidate passes verification.
+        """
+        bias_value = self.evaluate(bias) if bias is not None and bias in self.constants else None
+        tuning = self.tuner.plan(spec, weight, bias_value)
+        plan = tuning.plan
+        packed = [t for name in plan.kernels for t in tuning.packed[name]]
+        counts = [len(tuning.packed[name]) for name in plan.kernels]
+        shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
+        nodes = [shared.get(id(t)) or shared.setdefault(id(t), self.add_constant(t, before, "quant_linear")) for t in packed]
+        with self.graph.inserting_before(before):
+            fused = self.graph.call_function(quant_linear._opoverload, (x, nodes, counts, bias, plan.encode()))
+        fused.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
+        x_val = x.meta.get("val")
+        if x_val is not None:
+            fused.meta["val"] = x_val.new_empty((x_val.shape[0], spec.n))
+        fused.meta["zen_quant"] = (weight, spec, bias)
+        return fused, tuning
+
+    def record_quant_linear(self, pattern: str, variant: str, anchor: fx.Node, tuning) -> None:
+        self.record.match(pattern, variant, anchor, "zen.quant_linear", {r.bin: r.winner for r in tuning.bins})
+        spec = tuning.plan.spec
+        self.record.autotune.append({
+            "source": self.record.matches[-1].source, "kind": spec.kind, "n": spec.n, "k": spec.k,
+            "excluded": tuning.excluded,
+            "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded,
+                      "cached": r.from_cache, "note": r.note} for r in tuning.bins],
+        })
+
+
 def _fake_mode(graph: fx.Graph):
     for node in graph.nodes:
         val = node.meta.get("val")
@@ -96,6 +130,7 @@ class ZenJointPass(CustomGraphPass):
             for family in FAMILIES:
                 if getattr(config, family.flag):
                     family.apply(ctx)
+                    graph.eliminate_dead_code()  # the next family must not see what this one replaced
         graph.eliminate_dead_code()
         gm.recompile()
         self.record.graph_after = _readable(gm)

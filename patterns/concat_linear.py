@@ -1,0 +1,163 @@
+"""concat_linear: linears that read the same input become one GEMM and a split.
+
+Matches (joint graph, after dequant_matmul)::
+
+    q = zen.quant_linear(view(h), Wq...)      k = zen.quant_linear(view(h), Wk...)     ...
+    q = mm(view(h), permute(Wq))              k = mm(view(h), permute(Wk))             (bf16/fp32)
+
+with the same ``h`` (the views are separate until freezing's CSE) and K. Quantized weights merge
+when they agree in bits, group size, activation dtype and activation quantization; they are
+concatenated along N *before* packing, so the merged linear is tuned and packed like any other.
+Dense weights merge into one constant. Linears that share an input but not a format are left
+apart and reported as a near miss.
+
+Replacement: one linear on the concatenated weight, ``split_with_sizes`` back into the parts.
+One count per merged group, whatever its width (q/k/v is one, gate/up is one).
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+import torch.fx as fx
+
+from zen_inductor.autotune import NoKernel
+from zen_inductor.kernels import LinearSpec, QuantWeight, quant_linear
+
+from . import Family
+from .dequant_matmul import find_codes
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+PATTERN = "concat_linear"
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _root(node: fx.Node) -> fx.Node:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS:
+        node = node.args[0]
+    return node
+
+
+def _order(graph):
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+# --- search -----------------------------------------------------------------------------------
+
+
+def search(ctx):
+    """Groups of linears on one input: (kind, [nodes]) with kind "quant" or "dense"."""
+    groups = collections.defaultdict(list)
+    for node in ctx.graph.find_nodes(op="call_function", target=quant_linear._opoverload):
+        if "zen_quant" in node.meta:
+            groups["quant", _root(node.args[0])].append(node)
+    for node in ctx.graph.find_nodes(op="call_function", target=aten.mm.default):
+        x, w = node.args
+        if (w in ctx.constants and x not in ctx.constants and _val(w) is not None and _val(w).dtype.is_floating_point
+                and find_codes(w) is None):  # a dequant chain dequant_matmul left must stay quantized
+            groups["dense", _root(x)].append(node)
+    order = _order(ctx.graph)
+    for (kind, _), nodes in groups.items():
+        if len(nodes) > 1:
+            yield kind, sorted(nodes, key=order.__getitem__)
+
+
+# --- constraints --------------------------------------------------------------------------------
+
+
+def compat_key(spec: LinearSpec) -> tuple:
+    return (spec.k, spec.bits, spec.group_size if spec.group_size != spec.k else "per_channel", spec.act_dtype, spec.dynamic_activation)
+
+
+_KEY_FIELDS = ("K", "bits", "group size", "activation dtype", "activation quantization")
+
+
+def _difference(a: tuple, b: tuple) -> str:
+    return ", ".join(f"{f} ({x} vs {y})" for f, x, y in zip(_KEY_FIELDS, a, b) if x != y)
+
+
+# --- rewrite ------------------------------------------------------------------------------------
+
+
+def _split(ctx, merged: fx.Node, parts: list[fx.Node], sizes: list[int]) -> None:
+    with ctx.graph.inserting_after(merged):
+        split = ctx.graph.call_function(aten.split_with_sizes.default, (merged, sizes, 1))
+    split.meta["val"] = [_val(p) for p in parts]
+    last = split
+    for i, part in enumerate(parts):
+        with ctx.graph.inserting_after(last):
+            item = ctx.graph.call_function(__import__("operator").getitem, (split, i))
+        item.meta.update(part.meta)
+        part.replace_all_uses_with(item)
+        last = item
+
+
+def merge_quant(ctx, nodes: list[fx.Node]) -> None:
+    weights = [n.meta["zen_quant"][0] for n in nodes]
+    specs = [n.meta["zen_quant"][1] for n in nodes]
+    biases = [n.meta["zen_quant"][2] for n in nodes]
+    zps = [w.zero_point for w in weights]
+    weight = QuantWeight(
+        codes=torch.cat([w.codes for w in weights]), scale=torch.cat([w.scale for w in weights]),
+        offset=torch.cat([w.offset for w in weights]),
+        zero_point=torch.cat(zps) if all(z is not None for z in zps) else None,
+        group_size=weights[0].group_size, bits=max(w.bits for w in weights),
+    )
+    s0 = specs[0]
+    spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits,
+                      symmetric=weight.symmetric, act_dtype=s0.act_dtype, dynamic_activation=s0.dynamic_activation)
+    bias = None
+    if any(b is not None for b in biases):
+        parts = [ctx.evaluate(b) if b is not None else torch.zeros(s.n, dtype=s.act_dtype) for b, s in zip(biases, specs)]
+        bias = ctx.add_constant(torch.cat(parts).contiguous(), nodes[0], "concat_bias")
+    merged, tuning = ctx.emit_quant_linear(nodes[0], nodes[0].args[0], weight, spec, bias)
+    _split(ctx, merged, nodes, [s.n for s in specs])
+    ctx.record_quant_linear(PATTERN, f"{len(nodes)}way_{spec.kind}", nodes[0], tuning)
+
+
+def merge_dense(ctx, nodes: list[fx.Node]) -> None:
+    weights = [ctx.evaluate(n.args[1]) for n in nodes]  # each [K, N_i] as mm sees it
+    if len({(w.dtype, w.shape[0]) for w in weights}) != 1:
+        ctx.record.near_miss(PATTERN, nodes[0], "linears read the same input but their weights differ in dtype or K; left apart")
+        return
+    cat = ctx.add_constant(torch.cat([w.t() for w in weights]).contiguous(), nodes[0], "concat_weight")
+    with ctx.graph.inserting_before(nodes[0]):
+        weight_kn = ctx.graph.call_function(aten.permute.default, (cat, [1, 0]))
+        merged = ctx.graph.call_function(aten.mm.default, (nodes[0].args[0], weight_kn))
+    weight_kn.meta["val"] = _val(cat).permute(1, 0)
+    x_val = _val(nodes[0].args[0])
+    merged.meta.update({k: v for k, v in nodes[0].meta.items() if k in ("stack_trace", "nn_module_stack")})
+    merged.meta["val"] = x_val.new_empty((x_val.shape[0], sum(w.shape[1] for w in weights)))
+    _split(ctx, merged, nodes, [w.shape[1] for w in weights])
+    ctx.record.match(PATTERN, f"{len(nodes)}way_dense_{str(weights[0].dtype).replace('torch.', '')}", nodes[0], "aten.mm + split", {})
+
+
+def apply(ctx) -> None:
+    for kind, nodes in list(search(ctx)):
+        if kind == "dense":
+            merge_dense(ctx, nodes)
+            continue
+        by_key = collections.defaultdict(list)
+        for node in nodes:
+            by_key[compat_key(node.meta["zen_quant"][1])].append(node)
+        keys = list(by_key)
+        for key in keys[1:]:
+            ctx.record.near_miss(
+                PATTERN, by_key[key][0],
+                f"{len(nodes)} linears read the same input but their weights differ in {_difference(keys[0], key)}; left apart",
+            )
+        for key, group in by_key.items():
+            if len(group) > 1:
+                try:
+                    merge_quant(ctx, group)
+                except NoKernel as e:
+                    ctx.record.near_miss(PATTERN, group[0], f"no kernel for the merged weight: {e}")
+
+
+FAMILY = Family(PATTERN, "concat_linear", apply)
