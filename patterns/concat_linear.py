@@ -57,8 +57,10 @@ def search(ctx):
     for node in ctx.graph.find_nodes(op="call_function", target=quant_linear._opoverload):
         if "zen_quant" in node.meta:
             groups["quant", _root(node.args[0])].append(node)
-    for node in ctx.graph.find_nodes(op="call_function", target=aten.mm.default):
-        x, w = node.args
+    dense = ctx.graph.find_nodes(op="call_function", target=aten.mm.default) + ctx.graph.find_nodes(
+        op="call_function", target=aten.addmm.default)
+    for node in dense:
+        x, w, _ = _dense_args(node)
         if (w in ctx.constants and x not in ctx.constants and _val(w) is not None and _val(w).dtype.is_floating_point
                 and find_codes(w) is None):  # a dequant chain dequant_matmul left must stay quantized
             groups["dense", _root(x)].append(node)
@@ -66,6 +68,13 @@ def search(ctx):
     for (kind, _), nodes in groups.items():
         if len(nodes) > 1:
             yield kind, sorted(nodes, key=order.__getitem__)
+
+
+def _dense_args(node: fx.Node):
+    """(x, weight [K, N], bias or None) of an mm/addmm."""
+    if node.target is aten.addmm.default:
+        return node.args[1], node.args[2], node.args[0]
+    return node.args[0], node.args[1], None
 
 
 # --- constraints --------------------------------------------------------------------------------
@@ -122,20 +131,29 @@ def merge_quant(ctx, nodes: list[fx.Node]) -> None:
 
 
 def merge_dense(ctx, nodes: list[fx.Node]) -> None:
-    weights = [ctx.evaluate(n.args[1]) for n in nodes]  # each [K, N_i] as mm sees it
+    args = [_dense_args(n) for n in nodes]
+    weights = [ctx.evaluate(w) for _, w, _ in args]  # each [K, N_i] as mm sees it
     if len({(w.dtype, w.shape[0]) for w in weights}) != 1:
         ctx.record.near_miss(PATTERN, nodes[0], "linears read the same input but their weights differ in dtype or K; left apart")
         return
     cat = ctx.add_constant(torch.cat([w.t() for w in weights]).contiguous(), nodes[0], "concat_weight")
+    bias = None
+    if any(b is not None for _, _, b in args):
+        parts = [ctx.evaluate(b) if b is not None else torch.zeros(w.shape[1], dtype=w.dtype) for (_, _, b), w in zip(args, weights)]
+        bias = ctx.add_constant(torch.cat(parts).contiguous(), nodes[0], "concat_bias")
+    x = args[0][0]
     with ctx.graph.inserting_before(nodes[0]):
         weight_kn = ctx.graph.call_function(aten.permute.default, (cat, [1, 0]))
-        merged = ctx.graph.call_function(aten.mm.default, (nodes[0].args[0], weight_kn))
+        if bias is None:
+            merged = ctx.graph.call_function(aten.mm.default, (x, weight_kn))
+        else:
+            merged = ctx.graph.call_function(aten.addmm.default, (bias, x, weight_kn))
     weight_kn.meta["val"] = _val(cat).permute(1, 0)
-    x_val = _val(nodes[0].args[0])
+    x_val = _val(x)
     merged.meta.update({k: v for k, v in nodes[0].meta.items() if k in ("stack_trace", "nn_module_stack")})
     merged.meta["val"] = x_val.new_empty((x_val.shape[0], sum(w.shape[1] for w in weights)))
     _split(ctx, merged, nodes, [w.shape[1] for w in weights])
-    ctx.record.match(PATTERN, f"{len(nodes)}way_dense_{str(weights[0].dtype).replace('torch.', '')}", nodes[0], "aten.mm + split", {})
+    ctx.record.match(PATTERN, f"{len(nodes)}way_dense_{str(weights[0].dtype).replace('torch.', '')}", nodes[0], "aten.mm + split" if bias is None else "aten.addmm + split", {})
 
 
 def apply(ctx) -> None:

@@ -1,0 +1,89 @@
+"""Whole transformers models (tiny configs, random weights): counts, logits accuracy, generate()."""
+import copy
+
+import pytest
+import torch
+
+import zen_inductor
+
+from conftest import compile_zen, quantize, sqnr
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v with bias
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),  # per-head q/k RMSNorm
+}
+LAYERS = 2
+
+
+def build(family: str):
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    cfg = getattr(transformers, config_cls)(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, tie_word_embeddings=False, **extra,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(cfg).to(torch.bfloat16).eval()
+
+
+def int4(model):
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    # decoder linears only; lm_head stays bf16 as in the demo
+    from torchao.quantization import quantize_
+
+    cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))
+    cfg.set_inductor_config = False
+    quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+    return model
+
+
+def fp32_twin(model):
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if isinstance(module, torch.nn.Linear) and type(module.weight) is not torch.nn.Parameter:
+            module.weight = torch.nn.Parameter(module.weight.dequantize().detach(), requires_grad=False)
+    return twin.float()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_model_counts_and_logits(family, fmt):
+    model = build(family)
+    if fmt == "int4":
+        int4(model)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = fp32_twin(model)(ids).logits
+        eager = model(ids).logits
+        zen = compile_zen(model)(ids).logits
+    counts = zen_inductor.counters
+    assert counts["concat_linear"] == 2 * LAYERS  # q/k/v and gate/up in every layer
+    if fmt == "int4":
+        assert counts["dequant_matmul"] == 7 * LAYERS
+        assert counts["concat_linear.3way_wo_int4_g64_sym_bfloat16"] == LAYERS
+        assert counts["concat_linear.2way_wo_int4_g64_sym_bfloat16"] == LAYERS
+    else:
+        assert counts["dequant_matmul"] == 0
+    report = zen_inductor.last_report()
+    assert all("modeling_" in m["source"] for m in report["matches"]), report["matches"]
+    assert report["near_misses"] == []
+    # no less accurate than eager against the fp32 model with the same (dequantized) weights
+    assert sqnr(zen, reference) >= sqnr(eager, reference) - 0.5
+
+
+def test_generate_end_to_end():
+    model = int4(build("llama"))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=6, do_sample=False)
+        model.forward = compile_zen(model.forward)
+        zen = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert zen.shape == eager.shape
+    assert zen_inductor.counters["dequant_matmul"] >= 7 * LAYERS
+    # greedy tokens of random-weight models may flip on near-ties; report, do not assert equality
+    print("generate: tokens equal to eager:", bool(torch.equal(zen, eager)))
