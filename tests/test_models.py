@@ -47,7 +47,8 @@ def fp32_twin(model):
     for module in twin.modules():
         if isinstance(module, torch.nn.Linear) and type(module.weight) is not torch.nn.Parameter:
             module.weight = torch.nn.Parameter(module.weight.dequantize().detach(), requires_grad=False)
-    return twin.float()
+    # nn.Module.to, not the transformers override that refuses quantized models
+    return torch.nn.Module.to(twin, torch.float32)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -87,3 +88,27 @@ def test_generate_end_to_end():
     assert zen_inductor.counters["dequant_matmul"] >= 7 * LAYERS
     # greedy tokens of random-weight models may flip on near-ties; report, do not assert equality
     print("generate: tokens equal to eager:", bool(torch.equal(zen, eager)))
+
+
+def test_hugging_face_torchao_config(tmp_path):
+    """A checkpoint loaded the Hugging Face way, from_pretrained(quantization_config=TorchAoConfig)."""
+    import transformers
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    build("llama").save_pretrained(tmp_path)  # a local checkpoint: nothing comes from a hub
+    cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64))
+    cfg.set_inductor_config = False
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16,
+        quantization_config=transformers.TorchAoConfig(quant_type=cfg, modules_to_not_convert=["lm_head"]),
+    ).eval()
+    assert type(model.model.layers[0].mlp.up_proj.weight) is not torch.nn.Parameter  # really quantized
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = fp32_twin(model)(ids).logits
+        eager = model(ids).logits
+        zen = compile_zen(model)(ids).logits
+    assert zen_inductor.counters["dequant_matmul"] == 7 * LAYERS
+    assert zen_inductor.counters["concat_linear"] == 2 * LAYERS
+    assert sqnr(zen, reference) >= sqnr(eager, reference) - 0.5

@@ -84,13 +84,14 @@ def generate(forward, input_ids, new_tokens: int):
 
     cache = DynamicCache()
     t0 = time.perf_counter()
-    out = forward(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    # logits of the last position only, as transformers' generate() asks for them
+    out = forward(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     ttft = time.perf_counter() - t0
     tokens, steps = [token], []
     for _ in range(new_tokens - 1):
         t0 = time.perf_counter()
-        out = forward(input_ids=token, past_key_values=cache, use_cache=True)
+        out = forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
         steps.append(time.perf_counter() - t0)
         tokens.append(token)
