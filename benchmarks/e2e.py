@@ -1,0 +1,217 @@
+"""End-to-end LLM decode benchmark: zen against its peers, one machine, one run.
+
+    python benchmarks/e2e.py [--formats bf16,int4wo,...] [--systems eager,inductor,recipe,zentorch,zen]
+                             [--model llama1b-4l|qwen3-4l|tiny] [--reps 3] [--out benchmarks/results]
+
+Every (format, system) runs in its own process (compile time and peak RSS are its own), in an
+order that alternates systems so slow drift of the shared machine spreads over all of them.
+Each process: build the model (random weights, transformers), quantize with torchao, compile,
+warm up, then ``reps`` greedy generations; TTFT and TPOT are medians. Results: a JSON per run and
+a markdown table with ratios of zen to the best peer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = {
+    # Llama-3.2-1B shapes, 4 layers, vocab 32000, tied embeddings
+    "llama1b-4l": dict(family="llama", hidden=2048, intermediate=8192, heads=32, kv_heads=8, layers=4, vocab=32000),
+    "qwen3-4l": dict(family="qwen3", hidden=1024, intermediate=3072, heads=16, kv_heads=8, layers=4, vocab=32000),
+    "tiny": dict(family="llama", hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2, vocab=1024),
+}
+FORMATS = ("bf16", "int4wo", "int8dq", "int8wo", "da8w4")
+SYSTEMS = ("eager", "inductor", "recipe", "zentorch", "zen")
+
+
+def build(spec: dict):
+    import torch
+    import transformers
+
+    names = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[spec["family"]]
+    cfg = getattr(transformers, names[0])(
+        hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
+        max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return getattr(transformers, names[1])(cfg).to(torch.bfloat16).eval()
+
+
+def quant_config(fmt: str):
+    import torch
+    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8DynamicActivationIntxWeightConfig,
+                                      Int8WeightOnlyConfig, IntxWeightOnlyConfig)
+    from torchao.quantization.granularity import PerGroup
+
+    cfg = {
+        "bf16": None,
+        "int4wo": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128)),
+        "int8dq": lambda: Int8DynamicActivationInt8WeightConfig(),
+        "int8wo": lambda: Int8WeightOnlyConfig(),
+        "da8w4": lambda: Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(128)),
+    }[fmt]
+    if cfg is None:
+        return None
+    cfg = cfg()
+    if hasattr(cfg, "set_inductor_config"):
+        cfg.set_inductor_config = False
+    return cfg
+
+
+def compiled_forward(model, system: str):
+    import torch
+
+    if system == "eager":
+        return model.forward
+    if system == "zen":
+        return torch.compile(model.forward, backend="zen")
+    if system == "zentorch":
+        import zentorch  # noqa: F401  registers the backend
+
+        torch._inductor.config.freezing = True
+        return torch.compile(model.forward, backend="zentorch")
+    if system == "recipe":
+        # PyTorch's own CPU recipe for quantized LLMs (what torchao's set_inductor_config and the
+        # Inductor CPU docs recommend), set globally as users do
+        c = torch._inductor.config
+        c.freezing = True
+        c.cpp_wrapper = True
+        c.max_autotune = True
+        c.cpp.enable_concat_linear = True
+        c.cpp.use_small_dequant_buffer = True
+        return torch.compile(model.forward)
+    torch._inductor.config.freezing = True  # stock Inductor, frozen like the others
+    return torch.compile(model.forward)
+
+
+def one_run(args) -> dict:
+    """Child process: one (format, system)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from zen_inductor.demo import generate
+
+    spec = MODELS[args.model]
+    model = build(spec)
+    cfg = quant_config(args.format)
+    if cfg is not None:
+        from torchao.quantization import quantize_
+
+        quantize_(model, cfg)  # every Linear, lm_head included, as quantize_ does by default
+    torch.manual_seed(1)
+    prompt = torch.randint(0, spec["vocab"], (1, args.prompt))
+    with torch.no_grad():
+        forward = compiled_forward(model, args.system)
+        t0 = time.perf_counter()
+        generate(forward, prompt, 4)
+        compile_s = time.perf_counter() - t0
+        ttfts, tpots, tokens = [], [], None
+        for _ in range(args.reps):
+            tokens, ttft, steps = generate(forward, prompt, args.new)
+            ttfts.append(ttft * 1e3)
+            tpots.append(statistics.median(steps) * 1e3)
+    return {
+        "format": args.format, "system": args.system, "model": args.model,
+        "ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots), "compile_s": compile_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens.tolist()[0],
+    }
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama1b-4l", choices=sorted(MODELS))
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--child", nargs=2, metavar=("FORMAT", "SYSTEM"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.format, args.system = args.child
+        print("RESULT " + json.dumps(one_run(args)), flush=True)
+        return
+    results = []
+    for fmt in args.formats.split(","):
+        systems = args.systems.split(",")
+        for i, system in enumerate(systems if len(results) % 2 == 0 else reversed(systems)):
+            print(f"[{fmt} / {system}] running...", flush=True)
+            cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--prompt", str(args.prompt),
+                   "--new", str(args.new), "--reps", str(args.reps), "--child", fmt, system]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                err = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
+                print(f"[{fmt} / {system}] failed: {err}", flush=True)
+                results.append({"format": fmt, "system": system, "error": err})
+                continue
+            r = json.loads(line[7:])
+            results.append(r)
+            print(f"[{fmt} / {system}] TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms, compile {r['compile_s']:.1f} s, RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    write(results, args)
+
+
+def write(results, args):
+    os.makedirs(args.out, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%d")
+    meta = {"date": stamp, "machine": platform.processor() or platform.machine(), "cpu": _cpu(), "threads": os.cpu_count(),
+            "model": args.model, "prompt": args.prompt, "new": args.new, "reps": args.reps, "versions": _versions()}
+    with open(os.path.join(args.out, f"e2e-{args.model}.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    lines = [f"# e2e: {args.model}, prompt {args.prompt}, {args.new} new tokens, batch 1, greedy ({stamp})", "",
+             f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}.", "",
+             "| format | system | TTFT ms | TPOT ms | compile s | peak RSS MB | tokens = eager | zen vs best peer |",
+             "|---|---|---|---|---|---|---|---|"]
+    for fmt in dict.fromkeys(r["format"] for r in results):
+        rows = [r for r in results if r["format"] == fmt]
+        eager = next((r for r in rows if r.get("system") == "eager" and "tokens" in r), None)
+        peers = [r for r in rows if r.get("system") != "zen" and "ttft_ms" in r]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | |")
+                continue
+            same = "?" if eager is None else ("yes" if r["tokens"] == eager["tokens"] else f"{sum(a == b for a, b in zip(r['tokens'], eager['tokens']))}/{len(r['tokens'])}")
+            ratio = ""
+            if r["system"] == "zen" and peers:
+                best_ttft = min(p["ttft_ms"] for p in peers)
+                best_tpot = min(p["tpot_ms"] for p in peers)
+                ratio = f"TTFT {r['ttft_ms'] / best_ttft:.2f}x, TPOT {r['tpot_ms'] / best_tpot:.2f}x"
+            lines.append(f"| {fmt} | {r['system']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | {ratio} |")
+    with open(os.path.join(args.out, f"e2e-{args.model}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _cpu():
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        flags = open("/proc/cpuinfo").read()
+        isa = "AVX-512" if "avx512f" in flags else "AVX2"
+        return f"{name} ({isa})"
+    except Exception:
+        return "unknown"
+
+
+def _versions():
+    out = {}
+    for mod in ("torch", "torchao", "zentorch", "transformers"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = "none"
+    return out
+
+
+if __name__ == "__main__":
+    main()
