@@ -68,8 +68,10 @@ def test_model_counts_and_logits(family, fmt):
         assert counts["dequant_matmul"] == 7 * LAYERS
         assert counts["concat_linear.3way_wo_int4_g64_sym_bfloat16"] == LAYERS
         assert counts["concat_linear.2way_wo_int4_g64_sym_bfloat16"] == LAYERS
+        assert counts["dense_matmul"] == 1  # the bf16 lm_head
     else:
         assert counts["dequant_matmul"] == 0
+        assert counts["dense_matmul"] == 4 * LAYERS + 1  # qkv, o, gate_up, down per layer; lm_head
     report = zen_inductor.last_report()
     assert all("modeling_" in m["source"] for m in report["matches"]), report["matches"]
     assert report["near_misses"] == []

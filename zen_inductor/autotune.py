@@ -95,6 +95,8 @@ def static_choice(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> str:
     native_bf16 = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
     dense = ("dequant_gemm", "dequant_sgemm") if native_bf16 else ("dequant_sgemm", "dequant_gemm")
     quantized = (_DYNAMIC_ORDER + _QUANTIZED_ORDER) if spec.dynamic_activation else _QUANTIZED_ORDER
+    if spec.bits > 8:  # a dense weight: its own dtype while memory-bound, fp32 GEMM once compute-bound
+        quantized, dense = ("dense_mm",), ("dense_mm",) if native_bf16 else ("dense_sgemm",)
     order = (dense + quantized) if bin.lo >= STATIC_DENSE_FROM_M else (quantized + dense)
     for name in order:
         if name in usable:

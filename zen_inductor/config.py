@@ -38,6 +38,8 @@ dequant_matmul: bool = _env("dequant_matmul", True)
 add_rmsnorm: bool = _env("add_rmsnorm", True)
 # linears sharing one input merged into one GEMM
 concat_linear: bool = _env("concat_linear", True)
+# unquantized bf16 linears dispatched per shape bin (bf16 GEMM or fp32 GEMM)
+dense_matmul: bool = _env("dense_matmul", True)
 
 # --- compilation ------------------------------------------------------------------------
 # freeze weights into constants under torch.no_grad(); needed to prepack weights once

@@ -131,6 +131,7 @@ class ZenJointPass(CustomGraphPass):
                 if getattr(config, family.flag):
                     family.apply(ctx)
                     graph.eliminate_dead_code()  # the next family must not see what this one replaced
+                    ctx.constants = constant_nodes(graph, params) | ctx.constants.intersection(graph.nodes)
         graph.eliminate_dead_code()
         gm.recompile()
         self.record.graph_after = _readable(gm)

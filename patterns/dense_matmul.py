@@ -1,0 +1,60 @@
+"""dense_matmul: an unquantized bf16 linear, dispatched per shape bin like the quantized ones.
+
+Matches (joint graph, after concat_linear, so merged q/k/v and gate/up come as one)::
+
+    y = mm(x, permute(W)) | addmm(bias, x, permute(W))      W: a bf16 constant, not a dequant chain
+
+Why: on a CPU without native bf16 (AVX2) a bf16 GEMM runs 5-7x slower than an fp32 one once it
+is compute-bound (prefill), while at decode the bf16 weight read is what counts. Candidates:
+``dense_mm`` (bf16 GEMM on the model's own weight) and ``dense_sgemm`` (upcast per call, fp32
+GEMM); the autotuner picks per M bin. No weight is copied.
+
+Constraints: bf16 activations and weight; weight frozen.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from zen_inductor.autotune import NoKernel
+from zen_inductor.kernels import DenseWeight, LinearSpec
+
+from . import Family
+from .dequant_matmul import find_codes
+
+aten = torch.ops.aten
+
+PATTERN = "dense_matmul"
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def search(ctx):
+    for target, (xi, wi, bi) in {aten.mm.default: (0, 1, None), aten.addmm.default: (1, 2, 0)}.items():
+        for mm in ctx.graph.find_nodes(op="call_function", target=target):
+            x, w = mm.args[xi], mm.args[wi]
+            bias = mm.args[bi] if bi is not None else None
+            if (w in ctx.constants and x not in ctx.constants and _val(w) is not None
+                    and _val(w).dtype == torch.bfloat16 and _val(x).dtype == torch.bfloat16
+                    and find_codes(w) is None and (bias is None or bias in ctx.constants)):
+                yield mm, x, w, bias
+
+
+def apply(ctx) -> None:
+    for mm, x, w, bias in list(search(ctx)):
+        weight_kn = ctx.evaluate(w)
+        # the model's own [N, K] tensor when the graph reads it transposed, else one contiguous copy
+        weight = DenseWeight(weight_kn.t() if weight_kn.t().is_contiguous() else weight_kn.t().contiguous())
+        spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.k, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+        try:
+            fused, tuning = ctx.emit_quant_linear(mm, x, weight, spec, bias)
+        except NoKernel as e:
+            ctx.record.near_miss(PATTERN, mm, f"no dense kernel passed verification: {e}")
+            continue
+        mm.replace_all_uses_with(fused)
+        ctx.record_quant_linear(PATTERN, "bf16", mm, tuning)
+
+
+FAMILY = Family(PATTERN, "dense_matmul", apply)

@@ -1,0 +1,72 @@
+"""concat_linear and dense_matmul on small modules: merges, near misses, numerics."""
+import torch
+
+import zen_inductor
+from zen_inductor import config
+
+from conftest import compile_zen, quantize, sqnr
+
+K = 128
+
+
+class ThreeHeads(torch.nn.Module):
+    def __init__(self, bias):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(K, 64, bias=bias)
+        self.b = torch.nn.Linear(K, 96, bias=False)
+        self.c = torch.nn.Linear(K, 32, bias=bias)
+
+    def forward(self, x):
+        return self.a(x) * 2, self.b(x).sum(-1), self.c(x)
+
+
+def _check(model, x):
+    with torch.no_grad():
+        eager = model(x)
+        zen = compile_zen(model)(x)
+    for e, z in zip(eager, zen):
+        assert sqnr(z, e) >= 35
+
+
+def test_three_dense_linears_with_mixed_bias_merge_once():
+    m = ThreeHeads(bias=True).to(torch.bfloat16).eval()
+    _check(m, torch.randn(2, 5, K, dtype=torch.bfloat16))
+    assert zen_inductor.counters["concat_linear"] == 1
+    assert zen_inductor.counters["concat_linear.3way_dense_bfloat16"] == 1
+    assert zen_inductor.counters["dense_matmul"] == 1  # the merged GEMM, tuned per bin
+
+
+def test_quantized_linears_merge_before_packing():
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    m = quantize(ThreeHeads(bias=True).to(torch.bfloat16).eval(),
+                 IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    _check(m, torch.randn(7, K, dtype=torch.bfloat16))
+    assert zen_inductor.counters["dequant_matmul"] == 3
+    assert zen_inductor.counters["concat_linear"] == 1
+    match = [mt for mt in zen_inductor.last_report()["matches"] if mt["pattern"] == "concat_linear"][0]
+    assert match["variant"].startswith("3way_wo_int4_g32")
+
+
+def test_incompatible_quantization_is_left_apart_and_explained():
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    m = ThreeHeads(bias=False).to(torch.bfloat16).eval()
+    quantize(m.a, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    quantize(m.b, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    quantize(m.c, Int8WeightOnlyConfig())
+    _check(m, torch.randn(3, K, dtype=torch.bfloat16))
+    assert zen_inductor.counters["concat_linear"] == 1  # a and b
+    misses = [n for n in zen_inductor.last_report()["near_misses"] if n["pattern"] == "concat_linear"]
+    assert len(misses) == 1
+    assert "bits (4 vs 8)" in misses[0]["reason"] or "bits (8 vs 4)" in misses[0]["reason"]
+
+
+def test_dense_matmul_off_leaves_bf16_linears_to_inductor():
+    m = ThreeHeads(bias=False).to(torch.bfloat16).eval()
+    with config.patch(dense_matmul=False, concat_linear=False):
+        _check(m, torch.randn(3, K, dtype=torch.bfloat16))
+    assert sum(zen_inductor.counters.values()) == 0
