@@ -54,7 +54,7 @@ def _order(graph):
 def search(ctx):
     """Groups of linears on one input: (kind, [nodes]) with kind "quant" or "dense"."""
     groups = collections.defaultdict(list)
-    for node in ctx.graph.find_nodes(op="call_function", target=quant_linear._opoverload):
+    for node in ctx.graph.find_nodes(op="call_function", target=quant_linear):
         if "zen_quant" in node.meta:
             groups["quant", _root(node.args[0])].append(node)
     dense = ctx.graph.find_nodes(op="call_function", target=aten.mm.default) + ctx.graph.find_nodes(

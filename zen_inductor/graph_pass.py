@@ -74,7 +74,7 @@ class PatternContext:
         shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
         nodes = [shared.get(id(t)) or shared.setdefault(id(t), self.add_constant(t, before, "quant_linear")) for t in packed]
         with self.graph.inserting_before(before):
-            fused = self.graph.call_function(quant_linear._opoverload, (x, nodes, counts, bias, plan.encode()))
+            fused = self.graph.call_function(quant_linear, (x, nodes, counts, bias, plan.encode()))
         fused.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
         x_val = x.meta.get("val")
         if x_val is not None:

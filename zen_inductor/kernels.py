@@ -433,15 +433,33 @@ def run_kernel(kernel: Kernel, x, packed, bias, spec):
     return kernel.run(x, packed, bias, spec)
 
 
-# Packed tensors per kernel are told apart by a count list carried in the plan's op call.
-@torch.library.custom_op("zen::quant_linear", mutates_args=())
-def quant_linear(x: torch.Tensor, packed: list[torch.Tensor], counts: list[int], bias: Optional[torch.Tensor], plan: str) -> torch.Tensor:
+# The op is defined on the dispatcher directly, CPU kernel only: torch.library.custom_op's Python
+# wrapper (autograd and schema handling per call) cost more than a decode GEMV of a small layer.
+# Packed tensors per kernel are told apart by a count list carried in the call.
+_LIB = torch.library.Library("zen", "DEF")
+_LIB.define("quant_linear(Tensor x, Tensor[] packed, int[] counts, Tensor? bias, str plan) -> Tensor")
+
+
+@functools.lru_cache(None)
+def _dispatch_table(plan: str, counts: tuple):
+    """(bin edges, spec, per bin (kernel run, slice of packed)), resolved once per plan."""
     p = Plan.decode(plan)
-    name = p.kernel_for(x.shape[0])
-    tensors = packed[_packed_slices(plan, tuple(counts))[name]]
-    return run_kernel(KERNELS[name], x, tensors, bias, p.spec)
+    slices = _packed_slices(plan, counts)
+    return p.edges, p.spec, tuple((KERNELS[name].run, slices[name]) for name in p.bin_kernels)
 
 
-@quant_linear.register_fake
-def _(x, packed, counts, bias, plan):
+def _quant_linear_cpu(x, packed, counts, bias, plan):
+    edges, spec, per_bin = _dispatch_table(plan, tuple(counts))
+    run, part = per_bin[bisect.bisect_left(edges, x.shape[0])]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return run(x, packed[part], bias, spec)
+
+
+def _quant_linear_fake(x, packed, counts, bias, plan):
     return x.new_empty((x.shape[0], Plan.decode(plan).spec.n))
+
+
+_LIB.impl("quant_linear", _quant_linear_cpu, "CPU")
+torch.library.register_fake("zen::quant_linear", _quant_linear_fake, lib=_LIB)
+quant_linear = torch.ops.zen.quant_linear.default
