@@ -72,6 +72,12 @@ def test_model_counts_and_logits(family, fmt):
     else:
         assert counts["dequant_matmul"] == 0
         assert counts["dense_matmul"] == 4 * LAYERS + 1  # qkv, o, gate_up, down per layer; lm_head
+    # every layer: two add+RMSNorm, except the first layer's input norm, which has no add; the
+    # final norm follows the last residual add. Qwen3 adds per-head q/k norms (4-D) per layer.
+    assert counts["add_rmsnorm"] == 2 * LAYERS
+    assert counts["rmsnorm"] == 1 + (2 * LAYERS if family == "qwen3" else 0)
+    if family == "qwen3":
+        assert counts["rmsnorm.upcast_weight_last_4d"] == 2 * LAYERS
     report = zen_inductor.last_report()
     assert all("modeling_" in m["source"] for m in report["matches"]), report["matches"]
     assert report["near_misses"] == []
