@@ -128,3 +128,22 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
     entries = json.loads((tmp_path / "autotune.json").read_text())["entries"]
     assert len(entries) == 100
     assert TuningCache(str(tmp_path)).get("w3-24")["winner"] == "dequant_sgemm"
+
+
+def test_lazy_tuning_at_first_call_of_each_bin(tmp_path):
+    m = HandDequant(64, True, 4).eval()
+    cache = tmp_path / "lazy-cache"
+    with config.patch(autotune_lazy=True, cache_dir=str(cache), kernel_allow=("aten_int4pack_mm", "dequant_sgemm")):
+        compiled = compile_zen(m)
+        x = torch.randn(8, K, dtype=torch.bfloat16)
+        torch._dynamo.mark_dynamic(x, 0)
+        with torch.no_grad():
+            y = compiled(x)
+            entries_after_one_bin = json.loads((cache / "autotune.json").read_text())["entries"]
+            compiled(torch.randn(300, K, dtype=torch.bfloat16))
+        entries = json.loads((cache / "autotune.json").read_text())["entries"]
+    bins = zen_inductor.last_report()["autotune"][0]["bins"]
+    assert all(b["winner"].startswith("lazy:") for b in bins)  # nothing timed at compile time
+    assert len(entries_after_one_bin) == 1 and len(entries) == 2  # one bin per first call
+    assert all(e["winner"] in ("aten_int4pack_mm", "dequant_sgemm") for e in entries.values())
+    assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40

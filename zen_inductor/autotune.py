@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from . import config
-from .kernels import KERNELS, Kernel, LinearSpec, Plan, QuantWeight, candidates, run_kernel, cpu_flags
+from .kernels import KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, candidates, cpu_flags, run_kernel
 
 log = logging.getLogger("zen_inductor")
 
@@ -268,7 +268,10 @@ class Tuner:
                     passing.append(name)
             if not passing:
                 raise NoKernel("every candidate failed verification: " + "; ".join(f"{k}: {r}" for k, r in result.excluded.items()))
-            if config.autotune and len(passing) > 1 and time.perf_counter() < self.deadline:
+            if config.autotune and config.autotune_lazy and len(passing) > 1:
+                result.winner = LAZY + "+".join(passing)
+                result.note = "tuned at the first call of this bin"
+            elif config.autotune and len(passing) > 1 and time.perf_counter() < self.deadline:
                 torch.manual_seed(0)
                 x = torch.randn(b.representative_m, spec.k, dtype=spec.act_dtype)
                 for name in passing:
@@ -283,6 +286,14 @@ class Tuner:
             results.append(result)
         plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))
         return Tuning(plan, results, excluded, {name: packed[name] for name in plan.kernels})
+
+
+def remember_lazy_choice(plan: Plan, index: int, usable: list, winner: str, times: dict) -> None:
+    """A lazily tuned bin's winner goes to the same persistent cache as compile-time choices."""
+    b = shape_bins(plan.edges)[index]
+    TuningCache().put({cache_key(plan.spec, b, usable): {"winner": winner, "times_us": {k: round(v, 1) for k, v in times.items()},
+                                                         "excluded": {}, "lazy": True}})
+    log.info("zen: M bin %s of %s N=%d K=%d tuned at first call: %s", b.label, plan.spec.kind, plan.spec.n, plan.spec.k, winner)
 
 
 VERIFY_MAX_M = 256  # rows checked against the reference; kernels' large-M paths start well below

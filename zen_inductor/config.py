@@ -48,6 +48,8 @@ freezing: bool = _env("freezing", True)
 # --- kernel choice ----------------------------------------------------------------------
 # time the candidate kernels per shape bin; False picks by the static rule in kernels.py
 autotune: bool = _env("autotune", True)
+# tune each shape bin at its first call (on the real input) instead of at compile time
+autotune_lazy: bool = _env("autotune_lazy", False)
 # upper bound of tuning time per compiled graph, seconds
 autotune_budget_s: float = _env("autotune_budget_s", 20.0)
 # timed repetitions per candidate and bin (the median is kept)

@@ -388,7 +388,11 @@ class Plan:
 
     @property
     def kernels(self) -> tuple:
-        return tuple(dict.fromkeys(self.bin_kernels))
+        """Every kernel whose packed weight the graph carries (all candidates of a lazy bin)."""
+        names = []
+        for entry in self.bin_kernels:
+            names += entry[len(LAZY):].split("+") if entry.startswith(LAZY) else [entry]
+        return tuple(dict.fromkeys(names))
 
     def kernel_for(self, m: int) -> str:
         return self.bin_kernels[bisect.bisect_left(self.edges, m)]
@@ -440,12 +444,56 @@ _LIB = torch.library.Library("zen", "DEF")
 _LIB.define("quant_linear(Tensor x, Tensor[] packed, int[] counts, Tensor? bias, str plan) -> Tensor")
 
 
+LAZY = "lazy:"  # bin entry "lazy:a+b": time a and b on the first real call of the bin
+
+
+class _LazyBin:
+    """A bin tuned at its first call, on the real input; the choice is kept and cached on disk.
+
+    The candidates were verified against the reference at compile time, like eager choices.
+    """
+
+    def __init__(self, names, slices, plan: "Plan", index: int):
+        self.candidates = [(name, KERNELS[name].run, slices[name]) for name in names]
+        self.plan, self.index = plan, index
+        self.choice = None
+
+    def __call__(self, x, packed, bias, spec):
+        if self.choice is None:
+            self.choice = self._tune(x, packed, bias, spec)
+        run, part = self.choice
+        return run(x, packed[part], bias, spec)
+
+    def _tune(self, x, packed, bias, spec):
+        import time
+
+        from .autotune import remember_lazy_choice
+
+        times = {}
+        for name, run, part in self.candidates:
+            run(x, packed[part], bias, spec)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                run(x, packed[part], bias, spec)
+            times[name] = (time.perf_counter() - t0) / 3 * 1e6
+        best = min(times, key=times.get)
+        remember_lazy_choice(self.plan, self.index, [n for n, _, _ in self.candidates], best, times)
+        return next((run, part) for name, run, part in self.candidates if name == best)
+
+
 @functools.lru_cache(None)
 def _dispatch_table(plan: str, counts: tuple):
     """(bin edges, spec, per bin (kernel run, slice of packed)), resolved once per plan."""
     p = Plan.decode(plan)
     slices = _packed_slices(plan, counts)
-    return p.edges, p.spec, tuple((KERNELS[name].run, slices[name]) for name in p.bin_kernels)
+    per_bin = []
+    for i, name in enumerate(p.bin_kernels):
+        if name.startswith(LAZY):
+            lazy = _LazyBin(name[len(LAZY):].split("+"), slices, p, i)
+            per_bin.append((lazy, slice(None)))
+        else:
+            per_bin.append((KERNELS[name].run, slices[name]))
+    return p.edges, p.spec, tuple(per_bin)
 
 
 def _quant_linear_cpu(x, packed, counts, bias, plan):
