@@ -167,13 +167,13 @@ def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight
         if sum(a in path or a is codes for a in node.all_input_nodes) != 1:
             raise Miss("the dequant chain combines the codes with themselves")
     shape = _val(codes).shape
-    ones = torch.ones(shape, dtype=torch.float64)
-    offset = ctx.evaluate(weight, {codes: torch.zeros(shape, dtype=torch.float64)}, float64=True)
-    scale = ctx.evaluate(weight, {codes: ones}, float64=True) - offset
-    real = ctx.evaluate(weight).to(torch.float64)
+    ones = torch.ones(shape, dtype=torch.float32)
+    offset = ctx.evaluate(weight, {codes: torch.zeros(shape, dtype=torch.float32)}, exact=True)
+    scale = ctx.evaluate(weight, {codes: ones}, exact=True) - offset
+    real = ctx.evaluate(weight).to(torch.float32)
     q = _codes_in_weight_layout(ctx, codes, path)
     if post_scale is not None:  # Int8WeightOnly: y = mm(x, convert(codes^T)) * scale[N]
-        column = ctx.evaluate(post_scale).to(torch.float64).reshape(1, -1)
+        column = ctx.evaluate(post_scale).to(torch.float32).reshape(1, -1)
         scale, offset, real = scale * column, offset * column, real * column
     # mm sees the weight as [K, N]; canonical form is [N, K]
     q, scale, offset, real = (t.t().contiguous() for t in (q, scale, offset, real))
@@ -281,7 +281,8 @@ def rewrite(ctx, mm, x, w, bias) -> None:
     if not any(k.source != "torch" for k in kernels):
         from zen_inductor.kernels import KERNELS
 
-        reasons = "; ".join(f"{name}: {why}" for name, why in excluded.items() if KERNELS[name].source != "torch")
+        reasons = "; ".join(f"{name}: {why}" for name, why in excluded.items()
+                            if KERNELS[name].source not in ("torch", "dense") and not why.startswith("not for"))
         raise Miss(f"no kernel keeps this {variant_name(spec)} weight quantized ({reasons}); left to Inductor")
     _replace(ctx, mm, post if post is not None else mm, x, bias, weight, spec, variant_name(spec))
 
@@ -364,9 +365,9 @@ def rewrite_dynamic(ctx, mm) -> None:
     codes_kn = ctx.evaluate(b)
     k, n = codes_kn.shape
     out, scale_node = _output_span(ctx, mm, n)
-    w_scale = ctx.evaluate(scale_node).to(torch.float64).reshape(n, 1)
-    q = codes_kn.t().to(torch.float64)
-    weight = _quantize_description(q, w_scale.expand(n, k), torch.zeros(n, k, dtype=torch.float64), k)
+    w_scale = ctx.evaluate(scale_node).to(torch.float32).reshape(n, 1)
+    q = codes_kn.t().to(torch.float32)
+    weight = _quantize_description(q, w_scale.expand(n, k), torch.zeros(n, k, dtype=torch.float32), k)
     spec = LinearSpec(n=n, k=k, group_size=k, bits=weight.bits, symmetric=weight.symmetric,
                       act_dtype=act.dtype, dynamic_activation=True)
     with ctx.graph.inserting_before(out):
@@ -399,10 +400,10 @@ def rewrite_int4pack(ctx, mm) -> None:
     # the op itself unpacks: on the identity with unit scales and zero offsets it returns the codes
     eye = torch.eye(k, dtype=sz.dtype)
     unit = torch.stack([torch.ones(k // group, n), torch.zeros(k // group, n)], dim=-1).to(sz.dtype)
-    q = aten._weight_int4pack_mm_for_cpu(eye, packed, group, unit).t().to(torch.float64)
-    scale = sz[..., 0].t().to(torch.float64).repeat_interleave(group, dim=1)
-    offset = sz[..., 1].t().to(torch.float64).repeat_interleave(group, dim=1)
-    real = aten._weight_int4pack_mm_for_cpu(eye, packed, group, sz).t().to(torch.float64)
+    q = aten._weight_int4pack_mm_for_cpu(eye, packed, group, unit).t().to(torch.float32)
+    scale = sz[..., 0].t().to(torch.float32).repeat_interleave(group, dim=1)
+    offset = sz[..., 1].t().to(torch.float32).repeat_interleave(group, dim=1)
+    real = aten._weight_int4pack_mm_for_cpu(eye, packed, group, sz).t().to(torch.float32)
     if sqnr_db(q * scale + offset, real) < 40:
         raise Miss("could not read the packed int4 weight")
     weight = _quantize_description(q, scale, offset, group)

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -29,7 +30,7 @@ from .kernels import KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, candi
 
 log = logging.getLogger("zen_inductor")
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 SQNR_WEIGHT_ONLY_DB = 40.0
 SQNR_DYNAMIC_DB = 30.0
 
@@ -62,13 +63,13 @@ def shape_bins(edges=None) -> list[ShapeBin]:
 
 
 def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.detach(), ref.detach()
-    noise = (y.to(torch.float64) - ref.to(torch.float64)).norm()
-    if not torch.isfinite(noise):
+    y, ref = y.detach().float(), ref.detach().float()
+    noise = float((y - ref).norm())
+    if not math.isfinite(noise):
         return float("-inf")
     if noise == 0:
         return float("inf")
-    return float(20 * torch.log10(ref.to(torch.float64).norm() / noise))
+    return 20 * math.log10(float(ref.norm()) / noise)
 
 
 @dataclass
@@ -273,13 +274,22 @@ class Tuner:
                 result.note = "tuned at the first call of this bin"
             elif config.autotune and len(passing) > 1 and time.perf_counter() < self.deadline:
                 torch.manual_seed(0)
-                x = torch.randn(b.representative_m, spec.k, dtype=spec.act_dtype)
+                m = timing_m(b, spec)
+                x = torch.randn(m, spec.k, dtype=spec.act_dtype)
                 for name in passing:
+                    if time.perf_counter() > self.deadline:
+                        break
                     if name not in copies:
-                        copies[name] = weight_copies(packed[name], lambda: KERNELS[name].prepack(weight, spec.act_dtype), b.representative_m)
+                        copies[name] = weight_copies(packed[name], lambda: KERNELS[name].prepack(weight, spec.act_dtype), m)
                     result.times_us[name] = round(time_kernel(KERNELS[name], x, copies[name], bias, spec, config.autotune_reps), 1)
-                result.winner = min(result.times_us, key=result.times_us.get)
-                self.cache.put({key: {"winner": result.winner, "times_us": result.times_us, "excluded": result.excluded}})
+                if len(result.times_us) == len(passing):
+                    result.winner = min(result.times_us, key=result.times_us.get)
+                    self.cache.put({key: {"winner": result.winner, "times_us": result.times_us, "excluded": result.excluded}})
+                else:  # the budget ran out in the middle of this bin
+                    result.winner = static_choice(b, passing, spec)
+                    result.note = "autotune budget spent; static rule"
+                if m != b.representative_m:
+                    result.note = result.note or f"timed at M={m}: the bin is compute-bound there already"
             else:
                 result.winner = static_choice(b, passing, spec)
                 result.note = "static rule" if not config.autotune or len(passing) == 1 else "autotune budget spent; static rule"
@@ -294,6 +304,15 @@ def remember_lazy_choice(plan: Plan, index: int, usable: list, winner: str, time
     TuningCache().put({cache_key(plan.spec, b, usable): {"winner": winner, "times_us": {k: round(v, 1) for k, v in times.items()},
                                                          "excluded": {}, "lazy": True}})
     log.info("zen: M bin %s of %s N=%d K=%d tuned at first call: %s", b.label, plan.spec.kind, plan.spec.n, plan.spec.k, winner)
+
+
+TIMING_MAX_FLOP = 4e9  # per timed call; past this a GEMM's ranking no longer changes with M
+
+
+def timing_m(b: ShapeBin, spec: LinearSpec) -> int:
+    """The bin's representative M, capped so that one call stays within ~4 GFLOP."""
+    cap = max(b.lo, int(TIMING_MAX_FLOP / (2 * spec.n * spec.k)))
+    return min(b.representative_m, cap)
 
 
 VERIFY_MAX_M = 256  # rows checked against the reference; kernels' large-M paths start well below

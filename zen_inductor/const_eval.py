@@ -47,19 +47,20 @@ def constant_nodes(graph: fx.Graph, params: dict[fx.Node, torch.Tensor]) -> set[
 class ConstEvaluator:
     """Runs constant subgraphs eagerly, optionally with some nodes' values replaced.
 
-    ``float64=True`` turns every conversion to a floating dtype into float64, so an affine
-    dequant chain can be read off exactly (its scale is f(1) - f(0), its offset f(0)).
+    ``exact=True`` turns every conversion to a floating dtype into float32, where products of
+    bf16/fp16 scales and small integer codes are exact, so an affine dequant chain can be read
+    off exactly (its scale is f(1) - f(0), its offset f(0)).
     """
 
     def __init__(self, gm: fx.GraphModule | None, params: dict[fx.Node, torch.Tensor]):
         self.gm = gm
         self.params = params
 
-    def __call__(self, node: fx.Node, overrides=None, float64=False) -> torch.Tensor:
+    def __call__(self, node: fx.Node, overrides=None, exact=False) -> torch.Tensor:
         memo: dict[fx.Node, object] = dict(overrides or {})
-        return self._eval(node, memo, float64)
+        return self._eval(node, memo, exact)
 
-    def _eval(self, node, memo, float64):
+    def _eval(self, node, memo, exact):
         if node in memo:
             return memo[node]
         if node in self.params:
@@ -68,12 +69,12 @@ class ConstEvaluator:
             value = getattr(self.gm, node.target)
         elif node.op == "call_function":
             args, kwargs = torch.fx.node.map_arg(
-                (node.args, node.kwargs), lambda n: self._eval(n, memo, float64)
+                (node.args, node.kwargs), lambda n: self._eval(n, memo, exact)
             )
-            if float64 and node.target in _CONVERTS:
+            if exact and node.target in _CONVERTS:
                 dtype = args[1] if node.target is _CONVERTS[0] else kwargs.get("dtype")
                 if dtype is not None and dtype.is_floating_point:
-                    value = args[0].to(torch.float64)
+                    value = args[0].to(torch.float32)
                     memo[node] = value
                     return value
             value = node.target(*args, **kwargs)

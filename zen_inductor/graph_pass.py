@@ -132,6 +132,8 @@ class ZenJointPass(CustomGraphPass):
                     family.apply(ctx)
                     graph.eliminate_dead_code()  # the next family must not see what this one replaced
                     ctx.constants = constant_nodes(graph, params) | ctx.constants.intersection(graph.nodes)
+        for node in graph.nodes:  # the quantized weights in meta were for concat_linear only
+            node.meta.pop("zen_quant", None)
         graph.eliminate_dead_code()
         gm.recompile()
         self.record.graph_after = _readable(gm)

@@ -160,7 +160,7 @@ _INT4PACK_GROUPS = (32, 64, 128, 256)
 
 def _int4pack_supports(spec: LinearSpec) -> Optional[str]:
     if spec.bits != 4:
-        return f"int{spec.bits} weights"
+        return f"not for int{spec.bits} weights"
     if spec.group_size not in _INT4PACK_GROUPS:
         return f"group size {spec.group_size} not in {'/'.join(map(str, _INT4PACK_GROUPS))}"
     if spec.k % spec.group_size:
@@ -185,7 +185,7 @@ def _int4pack_run(x, packed, bias, spec):
 
 def _int8pack_supports(spec: LinearSpec) -> Optional[str]:
     if spec.bits > 8:
-        return "dense weights"
+        return "not for dense weights"
     if spec.group_size != spec.k:
         return f"per-group scales (group size {spec.group_size}); kernel is per-channel only"
     if not spec.symmetric:
@@ -206,19 +206,25 @@ def _int8pack_run(x, packed, bias, spec):
 
 def _dequant_supports(spec: LinearSpec) -> Optional[str]:
     if spec.bits > 8:
-        return "dense weights"
+        return "not for dense weights"
     if spec.act_dtype not in (torch.bfloat16, torch.float32):
         return f"{spec.act_dtype} activations"
     return None
 
 
 def _dequant_prepack(w: QuantWeight, act_dtype):
-    return [w.codes.contiguous(), w.scale.contiguous(), w.offset.contiguous()]
+    codes = w.codes.contiguous()
+    if w.bits == 4 and w.k % 2 == 0:  # two codes a byte: the compiled model keeps 0.5 B/weight
+        unsigned = (codes + 8).to(torch.uint8).view(w.n, w.k // 2, 2)
+        codes = unsigned[..., 0] | (unsigned[..., 1] << 4)
+    return [codes, w.scale.contiguous(), w.offset.contiguous()]
 
 
 def _dequantized(packed, spec) -> torch.Tensor:
     codes, scale, offset = packed
     n, k, g = spec.n, spec.k, spec.group_size
+    if codes.dtype == torch.uint8:  # nibbles, low first
+        codes = torch.stack([codes & 15, codes >> 4], dim=-1).view(n, k).to(torch.float32) - 8
     return (codes.view(n, k // g, g).to(torch.float32) * scale[..., None] + offset[..., None]).view(n, k)
 
 
@@ -241,11 +247,11 @@ def _dequant_bf16_supports(spec: LinearSpec) -> Optional[str]:
 
 
 def _zentorch_woq_supports(spec: LinearSpec) -> Optional[str]:
+    if spec.bits != 4:
+        return "not for this linear: int4 weights only"
     reason = zentorch_unavailable()
     if reason:
         return reason
-    if spec.bits != 4:
-        return "zentorch WOQ is int4 weight-only"
     if spec.act_dtype != torch.bfloat16:
         return "zentorch WOQ needs bf16 activations"
     if spec.k % 8 or spec.k % spec.group_size:
@@ -275,7 +281,7 @@ def _zentorch_woq_run(x, packed, bias, spec):
 
 def _int_mm_da8_supports(spec: LinearSpec) -> Optional[str]:
     if not spec.dynamic_activation or spec.bits > 8:
-        return "dynamic-activation kernel"
+        return "not for weight-only linears"
     if spec.group_size != spec.k or not spec.symmetric:
         return "per-channel symmetric weights only"
     if spec.act_dtype not in (torch.bfloat16, torch.float32):
@@ -300,12 +306,9 @@ def _int_mm_da8_run(x, packed, bias, spec):
 
 
 def _zentorch_dqlinear_supports(spec: LinearSpec) -> Optional[str]:
-    reason = zentorch_unavailable()
-    if reason:
-        return reason
     if not spec.dynamic_activation or spec.bits != 8 or spec.group_size != spec.k or not spec.symmetric:
-        return "zentorch dynamic qlinear: per-channel symmetric int8 weights, dynamic activations"
-    return None
+        return "not for this linear: per-channel symmetric int8 weights with dynamic activations only"
+    return zentorch_unavailable()
 
 
 def _zentorch_dqlinear_prepack(w: QuantWeight, act_dtype):
@@ -320,7 +323,7 @@ def _zentorch_dqlinear_run(x, packed, bias, spec):
 
 def _dense_supports(spec: LinearSpec) -> Optional[str]:
     if spec.bits != 16:
-        return "quantized weights"
+        return "not for quantized weights"
     if spec.act_dtype != torch.bfloat16:
         return f"{spec.act_dtype} activations"
     return None
