@@ -135,6 +135,7 @@ def main():
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--merge", action="store_true", help="keep other rows of an earlier run of this model")
     p.add_argument("--child", nargs=2, metavar=("FORMAT", "SYSTEM"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -163,6 +164,12 @@ def main():
 
 def write(results, args):
     os.makedirs(args.out, exist_ok=True)
+    previous = os.path.join(args.out, f"e2e-{args.model}.json")
+    if args.merge and os.path.exists(previous):  # re-measured (format, system) pairs replace old ones
+        with open(previous) as f:
+            old = json.load(f)["results"]
+        fresh = {(r["format"], r["system"]) for r in results}
+        results = [r for r in old if (r["format"], r["system"]) not in fresh] + results
     stamp = time.strftime("%Y-%m-%d")
     meta = {"date": stamp, "machine": platform.processor() or platform.machine(), "cpu": _cpu(), "threads": os.cpu_count(),
             "model": args.model, "prompt": args.prompt, "new": args.new, "reps": args.reps, "versions": _versions()}

@@ -111,6 +111,7 @@ def merge_quant(ctx, nodes: list[fx.Node]) -> None:
     weights = [n.meta["zen_quant"][0] for n in nodes]
     specs = [n.meta["zen_quant"][1] for n in nodes]
     biases = [n.meta["zen_quant"][2] for n in nodes]
+    sources = [src for n in nodes for src in n.meta["zen_quant"][3]]
     zps = [w.zero_point for w in weights]
     weight = QuantWeight(
         codes=torch.cat([w.codes for w in weights]), scale=torch.cat([w.scale for w in weights]),
@@ -125,7 +126,7 @@ def merge_quant(ctx, nodes: list[fx.Node]) -> None:
     if any(b is not None for b in biases):
         parts = [ctx.evaluate(b) if b is not None else torch.zeros(s.n, dtype=s.act_dtype) for b, s in zip(biases, specs)]
         bias = ctx.add_constant(torch.cat(parts).contiguous(), nodes[0], "concat_bias")
-    merged, tuning = ctx.emit_quant_linear(nodes[0], nodes[0].args[0], weight, spec, bias)
+    merged, tuning = ctx.emit_quant_linear(nodes[0], nodes[0].args[0], weight, spec, bias, sources + biases)
     _split(ctx, merged, nodes, [s.n for s in specs])
     ctx.record_quant_linear(PATTERN, f"{len(nodes)}way_{spec.kind}", nodes[0], tuning)
 
@@ -136,7 +137,8 @@ def merge_dense(ctx, nodes: list[fx.Node]) -> None:
     if len({(w.dtype, w.shape[0]) for w in weights}) != 1:
         ctx.record.near_miss(PATTERN, nodes[0], "linears read the same input but their weights differ in dtype or K; left apart")
         return
-    cat = ctx.add_constant(torch.cat([w.t() for w in weights]).contiguous(), nodes[0], "concat_weight")
+    merged_weight = ctx.memo([w for _, w, _ in args], ("concat_dense",), lambda: torch.cat([w.t() for w in weights]).contiguous())
+    cat = ctx.add_constant(merged_weight, nodes[0], "concat_weight")
     bias = None
     if any(b is not None for _, _, b in args):
         parts = [ctx.evaluate(b) if b is not None else torch.zeros(w.shape[1], dtype=w.dtype) for (_, _, b), w in zip(args, weights)]

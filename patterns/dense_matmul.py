@@ -49,7 +49,7 @@ def apply(ctx) -> None:
         weight = DenseWeight(weight_kn.t() if weight_kn.t().is_contiguous() else weight_kn.t().contiguous())
         spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.k, bits=16, symmetric=True, act_dtype=torch.bfloat16)
         try:
-            fused, tuning = ctx.emit_quant_linear(mm, x, weight, spec, bias)
+            fused, tuning = ctx.emit_quant_linear(mm, x, weight, spec, bias, [w])
         except NoKernel as e:
             ctx.record.near_miss(PATTERN, mm, f"no dense kernel passed verification: {e}")
             continue

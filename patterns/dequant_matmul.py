@@ -274,7 +274,9 @@ def rewrite(ctx, mm, x, w, bias) -> None:
     post = _post_scale(ctx, mm, n)
     if post is not None and bias is not None:
         post = None  # addmm then scale: bias would be scaled too; read as a plain weight instead
-    weight = read_weight(ctx, w, post.args[1] if post is not None else None)
+    post_scale = post.args[1] if post is not None else None
+    sources = [w, post_scale]
+    weight = ctx.memo(sources, ("read",), lambda: read_weight(ctx, w, post_scale))
     spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits,
                       symmetric=weight.symmetric, act_dtype=act.dtype)
     kernels, excluded = candidates(spec)
@@ -284,13 +286,13 @@ def rewrite(ctx, mm, x, w, bias) -> None:
         reasons = "; ".join(f"{name}: {why}" for name, why in excluded.items()
                             if KERNELS[name].source not in ("torch", "dense") and not why.startswith("not for"))
         raise Miss(f"no kernel keeps this {variant_name(spec)} weight quantized ({reasons}); left to Inductor")
-    _replace(ctx, mm, post if post is not None else mm, x, bias, weight, spec, variant_name(spec))
+    _replace(ctx, mm, post if post is not None else mm, x, bias, weight, spec, variant_name(spec), sources)
 
 
-def _replace(ctx, anchor, out, x, bias, weight, spec, variant) -> None:
+def _replace(ctx, anchor, out, x, bias, weight, spec, variant, sources) -> None:
     """Tune, pack and put ``zen.quant_linear(x, ...)`` where ``out`` was."""
     try:
-        fused, tuning = ctx.emit_quant_linear(out, x, weight, spec, bias)
+        fused, tuning = ctx.emit_quant_linear(out, x, weight, spec, bias, sources)
     except NoKernel as e:
         raise Miss(str(e)) from None
     result = fused
@@ -362,18 +364,21 @@ def rewrite_dynamic(ctx, mm) -> None:
         raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
     if not ctx.frozen:
         raise Miss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
-    codes_kn = ctx.evaluate(b)
-    k, n = codes_kn.shape
+    k, n = _val(b).shape
     out, scale_node = _output_span(ctx, mm, n)
-    w_scale = ctx.evaluate(scale_node).to(torch.float32).reshape(n, 1)
-    q = codes_kn.t().to(torch.float32)
-    weight = _quantize_description(q, w_scale.expand(n, k), torch.zeros(n, k, dtype=torch.float32), k)
+
+    def read():
+        w_scale = ctx.evaluate(scale_node).to(torch.float32).reshape(n, 1)
+        q = ctx.evaluate(b).t().to(torch.float32)
+        return _quantize_description(q, w_scale.expand(n, k), torch.zeros(n, k, dtype=torch.float32), k)
+
+    weight = ctx.memo([b, scale_node], ("read_da8",), read)
     spec = LinearSpec(n=n, k=k, group_size=k, bits=weight.bits, symmetric=weight.symmetric,
                       act_dtype=act.dtype, dynamic_activation=True)
     with ctx.graph.inserting_before(out):
         rows = ctx.graph.call_function(aten.reshape.default, (x, [-1, k]))
         rows.meta["val"] = act.reshape(-1, k)
-    _replace(ctx, mm, out, rows, None, weight, spec, f"da8w{spec.bits}_per_channel")
+    _replace(ctx, mm, out, rows, None, weight, spec, f"da8w{spec.bits}_per_channel", [b, scale_node])
 
 
 # --- ATen's packed int4 op -----------------------------------------------------------------------
@@ -395,6 +400,12 @@ def rewrite_int4pack(ctx, mm) -> None:
     act = _val(x)
     if act.dtype not in _ACT_DTYPES:
         raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
+    weight = ctx.memo([packed_node, sz_node], ("read_int4pack",), lambda: _read_int4pack(ctx, packed_node, group, sz_node))
+    spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits, symmetric=weight.symmetric, act_dtype=act.dtype)
+    _replace(ctx, mm, mm, x, None, weight, spec, "int4pack_" + variant_name(spec), [packed_node, sz_node])
+
+
+def _read_int4pack(ctx, packed_node, group, sz_node) -> QuantWeight:
     packed, sz = ctx.evaluate(packed_node), ctx.evaluate(sz_node)
     k, n = group * sz.shape[0], sz.shape[1]
     # the op itself unpacks: on the identity with unit scales and zero offsets it returns the codes
@@ -406,9 +417,7 @@ def rewrite_int4pack(ctx, mm) -> None:
     real = aten._weight_int4pack_mm_for_cpu(eye, packed, group, sz).t().to(torch.float32)
     if sqnr_db(q * scale + offset, real) < 40:
         raise Miss("could not read the packed int4 weight")
-    weight = _quantize_description(q, scale, offset, group)
-    spec = LinearSpec(n=n, k=k, group_size=weight.group_size, bits=weight.bits, symmetric=weight.symmetric, act_dtype=act.dtype)
-    _replace(ctx, mm, mm, x, None, weight, spec, "int4pack_" + variant_name(spec))
+    return _quantize_description(q, scale, offset, group)
 
 
 FAMILY = Family(PATTERN, "dequant_matmul", apply)

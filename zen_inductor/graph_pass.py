@@ -60,14 +60,44 @@ class PatternContext:
         return node
 
 
-    def emit_quant_linear(self, before: fx.Node, x: fx.Node, weight, spec, bias: fx.Node | None):
+    def memo(self, nodes: list, key: tuple, compute):
+        """``compute()`` once per weights and key in this process.
+
+        One model compiles to several graphs (prefill, first decode step, dynamic decode); they
+        share readings, tuning and packed weights instead of redoing and re-holding them. The
+        memo sits on the model's own weight tensor, so it lives exactly as long as the weight.
+        """
+        sources = self._sources(nodes)
+        if not sources:
+            return compute()
+        owner = max(sources, key=lambda t: t.numel())
+        full_key = (key, tuple((id(t), t._version) for t in sources), _config_signature())
+        store = owner.__dict__.setdefault("_zen_memo", {})
+        if full_key not in store:
+            store[full_key] = compute()
+        return store[full_key]
+
+    def _sources(self, nodes: list) -> list:
+        seen, stack, found = set(), [n for n in nodes if isinstance(n, fx.Node)], []
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in self.params:
+                found.append(self.params[node])
+            stack.extend(node.all_input_nodes)
+        return found
+
+    def emit_quant_linear(self, before: fx.Node, x: fx.Node, weight, spec, bias: fx.Node | None, sources: list):
         """Tune kernels for ``weight``, add its packed constants, insert ``zen.quant_linear``.
 
-        The node keeps ``meta["zen_quant"] = (weight, spec, bias)`` so later families (concat)
-        can rebuild it. Raises ``NoKernel`` when no candidate passes verification.
+        ``sources`` are the graph nodes the weight was read from (for sharing across graphs).
+        The node keeps ``meta["zen_quant"] = (weight, spec, bias, sources)`` so later families
+        (concat) can rebuild it. Raises ``NoKernel`` when no candidate passes verification.
         """
         bias_value = self.evaluate(bias) if bias is not None and bias in self.constants else None
-        tuning = self.tuner.plan(spec, weight, bias_value)
+        tuning = self.memo(list(sources) + [bias], ("tune", spec), lambda: self.tuner.plan(spec, weight, bias_value))
         plan = tuning.plan
         packed = [t for name in plan.kernels for t in tuning.packed[name]]
         counts = [len(tuning.packed[name]) for name in plan.kernels]
@@ -79,7 +109,7 @@ class PatternContext:
         x_val = x.meta.get("val")
         if x_val is not None:
             fused.meta["val"] = x_val.new_empty((x_val.shape[0], spec.n))
-        fused.meta["zen_quant"] = (weight, spec, bias)
+        fused.meta["zen_quant"] = (weight, spec, bias, list(sources))
         return fused, tuning
 
     def record_quant_linear(self, pattern: str, variant: str, anchor: fx.Node, tuning) -> None:
@@ -91,6 +121,12 @@ class PatternContext:
             "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded,
                       "cached": r.from_cache, "note": r.note} for r in tuning.bins],
         })
+
+
+def _config_signature() -> str:
+    flags = config.get_config_copy()
+    flags.pop("debug_dir", None)
+    return repr(sorted(flags.items()))
 
 
 def _fake_mode(graph: fx.Graph):
