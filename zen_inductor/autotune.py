@@ -329,8 +329,10 @@ class _Verifier:
         self.verdicts: dict = {}
 
     def __call__(self, name: str, m: int) -> Optional[str]:
-        # three row counts reach a kernel's distinct paths (GEMV, small and blocked GEMM)
-        m = 1 if m == 1 else 16 if m <= 16 else VERIFY_MAX_M
+        # three row counts reach a kernel's distinct paths (GEMV, small and blocked GEMM); the
+        # largest is capped near 1 GFLOP so a slow candidate cannot stall the compile
+        blocked = max(16, min(VERIFY_MAX_M, int(1e9 / (2 * self.spec.n * self.spec.k))))
+        m = 1 if m == 1 else 16 if m <= 16 else blocked
         if (name, m) not in self.verdicts:
             self.verdicts[name, m] = self._check(name, m)
         return self.verdicts[name, m]
