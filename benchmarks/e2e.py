@@ -187,7 +187,10 @@ def write(results, args):
             if "error" in r:
                 lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | |")
                 continue
-            same = "?" if eager is None else ("yes" if r["tokens"] == eager["tokens"] else f"{sum(a == b for a, b in zip(r['tokens'], eager['tokens']))}/{len(r['tokens'])}")
+            if eager is None or not r.get("tokens") or not eager.get("tokens"):
+                same = "?"
+            else:
+                same = "yes" if r["tokens"] == eager["tokens"] else f"{sum(a == b for a, b in zip(r['tokens'], eager['tokens']))}/{len(r['tokens'])}"
             ratio = ""
             if r["system"] == "zen" and peers:
                 best_ttft = min(p["ttft_ms"] for p in peers)

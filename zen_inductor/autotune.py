@@ -95,7 +95,10 @@ _DYNAMIC_ORDER = ("zentorch_dynamic_qlinear", "aten_int_mm_da8")
 def static_choice(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> str:
     native_bf16 = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
     dense = ("dequant_gemm", "dequant_sgemm") if native_bf16 else ("dequant_sgemm", "dequant_gemm")
-    quantized = (_DYNAMIC_ORDER + _QUANTIZED_ORDER) if spec.dynamic_activation else _QUANTIZED_ORDER
+    # int8 GEMMs only pay off with VNNI/AMX; without them (AVX2) _int_mm runs far below a
+    # weight-only kernel, which is also exact in x
+    int8_units = any(f in cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    quantized = (_DYNAMIC_ORDER + _QUANTIZED_ORDER) if spec.dynamic_activation and int8_units else _QUANTIZED_ORDER
     if spec.bits > 8:  # a dense weight: its own dtype while memory-bound, fp32 GEMM once compute-bound
         quantized, dense = ("dense_mm",), ("dense_mm",) if native_bf16 else ("dense_sgemm",)
     order = (dense + quantized) if bin.lo >= STATIC_DENSE_FROM_M else (quantized + dense)
