@@ -72,7 +72,7 @@ class PatternContext:
             return compute()
         owner = max(sources, key=lambda t: t.numel())
         full_key = (key, tuple((id(t), t._version) for t in sources), _config_signature())
-        store = owner.__dict__.setdefault("_zen_memo", {})
+        store = owner.__dict__.setdefault("_zen_memo", _Memo())
         if full_key not in store:
             store[full_key] = compute()
         return store[full_key]
@@ -121,6 +121,16 @@ class PatternContext:
             "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded,
                       "cached": r.from_cache, "note": r.note} for r in tuning.bins],
         })
+
+
+class _Memo(dict):
+    """Per-weight memo; a copied model starts without it (its tensors are new anyway)."""
+
+    def __deepcopy__(self, memo):
+        return _Memo()
+
+    def __reduce__(self):
+        return (_Memo, ())
 
 
 def _config_signature() -> str:
