@@ -17,6 +17,7 @@ One count per merged group, whatever its width (q/k/v is one, gate/up is one).
 from __future__ import annotations
 
 import collections
+import operator
 
 import torch
 import torch.fx as fx
@@ -101,7 +102,7 @@ def _split(ctx, merged: fx.Node, parts: list[fx.Node], sizes: list[int]) -> None
     last = split
     for i, part in enumerate(parts):
         with ctx.graph.inserting_after(last):
-            item = ctx.graph.call_function(__import__("operator").getitem, (split, i))
+            item = ctx.graph.call_function(operator.getitem, (split, i))
         item.meta.update(part.meta)
         part.replace_all_uses_with(item)
         last = item

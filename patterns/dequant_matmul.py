@@ -145,9 +145,7 @@ def _codes_in_weight_layout(ctx, codes: fx.Node, path: list[fx.Node]) -> torch.T
     values = {codes: ctx.evaluate(codes).to(torch.float32)}
     for node in path:
         on_path = [a for a in node.all_input_nodes if a in values]
-        if node.target in _AFFINE_OPS:
-            values[node] = values[on_path[0]]
-        elif node.target in _CONVERTS:
+        if node.target in _AFFINE_OPS or node.target in _CONVERTS:  # codes pass through unchanged
             values[node] = values[on_path[0]]
         else:
             args = torch.fx.node.map_arg(node.args, lambda n: values[n])

@@ -362,9 +362,5 @@ class Tuning:
     packed: dict  # kernel of the plan -> its packed tensors
 
 
-class WrongResult(Exception):
-    pass
-
-
 class NoKernel(Exception):
     pass
