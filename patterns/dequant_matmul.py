@@ -264,6 +264,9 @@ def apply(ctx) -> None:
 
 def rewrite(ctx, mm, x, w, bias) -> None:
     act = _val(x)
+    source = int8_fake_quant_source(ctx, x)
+    if source is not None:  # torchao's dynamic int8 activations: the kernel quantizes x itself
+        act = _val(source)
     if act.dtype not in _ACT_DTYPES:
         raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
     if not ctx.frozen:
@@ -276,7 +279,7 @@ def rewrite(ctx, mm, x, w, bias) -> None:
     sources = [w, post_scale]
     weight = ctx.memo(sources, ("read",), lambda: read_weight(ctx, w, post_scale))
     spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits,
-                      symmetric=weight.symmetric, act_dtype=act.dtype)
+                      symmetric=weight.symmetric, act_dtype=act.dtype, dynamic_activation=source is not None)
     kernels, excluded = candidates(spec)
     if not any(k.source != "torch" for k in kernels):
         from zen_inductor.kernels import KERNELS
@@ -284,7 +287,60 @@ def rewrite(ctx, mm, x, w, bias) -> None:
         reasons = "; ".join(f"{name}: {why}" for name, why in excluded.items()
                             if KERNELS[name].source not in ("torch", "dense") and not why.startswith("not for"))
         raise Miss(f"no kernel keeps this {variant_name(spec)} weight quantized ({reasons}); left to Inductor")
-    _replace(ctx, mm, post if post is not None else mm, x, bias, weight, spec, variant_name(spec), sources)
+    variant = variant_name(spec)
+    if source is not None:
+        with ctx.graph.inserting_before(mm):
+            x = ctx.graph.call_function(aten.reshape.default, (source, [-1, spec.k]))
+        x.meta["val"] = act.reshape(-1, spec.k)
+        variant = "da8_" + variant
+    _replace(ctx, mm, post if post is not None else mm, x, bias, weight, spec, variant, sources)
+
+
+# --- int8 dynamic activations in front of a dequantized weight ----------------------------------
+#
+# torchao Int8DynamicActivationIntxWeightConfig quantizes x and dequantizes it again in the graph
+# (per row, asymmetric), then multiplies by the dequantized weight:
+#     x_fq = (convert(convert_i8(clamp(round(x * (1 / s)) + zp))) - zp) * s
+# The linear is matched from x itself; the kernels quantize x to int8 on a grid at least as fine
+# (per row and group), or take x exactly (weight-only kernels), so no accuracy is lost.
+
+_CLAMPS = {aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default}
+
+
+def int8_fake_quant_source(ctx, x: fx.Node) -> fx.Node | None:
+    """The float tensor of which ``x`` is an 8-bit quantize-dequantize, or None."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if _val(x) is None:
+        return None
+    numel = _val(x).numel()
+
+    def carried(node):  # the one input that is the tensor itself; the others are per-row qparams
+        ins = [a for a in node.all_input_nodes
+               if _val(a) is not None and a not in ctx.constants and statically_known_true(_val(a).numel() == numel)]
+        return ins[0] if len(ins) == 1 else None
+
+    node = x
+    while not _is_int_to_float(node):  # the dequantize half
+        if node.op != "call_function" or node.target not in _LAYOUT_OPS | _AFFINE_OPS:
+            return None
+        node = carried(node)
+        if node is None:
+            return None
+    if _val(node.args[0]).dtype not in (torch.int8, torch.uint8):
+        return None
+    node = node.args[0]
+    while node.target is not aten.round.default:  # the quantize half
+        if node.op != "call_function" or node.target not in _LAYOUT_OPS | _AFFINE_OPS | _CLAMPS:
+            return None
+        node = carried(node)
+        if node is None:
+            return None
+    scaled = node.args[0]
+    if not isinstance(scaled, fx.Node) or scaled.target not in (aten.mul.Tensor, aten.div.Tensor):
+        return None
+    source = carried(scaled)
+    return source if source is not None and _val(source).dtype.is_floating_point else None
 
 
 def _replace(ctx, anchor, out, x, bias, weight, spec, variant, sources) -> None:

@@ -62,6 +62,11 @@ kernel_allow: tuple = _env("kernel_allow", ())
 kernel_deny: tuple = _env("kernel_deny", ())
 # use zentorch ops when zentorch imports and the CPU has the ISA it needs
 use_zentorch: bool = _env("use_zentorch", True)
+# use zen_inductor's own C++ kernels (built on first use with Inductor's C++ toolchain)
+native_kernels: bool = _env("native_kernels", True)
+# let kernels that quantize activations to int8 serve weight-only matches too (they must still
+# reach the weight-only accuracy bar against the fp32 reference to be chosen)
+int8_activations_for_weight_only: bool = _env("int8_activations_for_weight_only", False)
 
 # --- files ------------------------------------------------------------------------------
 # persistent autotune cache

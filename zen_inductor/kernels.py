@@ -104,7 +104,7 @@ class LinearSpec:
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    source: str  # "aten", "zentorch", "torch" (dequantize + GEMM)
+    source: str  # "aten", "zentorch", "zen" (our C++), "torch" (dequantize + GEMM), "dense"
     supports: Callable[[LinearSpec], Optional[str]]
     prepack: Callable[[QuantWeight, torch.dtype], list]
     run: Callable  # (x2d, packed, bias, spec) -> y2d
@@ -321,6 +321,60 @@ def _zentorch_dqlinear_run(x, packed, bias, spec):
     return torch.ops.zentorch.zentorch_dynamic_qlinear(x, packed[0], packed[1], bias, is_weight_prepacked=True)
 
 
+def _a8w4_supports(spec: LinearSpec) -> Optional[str]:
+    if spec.bits != 4:
+        return f"not for int{spec.bits} weights"
+    if not spec.dynamic_activation and not config.int8_activations_for_weight_only:
+        return "not for weight-only linears: it quantizes activations (config.int8_activations_for_weight_only)"
+    if spec.group_size % 64 or spec.k % spec.group_size:
+        return f"group size {spec.group_size} with K={spec.k}: the kernel takes groups that are multiples of 64"
+    if spec.n % 8:
+        return f"N={spec.n} is not a multiple of 8"
+    if spec.act_dtype not in (torch.bfloat16, torch.float32):
+        return f"{spec.act_dtype} activations"
+    from .native import unavailable
+
+    return unavailable("a8w4_avx2")
+
+
+def _a8w4_group(g: int) -> int:
+    # groups over 256 codes would overflow the kernel's 16-bit partial sums: such a group is
+    # split into equal groups of at most 256 that repeat its scale
+    return next(d for d in (256, 192, 128, 64) if g % d == 0)
+
+
+def _a8w4_prepack(w: QuantWeight, act_dtype):
+    n, k = w.n, w.k
+    g = _a8w4_group(w.group_size)
+    repeat = w.group_size // g
+    unsigned = (w.codes.to(torch.int16) + 8).to(torch.uint8).view(n // 8, 8, k // g, g // 64, 2, 32)
+    nibbles = unsigned[..., 0, :] | (unsigned[..., 1, :] << 4)  # code i low, code i + 32 high
+    tiles = nibbles.permute(0, 2, 1, 3, 4).contiguous()  # [N/8, K/G, 8, G/2]
+    scale = w.scale.repeat_interleave(repeat, dim=1).t().contiguous()
+    offset = w.offset.repeat_interleave(repeat, dim=1).t().contiguous()
+    colsum128 = (w.codes.view(n, k // g, g).to(torch.int32).sum(-1) * 128).to(torch.int32).t().contiguous()
+    return [tiles, scale, offset, colsum128]
+
+
+def _a8w4_run(x, packed, bias, spec):
+    from .native import load
+
+    tiles, scale, offset, colsum128 = packed
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    m = x.shape[0]
+    y = torch.empty((m, spec.n), dtype=x.dtype)
+    if m:
+        load("a8w4_avx2")(
+            x, tiles, scale, offset, colsum128, scale if bias is None else bias, y,
+            m, spec.n, spec.k, spec.k // scale.shape[0],
+            int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None),
+        )
+    return y
+
+
 def _dense_supports(spec: LinearSpec) -> Optional[str]:
     if spec.bits != 16:
         return "not for quantized weights"
@@ -354,6 +408,7 @@ KERNELS: dict[str, Kernel] = {
         Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run),
         Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack, _zentorch_dqlinear_run),
         Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run),
+        Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run),
         Kernel("dequant_gemm", "torch", _dequant_bf16_supports, _dequant_prepack, _dequant_gemm_run),
         Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run),
         Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run),

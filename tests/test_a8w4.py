@@ -1,0 +1,155 @@
+"""int8 activations x int4 weights: our AVX2 kernel, torchao's DA8W4 config, and their fallbacks."""
+import pytest
+import torch
+
+import zen_inductor
+from zen_inductor import config, native
+from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, candidates, run_kernel
+
+from conftest import compile_zen, quantize, sqnr
+
+K, N = 512, 192
+A8W4 = KERNELS["zen_a8w4_avx2"]
+
+
+def _weight(n, k, group, outliers=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    if outliers:  # a few groups two orders of magnitude louder, as real checkpoints have
+        scale.view(-1)[torch.randperm(scale.numel(), generator=g)[: scale.numel() // 50]] *= 100
+    offset = torch.randn(n, k // group, generator=g) * 0.01
+    return QuantWeight(codes=codes, scale=scale, offset=offset, zero_point=None, group_size=group, bits=4)
+
+
+def _spec(w, act_dtype, dynamic=True):
+    return LinearSpec(n=w.n, k=w.k, group_size=w.group_size, bits=4, symmetric=w.symmetric,
+                      act_dtype=act_dtype, dynamic_activation=dynamic)
+
+
+@pytest.mark.skipif(native.unavailable("a8w4_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("group", [64, 128, 256, 512])
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+def test_kernel_against_fp32_reference(group, act_dtype):
+    n, k = 264, 1024  # N not a multiple of the 64-row blocks other kernels use; a group over 256 is split
+    for outliers in (False, True):
+        w = _weight(n, k, group, outliers)
+        spec = _spec(w, act_dtype)
+        packed = A8W4.prepack(w, act_dtype)
+        bias = torch.randn(n).to(act_dtype)
+        for m, loud_channel in ((1, False), (5, True), (64, False), (64, True)):
+            x = torch.randn(m, k).to(act_dtype)
+            if loud_channel:  # an activation outlier channel coarsens its group's int8 grid
+                x[:, 7] *= 30
+            for b in (None, bias):
+                y = run_kernel(A8W4, x, packed, b, spec)
+                ref = x.float() @ w.dequantize().t() + (b.float() if b is not None else 0)
+                assert y.dtype == act_dtype and y.shape == (m, n)
+                # the dynamic-activation bar always; with ordinary weights and activations
+                # per-group int8 keeps the kernel above even the weight-only bar
+                assert sqnr(y, ref) >= (30 if loud_channel or outliers else 40), (group, outliers, m, b is not None)
+    # rows of x that are not contiguous (a strided view) are read right
+    x = torch.randn(k, 3).to(act_dtype).t()
+    ref = x.float() @ w.dequantize().t()
+    assert sqnr(run_kernel(A8W4, x, packed, None, spec), ref) >= 40
+
+
+def test_kernel_constraints_are_reasons():
+    w = _weight(N, K, 128)
+    assert A8W4.supports(_spec(w, torch.bfloat16)) is None or native.unavailable("a8w4_avx2")
+    assert "multiples of 64" in A8W4.supports(_spec(_weight(N, K, 32), torch.bfloat16))
+    assert "not a multiple of 8" in A8W4.supports(_spec(_weight(100, K, 128), torch.bfloat16))
+    assert A8W4.supports(_spec(w, torch.float16)) == "torch.float16 activations"
+    assert A8W4.supports(_spec(w, torch.bfloat16, dynamic=False)).startswith("not for weight-only")
+    with config.patch(native_kernels=False):
+        assert "disabled" in A8W4.supports(_spec(w, torch.bfloat16))
+
+
+def _da8w4(group=128, mapping="SYMMETRIC", bias=True):
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(K, N, bias=bias)).to(torch.bfloat16).eval()
+    cfg = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group),
+                                                weight_mapping_type=getattr(MappingType, mapping))
+    return quantize(m, cfg)
+
+
+def _reference(m, x):
+    y = x.float() @ m[0].weight.dequantize().float().t()
+    return y + m[0].bias.float() if m[0].bias is not None else y
+
+
+@pytest.mark.skipif(native.unavailable("a8w4_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("mapping", ["SYMMETRIC", "ASYMMETRIC"])
+def test_torchao_da8w4_runs_on_the_int8_int4_kernel(mapping):
+    m = _da8w4(mapping=mapping)
+    x = torch.randn(2, 7, K, dtype=torch.bfloat16)
+    with config.patch(kernel_allow=("zen_a8w4_avx2",)), torch.no_grad():
+        eager = m(x)
+        compiled = compile_zen(m)
+        y = compiled(x)
+    sym = "sym" if mapping == "SYMMETRIC" else "asym"
+    assert zen_inductor.counters[f"dequant_matmul.da8_int4_{sym}_group128"] == 1
+    report = zen_inductor.last_report()
+    assert set(report["matches"][0]["kernels"].values()) == {"zen_a8w4_avx2"}
+    assert report["autotune"][0]["kind"].startswith("da8_int4")
+    # torchao's activation fake-quant went with the span: the kernel quantizes x itself
+    after = zen_inductor.dumps.recent_records()[-1].graph_after
+    assert "zen.quant_linear" in after and "aten.round" not in after
+    ref = _reference(m, x)
+    assert sqnr(y, ref) >= 30
+    assert sqnr(y, ref) >= sqnr(eager, ref)  # per-group int8 is finer than torchao's per-row grid
+    with torch.no_grad():
+        y1 = compiled(x[:1, :1])  # a decode-sized call (Dynamo recompiles with a dynamic M)
+    assert sqnr(y1, _reference(m, x[:1, :1])) >= 30
+
+
+@pytest.mark.parametrize("group,native_kernels,why", [(128, False, "disabled"), (32, True, "multiples of 64")])
+def test_da8w4_without_the_native_kernel_stays_correct(group, native_kernels, why):
+    """Switched off (or no compiler, no AVX2), or a group it does not take: the weight-only int4
+    kernels serve the match, and the dumps say why."""
+    m = _da8w4(group=group, bias=False)
+    x = torch.randn(5, K, dtype=torch.bfloat16)
+    with config.patch(native_kernels=native_kernels), torch.no_grad():
+        y = compile_zen(m)(x)
+    assert zen_inductor.counters[f"dequant_matmul.da8_int4_sym_group{group}"] == 1
+    report = zen_inductor.last_report()
+    assert "zen_a8w4_avx2" not in report["matches"][0]["kernels"].values()
+    assert why in report["autotune"][0]["excluded"]["zen_a8w4_avx2"]
+    assert sqnr(y, _reference(m, x)) >= 30
+
+
+def test_a_native_kernel_that_does_not_build_is_unavailable(monkeypatch):
+    native._build.cache_clear()
+    monkeypatch.setattr(native, "_source", lambda filename: "this is not C++;")
+    try:
+        reason = native.unavailable("a8w4_avx2")
+        assert reason is not None and reason.startswith("could not build a8w4_avx2.cpp")
+        w = _weight(N, K, 128)
+        _, excluded = candidates(_spec(w, torch.bfloat16))
+        assert excluded["zen_a8w4_avx2"] == reason
+    finally:
+        native._build.cache_clear()
+
+
+@pytest.mark.skipif(native.unavailable("a8w4_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+def test_weight_only_linears_may_opt_in_to_int8_activations():
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    torch.manual_seed(0)
+    m = quantize(torch.nn.Sequential(torch.nn.Linear(K, N)).to(torch.bfloat16).eval(),
+                 IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128)))
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with config.patch(kernel_allow=("zen_a8w4_avx2",)), torch.no_grad():
+        compile_zen(m)(x)  # off by default: no kernel keeps the weight quantized, a near miss
+    assert zen_inductor.counters["dequant_matmul"] == 0
+    torch._dynamo.reset()
+    with config.patch(kernel_allow=("zen_a8w4_avx2",), int8_activations_for_weight_only=True), torch.no_grad():
+        y = compile_zen(m)(x)
+    assert zen_inductor.counters["dequant_matmul.int4_sym_group128"] == 1
+    assert set(zen_inductor.last_report()["matches"][0]["kernels"].values()) == {"zen_a8w4_avx2"}
+    assert sqnr(y, _reference(m, x)) >= 40  # held to the weight-only bar

@@ -1,0 +1,167 @@
+// int8 activations x int4 weights on AVX2 (no VNNI needed): y = x @ W^T (+ bias).
+//
+// W[n, k] = scale[g, n] * c[n, k] + offset[g, n] with c in [-8, 7] and g = k / G.
+// x is quantized inside the call, symmetric int8 with one scale per row and group of G, so
+//     y[m, n] = sum_g scale[g, n] * xs[m, g] * sum_{k in g} c[n, k] * xq[m, k]
+//             + sum_g offset[g, n] * xsum[m, g]            (xsum: the exact float sum of x in g)
+// The inner sum is exact integer arithmetic. vpmaddubsw takes one unsigned operand, so the
+// activations are stored as xq + 128 (unsigned) and the weights stay signed, which keeps the
+// quantization error of x multiplied by zero-mean codes; the excess 128 * sum_k c[n, k] is
+// precomputed per group (colsum128). Pair sums are at most 2 * 255 * 8 = 4080 in magnitude and
+// up to 8 are added in 16 bits before vpmaddwd widens them (32640 < 32767).
+//
+// Weight layout, prepared once at compile time: tiles of 8 output rows, group-major inside a
+// tile, so one thread streams one contiguous run of bytes per tile:
+//     w[N/8][K/G][8][G/2], and in each 32-byte block of a row (64 codes) byte i holds
+//     c + 8 of code i in its low nibble and of code i + 32 in its high nibble.
+// G is a multiple of 64 and at most 256.
+#include <immintrin.h>
+#include <omp.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline __m256 load8(const void* x, int64_t i, bool bf16) {
+  if (bf16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One row of x -> int8 codes, a scale and an exact sum per group.
+void quantize_row(const void* x, int64_t row, int64_t K, int64_t G, bool bf16, uint8_t* q, float* xs, float* xsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const int64_t base = row * K;
+  for (int64_t g0 = 0; g0 < K; g0 += G) {
+    __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int64_t k = g0; k < g0 + G; k += 8) {
+      __m256 v = load8(x, base + k, bf16);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+      sum = _mm256_add_ps(sum, v);
+    }
+    const float m = hmax(amax);
+    const float scale = m > 0 ? m / 127.0f : 1.0f;
+    const __m256 inv = _mm256_set1_ps(m > 0 ? 127.0f / m : 0.0f);
+    xs[g0 / G] = scale;
+    xsum[g0 / G] = hsum(sum);
+    for (int64_t k = g0; k < g0 + G; k += 32) {
+      // cvtps rounds half to even, as torch.round does
+      __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, base + k, bf16), inv));
+      __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, base + k + 8, bf16), inv));
+      __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, base + k + 16, bf16), inv));
+      __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, base + k + 24, bf16), inv));
+      __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+      packed = _mm256_xor_si256(packed, _mm256_set1_epi8(static_cast<char>(0x80)));  // + 128
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + base + k), _mm256_permutevar8x32_epi32(packed, order));
+    }
+  }
+}
+
+// Lane j of the result: the sum of the 8 lanes of acc[j].
+inline __m256i reduce8(const __m256i* acc) {
+  __m256i t0 = _mm256_hadd_epi32(acc[0], acc[1]);
+  __m256i t1 = _mm256_hadd_epi32(acc[2], acc[3]);
+  __m256i t2 = _mm256_hadd_epi32(acc[4], acc[5]);
+  __m256i t3 = _mm256_hadd_epi32(acc[6], acc[7]);
+  __m256i u0 = _mm256_hadd_epi32(t0, t1);
+  __m256i u1 = _mm256_hadd_epi32(t2, t3);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+inline void store8(void* y, int64_t i, __m256 v, bool bf16) {
+  if (!bf16) {
+    _mm256_storeu_ps(static_cast<float*>(y) + i, v);
+    return;
+  }
+  // round to nearest even, as a float -> bf16 conversion does (no NaNs come out of this kernel)
+  __m256i u = _mm256_castps_si256(v);
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i), h);
+}
+
+// 8 output rows starting at tile * 8, for one row of x.
+void tile_row(const uint8_t* w, const float* scale, const float* offset, const int32_t* colsum128,
+              const float* bias, const uint8_t* q, const float* xs, const float* xsum, void* y,
+              int64_t m, int64_t tile, int64_t N, int64_t K, int64_t G, bool y_bf16) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i eight = _mm256_set1_epi8(8);
+  const int64_t groups = K / G, row_bytes = G / 2;
+  const uint8_t* wt = w + tile * 8 * (K / 2);
+  const uint8_t* qm = q + m * K;
+  __m256 acc = bias ? _mm256_loadu_ps(bias + tile * 8) : _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* wg = wt + g * 8 * row_bytes;
+    const uint8_t* qg = qm + g * G;
+    __m256i sums[8];
+    for (int j = 0; j < 8; ++j) {
+      __m256i s16 = _mm256_setzero_si256();
+      const uint8_t* wr = wg + j * row_bytes;
+      for (int64_t b = 0; b < G / 64; ++b) {
+        __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32));
+        __m256i lo = _mm256_sub_epi8(_mm256_and_si256(packed, low), eight);
+        __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low), eight);
+        __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + b * 64));
+        __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + b * 64 + 32));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(x0, lo));
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(x1, hi));
+      }
+      sums[j] = _mm256_madd_epi16(s16, ones);
+    }
+    const __m256i excess = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum128 + g * N + tile * 8));
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce8(sums), excess));
+    const __m256 sv = _mm256_loadu_ps(scale + g * N + tile * 8);
+    const __m256 ov = _mm256_loadu_ps(offset + g * N + tile * 8);
+    acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(xs[m * groups + g])), acc);
+    acc = _mm256_fmadd_ps(ov, _mm256_set1_ps(xsum[m * groups + g]), acc);
+  }
+  store8(y, m * N + tile * 8, acc, y_bf16);
+}
+
+}  // namespace
+
+extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset,
+                       const int32_t* colsum128, const float* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t G,
+                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias) {
+  static thread_local std::vector<uint8_t> q;
+  static thread_local std::vector<float> xs, xsum;
+  q.resize(M * K);
+  xs.resize(M * (K / G));
+  xsum.resize(M * (K / G));
+  uint8_t* qp = q.data();
+  float* xsp = xs.data();
+  float* xsump = xsum.data();
+  const int64_t tiles = N / 8;
+  // one parallel region: rows of x are quantized, then tiles of W are shared out
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m)
+      quantize_row(x, m, K, G, x_bf16, qp, xsp + m * (K / G), xsump + m * (K / G));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t m = 0; m < M; ++m)
+        tile_row(w, scale, offset, colsum128, has_bias ? bias : nullptr, qp, xsp, xsump, y, m, t, N, K, G, y_bf16);
+  }
+}

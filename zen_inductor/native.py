@@ -1,0 +1,63 @@
+"""Our own C++ kernels, compiled on first use with Inductor's C++ toolchain and cache.
+
+Inductor already knows how to build C++ for this CPU (vector-ISA flags, OpenMP as torch uses
+it, a cache keyed by source and flags): the kernels here go through the same path as the
+kernels Inductor generates, so they need nothing at install time. A kernel that cannot be
+built is unavailable, with the reason, and the autotuner uses the other candidates.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from importlib import resources
+from typing import Callable, Optional
+
+log = logging.getLogger("zen_inductor")
+
+# name -> (source file in zen_inductor/csrc, argument types of its ``kernel`` entry, CPU flags)
+SOURCES = {
+    "a8w4_avx2": (
+        "a8w4_avx2.cpp",
+        ("const void*", "const uint8_t*", "const float*", "const float*", "const int32_t*", "const float*", "void*",
+         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
+        ("avx2", "fma"),
+    ),
+}
+
+
+@functools.lru_cache(None)
+def _build(name: str) -> tuple[Optional[Callable], Optional[str]]:
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
+
+    from .kernels import cpu_flags
+
+    filename, argtypes, flags = SOURCES[name]
+    missing = [f for f in flags if f not in cpu_flags()]
+    if missing:
+        return None, f"CPU lacks {', '.join(missing)}"
+    try:
+        return CppPythonBindingsCodeCache.load_pybinding(argtypes, _source(filename)), None
+    except Exception as e:  # a compiler error, no compiler, a read-only cache: not available
+        reason = f"could not build {filename} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        log.warning("zen_inductor: %s; its kernels are skipped", reason)
+        return None, reason
+
+
+def _source(filename: str) -> str:
+    return resources.files("zen_inductor").joinpath("csrc", filename).read_text()
+
+
+def load(name: str) -> Callable:
+    fn, reason = _build(name)
+    if fn is None:
+        raise RuntimeError(reason)
+    return fn
+
+
+def unavailable(name: str) -> Optional[str]:
+    """Why the native kernel ``name`` cannot run here, or None."""
+    from . import config
+
+    if not config.native_kernels:
+        return "native kernels disabled by config.native_kernels=False"
+    return _build(name)[1]
