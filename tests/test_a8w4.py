@@ -31,7 +31,8 @@ def _spec(w, act_dtype, dynamic=True):
 @pytest.mark.parametrize("group", [64, 128, 256, 512])
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
 def test_kernel_against_fp32_reference(group, act_dtype):
-    n, k = 264, 1024  # N not a multiple of the 64-row blocks other kernels use; a group over 256 is split
+    torch.manual_seed(0)
+    n, k = 264, 1024  # N not a multiple of the 64-row blocks other kernels use; big groups are split
     for outliers in (False, True):
         w = _weight(n, k, group, outliers)
         spec = _spec(w, act_dtype)

@@ -14,7 +14,7 @@
 // tile, so one thread streams one contiguous run of bytes per tile:
 //     w[N/8][K/G][8][G/2], and in each 32-byte block of a row (64 codes) byte i holds
 //     c + 8 of code i in its low nibble and of code i + 32 in its high nibble.
-// G is a multiple of 64 and at most 256.
+// G is 64 or 128 (bigger groups are split at packing; 8 partial sums of 4080 fit 16 bits).
 #include <immintrin.h>
 #include <omp.h>
 #include <cmath>
@@ -100,43 +100,56 @@ inline void store8(void* y, int64_t i, __m256 v, bool bf16) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i), h);
 }
 
-// 8 output rows starting at tile * 8, for one row of x.
-void tile_row(const uint8_t* w, const float* scale, const float* offset, const int32_t* colsum128,
-              const float* bias, const uint8_t* q, const float* xs, const float* xsum, void* y,
-              int64_t m, int64_t tile, int64_t N, int64_t K, int64_t G, bool y_bf16) {
+// 8 output rows starting at tile * 8, for ROWS rows of x from m0: each weight block is unpacked
+// once and used for every row of x, which is what makes small batches cheaper than ROWS GEMVs.
+template <int ROWS>
+void tile_rows(const uint8_t* w, const float* scale, const float* offset, const int32_t* colsum128,
+               const float* bias, const uint8_t* q, const float* xs, const float* xsum, void* y,
+               int64_t m0, int64_t tile, int64_t N, int64_t K, int64_t G, bool y_bf16) {
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i eight = _mm256_set1_epi8(8);
   const int64_t groups = K / G, row_bytes = G / 2;
   const uint8_t* wt = w + tile * 8 * (K / 2);
-  const uint8_t* qm = q + m * K;
-  __m256 acc = bias ? _mm256_loadu_ps(bias + tile * 8) : _mm256_setzero_ps();
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r)
+    acc[r] = bias ? _mm256_loadu_ps(bias + tile * 8) : _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* wg = wt + g * 8 * row_bytes;
-    const uint8_t* qg = qm + g * G;
-    __m256i sums[8];
+    const uint8_t* qg = q + m0 * K + g * G;
+    __m256i sums[ROWS][8];
     for (int j = 0; j < 8; ++j) {
-      __m256i s16 = _mm256_setzero_si256();
+      __m256i s16[ROWS];
+      for (int r = 0; r < ROWS; ++r)
+        s16[r] = _mm256_setzero_si256();
       const uint8_t* wr = wg + j * row_bytes;
       for (int64_t b = 0; b < G / 64; ++b) {
         __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32));
         __m256i lo = _mm256_sub_epi8(_mm256_and_si256(packed, low), eight);
         __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low), eight);
-        __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + b * 64));
-        __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + b * 64 + 32));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(x0, lo));
-        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(x1, hi));
+        for (int r = 0; r < ROWS; ++r) {
+          const uint8_t* qr = qg + r * K + b * 64;
+          __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr));
+          __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + 32));
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(x0, lo));
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(x1, hi));
+        }
       }
-      sums[j] = _mm256_madd_epi16(s16, ones);
+      for (int r = 0; r < ROWS; ++r)
+        sums[r][j] = _mm256_madd_epi16(s16[r], ones);
     }
     const __m256i excess = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum128 + g * N + tile * 8));
-    const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce8(sums), excess));
     const __m256 sv = _mm256_loadu_ps(scale + g * N + tile * 8);
     const __m256 ov = _mm256_loadu_ps(offset + g * N + tile * 8);
-    acc = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(xs[m * groups + g])), acc);
-    acc = _mm256_fmadd_ps(ov, _mm256_set1_ps(xsum[m * groups + g]), acc);
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t mg = (m0 + r) * groups + g;
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce8(sums[r]), excess));
+      acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(xs[mg])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(ov, _mm256_set1_ps(xsum[mg]), acc[r]);
+    }
   }
-  store8(y, m * N + tile * 8, acc, y_bf16);
+  for (int r = 0; r < ROWS; ++r)
+    store8(y, (m0 + r) * N + tile * 8, acc[r], y_bf16);
 }
 
 }  // namespace
@@ -160,8 +173,17 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
     for (int64_t m = 0; m < M; ++m)
       quantize_row(x, m, K, G, x_bf16, qp, xsp + m * (K / G), xsump + m * (K / G));
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t)
-      for (int64_t m = 0; m < M; ++m)
-        tile_row(w, scale, offset, colsum128, has_bias ? bias : nullptr, qp, xsp, xsump, y, m, t, N, K, G, y_bf16);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float* b = has_bias ? bias : nullptr;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        tile_rows<4>(w, scale, offset, colsum128, b, qp, xsp, xsump, y, m, t, N, K, G, y_bf16);
+      switch (M - m) {
+        case 3: tile_rows<3>(w, scale, offset, colsum128, b, qp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
+        case 2: tile_rows<2>(w, scale, offset, colsum128, b, qp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
+        case 1: tile_rows<1>(w, scale, offset, colsum128, b, qp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
+        default: break;
+      }
+    }
   }
 }
