@@ -28,7 +28,7 @@ MODELS = {
     "tiny": dict(family="llama", hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2, vocab=1024),
 }
 FORMATS = ("bf16", "int4wo", "int8dq", "int8wo", "da8w4")
-SYSTEMS = ("eager", "inductor", "recipe", "zentorch", "zen")
+SYSTEMS = ("eager", "inductor", "recipe", "zentorch", "zen")  # also: "zen-a8" (see compiled_forward)
 
 
 def build(spec: dict):
@@ -74,6 +74,8 @@ def compiled_forward(model, system: str):
         return model.forward
     if system == "zen":
         return torch.compile(model.forward, backend="zen")
+    if system == "zen-a8":  # zen, letting int8-activation kernels serve weight-only linears too
+        return torch.compile(model.forward, backend="zen", options={"int8_activations_for_weight_only": True})
     if system == "zentorch":
         import zentorch  # noqa: F401  registers the backend
 
@@ -182,7 +184,7 @@ def write(results, args):
     for fmt in dict.fromkeys(r["format"] for r in results):
         rows = [r for r in results if r["format"] == fmt]
         eager = next((r for r in rows if r.get("system") == "eager" and "tokens" in r), None)
-        peers = [r for r in rows if r.get("system") != "zen" and "ttft_ms" in r]
+        peers = [r for r in rows if not r.get("system", "").startswith("zen") and "ttft_ms" in r]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | |")
@@ -192,7 +194,7 @@ def write(results, args):
             else:
                 same = "yes" if r["tokens"] == eager["tokens"] else f"{sum(a == b for a, b in zip(r['tokens'], eager['tokens']))}/{len(r['tokens'])}"
             ratio = ""
-            if r["system"] == "zen" and peers:
+            if r["system"].startswith("zen") and peers:
                 best_ttft = min(p["ttft_ms"] for p in peers)
                 best_tpot = min(p["tpot_ms"] for p in peers)
                 ratio = f"TTFT {r['ttft_ms'] / best_ttft:.2f}x, TPOT {r['tpot_ms'] / best_tpot:.2f}x"
@@ -200,6 +202,12 @@ def write(results, args):
     with open(os.path.join(args.out, f"e2e-{args.model}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    try:
+        from charts import chart  # benchmarks/charts.py, beside this file
+
+        print(chart(os.path.join(args.out, f"e2e-{args.model}.json")))
+    except ImportError as e:  # matplotlib is in the bench extra only
+        print(f"no PNG chart: {e}")
 
 
 def _cpu():
