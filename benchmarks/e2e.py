@@ -161,13 +161,14 @@ def main():
             r = json.loads(line[7:])
             results.append(r)
             print(f"[{fmt} / {system}] TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms, compile {r['compile_s']:.1f} s, RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+            write(results, args, quiet=True)  # a long run that is stopped keeps what it measured
     write(results, args)
 
 
-def write(results, args):
+def write(results, args, quiet=False):
     os.makedirs(args.out, exist_ok=True)
     previous = os.path.join(args.out, f"e2e-{args.model}.json")
-    if args.merge and os.path.exists(previous):  # re-measured (format, system) pairs replace old ones
+    if (args.merge or quiet) and os.path.exists(previous):  # re-measured (format, system) pairs replace old ones
         with open(previous) as f:
             old = json.load(f)["results"]
         fresh = {(r["format"], r["system"]) for r in results}
@@ -201,6 +202,8 @@ def write(results, args):
             lines.append(f"| {fmt} | {r['system']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | {ratio} |")
     with open(os.path.join(args.out, f"e2e-{args.model}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    if quiet:
+        return
     print("\n".join(lines))
     try:
         from charts import chart  # benchmarks/charts.py, beside this file

@@ -17,12 +17,14 @@ One count per merged group, whatever its width (q/k/v is one, gate/up is one).
 from __future__ import annotations
 
 import collections
+import functools
 import operator
 
 import torch
 import torch.fx as fx
 
 from zen_inductor.autotune import NoKernel
+from zen_inductor.graph_pass import LazyWeight, PendingLinear
 from zen_inductor.kernels import LinearSpec, QuantWeight, quant_linear
 
 from . import Family
@@ -56,7 +58,7 @@ def search(ctx):
     """Groups of linears on one input: (kind, [nodes]) with kind "quant" or "dense"."""
     groups = collections.defaultdict(list)
     for node in ctx.graph.find_nodes(op="call_function", target=quant_linear):
-        if "zen_quant" in node.meta:
+        if isinstance(node.meta.get("zen_quant"), PendingLinear):
             groups["quant", _root(node.args[0])].append(node)
     dense = ctx.graph.find_nodes(op="call_function", target=aten.mm.default) + ctx.graph.find_nodes(
         op="call_function", target=aten.addmm.default)
@@ -109,27 +111,36 @@ def _split(ctx, merged: fx.Node, parts: list[fx.Node], sizes: list[int]) -> None
 
 
 def merge_quant(ctx, nodes: list[fx.Node]) -> None:
-    weights = [n.meta["zen_quant"][0] for n in nodes]
-    specs = [n.meta["zen_quant"][1] for n in nodes]
-    biases = [n.meta["zen_quant"][2] for n in nodes]
-    sources = [src for n in nodes for src in n.meta["zen_quant"][3]]
-    zps = [w.zero_point for w in weights]
-    weight = QuantWeight(
-        codes=torch.cat([w.codes for w in weights]), scale=torch.cat([w.scale for w in weights]),
-        offset=torch.cat([w.offset for w in weights]),
-        zero_point=torch.cat(zps) if all(z is not None for z in zps) else None,
-        group_size=weights[0].group_size, bits=max(w.bits for w in weights),
-    )
-    s0 = specs[0]
+    parts = [n.meta["zen_quant"] for n in nodes]
+    sources = [src for p in parts for src in p.sources]
+
+    def read() -> QuantWeight:  # only if the merged linear is not tuned already
+        weights = [p.weight.get() for p in parts]
+        zps = [w.zero_point for w in weights]
+        return QuantWeight(
+            codes=torch.cat([w.codes for w in weights]), scale=torch.cat([w.scale for w in weights]),
+            offset=torch.cat([w.offset for w in weights]),
+            zero_point=torch.cat(zps) if all(z is not None for z in zps) else None,
+            group_size=weights[0].group_size, bits=max(w.bits for w in weights),
+        )
+
+    first = parts[0].weight
+    weight = LazyWeight(n=sum(p.weight.n for p in parts), k=first.k, group_size=first.group_size,
+                        bits=max(p.weight.bits for p in parts), symmetric=all(p.weight.symmetric for p in parts),
+                        read=functools.lru_cache(None)(read))
+    s0 = parts[0].spec
     spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits,
                       symmetric=weight.symmetric, act_dtype=s0.act_dtype, dynamic_activation=s0.dynamic_activation)
     bias = None
+    biases = [p.bias for p in parts]
     if any(b is not None for b in biases):
-        parts = [ctx.evaluate(b) if b is not None else torch.zeros(s.n, dtype=s.act_dtype) for b, s in zip(biases, specs)]
-        bias = ctx.add_constant(torch.cat(parts).contiguous(), nodes[0], "concat_bias")
-    merged, tuning = ctx.emit_quant_linear(nodes[0], nodes[0].args[0], weight, spec, bias, sources + biases)
-    _split(ctx, merged, nodes, [s.n for s in specs])
-    ctx.record_quant_linear(PATTERN, f"{len(nodes)}way_{spec.kind}", nodes[0], tuning)
+        values = [ctx.evaluate(b) if b is not None else torch.zeros(p.spec.n, dtype=p.spec.act_dtype) for b, p in zip(biases, parts)]
+        bias = ctx.add_constant(torch.cat(values).contiguous(), nodes[0], "concat_bias")
+    merged = ctx.emit_quant_linear(nodes[0], nodes[0].args[0], weight, spec, bias, sources,
+                                   PATTERN, f"{len(nodes)}way_{spec.kind}", nodes[0])
+    _split(ctx, merged, nodes, [p.spec.n for p in parts])
+    for p in parts:
+        p.match.replacement = f"merged by concat_linear ({len(nodes)}-way)"
 
 
 def merge_dense(ctx, nodes: list[fx.Node]) -> None:
@@ -166,7 +177,7 @@ def apply(ctx) -> None:
             continue
         by_key = collections.defaultdict(list)
         for node in nodes:
-            by_key[compat_key(node.meta["zen_quant"][1])].append(node)
+            by_key[compat_key(node.meta["zen_quant"].spec)].append(node)
         keys = list(by_key)
         for key in keys[1:]:
             ctx.record.near_miss(

@@ -44,17 +44,19 @@ def search(ctx):
 
 def apply(ctx) -> None:
     for mm, x, w, bias in list(search(ctx)):
-        weight_kn = ctx.evaluate(w)
-        # the model's own [N, K] tensor when the graph reads it transposed, else one contiguous copy
-        weight = DenseWeight(weight_kn.t() if weight_kn.t().is_contiguous() else weight_kn.t().contiguous())
+        weight = ctx.weight([w], ("dense",), lambda w=w: _dense_weight(ctx.evaluate(w)))
         spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.k, bits=16, symmetric=True, act_dtype=torch.bfloat16)
         try:
-            fused, tuning = ctx.emit_quant_linear(mm, x, weight, spec, bias, [w])
+            fused = ctx.emit_quant_linear(mm, x, weight, spec, bias, [w, bias], PATTERN, "bf16", mm)
         except NoKernel as e:
-            ctx.record.near_miss(PATTERN, mm, f"no dense kernel passed verification: {e}")
+            ctx.record.near_miss(PATTERN, mm, f"no dense kernel for this linear: {e}")
             continue
         mm.replace_all_uses_with(fused)
-        ctx.record_quant_linear(PATTERN, "bf16", mm, tuning)
+
+
+def _dense_weight(weight_kn: torch.Tensor) -> DenseWeight:
+    # the model's own [N, K] tensor when the graph reads it transposed, else one contiguous copy
+    return DenseWeight(weight_kn.t() if weight_kn.t().is_contiguous() else weight_kn.t().contiguous())
 
 
 FAMILY = Family(PATTERN, "dense_matmul", apply)

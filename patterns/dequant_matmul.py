@@ -154,7 +154,11 @@ def _codes_in_weight_layout(ctx, codes: fx.Node, path: list[fx.Node]) -> torch.T
     return values[path[-1]] if path else values[codes]
 
 
-def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight:
+def check_chain(ctx, weight: fx.Node) -> None:
+    """What can be told of the dequant chain without running it (raises ``Miss``).
+
+    Checked on every graph, also when an earlier graph of the model already read this weight.
+    """
     codes = find_codes(weight)
     if any(n not in ctx.constants for n in (weight, codes)):
         raise Miss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
@@ -164,6 +168,16 @@ def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight
             raise Miss(f"{node.target} between the integer codes and the matmul is not a dequant op")
         if sum(a in path or a is codes for a in node.all_input_nodes) != 1:
             raise Miss("the dequant chain combines the codes with themselves")
+
+
+def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight:
+    """Scale, offset and codes of a chain that passed ``check_chain``.
+
+    May run after the chain left the graph (a linear merged by concat is read when the merged
+    weight is packed): it interprets the detached nodes on the real weights.
+    """
+    codes = find_codes(weight)
+    path = _path(codes, weight)
     shape = _val(codes).shape
     ones = torch.ones(shape, dtype=torch.float32)
     offset = ctx.evaluate(weight, {codes: torch.zeros(shape, dtype=torch.float32)}, exact=True)
@@ -277,7 +291,8 @@ def rewrite(ctx, mm, x, w, bias) -> None:
         post = None  # addmm then scale: bias would be scaled too; read as a plain weight instead
     post_scale = post.args[1] if post is not None else None
     sources = [w, post_scale]
-    weight = ctx.memo(sources, ("read",), lambda: read_weight(ctx, w, post_scale))
+    check_chain(ctx, w)
+    weight = ctx.weight(sources, ("read",), lambda: read_weight(ctx, w, post_scale))
     spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits,
                       symmetric=weight.symmetric, act_dtype=act.dtype, dynamic_activation=source is not None)
     kernels, excluded = candidates(spec)
@@ -344,9 +359,9 @@ def int8_fake_quant_source(ctx, x: fx.Node) -> fx.Node | None:
 
 
 def _replace(ctx, anchor, out, x, bias, weight, spec, variant, sources) -> None:
-    """Tune, pack and put ``zen.quant_linear(x, ...)`` where ``out`` was."""
+    """Put ``zen.quant_linear(x, ...)`` where ``out`` was; kernels are chosen once all families ran."""
     try:
-        fused, tuning = ctx.emit_quant_linear(out, x, weight, spec, bias, sources)
+        fused = ctx.emit_quant_linear(out, x, weight, spec, bias, sources + [bias], PATTERN, variant, anchor)
     except NoKernel as e:
         raise Miss(str(e)) from None
     result = fused
@@ -356,7 +371,6 @@ def _replace(ctx, anchor, out, x, bias, weight, spec, variant, sources) -> None:
         result.meta.update(fused.meta)
         result.meta["val"] = _val(out)
     out.replace_all_uses_with(result)
-    ctx.record_quant_linear(PATTERN, variant, anchor, tuning)
 
 
 # --- int8 dynamic activation x int8 weight ------------------------------------------------------
@@ -426,7 +440,7 @@ def rewrite_dynamic(ctx, mm) -> None:
         q = ctx.evaluate(b).t().to(torch.float32)
         return _quantize_description(q, w_scale.expand(n, k), torch.zeros(n, k, dtype=torch.float32), k)
 
-    weight = ctx.memo([b, scale_node], ("read_da8",), read)
+    weight = ctx.weight([b, scale_node], ("read_da8",), read)
     spec = LinearSpec(n=n, k=k, group_size=k, bits=weight.bits, symmetric=weight.symmetric,
                       act_dtype=act.dtype, dynamic_activation=True)
     with ctx.graph.inserting_before(out):
@@ -454,7 +468,7 @@ def rewrite_int4pack(ctx, mm) -> None:
     act = _val(x)
     if act.dtype not in _ACT_DTYPES:
         raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
-    weight = ctx.memo([packed_node, sz_node], ("read_int4pack",), lambda: _read_int4pack(ctx, packed_node, group, sz_node))
+    weight = ctx.weight([packed_node, sz_node], ("read_int4pack",), lambda: _read_int4pack(ctx, packed_node, group, sz_node))
     spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits, symmetric=weight.symmetric, act_dtype=act.dtype)
     _replace(ctx, mm, mm, x, None, weight, spec, "int4pack_" + variant_name(spec), [packed_node, sz_node])
 

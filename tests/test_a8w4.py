@@ -154,3 +154,29 @@ def test_weight_only_linears_may_opt_in_to_int8_activations():
     assert zen_inductor.counters["dequant_matmul.int4_sym_group128"] == 1
     assert set(zen_inductor.last_report()["matches"][0]["kernels"].values()) == {"zen_a8w4_avx2"}
     assert sqnr(y, _reference(m, x)) >= 40  # held to the weight-only bar
+
+
+@pytest.mark.skipif(native.unavailable("int4_tiles_dequant") is not None, reason="needs AVX2 and a C++ compiler")
+def test_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight(monkeypatch):
+    import dataclasses
+
+    from zen_inductor.autotune import Tuner
+
+    torch.manual_seed(0)
+    w = _weight(72, 512, 256, outliers=True)
+    spec = _spec(w, torch.bfloat16, dynamic=False)
+    tiles = KERNELS["int4_tiles_sgemm"]
+    packed = tiles.prepack(w, torch.bfloat16)
+    x = torch.randn(70, 512, dtype=torch.bfloat16)
+    ref = x.float() @ w.dequantize().t()
+    # a weight-only kernel: only the fp32 GEMM's rounding and the bf16 output
+    assert sqnr(run_kernel(tiles, x, packed, None, spec), ref) >= 45
+    # in a dynamic-activation plan both tile kernels hold the same tensors: one copy of the weight
+    packs = []
+    for name in ("zen_a8w4_avx2", "int4_tiles_sgemm"):
+        k = KERNELS[name]
+        monkeypatch.setitem(KERNELS, name, dataclasses.replace(k, prepack=lambda w, dt, k=k: packs.append(k.name) or k.prepack(w, dt)))
+    with config.patch(kernel_allow=("zen_a8w4_avx2", "int4_tiles_sgemm"), shape_bin_edges=(16,), autotune=False):
+        tuning = Tuner().plan(_spec(w, torch.bfloat16), w, None)
+    assert packs == ["zen_a8w4_avx2"]
+    assert tuning.plan.bin_kernels == ("zen_a8w4_avx2", "zen_a8w4_avx2")  # the static rule for int8 activations

@@ -93,9 +93,9 @@ class TestDumps(expecttest.TestCase):
     "2-4": "aten_int4pack_mm",
     "5-16": "aten_int4pack_mm",
     "17-64": "aten_int4pack_mm",
-    "65-256": "dequant_sgemm",
-    "257-1024": "dequant_sgemm",
-    "1025+": "dequant_sgemm"
+    "65-256": "int4_tiles_sgemm",
+    "257-1024": "int4_tiles_sgemm",
+    "1025+": "int4_tiles_sgemm"
    }
   }
  ],

@@ -10,15 +10,16 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from . import config
-from .autotune import Tuner
+from .autotune import NoKernel, Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
-from .kernels import quant_linear
+from .kernels import Plan, candidates, quant_linear
 from .record import CompileRecord
 
 
@@ -34,6 +35,8 @@ class PatternContext:
     record: CompileRecord
     tuner: Tuner = field(default_factory=Tuner)
     _attr_count: int = 0
+    _reads: dict = field(default_factory=dict)  # this compile's weight readings
+    keep: set = field(default_factory=set)  # weight nodes dead code elimination must leave until materialize
 
     @property
     def frozen(self) -> bool:
@@ -89,38 +92,120 @@ class PatternContext:
             stack.extend(node.all_input_nodes)
         return found
 
-    def emit_quant_linear(self, before: fx.Node, x: fx.Node, weight, spec, bias: fx.Node | None, sources: list):
-        """Tune kernels for ``weight``, add its packed constants, insert ``zen.quant_linear``.
+    def weight(self, nodes: list, key: tuple, read) -> "LazyWeight":
+        """The weight behind ``nodes``: described now, its values read only if a kernel is packed.
 
-        ``sources`` are the graph nodes the weight was read from (for sharing across graphs).
-        The node keeps ``meta["zen_quant"] = (weight, spec, bias, sources)`` so later families
-        (concat) can rebuild it. Raises ``NoKernel`` when no candidate passes verification.
+        ``read()`` (a QuantWeight or DenseWeight) runs at most once per compile. Only its
+        description is memoized on the model, so later graphs of the model, whose tunings are
+        memoized too, never read or hold the codes again.
         """
-        bias_value = self.evaluate(bias) if bias is not None and bias in self.constants else None
-        tuning = self.memo(list(sources) + [bias], ("tune", spec), lambda: self.tuner.plan(spec, weight, bias_value))
-        plan = tuning.plan
-        packed = [t for name in plan.kernels for t in tuning.packed[name]]
-        counts = [len(tuning.packed[name]) for name in plan.kernels]
-        shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
-        nodes = [shared.get(id(t)) or shared.setdefault(id(t), self.add_constant(t, before, "quant_linear")) for t in packed]
+        read_key = (key, tuple(id(n) for n in nodes))
+        self.keep.update(n for n in nodes if isinstance(n, fx.Node))  # readable until materialize
+
+        def value():
+            if read_key not in self._reads:
+                self._reads[read_key] = read()
+            return self._reads[read_key]
+
+        shape = self.memo(nodes, ("describe",) + key, lambda: _describe(value()))
+        return LazyWeight(*shape, read=value)
+
+    def emit_quant_linear(self, before: fx.Node, x: fx.Node, weight: "LazyWeight", spec, bias: fx.Node | None,
+                          sources: list, pattern: str, variant: str, anchor: fx.Node) -> fx.Node:
+        """Insert ``zen.quant_linear`` for ``weight``, still without kernels, and record the match.
+
+        Kernels are chosen and weights packed by ``materialize`` after every family has run, so a
+        linear that concat_linear merges is never tuned or packed on its own. ``sources`` are the
+        graph nodes the weight and bias were read from (for sharing across graphs). Raises ``NoKernel`` when
+        no kernel supports ``spec`` at all.
+        """
+        kernels, excluded = candidates(spec)
+        if not kernels:
+            raise NoKernel("; ".join(f"{k}: {r}" for k, r in excluded.items()))
         with self.graph.inserting_before(before):
-            fused = self.graph.call_function(quant_linear, (x, nodes, counts, bias, plan.encode()))
+            fused = self.graph.call_function(quant_linear, (x, [], [], bias, Plan(spec, (), (PENDING,)).encode()))
         fused.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
         x_val = x.meta.get("val")
         if x_val is not None:
             fused.meta["val"] = x_val.new_empty((x_val.shape[0], spec.n))
-        fused.meta["zen_quant"] = (weight, spec, bias, list(sources))
-        return fused, tuning
+        match = self.record.match(pattern, variant, anchor, "zen.quant_linear")
+        fused.meta["zen_quant"] = PendingLinear(weight, spec, bias, list(sources), match)
+        return fused
 
-    def record_quant_linear(self, pattern: str, variant: str, anchor: fx.Node, tuning) -> None:
-        self.record.match(pattern, variant, anchor, "zen.quant_linear", {r.bin: r.winner for r in tuning.bins})
-        spec = tuning.plan.spec
-        self.record.autotune.append({
-            "source": self.record.matches[-1].source, "kind": spec.kind, "n": spec.n, "k": spec.k,
-            "excluded": tuning.excluded,
-            "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded,
-                      "cached": r.from_cache, "note": r.note} for r in tuning.bins],
-        })
+    def materialize(self) -> None:
+        """Tune and pack every pending ``zen.quant_linear``; the graph then holds only packed weights."""
+        for node in list(self.graph.find_nodes(op="call_function", target=quant_linear)):
+            pending = node.meta.get("zen_quant")
+            if not isinstance(pending, PendingLinear) or node.args[1]:
+                continue
+            spec, bias = pending.spec, pending.bias
+            bias_value = self.evaluate(bias) if bias is not None and bias in self.constants else None
+            try:
+                tuning = self.memo(pending.sources, ("tune", spec),
+                                   lambda: self.tuner.plan(spec, pending.weight.get(), bias_value))
+            except NoKernel as e:
+                self._run_dequantized(node, pending, str(e))
+                continue
+            plan = tuning.plan
+            packed = [t for name in plan.kernels for t in tuning.packed[name]]
+            counts = [len(tuning.packed[name]) for name in plan.kernels]
+            shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
+            nodes = [shared.get(id(t)) or shared.setdefault(id(t), self.add_constant(t, node, "quant_linear")) for t in packed]
+            node.args = (node.args[0], nodes, counts, bias, plan.encode())
+            pending.match.kernels = {r.bin: r.winner for r in tuning.bins}
+            self.record.autotune.append({
+                "source": pending.match.source, "kind": spec.kind, "n": spec.n, "k": spec.k,
+                "excluded": tuning.excluded,
+                "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded,
+                          "cached": r.from_cache, "note": r.note} for r in tuning.bins],
+            })
+
+    def _run_dequantized(self, node: fx.Node, pending: "PendingLinear", reason: str) -> None:
+        """Every candidate failed verification: a plain GEMM on the dequantized weight, correct."""
+        spec = pending.spec
+        weight = self.add_constant(pending.weight.get().dequantize(spec.act_dtype).t().contiguous(), node, "dequantized")
+        x, bias = node.args[0], pending.bias
+        with self.graph.inserting_before(node):
+            mm = (self.graph.call_function(torch.ops.aten.addmm.default, (bias, x, weight)) if bias is not None
+                  else self.graph.call_function(torch.ops.aten.mm.default, (x, weight)))
+        mm.meta.update(node.meta)
+        node.replace_all_uses_with(mm)
+        self.graph.erase_node(node)
+        self.record.unmatch(pending.match)
+        self.record.near_miss(pending.match.pattern, mm, f"{reason}; runs as a GEMM on the dequantized weight")
+
+
+PENDING = "pending"  # the plan of a zen.quant_linear whose kernels are not chosen yet
+
+
+@dataclass
+class LazyWeight:
+    """What a spec needs to know of a weight, and how to get its values."""
+
+    n: int
+    k: int
+    group_size: int
+    bits: int
+    symmetric: bool
+    read: Callable = field(repr=False)
+
+    def get(self):
+        return self.read()
+
+
+def _describe(w) -> tuple:
+    return (w.n, w.k, w.group_size, w.bits, w.symmetric)
+
+
+@dataclass
+class PendingLinear:
+    """``meta["zen_quant"]`` of a zen.quant_linear: what materialize (and concat) need."""
+
+    weight: LazyWeight
+    spec: object
+    bias: Optional[fx.Node]
+    sources: list
+    match: object  # its record.Match, whose kernels materialize fills in
 
 
 class _Memo(dict):
@@ -178,8 +263,11 @@ class ZenJointPass(CustomGraphPass):
             for family in FAMILIES:
                 if getattr(config, family.flag):
                     family.apply(ctx)
-                    graph.eliminate_dead_code()  # the next family must not see what this one replaced
+                    # the next family must not see what this one replaced; weights not yet packed stay
+                    graph.eliminate_dead_code(is_impure_node=lambda n: n in ctx.keep or n.is_impure())
                     ctx.constants = constant_nodes(graph, params) | ctx.constants.intersection(graph.nodes)
+            ctx.materialize()
+            ctx.keep.clear()
         for node in graph.nodes:  # the quantized weights in meta were for concat_linear only
             node.meta.pop("zen_quant", None)
         graph.eliminate_dead_code()

@@ -50,6 +50,12 @@ class CompileRecord:
         counters[f"{pattern}.{variant}"] += 1
         return m
 
+    def unmatch(self, m: Match) -> None:
+        """Take back a match whose replacement could not be completed."""
+        self.matches.remove(m)
+        counters[m.pattern] -= 1
+        counters[f"{m.pattern}.{m.variant}"] -= 1
+
     def near_miss(self, pattern: str, node: fx.Node, reason: str) -> None:
         self.near_misses.append(NearMiss(pattern, source_line(node), reason))
         counters[f"{pattern}.near_miss"] += 1
