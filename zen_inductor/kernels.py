@@ -322,20 +322,25 @@ def _zentorch_dqlinear_run(x, packed, bias, spec):
     return torch.ops.zentorch.zentorch_dynamic_qlinear(x, packed[0], packed[1], bias, is_weight_prepacked=True)
 
 
-def _a8w4_supports(spec: LinearSpec) -> Optional[str]:
+def _int4_tiles_reason(spec: LinearSpec) -> Optional[str]:
+    """Why a weight cannot take the int4 tile layout of csrc/ (shared by both tile kernels)."""
     if spec.bits != 4:
         return f"not for int{spec.bits} weights"
-    if not spec.dynamic_activation and not config.int8_activations_for_weight_only:
-        return "not for weight-only linears: it quantizes activations (config.int8_activations_for_weight_only)"
     if spec.group_size % 64 or spec.k % spec.group_size:
-        return f"group size {spec.group_size} with K={spec.k}: the kernel takes groups that are multiples of 64"
+        return f"group size {spec.group_size} with K={spec.k}: the tile layout takes groups that are multiples of 64"
     if spec.n % 8:
         return f"N={spec.n} is not a multiple of 8"
     if spec.act_dtype not in (torch.bfloat16, torch.float32):
         return f"{spec.act_dtype} activations"
+    return None
+
+
+def _a8w4_supports(spec: LinearSpec) -> Optional[str]:
     from .native import unavailable
 
-    return unavailable("a8w4_avx2")
+    if spec.bits == 4 and not spec.dynamic_activation and not config.int8_activations_for_weight_only:
+        return "not for weight-only linears: it quantizes activations (config.int8_activations_for_weight_only)"
+    return _int4_tiles_reason(spec) or unavailable("a8w4_avx2")
 
 
 def _a8w4_group(g: int) -> int:
@@ -379,17 +384,9 @@ def _a8w4_run(x, packed, bias, spec):
 
 
 def _tiles_supports(spec: LinearSpec) -> Optional[str]:
-    if spec.bits != 4:
-        return f"not for int{spec.bits} weights"
-    if spec.group_size % 64 or spec.k % spec.group_size:
-        return f"group size {spec.group_size} with K={spec.k}: the tile layout takes groups that are multiples of 64"
-    if spec.n % 8:
-        return f"N={spec.n} is not a multiple of 8"
-    if spec.act_dtype not in (torch.bfloat16, torch.float32):
-        return f"{spec.act_dtype} activations"
     from .native import unavailable
 
-    return unavailable("int4_tiles_dequant")
+    return _int4_tiles_reason(spec) or unavailable("int4_tiles_dequant")
 
 
 def _tiles_sgemm_run(x, packed, bias, spec):
