@@ -383,6 +383,29 @@ def _a8w4_run(x, packed, bias, spec):
     return y
 
 
+def _w4_supports(spec: LinearSpec) -> Optional[str]:
+    from .native import unavailable
+
+    return _int4_tiles_reason(spec) or unavailable("w4_avx2")
+
+
+def _w4_run(x, packed, bias, spec):
+    from .native import load
+
+    tiles, scale, offset, _ = packed
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    y = torch.empty((x.shape[0], spec.n), dtype=x.dtype)
+    if x.shape[0]:
+        load("w4_avx2")(
+            x, tiles, scale, offset, scale if bias is None else bias, y, x.shape[0], spec.n, spec.k,
+            spec.k // scale.shape[0], int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None),
+        )
+    return y
+
+
 def _tiles_supports(spec: LinearSpec) -> Optional[str]:
     from .native import unavailable
 
@@ -437,6 +460,7 @@ KERNELS: dict[str, Kernel] = {
         Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack, _zentorch_dqlinear_run),
         Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run),
         Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles"),
+        Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _w4_run, layout="int4_tiles"),
         Kernel("int4_tiles_sgemm", "torch", _tiles_supports, _a8w4_prepack, _tiles_sgemm_run, layout="int4_tiles"),
         Kernel("dequant_gemm", "torch", _dequant_bf16_supports, _dequant_prepack, _dequant_gemm_run),
         Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run),

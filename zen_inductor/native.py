@@ -22,6 +22,12 @@ SOURCES = {
          "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
         ("avx2", "fma"),
     ),
+    "w4_avx2": (
+        "w4_avx2.cpp",
+        ("const void*", "const uint8_t*", "const float*", "const float*", "const float*", "void*",
+         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
+        ("avx2", "fma"),
+    ),
     "int4_tiles_dequant": (
         "int4_tiles_dequant.cpp",
         ("const uint8_t*", "const float*", "const float*", "float*", "int64_t", "int64_t", "int64_t"),

@@ -1,4 +1,4 @@
-"""int8 activations x int4 weights: our AVX2 kernel, torchao's DA8W4 config, and their fallbacks."""
+"""Our C++ kernels (int4 tile layout): int8 x int4, weight-only int4, dequantize + sgemm; torchao DA8W4; fallbacks."""
 import pytest
 import torch
 
@@ -180,3 +180,45 @@ def test_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight(monkeypatch):
         tuning = Tuner().plan(_spec(w, torch.bfloat16), w, None)
     assert packs == ["zen_a8w4_avx2"]
     assert tuning.plan.bin_kernels == ("zen_a8w4_avx2", "zen_a8w4_avx2")  # the static rule for int8 activations
+
+
+@pytest.mark.skipif(native.unavailable("w4_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("group", [64, 128, 256])
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+def test_weight_only_kernel_against_fp32_reference(group, act_dtype):
+    torch.manual_seed(0)
+    w4 = KERNELS["zen_w4_avx2"]
+    n, k = 136, 1024
+    for outliers in (False, True):
+        w = _weight(n, k, group, outliers)
+        spec = _spec(w, act_dtype, dynamic=False)
+        assert w4.supports(spec) is None
+        packed = w4.prepack(w, act_dtype)
+        bias = torch.randn(n).to(act_dtype)
+        for m in (1, 3, 4, 9):  # the 4-row blocks and every remainder
+            x = torch.randn(m, k).to(act_dtype)
+            x[:, 7] *= 30  # an outlier channel costs int16 activations next to nothing
+            for b in (None, bias):
+                y = run_kernel(w4, x, packed, b, spec)
+                ref = x.float() @ w.dequantize().t() + (b.float() if b is not None else 0)
+                assert y.dtype == act_dtype and y.shape == (m, n)
+                assert sqnr(y, ref) >= 45, (group, outliers, m, b is not None)
+
+
+@pytest.mark.skipif(native.unavailable("w4_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+def test_int4_weight_only_model_runs_on_the_weight_only_kernel():
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    torch.manual_seed(0)
+    m = quantize(torch.nn.Sequential(torch.nn.Linear(K, N)).to(torch.bfloat16).eval(),
+                 IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64), mapping_type=MappingType.ASYMMETRIC))
+    x = torch.randn(2, 3, K, dtype=torch.bfloat16)
+    with config.patch(kernel_allow=("zen_w4_avx2",)), torch.no_grad():
+        eager = m(x)
+        y = compile_zen(m)(x)
+    assert zen_inductor.counters["dequant_matmul.int4_asym_group64"] == 1
+    assert set(zen_inductor.last_report()["matches"][0]["kernels"].values()) == {"zen_w4_avx2"}
+    ref = _reference(m, x)
+    assert sqnr(y, ref) >= 45 and sqnr(y, ref) >= sqnr(eager, ref) - 6

@@ -1,0 +1,170 @@
+// Weight-only int4 linear on AVX2: y = x @ W^T (+ bias), x in bf16 or fp32, for decode and small
+// batches. Same packed tiles as a8w4_avx2.cpp, so one packed copy of a weight serves every kernel
+// of this layout:
+//     w[N/8][K/G][8][G/2]; in each 32-byte block of a row, byte i holds u = c + 8 of code i
+//     (low nibble) and of code i + 32 (high nibble); W[n, k] = scale[g, n] * c + offset[g, n].
+// x goes to int16 with one scale per row and group (error below 2^-15 of the group's largest
+// value: far finer than bf16's own 2^-8, so the kernel is as exact as a bf16 x allows), and the
+// dot products are exact integer sums by vpmaddwd (16 products per instruction, where a float
+// path would convert every code to fp32 first). With u = c + 8:
+//     y[m, n] = sum_g scale[g, n] * xs[m, g] * sum_{k in g} u[n, k] xq[m, k]
+//             + (offset[g, n] - 8 scale[g, n]) * xsum[m, g]
+// Partial sums: 2 * 15 * 32767 per pair, 64 pairs a group of 128: below 2^31. Up to 4 rows of x
+// share each unpacked weight block.
+#include <immintrin.h>
+#include <omp.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline __m256 load8(const void* x, int64_t i, bool bf16) {
+  if (bf16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Lane j of the result: the sum of the 8 lanes of acc[j].
+inline __m256i reduce8(const __m256i* acc) {
+  __m256i t0 = _mm256_hadd_epi32(acc[0], acc[1]);
+  __m256i t1 = _mm256_hadd_epi32(acc[2], acc[3]);
+  __m256i t2 = _mm256_hadd_epi32(acc[4], acc[5]);
+  __m256i t3 = _mm256_hadd_epi32(acc[6], acc[7]);
+  __m256i u0 = _mm256_hadd_epi32(t0, t1);
+  __m256i u1 = _mm256_hadd_epi32(t2, t3);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+inline void store8(void* y, int64_t i, __m256 v, bool bf16) {
+  if (!bf16) {
+    _mm256_storeu_ps(static_cast<float*>(y) + i, v);
+    return;
+  }
+  __m256i u = _mm256_castps_si256(v);  // round to nearest even
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i), h);
+}
+
+template <int ROWS>
+void tile_rows(const uint8_t* w, const float* scale, const float* offset, const float* bias,
+               const int16_t* xq, const float* xs, const float* xsum, void* y,
+               int64_t m0, int64_t tile, int64_t N, int64_t K, int64_t G, bool y_bf16) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const int64_t groups = K / G, row_bytes = G / 2;
+  const uint8_t* wt = w + tile * 8 * (K / 2);
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r)
+    acc[r] = bias ? _mm256_loadu_ps(bias + tile * 8) : _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* wg = wt + g * 8 * row_bytes;
+    __m256i sums[ROWS][8];
+    for (int j = 0; j < 8; ++j) {
+      __m256i s[ROWS];
+      for (int r = 0; r < ROWS; ++r)
+        s[r] = _mm256_setzero_si256();
+      const uint8_t* wr = wg + j * row_bytes;
+      for (int64_t b = 0; b < G / 64; ++b) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32));
+        const __m256i lo = _mm256_and_si256(packed, low);                       // codes 0..31
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);  // codes 32..63
+        const __m256i u0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo));
+        const __m256i u1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
+        const __m256i u2 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
+        const __m256i u3 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256i* xr = reinterpret_cast<const __m256i*>(xq + (m0 + r) * K + g * G + b * 64);
+          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(u0, _mm256_loadu_si256(xr)));
+          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(u1, _mm256_loadu_si256(xr + 1)));
+          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(u2, _mm256_loadu_si256(xr + 2)));
+          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(u3, _mm256_loadu_si256(xr + 3)));
+        }
+      }
+      for (int r = 0; r < ROWS; ++r)
+        sums[r][j] = s[r];
+    }
+    const __m256 sv = _mm256_loadu_ps(scale + g * N + tile * 8);
+    const __m256 ov = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sv, _mm256_loadu_ps(offset + g * N + tile * 8));
+    for (int r = 0; r < ROWS; ++r) {
+      const int64_t mg = (m0 + r) * groups + g;
+      const __m256 dot = _mm256_cvtepi32_ps(reduce8(sums[r]));
+      acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(xs[mg])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(ov, _mm256_set1_ps(xsum[mg]), acc[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    store8(y, (m0 + r) * N + tile * 8, acc[r], y_bf16);
+}
+
+}  // namespace
+
+extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset,
+                       const float* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t G,
+                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias) {
+  static thread_local std::vector<int16_t> xq;
+  static thread_local std::vector<float> xs, xsum;
+  const int64_t groups = K / G;
+  xq.resize(M * K);
+  xs.resize(M * groups);
+  xsum.resize(M * groups);
+  int16_t* xqp = xq.data();
+  float* xsp = xs.data();
+  float* xsump = xsum.data();
+  const int64_t tiles = N / 8;
+  const float* b = has_bias ? bias : nullptr;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * groups; ++i) {  // x to int16 per row and group, with its exact sum
+      const int64_t m = i / groups, k0 = (i % groups) * G;
+      const __m256 sign = _mm256_set1_ps(-0.0f);
+      __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k0 + G; k += 8) {
+        const __m256 v = load8(x, m * K + k, x_bf16);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+        sum = _mm256_add_ps(sum, v);
+      }
+      const float mx = hmax(amax);
+      xsp[i] = mx > 0 ? mx / 32767.0f : 1.0f;
+      xsump[i] = hsum(sum);
+      const __m256 inv = _mm256_set1_ps(mx > 0 ? 32767.0f / mx : 0.0f);
+      for (int64_t k = k0; k < k0 + G; k += 16) {
+        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, m * K + k, x_bf16), inv));
+        const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, m * K + k + 8, x_bf16), inv));
+        // packs interleaves 128-bit lanes; the permute puts the 16 values back in order
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xqp + m * K + k),
+                            _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8));
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4)
+        tile_rows<4>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16);
+      switch (M - m) {
+        case 3: tile_rows<3>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
+        case 2: tile_rows<2>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
+        case 1: tile_rows<1>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
+        default: break;
+      }
+    }
+  }
+}
