@@ -30,7 +30,9 @@ def measure(name, model, x, weight, bias):
 
 
 def main():
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
     rows = []
@@ -40,6 +42,10 @@ def main():
         rows.append(measure(f"torchao {name}", m, x, m[0].weight.dequantize(), m[0].bias))
     m = quantize(_linear(), Int8DynamicActivationInt8WeightConfig())
     rows.append(measure("torchao int8 dyn act x int8", m, x, m[0].weight.dequantize(), m[0].bias))
+    for mapping in ("SYMMETRIC", "ASYMMETRIC"):
+        m = quantize(_linear(), Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(128), weight_mapping_type=getattr(MappingType, mapping)))
+        rows.append(measure(f"torchao int8 dyn act x int4 g128 {mapping.lower()}", m, x, m[0].weight.dequantize(), m[0].bias))
     m = quantize(_linear(), PrototypeInt4WeightOnlyConfig(group_size=128))
     with torch.no_grad():
         w = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(K, dtype=torch.bfloat16), m[0].weight.qdata, 128, m[0].weight.scale_and_zero).t()

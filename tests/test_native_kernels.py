@@ -1,4 +1,6 @@
-"""Our C++ kernels (int4 tile layout): int8 x int4, weight-only int4, dequantize + sgemm; torchao DA8W4; fallbacks."""
+"""Our C++ kernels: int8 x int4, weight-only int4 and int8, bf16 GEMV, dequantize + sgemm; torchao DA8W4; fallbacks."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -182,7 +184,7 @@ def test_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight(monkeypatch):
     assert tuning.plan.bin_kernels == ("zen_a8w4_avx2", "zen_a8w4_avx2")  # the static rule for int8 activations
 
 
-@pytest.mark.skipif(native.unavailable("w4_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.skipif(native.unavailable("woq_avx2") is not None, reason="needs AVX2 and a C++ compiler")
 @pytest.mark.parametrize("group", [64, 128, 256])
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
 def test_weight_only_kernel_against_fp32_reference(group, act_dtype):
@@ -205,7 +207,7 @@ def test_weight_only_kernel_against_fp32_reference(group, act_dtype):
                 assert sqnr(y, ref) >= 45, (group, outliers, m, b is not None)
 
 
-@pytest.mark.skipif(native.unavailable("w4_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.skipif(native.unavailable("woq_avx2") is not None, reason="needs AVX2 and a C++ compiler")
 def test_int4_weight_only_model_runs_on_the_weight_only_kernel():
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
@@ -222,3 +224,46 @@ def test_int4_weight_only_model_runs_on_the_weight_only_kernel():
     assert set(zen_inductor.last_report()["matches"][0]["kernels"].values()) == {"zen_w4_avx2"}
     ref = _reference(m, x)
     assert sqnr(y, ref) >= 45 and sqnr(y, ref) >= sqnr(eager, ref) - 6
+
+
+@pytest.mark.skipif(native.unavailable("bf16_gemv_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+def test_bf16_gemv_on_the_models_own_weight():
+    from zen_inductor.kernels import DenseWeight
+
+    torch.manual_seed(0)
+    gemv = KERNELS["zen_bf16_gemv_avx2"]
+    weight = torch.randn(100, 512, dtype=torch.bfloat16)  # N not a multiple of 8: a tail of single rows
+    w = DenseWeight(weight)
+    spec = LinearSpec(n=100, k=512, group_size=512, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+    packed = gemv.prepack(w, torch.bfloat16)
+    assert packed[0].data_ptr() == weight.data_ptr()  # no copy of the weight
+    bias = torch.randn(100, dtype=torch.bfloat16)
+    for m in (1, 3):
+        x = torch.randn(m, 512, dtype=torch.bfloat16)
+        for b in (None, bias):
+            ref = x.float() @ weight.float().t() + (b.float() if b is not None else 0)
+            y = run_kernel(gemv, x, packed, b, spec)
+            assert y.dtype == torch.bfloat16 and sqnr(y, ref) >= 45
+    assert "multiple of 8" in gemv.supports(LinearSpec(n=100, k=500, group_size=500, bits=16, symmetric=True, act_dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(native.unavailable("woq_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("group", [128, 1024])  # per-group and per-channel (split into groups of 128)
+def test_int8_weight_only_kernel_against_fp32_reference(group):
+    torch.manual_seed(0)
+    w8 = KERNELS["zen_w8_avx2"]
+    n, k = 72, 1024
+    g = torch.Generator().manual_seed(1)
+    for symmetric in (True, False):
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(n, k // group, generator=g) * 0.002 + 0.0001
+        offset = torch.zeros_like(scale) if symmetric else torch.randn(n, k // group, generator=g) * 0.01
+        w = QuantWeight(codes=codes, scale=scale, offset=offset, zero_point=None, group_size=group, bits=8)
+        spec = LinearSpec(n=n, k=k, group_size=group, bits=8, symmetric=symmetric, act_dtype=torch.bfloat16)
+        assert w8.supports(spec) is None
+        packed = w8.prepack(w, torch.bfloat16)
+        for m in (1, 6):
+            x = torch.randn(m, k, dtype=torch.bfloat16)
+            ref = x.float() @ w.dequantize().t()
+            assert sqnr(run_kernel(w8, x, packed, None, spec), ref) >= 45, (symmetric, m)
+    assert w8.supports(dataclasses.replace(spec, bits=4)).startswith("not for")

@@ -90,7 +90,7 @@ class BinResult:
 STATIC_DENSE_FROM_M = 64
 # our kernels first where they apply; at M=1 here (AVX2), against aten int4pack: int8 x int4
 # 3-3.5x, weight-only int4 2-2.6x
-_QUANTIZED_ORDER = ("zen_a8w4_avx2", "zen_w4_avx2", "zentorch_woq_linear", "aten_int4pack_mm", "aten_int8pack_mm")
+_QUANTIZED_ORDER = ("zen_a8w4_avx2", "zen_w4_avx2", "zen_w8_avx2", "zentorch_woq_linear", "aten_int4pack_mm", "aten_int8pack_mm")
 _DYNAMIC_ORDER = ("zentorch_dynamic_qlinear", "aten_int_mm_da8")
 
 
@@ -107,7 +107,7 @@ def static_order(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> list[str
     int8_units = any(f in cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
     quantized = (_DYNAMIC_ORDER + _QUANTIZED_ORDER) if spec.dynamic_activation and int8_units else _QUANTIZED_ORDER
     if spec.bits > 8:  # a dense weight: its own dtype while memory-bound, fp32 GEMM once compute-bound
-        quantized, dense = ("dense_mm",), ("dense_mm",) if native_bf16 else ("dense_sgemm",)
+        quantized, dense = ("zen_bf16_gemv_avx2", "dense_mm"), ("dense_mm",) if native_bf16 else ("dense_sgemm",)
     order = (dense + quantized) if bin.lo >= STATIC_DENSE_FROM_M else (quantized + dense)
     if spec.dynamic_activation:  # int8 x int4 stays ahead of dequantize + sgemm up to M=1024 here
         order = ("zen_a8w4_avx2",) + order

@@ -15,6 +15,7 @@ shape bin; the op picks the kernel for the rows of ``x`` at run time, without re
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -386,22 +387,41 @@ def _a8w4_run(x, packed, bias, spec):
 def _w4_supports(spec: LinearSpec) -> Optional[str]:
     from .native import unavailable
 
-    return _int4_tiles_reason(spec) or unavailable("w4_avx2")
+    return _int4_tiles_reason(spec) or unavailable("woq_avx2")
 
 
-def _w4_run(x, packed, bias, spec):
+def _w8_supports(spec: LinearSpec) -> Optional[str]:
+    from .native import unavailable
+
+    if spec.bits != 8:
+        return f"not for int{spec.bits} weights" if spec.bits < 16 else "not for dense weights"
+    return _int4_tiles_reason(dataclasses.replace(spec, bits=4)) or unavailable("woq_avx2")
+
+
+def _int8_tiles_prepack(w: QuantWeight, act_dtype):
+    n, k = w.n, w.k
+    g = _a8w4_group(w.group_size)
+    repeat = w.group_size // g
+    tiles = w.codes.view(n // 8, 8, k // g, g).permute(0, 2, 1, 3).contiguous()  # [N/8, K/G, 8, G]
+    scale = w.scale.repeat_interleave(repeat, dim=1).t().contiguous()
+    offset = w.offset.repeat_interleave(repeat, dim=1).t().contiguous()
+    return [tiles, scale, offset]
+
+
+def _woq_run(x, packed, bias, spec):
     from .native import load
 
-    tiles, scale, offset, _ = packed
+    tiles, scale, offset = packed[:3]
     if not x.is_contiguous():
         x = x.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
     y = torch.empty((x.shape[0], spec.n), dtype=x.dtype)
     if x.shape[0]:
-        load("w4_avx2")(
+        load("woq_avx2")(
             x, tiles, scale, offset, scale if bias is None else bias, y, x.shape[0], spec.n, spec.k,
-            spec.k // scale.shape[0], int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None),
+            spec.k // scale.shape[0], int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16),
+            int(bias is not None), spec.bits,
         )
     return y
 
@@ -435,7 +455,31 @@ def _dense_supports(spec: LinearSpec) -> Optional[str]:
 
 
 def _dense_prepack(w: DenseWeight, act_dtype):
-    return [w.weight]  # the model's own tensor: no copy
+    return [w.weight.contiguous()]  # the model's own [N, K] tensor: no copy
+
+
+def _bf16_gemv_supports(spec: LinearSpec) -> Optional[str]:
+    from .native import unavailable
+
+    if spec.k % 8:
+        return f"K={spec.k} is not a multiple of 8"
+    return _dense_supports(spec) or unavailable("bf16_gemv_avx2")
+
+
+def _bf16_gemv_run(x, packed, bias, spec):
+    # without native bf16 (AVX2) ATen's bf16 GEMV is far from the memory roofline; this one
+    # widens bf16 by a shift and streams 8 weight rows at a time
+    from .native import load
+
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.to(torch.float32).contiguous()
+    y = torch.empty((x.shape[0], spec.n), dtype=x.dtype)
+    if x.shape[0]:
+        load("bf16_gemv_avx2")(x, packed[0], packed[0] if bias is None else bias, y, x.shape[0], spec.n, spec.k,
+                               int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None))
+    return y
 
 
 def _dense_mm_run(x, packed, bias, spec):
@@ -460,12 +504,14 @@ KERNELS: dict[str, Kernel] = {
         Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack, _zentorch_dqlinear_run),
         Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run),
         Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles"),
-        Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _w4_run, layout="int4_tiles"),
+        Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _woq_run, layout="int4_tiles"),
+        Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles"),
         Kernel("int4_tiles_sgemm", "torch", _tiles_supports, _a8w4_prepack, _tiles_sgemm_run, layout="int4_tiles"),
         Kernel("dequant_gemm", "torch", _dequant_bf16_supports, _dequant_prepack, _dequant_gemm_run),
         Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run),
-        Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run),
-        Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run),
+        Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run, layout="dense"),
+        Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense"),
+        Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense"),
     )
 }
 

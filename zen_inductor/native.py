@@ -22,10 +22,16 @@ SOURCES = {
          "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
         ("avx2", "fma"),
     ),
-    "w4_avx2": (
-        "w4_avx2.cpp",
+    "woq_avx2": (
+        "woq_avx2.cpp",
         ("const void*", "const uint8_t*", "const float*", "const float*", "const float*", "void*",
-         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
+         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
+        ("avx2", "fma"),
+    ),
+    "bf16_gemv_avx2": (
+        "bf16_gemv_avx2.cpp",
+        ("const void*", "const uint16_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t",
+         "int64_t", "int64_t"),
         ("avx2", "fma"),
     ),
     "int4_tiles_dequant": (

@@ -1,16 +1,18 @@
-// Weight-only int4 linear on AVX2: y = x @ W^T (+ bias), x in bf16 or fp32, for decode and small
-// batches. Same packed tiles as a8w4_avx2.cpp, so one packed copy of a weight serves every kernel
-// of this layout:
-//     w[N/8][K/G][8][G/2]; in each 32-byte block of a row, byte i holds u = c + 8 of code i
-//     (low nibble) and of code i + 32 (high nibble); W[n, k] = scale[g, n] * c + offset[g, n].
-// x goes to int16 with one scale per row and group (error below 2^-15 of the group's largest
-// value: far finer than bf16's own 2^-8, so the kernel is as exact as a bf16 x allows), and the
-// dot products are exact integer sums by vpmaddwd (16 products per instruction, where a float
-// path would convert every code to fp32 first). With u = c + 8:
+// Weight-only int4 and int8 linears on AVX2: y = x @ W^T (+ bias), x in bf16 or fp32, for decode
+// and small batches. Weights are packed once in tiles of 8 output rows, group-major inside a
+// tile, so one thread streams one contiguous run of bytes per tile:
+//   int4: w[N/8][K/G][8][G/2], the layout of a8w4_avx2.cpp (one packed copy serves both): in
+//         each 32-byte block of a row, byte i holds u = c + 8 of code i (low nibble) and of code
+//         i + 32 (high nibble);
+//   int8: w[N/8][K/G][8][G], the codes c themselves.
+// W[n, k] = scale[g, n] * c + offset[g, n]. x goes to int16 with one scale per row and group
+// (error below 2^-15 of the group's largest value: far finer than bf16's own 2^-8, so the kernel
+// is as exact as a bf16 x allows), and the dot products are exact integer sums by vpmaddwd (16
+// products per instruction, where a float path would convert every code to fp32 first):
 //     y[m, n] = sum_g scale[g, n] * xs[m, g] * sum_{k in g} u[n, k] xq[m, k]
-//             + (offset[g, n] - 8 scale[g, n]) * xsum[m, g]
-// Partial sums: 2 * 15 * 32767 per pair, 64 pairs a group of 128: below 2^31. Up to 4 rows of x
-// share each unpacked weight block.
+//             + (offset[g, n] - z scale[g, n]) * xsum[m, g]      (u = c + z; z = 8 or 0)
+// Partial sums: at most 2 * 128 * 32767 a pair, 64 pairs a group (G <= 128): below 2^31. Up to 4
+// rows of x share each unpacked weight block.
 #include <immintrin.h>
 #include <omp.h>
 #include <cstdint>
@@ -64,13 +66,30 @@ inline void store8(void* y, int64_t i, __m256 v, bool bf16) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i), h);
 }
 
-template <int ROWS>
+// 64 codes of one weight row as four vectors of 16 int16.
+template <int BITS>
+inline void unpack64(const uint8_t* p, __m256i* u) {
+  if (BITS == 4) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i lo = _mm256_and_si256(packed, low);                       // codes 0..31
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);  // codes 32..63
+    u[0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo));
+    u[1] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
+    u[2] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
+    u[3] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+  } else {
+    for (int i = 0; i < 4; ++i)
+      u[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i)));
+  }
+}
+
+template <int ROWS, int BITS>
 void tile_rows(const uint8_t* w, const float* scale, const float* offset, const float* bias,
                const int16_t* xq, const float* xs, const float* xsum, void* y,
                int64_t m0, int64_t tile, int64_t N, int64_t K, int64_t G, bool y_bf16) {
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  const int64_t groups = K / G, row_bytes = G / 2;
-  const uint8_t* wt = w + tile * 8 * (K / 2);
+  const int64_t groups = K / G, row_bytes = G * BITS / 8;
+  const uint8_t* wt = w + tile * 8 * (K * BITS / 8);
   __m256 acc[ROWS];
   for (int r = 0; r < ROWS; ++r)
     acc[r] = bias ? _mm256_loadu_ps(bias + tile * 8) : _mm256_setzero_ps();
@@ -83,26 +102,19 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
         s[r] = _mm256_setzero_si256();
       const uint8_t* wr = wg + j * row_bytes;
       for (int64_t b = 0; b < G / 64; ++b) {
-        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32));
-        const __m256i lo = _mm256_and_si256(packed, low);                       // codes 0..31
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);  // codes 32..63
-        const __m256i u0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo));
-        const __m256i u1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1));
-        const __m256i u2 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
-        const __m256i u3 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+        __m256i u[4];
+        unpack64<BITS>(wr + b * 64 * BITS / 8, u);
         for (int r = 0; r < ROWS; ++r) {
           const __m256i* xr = reinterpret_cast<const __m256i*>(xq + (m0 + r) * K + g * G + b * 64);
-          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(u0, _mm256_loadu_si256(xr)));
-          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(u1, _mm256_loadu_si256(xr + 1)));
-          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(u2, _mm256_loadu_si256(xr + 2)));
-          s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(u3, _mm256_loadu_si256(xr + 3)));
+          for (int i = 0; i < 4; ++i)
+            s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(u[i], _mm256_loadu_si256(xr + i)));
         }
       }
       for (int r = 0; r < ROWS; ++r)
         sums[r][j] = s[r];
     }
     const __m256 sv = _mm256_loadu_ps(scale + g * N + tile * 8);
-    const __m256 ov = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sv, _mm256_loadu_ps(offset + g * N + tile * 8));
+    const __m256 ov = _mm256_fnmadd_ps(_mm256_set1_ps(BITS == 4 ? 8.0f : 0.0f), sv, _mm256_loadu_ps(offset + g * N + tile * 8));
     for (int r = 0; r < ROWS; ++r) {
       const int64_t mg = (m0 + r) * groups + g;
       const __m256 dot = _mm256_cvtepi32_ps(reduce8(sums[r]));
@@ -114,11 +126,26 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
     store8(y, (m0 + r) * N + tile * 8, acc[r], y_bf16);
 }
 
+template <int BITS>
+void tile_all_rows(const uint8_t* w, const float* scale, const float* offset, const float* b,
+                   const int16_t* xq, const float* xs, const float* xsum, void* y,
+                   int64_t M, int64_t t, int64_t N, int64_t K, int64_t G, bool y_bf16) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4)
+    tile_rows<4, BITS>(w, scale, offset, b, xq, xs, xsum, y, m, t, N, K, G, y_bf16);
+  switch (M - m) {
+    case 3: tile_rows<3, BITS>(w, scale, offset, b, xq, xs, xsum, y, m, t, N, K, G, y_bf16); break;
+    case 2: tile_rows<2, BITS>(w, scale, offset, b, xq, xs, xsum, y, m, t, N, K, G, y_bf16); break;
+    case 1: tile_rows<1, BITS>(w, scale, offset, b, xq, xs, xsum, y, m, t, N, K, G, y_bf16); break;
+    default: break;
+  }
+}
+
 }  // namespace
 
 extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset,
                        const float* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t G,
-                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias) {
+                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t bits) {
   static thread_local std::vector<int16_t> xq;
   static thread_local std::vector<float> xs, xsum;
   const int64_t groups = K / G;
@@ -156,15 +183,10 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4)
-        tile_rows<4>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16);
-      switch (M - m) {
-        case 3: tile_rows<3>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
-        case 2: tile_rows<2>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
-        case 1: tile_rows<1>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
-        default: break;
-      }
+      if (bits == 4)
+        tile_all_rows<4>(w, scale, offset, b, xqp, xsp, xsump, y, M, t, N, K, G, y_bf16);
+      else
+        tile_all_rows<8>(w, scale, offset, b, xqp, xsp, xsump, y, M, t, N, K, G, y_bf16);
     }
   }
 }

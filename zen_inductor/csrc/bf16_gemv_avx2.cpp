@@ -1,0 +1,86 @@
+// bf16 weights on a CPU without native bf16 (AVX2): y = x @ W^T (+ bias) for a few rows of x.
+// W is the model's own row-major [N, K] bf16 tensor (no copy); a bf16 value is the top half of
+// an fp32, so widening is a shift, and products and sums are fp32. Decode is memory-bound: the
+// kernel streams 8 weight rows at a time; further rows of x find that block in cache.
+#include <immintrin.h>
+#include <omp.h>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline __m256 widen(__m128i h) {  // 8 bf16 -> 8 fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline __m256 load8(const void* x, int64_t i, bool bf16) {
+  if (bf16)
+    return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+}
+
+inline __m256 reduce8(const __m256* acc) {  // lane j: the sum of the lanes of acc[j]
+  __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]);
+  __m256 t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]);
+  __m256 t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  __m256 u0 = _mm256_hadd_ps(t0, t1);
+  __m256 u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+inline void store1(void* y, int64_t i, float v, bool bf16) {
+  if (!bf16) {
+    static_cast<float*>(y)[i] = v;
+    return;
+  }
+  uint32_t u;
+  __builtin_memcpy(&u, &v, 4);
+  u += 0x7FFF + ((u >> 16) & 1);  // round to nearest even
+  static_cast<uint16_t*>(y)[i] = static_cast<uint16_t>(u >> 16);
+}
+
+// Output rows n0 .. n0 + ROWS_N - 1 for row m of x (fp32, row-major [M, K]).
+template <int ROWS_N>
+void block(const uint16_t* w, const float* xf, const float* bias, void* y, int64_t m, int64_t n0,
+           int64_t N, int64_t K, bool y_bf16) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j)
+    acc[j] = _mm256_setzero_ps();
+  const float* xr = xf + m * K;
+  for (int64_t k = 0; k < K; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(xr + k);
+    for (int j = 0; j < ROWS_N; ++j)
+      acc[j] = _mm256_fmadd_ps(widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n0 + j) * K + k))), xv, acc[j]);
+  }
+  alignas(32) float out[8];
+  _mm256_store_ps(out, reduce8(acc));
+  for (int j = 0; j < ROWS_N; ++j)
+    store1(y, m * N + n0 + j, out[j] + (bias ? bias[n0 + j] : 0.0f), y_bf16);
+}
+
+}  // namespace
+
+extern "C" void kernel(const void* x, const uint16_t* w, const float* bias, void* y, int64_t M, int64_t N,
+                       int64_t K, int64_t x_bf16, int64_t y_bf16, int64_t has_bias) {
+  static thread_local std::vector<float> xf;
+  xf.resize(M * K);
+  float* xfp = xf.data();
+  const float* b = has_bias ? bias : nullptr;
+  const int64_t blocks = (N + 7) / 8;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * (K / 8); ++i)
+      _mm256_storeu_ps(xfp + i * 8, load8(x, i * 8, x_bf16));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < blocks; ++t)
+      for (int64_t m = 0; m < M; ++m) {
+        if (t * 8 + 8 <= N)
+          block<8>(w, xfp, b, y, m, t * 8, N, K, y_bf16);
+        else  // the last rows of W when N is not a multiple of 8
+          for (int64_t n = t * 8; n < N; ++n)
+            block<1>(w, xfp, b, y, m, n, N, K, y_bf16);
+      }
+  }
+}
