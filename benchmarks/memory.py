@@ -54,6 +54,8 @@ def main():
     p = argparse.ArgumentParser()
     demo.add_arguments(p)
     p.add_argument("--system", default="zen", choices=("zen", "inductor"))
+    p.add_argument("--discard", action="store_true",
+                   help="Inductor's freezing_discard_parameters: the eager model's weights are released (and unusable)")
     args = p.parse_args()
     model = demo.quantize(demo.build_model(args), args.quant, args.group)
     gc.collect()
@@ -61,12 +63,15 @@ def main():
     before_rss, before = rss_mb(), live_storages()
     prompt = torch.randint(0, args.vocab, (1, args.prompt))
     with torch.no_grad():
-        forward = torch.compile(model.forward, backend="zen" if args.system == "zen" else "inductor")
+        options = {"freezing_discard_parameters": True} if args.discard else None
+        if args.system == "inductor":
+            torch._inductor.config.freezing = True
+        forward = torch.compile(model.forward, backend="zen" if args.system == "zen" else "inductor", options=options)
         demo.generate(forward, prompt, args.new)
     gc.collect()
     after_rss, after = rss_mb(), live_storages()
     added = sum(n for ptr, n in after.items() if ptr not in before) / 2**20
-    print(f"{args.system} {args.quant}: quantized linear weights {stored:.1f} MB as stored by torchao, {ideal:.1f} MB as int{4 if ideal < stored else 8}")
+    print(f"{args.system}{' (discard)' if args.discard else ''} {args.quant}: quantized linear weights {stored:.1f} MB as stored by torchao, {ideal:.1f} MB as int{4 if ideal < stored else 8}")
     print(f"  tensors added by compiling: {added:.1f} MB = {added / ideal:.2f}x the quantized weights")
     print(f"  RSS: {before_rss:.0f} MB before compile, {after_rss:.0f} MB after compile + generate ({after_rss - before_rss:+.0f} MB)")
 
