@@ -326,13 +326,13 @@ def int8_fake_quant_source(ctx, x: fx.Node) -> fx.Node | None:
     """The float tensor of which ``x`` is an 8-bit quantize-dequantize, or None."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    if _val(x) is None:
+    if not isinstance(_val(x), torch.Tensor):
         return None
     numel = _val(x).numel()
 
     def carried(node):  # the one input that is the tensor itself; the others are per-row qparams
-        ins = [a for a in node.all_input_nodes
-               if _val(a) is not None and a not in ctx.constants and statically_known_true(_val(a).numel() == numel)]
+        ins = [a for a in node.all_input_nodes  # (sizes of dynamic shapes are inputs too: SymInts)
+               if isinstance(_val(a), torch.Tensor) and a not in ctx.constants and statically_known_true(_val(a).numel() == numel)]
         return ins[0] if len(ins) == 1 else None
 
     node = x

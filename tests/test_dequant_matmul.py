@@ -77,6 +77,21 @@ def test_fp32_activations_and_dynamic_rows():
     assert zen_inductor.counters["dequant_matmul.int4_sym_group64"] >= 1
 
 
+def test_dynamic_batch_and_sequence():
+    """Both leading dims symbolic: the activation's view takes SymInt sizes as graph inputs."""
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    m = quantize(_linear(), IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)))
+    compiled = torch.compile(m, backend="zen", dynamic=True)
+    w = m[0].weight.dequantize()
+    with torch.no_grad():
+        for shape in ((2, 7), (1, 1), (3, 5)):
+            x = torch.randn(*shape, K, dtype=torch.bfloat16)
+            assert sqnr(compiled(x), _reference(x, w, m[0].bias)) >= 40
+    assert zen_inductor.counters["dequant_matmul.int4_sym_group64"] >= 1
+
+
 class HandDequant(torch.nn.Module):
     """How quantized checkpoints run from plain PyTorch: int8 codes, scale, zero point."""
 
