@@ -242,7 +242,7 @@ def _source_files() -> tuple:
         root = os.path.dirname(package.__file__)
         files += sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".py"))
     csrc = os.path.join(os.path.dirname(zen_inductor.__file__), "csrc")
-    files += sorted(os.path.join(csrc, f) for f in os.listdir(csrc) if f.endswith(".cpp"))
+    files += sorted(os.path.join(csrc, f) for f in os.listdir(csrc) if f.endswith((".cpp", ".h")))
     return tuple(files)
 
 

@@ -61,7 +61,10 @@ def _build(name: str) -> tuple[Optional[Callable], Optional[str]]:
 
 
 def _source(filename: str) -> str:
-    return resources.files("zen_inductor").joinpath("csrc", filename).read_text()
+    # one source string per kernel (Inductor's cache compiles text, not files): the shared
+    # header goes in place of its #include
+    csrc = resources.files("zen_inductor").joinpath("csrc")
+    return csrc.joinpath(filename).read_text().replace('#include "avx2_common.h"', csrc.joinpath("avx2_common.h").read_text())
 
 
 def load(name: str) -> Callable:

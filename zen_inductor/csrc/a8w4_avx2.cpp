@@ -15,36 +15,11 @@
 //     w[N/8][K/G][8][G/2], and in each 32-byte block of a row (64 codes) byte i holds
 //     c + 8 of code i in its low nibble and of code i + 32 in its high nibble.
 // G is 64 or 128 (bigger groups are split at packing; 8 partial sums of 4080 fit 16 bits).
-#include <immintrin.h>
-#include <omp.h>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+#include "avx2_common.h"
 
 namespace {
 
-inline __m256 load8(const void* x, int64_t i, bool bf16) {
-  if (bf16) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using namespace zen_avx2;
 
 // One row of x -> int8 codes, a scale and an exact sum per group.
 void quantize_row(const void* x, int64_t row, int64_t K, int64_t G, bool bf16, uint8_t* q, float* xs, float* xsum) {
@@ -74,30 +49,6 @@ void quantize_row(const void* x, int64_t row, int64_t K, int64_t G, bool bf16, u
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + base + k), _mm256_permutevar8x32_epi32(packed, order));
     }
   }
-}
-
-// Lane j of the result: the sum of the 8 lanes of acc[j].
-inline __m256i reduce8(const __m256i* acc) {
-  __m256i t0 = _mm256_hadd_epi32(acc[0], acc[1]);
-  __m256i t1 = _mm256_hadd_epi32(acc[2], acc[3]);
-  __m256i t2 = _mm256_hadd_epi32(acc[4], acc[5]);
-  __m256i t3 = _mm256_hadd_epi32(acc[6], acc[7]);
-  __m256i u0 = _mm256_hadd_epi32(t0, t1);
-  __m256i u1 = _mm256_hadd_epi32(t2, t3);
-  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
-}
-
-inline void store8(void* y, int64_t i, __m256 v, bool bf16) {
-  if (!bf16) {
-    _mm256_storeu_ps(static_cast<float*>(y) + i, v);
-    return;
-  }
-  // round to nearest even, as a float -> bf16 conversion does (no NaNs come out of this kernel)
-  __m256i u = _mm256_castps_si256(v);
-  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
-  __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i), h);
 }
 
 // 8 output rows starting at tile * 8, for ROWS rows of x from m0: each weight block is unpacked

@@ -2,32 +2,11 @@
 // W is the model's own row-major [N, K] bf16 tensor (no copy); a bf16 value is the top half of
 // an fp32, so widening is a shift, and products and sums are fp32. Decode is memory-bound: the
 // kernel streams 8 weight rows at a time; further rows of x find that block in cache.
-#include <immintrin.h>
-#include <omp.h>
-#include <cstdint>
-#include <vector>
+#include "avx2_common.h"
 
 namespace {
 
-inline __m256 widen(__m128i h) {  // 8 bf16 -> 8 fp32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline __m256 load8(const void* x, int64_t i, bool bf16) {
-  if (bf16)
-    return widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i)));
-  return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-}
-
-inline __m256 reduce8(const __m256* acc) {  // lane j: the sum of the lanes of acc[j]
-  __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]);
-  __m256 t1 = _mm256_hadd_ps(acc[2], acc[3]);
-  __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]);
-  __m256 t3 = _mm256_hadd_ps(acc[6], acc[7]);
-  __m256 u0 = _mm256_hadd_ps(t0, t1);
-  __m256 u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
+using namespace zen_avx2;
 
 inline void store1(void* y, int64_t i, float v, bool bf16) {
   if (!bf16) {
@@ -51,7 +30,7 @@ void block(const uint16_t* w, const float* xf, const float* bias, void* y, int64
   for (int64_t k = 0; k < K; k += 8) {
     const __m256 xv = _mm256_loadu_ps(xr + k);
     for (int j = 0; j < ROWS_N; ++j)
-      acc[j] = _mm256_fmadd_ps(widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n0 + j) * K + k))), xv, acc[j]);
+      acc[j] = _mm256_fmadd_ps(widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + (n0 + j) * K + k))), xv, acc[j]);
   }
   alignas(32) float out[8];
   _mm256_store_ps(out, reduce8(acc));

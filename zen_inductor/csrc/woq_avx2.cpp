@@ -13,58 +13,11 @@
 //             + (offset[g, n] - z scale[g, n]) * xsum[m, g]      (u = c + z; z = 8 or 0)
 // Partial sums: at most 2 * 128 * 32767 a pair, 64 pairs a group (G <= 128): below 2^31. Up to 4
 // rows of x share each unpacked weight block.
-#include <immintrin.h>
-#include <omp.h>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+#include "avx2_common.h"
 
 namespace {
 
-inline __m256 load8(const void* x, int64_t i, bool bf16) {
-  if (bf16) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  return _mm256_loadu_ps(static_cast<const float*>(x) + i);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// Lane j of the result: the sum of the 8 lanes of acc[j].
-inline __m256i reduce8(const __m256i* acc) {
-  __m256i t0 = _mm256_hadd_epi32(acc[0], acc[1]);
-  __m256i t1 = _mm256_hadd_epi32(acc[2], acc[3]);
-  __m256i t2 = _mm256_hadd_epi32(acc[4], acc[5]);
-  __m256i t3 = _mm256_hadd_epi32(acc[6], acc[7]);
-  __m256i u0 = _mm256_hadd_epi32(t0, t1);
-  __m256i u1 = _mm256_hadd_epi32(t2, t3);
-  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
-}
-
-inline void store8(void* y, int64_t i, __m256 v, bool bf16) {
-  if (!bf16) {
-    _mm256_storeu_ps(static_cast<float*>(y) + i, v);
-    return;
-  }
-  __m256i u = _mm256_castps_si256(v);  // round to nearest even
-  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
-  __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i), h);
-}
+using namespace zen_avx2;
 
 // 64 codes of one weight row as four vectors of 16 int16.
 template <int BITS>

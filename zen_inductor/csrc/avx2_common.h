@@ -1,0 +1,70 @@
+// Helpers shared by the AVX2 kernels of this folder. native.py puts this text in place of
+// `#include "avx2_common.h"`: Inductor's C++ cache compiles one source string per kernel.
+#pragma once
+#include <immintrin.h>
+#include <omp.h>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace zen_avx2 {
+
+inline __m256 widen_bf16(__m128i h) {  // 8 bf16 -> 8 fp32: a bf16 is the top half of an fp32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline __m256 load8(const void* x, int64_t i, bool bf16) {
+  if (bf16)
+    return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i)));
+  return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Lane j of the result: the sum of the 8 lanes of acc[j].
+inline __m256i reduce8(const __m256i* acc) {
+  __m256i t0 = _mm256_hadd_epi32(acc[0], acc[1]);
+  __m256i t1 = _mm256_hadd_epi32(acc[2], acc[3]);
+  __m256i t2 = _mm256_hadd_epi32(acc[4], acc[5]);
+  __m256i t3 = _mm256_hadd_epi32(acc[6], acc[7]);
+  __m256i u0 = _mm256_hadd_epi32(t0, t1);
+  __m256i u1 = _mm256_hadd_epi32(t2, t3);
+  return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+inline void store8(void* y, int64_t i, __m256 v, bool bf16) {
+  if (!bf16) {
+    _mm256_storeu_ps(static_cast<float*>(y) + i, v);
+    return;
+  }
+  // round to nearest even, as a float -> bf16 conversion does (no NaNs come out of this kernel)
+  __m256i u = _mm256_castps_si256(v);
+  __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+  __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(y) + i), h);
+}
+
+inline __m256 reduce8(const __m256* acc) {  // lane j: the sum of the lanes of acc[j]
+  __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]);
+  __m256 t1 = _mm256_hadd_ps(acc[2], acc[3]);
+  __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]);
+  __m256 t3 = _mm256_hadd_ps(acc[6], acc[7]);
+  __m256 u0 = _mm256_hadd_ps(t0, t1);
+  __m256 u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+}  // namespace zen_avx2
