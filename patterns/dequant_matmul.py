@@ -173,8 +173,8 @@ def check_chain(ctx, weight: fx.Node) -> None:
 def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight:
     """Scale, offset and codes of a chain that passed ``check_chain``.
 
-    May run after the chain left the graph (a linear merged by concat is read when the merged
-    weight is packed): it interprets the detached nodes on the real weights.
+    May run after later families (a linear merged by concat is read when the merged weight is
+    packed): ``PatternContext.weight`` keeps the chain's nodes in the graph until then.
     """
     codes = find_codes(weight)
     path = _path(codes, weight)

@@ -269,7 +269,7 @@ class ZenJointPass(CustomGraphPass):
             ctx.materialize()
             ctx.keep.clear()
         _release_freed_memory()
-        for node in graph.nodes:  # the quantized weights in meta were for concat_linear only
+        for node in graph.nodes:  # PendingLinear meta served concat_linear and materialize only
             node.meta.pop("zen_quant", None)
         graph.eliminate_dead_code()
         gm.recompile()

@@ -15,7 +15,6 @@ shape bin; the op picks the kernel for the rows of ``x`` at run time, without re
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import config
+from . import config, native
 
 aten = torch.ops.aten
 
@@ -323,10 +322,8 @@ def _zentorch_dqlinear_run(x, packed, bias, spec):
     return torch.ops.zentorch.zentorch_dynamic_qlinear(x, packed[0], packed[1], bias, is_weight_prepacked=True)
 
 
-def _int4_tiles_reason(spec: LinearSpec) -> Optional[str]:
-    """Why a weight cannot take the int4 tile layout of csrc/ (shared by both tile kernels)."""
-    if spec.bits != 4:
-        return f"not for int{spec.bits} weights"
+def _tile_layout_reason(spec: LinearSpec) -> Optional[str]:
+    """Why a weight cannot take the tile layout of csrc/ (8-row tiles, groups of 64 or 128)."""
     if spec.group_size % 64 or spec.k % spec.group_size:
         return f"group size {spec.group_size} with K={spec.k}: the tile layout takes groups that are multiples of 64"
     if spec.n % 8:
@@ -336,12 +333,16 @@ def _int4_tiles_reason(spec: LinearSpec) -> Optional[str]:
     return None
 
 
-def _a8w4_supports(spec: LinearSpec) -> Optional[str]:
-    from .native import unavailable
+def _bits_reason(spec: LinearSpec, bits: int) -> Optional[str]:
+    if spec.bits == bits:
+        return None
+    return "not for dense weights" if spec.bits > 8 else f"not for int{spec.bits} weights"
 
+
+def _a8w4_supports(spec: LinearSpec) -> Optional[str]:
     if spec.bits == 4 and not spec.dynamic_activation and not config.int8_activations_for_weight_only:
         return "not for weight-only linears: it quantizes activations (config.int8_activations_for_weight_only)"
-    return _int4_tiles_reason(spec) or unavailable("a8w4_avx2")
+    return _bits_reason(spec, 4) or _tile_layout_reason(spec) or native.unavailable("a8w4_avx2")
 
 
 def _a8w4_group(g: int) -> int:
@@ -365,37 +366,36 @@ def _a8w4_prepack(w: QuantWeight, act_dtype):
     return [tiles, scale, offset, colsum128]
 
 
-def _a8w4_run(x, packed, bias, spec):
-    from .native import load
-
-    tiles, scale, offset, colsum128 = packed
+def _run_native(name: str, x, weight: list, bias, spec, dims: tuple, extra: tuple = ()):
+    """``y = x @ W^T (+ bias)`` by the native kernel ``name``, whose entry takes
+    ``(x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra)``."""
     if not x.is_contiguous():
         x = x.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
-    m = x.shape[0]
-    y = torch.empty((m, spec.n), dtype=x.dtype)
-    if m:
-        load("a8w4_avx2")(
-            x, tiles, scale, offset, colsum128, scale if bias is None else bias, y,
-            m, spec.n, spec.k, spec.k // scale.shape[0],
-            int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None),
+    y = torch.empty((x.shape[0], spec.n), dtype=x.dtype)
+    if x.shape[0]:
+        native.load(name)(
+            x, *weight, weight[0] if bias is None else bias, y, x.shape[0], spec.n, *dims,
+            int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None), *extra,
         )
     return y
 
 
-def _w4_supports(spec: LinearSpec) -> Optional[str]:
-    from .native import unavailable
+def _tile_group(packed, spec) -> int:
+    return spec.k // packed[1].shape[0]  # scales are [K/G, N]; G as packed, after any split
 
-    return _int4_tiles_reason(spec) or unavailable("woq_avx2")
+
+def _a8w4_run(x, packed, bias, spec):
+    return _run_native("a8w4_avx2", x, packed[:4], bias, spec, (spec.k, _tile_group(packed, spec)))
+
+
+def _w4_supports(spec: LinearSpec) -> Optional[str]:
+    return _bits_reason(spec, 4) or _tile_layout_reason(spec) or native.unavailable("woq_avx2")
 
 
 def _w8_supports(spec: LinearSpec) -> Optional[str]:
-    from .native import unavailable
-
-    if spec.bits != 8:
-        return f"not for int{spec.bits} weights" if spec.bits < 16 else "not for dense weights"
-    return _int4_tiles_reason(dataclasses.replace(spec, bits=4)) or unavailable("woq_avx2")
+    return _bits_reason(spec, 8) or _tile_layout_reason(spec) or native.unavailable("woq_avx2")
 
 
 def _int8_tiles_prepack(w: QuantWeight, act_dtype):
@@ -409,37 +409,19 @@ def _int8_tiles_prepack(w: QuantWeight, act_dtype):
 
 
 def _woq_run(x, packed, bias, spec):
-    from .native import load
-
-    tiles, scale, offset = packed[:3]
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
-    y = torch.empty((x.shape[0], spec.n), dtype=x.dtype)
-    if x.shape[0]:
-        load("woq_avx2")(
-            x, tiles, scale, offset, scale if bias is None else bias, y, x.shape[0], spec.n, spec.k,
-            spec.k // scale.shape[0], int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16),
-            int(bias is not None), spec.bits,
-        )
-    return y
+    return _run_native("woq_avx2", x, packed[:3], bias, spec, (spec.k, _tile_group(packed, spec)), (spec.bits,))
 
 
 def _tiles_supports(spec: LinearSpec) -> Optional[str]:
-    from .native import unavailable
-
-    return _int4_tiles_reason(spec) or unavailable("int4_tiles_dequant")
+    return _bits_reason(spec, 4) or _tile_layout_reason(spec) or native.unavailable("int4_tiles_dequant")
 
 
 def _tiles_sgemm_run(x, packed, bias, spec):
     # fp32 GEMM on a weight dequantized per call by our C++ (about 10x faster than doing it
     # with torch ops), from the same packed copy as zen_a8w4_avx2
-    from .native import load
-
     tiles, scale, offset, _ = packed
     w = torch.empty((spec.n, spec.k), dtype=torch.float32)
-    load("int4_tiles_dequant")(tiles, scale, offset, w, spec.n, spec.k, spec.k // scale.shape[0])
+    native.load("int4_tiles_dequant")(tiles, scale, offset, w, spec.n, spec.k, _tile_group(packed, spec))
     y = torch.mm(x.to(torch.float32), w.t())
     if bias is not None:
         y += bias
@@ -459,27 +441,15 @@ def _dense_prepack(w: DenseWeight, act_dtype):
 
 
 def _bf16_gemv_supports(spec: LinearSpec) -> Optional[str]:
-    from .native import unavailable
-
     if spec.k % 8:
         return f"K={spec.k} is not a multiple of 8"
-    return _dense_supports(spec) or unavailable("bf16_gemv_avx2")
+    return _dense_supports(spec) or native.unavailable("bf16_gemv_avx2")
 
 
 def _bf16_gemv_run(x, packed, bias, spec):
     # without native bf16 (AVX2) ATen's bf16 GEMV is far from the memory roofline; this one
     # widens bf16 by a shift and streams 8 weight rows at a time
-    from .native import load
-
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
-    y = torch.empty((x.shape[0], spec.n), dtype=x.dtype)
-    if x.shape[0]:
-        load("bf16_gemv_avx2")(x, packed[0], packed[0] if bias is None else bias, y, x.shape[0], spec.n, spec.k,
-                               int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None))
-    return y
+    return _run_native("bf16_gemv_avx2", x, packed[:1], bias, spec, (spec.k,))
 
 
 def _dense_mm_run(x, packed, bias, spec):

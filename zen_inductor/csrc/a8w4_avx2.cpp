@@ -94,9 +94,7 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
     const __m256 ov = _mm256_loadu_ps(offset + g * N + tile * 8);
     for (int r = 0; r < ROWS; ++r) {
       const int64_t mg = (m0 + r) * groups + g;
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce8(sums[r]), excess));
-      acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(xs[mg])), acc[r]);
-      acc[r] = _mm256_fmadd_ps(ov, _mm256_set1_ps(xsum[mg]), acc[r]);
+      acc[r] = add_group(acc[r], _mm256_sub_epi32(reduce8(sums[r]), excess), sv, ov, xs[mg], xsum[mg]);
     }
   }
   for (int r = 0; r < ROWS; ++r)
@@ -124,17 +122,10 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
     for (int64_t m = 0; m < M; ++m)
       quantize_row(x, m, K, G, x_bf16, qp, xsp + m * (K / G), xsump + m * (K / G));
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      const float* b = has_bias ? bias : nullptr;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4)
-        tile_rows<4>(w, scale, offset, colsum128, b, qp, xsp, xsump, y, m, t, N, K, G, y_bf16);
-      switch (M - m) {
-        case 3: tile_rows<3>(w, scale, offset, colsum128, b, qp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
-        case 2: tile_rows<2>(w, scale, offset, colsum128, b, qp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
-        case 1: tile_rows<1>(w, scale, offset, colsum128, b, qp, xsp, xsump, y, m, t, N, K, G, y_bf16); break;
-        default: break;
-      }
-    }
+    for (int64_t t = 0; t < tiles; ++t)
+      for_row_blocks(M, [&](auto rows, int64_t m) {
+        tile_rows<decltype(rows)::value>(w, scale, offset, colsum128, has_bias ? bias : nullptr, qp, xsp, xsump, y,
+                                         m, t, N, K, G, y_bf16);
+      });
   }
 }

@@ -5,6 +5,7 @@
 #include <omp.h>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace zen_avx2 {
@@ -65,6 +66,29 @@ inline __m256 reduce8(const __m256* acc) {  // lane j: the sum of the lanes of a
   __m256 u0 = _mm256_hadd_ps(t0, t1);
   __m256 u1 = _mm256_hadd_ps(t2, t3);
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// acc += the 8 rows' integer dot products of one group, scaled back to floats:
+//     acc += dot * scale * xs + offset * xsum
+// (scale, offset: the weight's per row; xs, xsum: x's scale and exact sum in this group).
+inline __m256 add_group(__m256 acc, __m256i dot, __m256 scale, __m256 offset, float xs, float xsum) {
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(scale, _mm256_set1_ps(xs)), acc);
+  return _mm256_fmadd_ps(offset, _mm256_set1_ps(xsum), acc);
+}
+
+// f(std::integral_constant<int, R>{}, m0) over blocks of R <= 4 rows covering rows [0, M): a
+// kernel unpacks each weight block once per block of rows of x.
+template <class F>
+inline void for_row_blocks(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4)
+    f(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
 }
 
 }  // namespace zen_avx2

@@ -70,28 +70,11 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
     const __m256 ov = _mm256_fnmadd_ps(_mm256_set1_ps(BITS == 4 ? 8.0f : 0.0f), sv, _mm256_loadu_ps(offset + g * N + tile * 8));
     for (int r = 0; r < ROWS; ++r) {
       const int64_t mg = (m0 + r) * groups + g;
-      const __m256 dot = _mm256_cvtepi32_ps(reduce8(sums[r]));
-      acc[r] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(xs[mg])), acc[r]);
-      acc[r] = _mm256_fmadd_ps(ov, _mm256_set1_ps(xsum[mg]), acc[r]);
+      acc[r] = add_group(acc[r], reduce8(sums[r]), sv, ov, xs[mg], xsum[mg]);
     }
   }
   for (int r = 0; r < ROWS; ++r)
     store8(y, (m0 + r) * N + tile * 8, acc[r], y_bf16);
-}
-
-template <int BITS>
-void tile_all_rows(const uint8_t* w, const float* scale, const float* offset, const float* b,
-                   const int16_t* xq, const float* xs, const float* xsum, void* y,
-                   int64_t M, int64_t t, int64_t N, int64_t K, int64_t G, bool y_bf16) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4)
-    tile_rows<4, BITS>(w, scale, offset, b, xq, xs, xsum, y, m, t, N, K, G, y_bf16);
-  switch (M - m) {
-    case 3: tile_rows<3, BITS>(w, scale, offset, b, xq, xs, xsum, y, m, t, N, K, G, y_bf16); break;
-    case 2: tile_rows<2, BITS>(w, scale, offset, b, xq, xs, xsum, y, m, t, N, K, G, y_bf16); break;
-    case 1: tile_rows<1, BITS>(w, scale, offset, b, xq, xs, xsum, y, m, t, N, K, G, y_bf16); break;
-    default: break;
-  }
 }
 
 }  // namespace
@@ -135,11 +118,13 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
       }
     }
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      if (bits == 4)
-        tile_all_rows<4>(w, scale, offset, b, xqp, xsp, xsump, y, M, t, N, K, G, y_bf16);
-      else
-        tile_all_rows<8>(w, scale, offset, b, xqp, xsp, xsump, y, M, t, N, K, G, y_bf16);
-    }
+    for (int64_t t = 0; t < tiles; ++t)
+      for_row_blocks(M, [&](auto rows, int64_t m) {
+        constexpr int R = decltype(rows)::value;
+        if (bits == 4)
+          tile_rows<R, 4>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16);
+        else
+          tile_rows<R, 8>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16);
+      });
   }
 }
