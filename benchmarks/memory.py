@@ -55,7 +55,8 @@ def main():
     demo.add_arguments(p)
     p.add_argument("--system", default="zen", choices=("zen", "inductor"))
     p.add_argument("--discard", action="store_true",
-                   help="Inductor's freezing_discard_parameters: the eager model's weights are released (and unusable)")
+                   help="Inductor's freezing_discard_parameters: the eager model's weights are released (and unusable); "
+                        "torch 2.13 fails on torchao's tensor subclasses here")
     args = p.parse_args()
     model = demo.quantize(demo.build_model(args), args.quant, args.group)
     gc.collect()
