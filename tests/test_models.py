@@ -64,6 +64,7 @@ def test_model_counts_and_logits(family, fmt):
         zen = compile_zen(model)(ids).logits
     counts = zen_inductor.counters
     assert counts["concat_linear"] == 2 * LAYERS  # q/k/v and gate/up in every layer
+    assert counts["linear_epilogue.swiglu"] == LAYERS  # silu(gate) * up inside the gate/up kernel
     if fmt == "int4":
         assert counts["dequant_matmul"] == 7 * LAYERS
         assert counts["concat_linear.3way_wo_int4_g64_sym_bfloat16"] == LAYERS

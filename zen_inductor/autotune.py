@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import config
-from .kernels import KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, candidates, cpu_flags, run_kernel
+from .kernels import KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, apply_epilogue, candidates, cpu_flags, run_kernel
 
 log = logging.getLogger("zen_inductor")
 
@@ -368,7 +368,8 @@ class _Verifier:
             torch.manual_seed(m)
             x = torch.randn(m, self.spec.k, dtype=self.spec.act_dtype)
             ref = x.to(torch.float32) @ self.reference_w.t()
-            self.inputs[m] = (x, ref if self.bias is None else ref + self.bias.to(torch.float32))
+            ref = ref if self.bias is None else ref + self.bias.to(torch.float32)
+            self.inputs[m] = (x, apply_epilogue(ref, self.spec))
         x, ref = self.inputs[m]
         try:
             db = sqnr_db(run_kernel(KERNELS[name], x, self.packed[name], self.bias, self.spec), ref)

@@ -41,6 +41,9 @@ concat_linear: bool = _env("concat_linear", True)
 # unquantized bf16 linears dispatched per shape bin (bf16 GEMM or fp32 GEMM)
 dense_matmul: bool = _env("dense_matmul", True)
 
+# silu(gate) * up computed in the kernel of a merged gate/up linear
+linear_epilogue: bool = _env("linear_epilogue", True)
+
 # --- compilation ------------------------------------------------------------------------
 # freeze weights into constants under torch.no_grad(); needed to prepack weights once
 freezing: bool = _env("freezing", True)

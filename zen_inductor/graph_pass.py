@@ -19,7 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from . import config
 from .autotune import NoKernel, Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
-from .kernels import Plan, candidates, quant_linear
+from .kernels import Plan, candidates, quant_linear, swiglu_row_order
 from .record import CompileRecord
 
 
@@ -127,7 +127,7 @@ class PatternContext:
         fused.meta.update({k: v for k, v in before.meta.items() if k in ("stack_trace", "nn_module_stack", "source_fn_stack")})
         x_val = x.meta.get("val")
         if x_val is not None:
-            fused.meta["val"] = x_val.new_empty((x_val.shape[0], spec.n))
+            fused.meta["val"] = x_val.new_empty((x_val.shape[0], spec.out_n))
         match = self.record.match(pattern, variant, anchor, "zen.quant_linear")
         fused.meta["zen_quant"] = PendingLinear(weight, spec, bias, list(sources), match)
         return fused
@@ -152,7 +152,7 @@ class PatternContext:
             shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
             nodes = [shared.get(id(t)) or shared.setdefault(id(t), self.add_constant(t, node, "quant_linear")) for t in packed]
             node.args = (node.args[0], nodes, counts, bias, plan.encode())
-            pending.match.kernels = {r.bin: r.winner for r in tuning.bins}
+            pending.match.kernels.update({r.bin: r.winner for r in tuning.bins})  # a dict matches may share
             self.record.autotune.append({
                 "source": pending.match.source, "kind": spec.kind, "n": spec.n, "k": spec.k,
                 "excluded": tuning.excluded,
@@ -163,16 +163,45 @@ class PatternContext:
     def _run_dequantized(self, node: fx.Node, pending: "PendingLinear", reason: str) -> None:
         """Every candidate failed verification: a plain GEMM on the dequantized weight, correct."""
         spec = pending.spec
-        weight = self.add_constant(pending.weight.get().dequantize(spec.act_dtype).t().contiguous(), node, "dequantized")
-        x, bias = node.args[0], pending.bias
+        w = pending.weight.get().dequantize(spec.act_dtype)
+        bias = pending.bias
+        if spec.epilogue == "swiglu":  # back to [gate; up] rows, and the epilogue as graph ops
+            plain = swiglu_row_order(spec.out_n).argsort()
+            w = w[plain]
+            if bias is not None:
+                bias = self.add_constant(self.evaluate(bias)[plain].contiguous(), node, "dequantized_bias")
+        weight = self.add_constant(w.t().contiguous(), node, "dequantized")
+        x = node.args[0]
         with self.graph.inserting_before(node):
             mm = (self.graph.call_function(torch.ops.aten.addmm.default, (bias, x, weight)) if bias is not None
                   else self.graph.call_function(torch.ops.aten.mm.default, (x, weight)))
-        mm.meta.update(node.meta)
-        node.replace_all_uses_with(mm)
+            mm.meta.update(node.meta)
+            if spec.epilogue == "swiglu":
+                mm.meta["val"] = x.meta["val"].new_empty((x.meta["val"].shape[0], spec.n))
+                out = _swiglu_ops(self.graph, mm, spec.out_n)
+            else:
+                out = mm
+        node.replace_all_uses_with(out)
         self.graph.erase_node(node)
         self.record.unmatch(pending.match)
         self.record.near_miss(pending.match.pattern, mm, f"{reason}; runs as a GEMM on the dequantized weight")
+
+
+def _swiglu_ops(graph: fx.Graph, y: fx.Node, width: int) -> fx.Node:
+    """``silu(y[:, :width]) * y[:, width:]`` as aten ops, silu in fp32 as Inductor decomposes it."""
+    aten, convert = torch.ops.aten, torch.ops.prims.convert_element_type.default
+
+    def call(target, *args):
+        node = graph.call_function(target, args)
+        vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
+        if all(v is not None for v in vals):
+            node.meta["val"] = target(*vals)
+        return node
+
+    gate = call(convert, call(aten.slice.Tensor, y, 1, 0, width), torch.float32)
+    up = call(convert, call(aten.slice.Tensor, y, 1, width, 2 * width), torch.float32)
+    silu = call(aten.div.Tensor, gate, call(aten.add.Tensor, call(aten.exp.default, call(aten.neg.default, gate)), 1))
+    return call(convert, call(aten.mul.Tensor, silu, up), y.meta["val"].dtype)
 
 
 PENDING = "pending"  # the plan of a zen.quant_linear whose kernels are not chosen yet

@@ -15,6 +15,7 @@ shape bin; the op picks the kernel for the rows of ``x`` at run time, without re
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -92,13 +93,40 @@ class LinearSpec:
     symmetric: bool
     act_dtype: torch.dtype
     dynamic_activation: bool = False  # int8 per-row activation quantization in the kernel
+    epilogue: str = ""  # "" or "swiglu": see apply_epilogue
+
+    @property
+    def out_n(self) -> int:
+        return self.n // 2 if self.epilogue == "swiglu" else self.n
 
     @property
     def kind(self) -> str:
         act = "da8" if self.dynamic_activation else "wo"
         gran = "pc" if self.group_size == self.k else f"g{self.group_size}"
         sym = "sym" if self.symmetric else "asym"
-        return f"{act}_int{self.bits}_{gran}_{sym}_{str(self.act_dtype).replace('torch.', '')}"
+        epilogue = f"_{self.epilogue}" if self.epilogue else ""
+        return f"{act}_int{self.bits}_{gran}_{sym}_{str(self.act_dtype).replace('torch.', '')}{epilogue}"
+
+
+SWIGLU_BLOCK = 8  # rows of gate, then of up, in turn in a swiglu weight (the kernels' tile height)
+
+
+def swiglu_row_order(n_out: int) -> torch.Tensor:
+    """Rows of ``cat([gate, up])`` (each ``n_out`` rows) in the order a swiglu linear keeps them."""
+    blocks = torch.arange(n_out).view(n_out // SWIGLU_BLOCK, SWIGLU_BLOCK)
+    return torch.stack([blocks, blocks + n_out], dim=1).reshape(-1)
+
+
+def apply_epilogue(y: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
+    """The epilogue on a kernel's plain output ``[M, spec.n]``, for kernels that do not fuse it.
+
+    swiglu: ``silu(gate) * up`` in fp32, rounded once; the rows of W (so the columns of y) come
+    as gate and up blocks in turn (``swiglu_row_order``).
+    """
+    if spec.epilogue != "swiglu":
+        return y
+    pairs = y.to(torch.float32).view(y.shape[0], spec.out_n // SWIGLU_BLOCK, 2, SWIGLU_BLOCK)
+    return (torch.nn.functional.silu(pairs[:, :, 0]) * pairs[:, :, 1]).reshape(y.shape[0], spec.out_n).to(y.dtype)
 
 
 @dataclass(frozen=True)
@@ -109,6 +137,14 @@ class Kernel:
     prepack: Callable[[QuantWeight, torch.dtype], list]
     run: Callable  # (x2d, packed, bias, spec) -> y2d
     layout: str = ""  # kernels with the same layout share one packed copy of a weight
+    epilogues: tuple = ()  # epilogues ``run`` computes itself; apply_epilogue does the others
+
+    def runner(self, spec: LinearSpec) -> Callable:
+        """``run`` for ``spec``, with its epilogue fused or applied after."""
+        if not spec.epilogue or spec.epilogue in self.epilogues:
+            return self.run
+        plain = dataclasses.replace(spec, epilogue="")
+        return lambda x, packed, bias, _: apply_epilogue(self.run(x, packed, bias, plain), spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,17 +403,18 @@ def _a8w4_prepack(w: QuantWeight, act_dtype):
 
 
 def _run_native(name: str, x, weight: list, bias, spec, dims: tuple, extra: tuple = ()):
-    """``y = x @ W^T (+ bias)`` by the native kernel ``name``, whose entry takes
-    ``(x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra)``."""
+    """``y = x @ W^T (+ bias)``, then the epilogue, by the native kernel ``name``, whose entry
+    takes ``(x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra, swiglu)``."""
     if not x.is_contiguous():
         x = x.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
-    y = torch.empty((x.shape[0], spec.n), dtype=x.dtype)
+    y = torch.empty((x.shape[0], spec.out_n), dtype=x.dtype)
     if x.shape[0]:
         native.load(name)(
             x, *weight, weight[0] if bias is None else bias, y, x.shape[0], spec.n, *dims,
             int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None), *extra,
+            int(spec.epilogue == "swiglu"),
         )
     return y
 
@@ -473,15 +510,16 @@ KERNELS: dict[str, Kernel] = {
         Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run),
         Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack, _zentorch_dqlinear_run),
         Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run),
-        Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles"),
-        Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _woq_run, layout="int4_tiles"),
-        Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles"),
+        Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles", epilogues=("swiglu",)),
+        Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _woq_run, layout="int4_tiles", epilogues=("swiglu",)),
+        Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles", epilogues=("swiglu",)),
         Kernel("int4_tiles_sgemm", "torch", _tiles_supports, _a8w4_prepack, _tiles_sgemm_run, layout="int4_tiles"),
         Kernel("dequant_gemm", "torch", _dequant_bf16_supports, _dequant_prepack, _dequant_gemm_run),
         Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run),
         Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run, layout="dense"),
         Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense"),
-        Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense"),
+        Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense",
+               epilogues=("swiglu",)),
     )
 }
 
@@ -530,7 +568,7 @@ class Plan:
             [
                 f"n={s.n}", f"k={s.k}", f"g={s.group_size}", f"bits={s.bits}", f"sym={int(s.symmetric)}",
                 f"act={str(s.act_dtype).replace('torch.', '')}", f"da8={int(s.dynamic_activation)}",
-                "edges=" + ",".join(map(str, self.edges)),
+                f"epi={s.epilogue}", "edges=" + ",".join(map(str, self.edges)),
                 "bins=" + ",".join(self.bin_kernels),
             ]
         )
@@ -542,7 +580,7 @@ class Plan:
         spec = LinearSpec(
             n=int(f["n"]), k=int(f["k"]), group_size=int(f["g"]), bits=int(f["bits"]),
             symmetric=bool(int(f["sym"])), act_dtype=getattr(torch, f["act"]),
-            dynamic_activation=bool(int(f["da8"])),
+            dynamic_activation=bool(int(f["da8"])), epilogue=f.get("epi", ""),
         )
         edges = tuple(int(e) for e in f["edges"].split(",") if e)
         return Plan(spec, edges, tuple(f["bins"].split(",")))
@@ -561,7 +599,7 @@ def _packed_slices(text: str, counts: tuple) -> dict:
 def run_kernel(kernel: Kernel, x, packed, bias, spec):
     if x.stride(-1) != 1:  # every kernel here reads rows of x contiguously
         x = x.contiguous()
-    return kernel.run(x, packed, bias, spec)
+    return kernel.runner(spec)(x, packed, bias, spec)
 
 
 # The op is defined on the dispatcher directly, CPU kernel only: torch.library.custom_op's Python
@@ -581,7 +619,7 @@ class _LazyBin:
     """
 
     def __init__(self, names, slices, plan: "Plan", index: int):
-        self.candidates = [(name, KERNELS[name].run, slices[name]) for name in names]
+        self.candidates = [(name, KERNELS[name].runner(plan.spec), slices[name]) for name in names]
         self.plan, self.index = plan, index
         self.choice = None
 
@@ -619,7 +657,7 @@ def _dispatch_table(plan: str, counts: tuple):
             lazy = _LazyBin(name[len(LAZY):].split("+"), slices, p, i)
             per_bin.append((lazy, slice(None)))
         else:
-            per_bin.append((KERNELS[name].run, slices[name]))
+            per_bin.append((KERNELS[name].runner(p.spec), slices[name]))
     return p.edges, p.spec, tuple(per_bin)
 
 
@@ -632,7 +670,7 @@ def _quant_linear_cpu(x, packed, counts, bias, plan):
 
 
 def _quant_linear_fake(x, packed, counts, bias, plan):
-    return x.new_empty((x.shape[0], Plan.decode(plan).spec.n))
+    return x.new_empty((x.shape[0], Plan.decode(plan).spec.out_n))
 
 
 _LIB.impl("quant_linear", _quant_linear_cpu, "CPU")

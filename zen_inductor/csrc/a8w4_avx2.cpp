@@ -51,18 +51,18 @@ void quantize_row(const void* x, int64_t row, int64_t K, int64_t G, bool bf16, u
   }
 }
 
-// 8 output rows starting at tile * 8, for ROWS rows of x from m0: each weight block is unpacked
-// once and used for every row of x, which is what makes small batches cheaper than ROWS GEMVs.
+// The accumulators of 8 output rows starting at tile * 8, for ROWS rows of x from m0: each weight
+// block is unpacked once and used for every row of x, which is what makes small batches cheaper
+// than ROWS GEMVs.
 template <int ROWS>
 void tile_rows(const uint8_t* w, const float* scale, const float* offset, const int32_t* colsum128,
-               const float* bias, const uint8_t* q, const float* xs, const float* xsum, void* y,
-               int64_t m0, int64_t tile, int64_t N, int64_t K, int64_t G, bool y_bf16) {
+               const float* bias, const uint8_t* q, const float* xs, const float* xsum, __m256* acc,
+               int64_t m0, int64_t tile, int64_t N, int64_t K, int64_t G) {
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i eight = _mm256_set1_epi8(8);
   const int64_t groups = K / G, row_bytes = G / 2;
   const uint8_t* wt = w + tile * 8 * (K / 2);
-  __m256 acc[ROWS];
   for (int r = 0; r < ROWS; ++r)
     acc[r] = bias ? _mm256_loadu_ps(bias + tile * 8) : _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -97,15 +97,13 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
       acc[r] = add_group(acc[r], _mm256_sub_epi32(reduce8(sums[r]), excess), sv, ov, xs[mg], xsum[mg]);
     }
   }
-  for (int r = 0; r < ROWS; ++r)
-    store8(y, (m0 + r) * N + tile * 8, acc[r], y_bf16);
 }
 
 }  // namespace
 
 extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset,
                        const int32_t* colsum128, const float* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t G,
-                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias) {
+                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t swiglu) {
   static thread_local std::vector<uint8_t> q;
   static thread_local std::vector<float> xs, xsum;
   q.resize(M * K);
@@ -114,7 +112,7 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
   uint8_t* qp = q.data();
   float* xsp = xs.data();
   float* xsump = xsum.data();
-  const int64_t tiles = N / 8;
+  const int64_t out_tiles = swiglu ? N / 16 : N / 8, n_out = swiglu ? N / 2 : N;
   // one parallel region: rows of x are quantized, then tiles of W are shared out
 #pragma omp parallel
   {
@@ -122,10 +120,13 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
     for (int64_t m = 0; m < M; ++m)
       quantize_row(x, m, K, G, x_bf16, qp, xsp + m * (K / G), xsump + m * (K / G));
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t t = 0; t < out_tiles; ++t)
       for_row_blocks(M, [&](auto rows, int64_t m) {
-        tile_rows<decltype(rows)::value>(w, scale, offset, colsum128, has_bias ? bias : nullptr, qp, xsp, xsump, y,
-                                         m, t, N, K, G, y_bf16);
+        constexpr int R = decltype(rows)::value;
+        auto tile_acc = [&](int64_t tile, __m256* acc) {
+          tile_rows<R>(w, scale, offset, colsum128, has_bias ? bias : nullptr, qp, xsp, xsump, acc, m, tile, N, K, G);
+        };
+        emit_tile<R>(tile_acc, y, m, t, n_out, swiglu, y_bf16);
       });
   }
 }

@@ -76,6 +76,49 @@ inline __m256 add_group(__m256 acc, __m256i dot, __m256 scale, __m256 offset, fl
   return _mm256_fmadd_ps(offset, _mm256_set1_ps(xsum), acc);
 }
 
+// e^x in fp32 (relative error ~2e-7): e^x = 2^n e^r with n = round(x log2 e), |r| <= ln2 / 2,
+// e^r by its Taylor series to r^7 (the next term is below 2^-24 on that range).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln 2 in two parts: exact n * hi
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+inline __m256 silu8(__m256 g) {  // g / (1 + e^-g), the form Inductor's decomposition computes
+  return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+}
+
+// Output tile t (8 columns) of rows m0 .. m0 + R - 1. tile_acc(tile, acc) computes the R
+// accumulators of one tile of W. With swiglu, W's rows come as gate and up tiles in turn
+// (tile 2t: gate rows 8t .. 8t + 7, tile 2t + 1: the same up rows) and the output is
+// silu(gate) * up, n_out = N / 2 wide: the merged gate/up GEMM never writes its 2N-wide result.
+template <int R, class F>
+inline void emit_tile(F&& tile_acc, void* y, int64_t m0, int64_t t, int64_t n_out, bool swiglu, bool y_bf16) {
+  __m256 a[R];
+  if (swiglu) {
+    __m256 b[R];
+    tile_acc(2 * t, a);
+    tile_acc(2 * t + 1, b);
+    for (int r = 0; r < R; ++r)
+      a[r] = _mm256_mul_ps(silu8(a[r]), b[r]);
+  } else {
+    tile_acc(t, a);
+  }
+  for (int r = 0; r < R; ++r)
+    store8(y, (m0 + r) * n_out + t * 8, a[r], y_bf16);
+}
+
 // f(std::integral_constant<int, R>{}, m0) over blocks of R <= 4 rows covering rows [0, M): a
 // kernel unpacks each weight block once per block of rows of x.
 template <class F>

@@ -37,13 +37,13 @@ inline void unpack64(const uint8_t* p, __m256i* u) {
   }
 }
 
+// The accumulators of the 8 output rows of one tile for ROWS rows of x from m0.
 template <int ROWS, int BITS>
 void tile_rows(const uint8_t* w, const float* scale, const float* offset, const float* bias,
-               const int16_t* xq, const float* xs, const float* xsum, void* y,
-               int64_t m0, int64_t tile, int64_t N, int64_t K, int64_t G, bool y_bf16) {
+               const int16_t* xq, const float* xs, const float* xsum, __m256* acc,
+               int64_t m0, int64_t tile, int64_t N, int64_t K, int64_t G) {
   const int64_t groups = K / G, row_bytes = G * BITS / 8;
   const uint8_t* wt = w + tile * 8 * (K * BITS / 8);
-  __m256 acc[ROWS];
   for (int r = 0; r < ROWS; ++r)
     acc[r] = bias ? _mm256_loadu_ps(bias + tile * 8) : _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -73,15 +73,13 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
       acc[r] = add_group(acc[r], reduce8(sums[r]), sv, ov, xs[mg], xsum[mg]);
     }
   }
-  for (int r = 0; r < ROWS; ++r)
-    store8(y, (m0 + r) * N + tile * 8, acc[r], y_bf16);
 }
 
 }  // namespace
 
 extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset,
                        const float* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t G,
-                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t bits) {
+                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t bits, int64_t swiglu) {
   static thread_local std::vector<int16_t> xq;
   static thread_local std::vector<float> xs, xsum;
   const int64_t groups = K / G;
@@ -91,7 +89,7 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
   int16_t* xqp = xq.data();
   float* xsp = xs.data();
   float* xsump = xsum.data();
-  const int64_t tiles = N / 8;
+  const int64_t out_tiles = swiglu ? N / 16 : N / 8, n_out = swiglu ? N / 2 : N;
   const float* b = has_bias ? bias : nullptr;
 #pragma omp parallel
   {
@@ -118,13 +116,16 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
       }
     }
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t t = 0; t < out_tiles; ++t)
       for_row_blocks(M, [&](auto rows, int64_t m) {
         constexpr int R = decltype(rows)::value;
-        if (bits == 4)
-          tile_rows<R, 4>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16);
-        else
-          tile_rows<R, 8>(w, scale, offset, b, xqp, xsp, xsump, y, m, t, N, K, G, y_bf16);
+        auto tile_acc = [&](int64_t tile, __m256* acc) {
+          if (bits == 4)
+            tile_rows<R, 4>(w, scale, offset, b, xqp, xsp, xsump, acc, m, tile, N, K, G);
+          else
+            tile_rows<R, 8>(w, scale, offset, b, xqp, xsp, xsump, acc, m, tile, N, K, G);
+        };
+        emit_tile<R>(tile_acc, y, m, t, n_out, swiglu, y_bf16);
       });
   }
 }

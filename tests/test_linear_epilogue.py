@@ -1,0 +1,146 @@
+"""linear_epilogue: silu(gate) * up computed in the kernel of the merged gate/up linear."""
+import dataclasses
+
+import pytest
+import torch
+
+import zen_inductor
+from zen_inductor import autotune, native
+from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates, run_kernel, swiglu_row_order
+
+from conftest import compile_zen, quantize, sqnr
+
+K, I = 256, 96  # I: a multiple of 8, not of 16 (gate and up tiles pair up inside one block of 16)
+
+
+def _quant_weight(n, k, bits, group, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    return QuantWeight(codes=torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int8),
+                       scale=torch.rand(n, k // group, generator=g) * 0.02 + 0.001,
+                       offset=torch.randn(n, k // group, generator=g) * 0.01, zero_point=None, group_size=group, bits=bits)
+
+
+def _swiglu_reference(x, w_gate_up, bias):
+    """fp32: both halves, then silu(gate) * up, the way the model computes it unfused."""
+    y = x.float() @ w_gate_up.float().t() + (bias.float() if bias is not None else 0)
+    gate, up = y.split(y.shape[1] // 2, dim=1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _interleaved(w, rows):
+    if isinstance(w, DenseWeight):
+        return DenseWeight(w.weight[rows].contiguous())
+    return QuantWeight(w.codes[rows], w.scale[rows], w.offset[rows], None, w.group_size, w.bits)
+
+
+@pytest.mark.skipif(native.unavailable("woq_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("fmt", ["int4", "int8", "bf16", "da8w4"])
+def test_every_candidate_computes_the_epilogue(fmt):
+    """Native kernels fuse it, the others get it applied after them; all against fp32."""
+    if fmt == "bf16":
+        plain = DenseWeight((torch.randn(2 * I, K) * 0.05).to(torch.bfloat16))
+        spec = LinearSpec(n=2 * I, k=K, group_size=K, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+        reference_w = plain.weight
+    else:
+        plain = _quant_weight(2 * I, K, 8 if fmt == "int8" else 4, 128)
+        spec = LinearSpec(n=2 * I, k=K, group_size=128, bits=plain.bits, symmetric=False, act_dtype=torch.bfloat16,
+                          dynamic_activation=fmt == "da8w4")
+        reference_w = plain.dequantize()
+    spec = dataclasses.replace(spec, epilogue="swiglu")
+    rows = swiglu_row_order(I)
+    weight = _interleaved(plain, rows)
+    kernels, _ = candidates(spec)
+    fused = [k.name for k in kernels if "swiglu" in k.epilogues]
+    assert fused and len(fused) < len(kernels)  # both kinds are exercised
+    bias = torch.randn(2 * I).to(torch.bfloat16)
+    for kernel in kernels:
+        packed = kernel.prepack(weight, spec.act_dtype)
+        for m in (1, 5, 33):
+            x = torch.randn(m, K).to(torch.bfloat16)
+            for b in (None, bias):
+                y = run_kernel(kernel, x, packed, None if b is None else b[rows], spec)
+                assert y.shape == (m, I) and y.dtype == torch.bfloat16
+                bar = 30 if spec.dynamic_activation else 40
+                assert sqnr(y, _swiglu_reference(x, reference_w, b)) >= bar, (kernel.name, m, b is not None)
+
+
+class MLP(torch.nn.Module):
+    """A Llama MLP: down(silu(gate(x)) * up(x)); optionally also returning gate(x)."""
+
+    def __init__(self, also_return_gate=False, width=192):
+        super().__init__()
+        self.gate = torch.nn.Linear(K, width, bias=False)
+        self.up = torch.nn.Linear(K, width, bias=False)
+        self.down = torch.nn.Linear(width, K, bias=False)
+        self.also_return_gate = also_return_gate
+
+    def forward(self, x):
+        g = self.gate(x)
+        y = self.down(torch.nn.functional.silu(g) * self.up(x))
+        return (y, g) if self.also_return_gate else y
+
+
+def _int4_mlp(**kw):
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    torch.manual_seed(0)
+    return quantize(MLP(**kw).to(torch.bfloat16).eval(), IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)))
+
+
+def _fp32_reference(model, x):
+    with torch.no_grad():
+        w = {name: getattr(model, name).weight.dequantize().float() for name in ("gate", "up", "down")}
+        xf = x.float()
+        return (torch.nn.functional.silu(xf @ w["gate"].t()) * (xf @ w["up"].t())) @ w["down"].t()
+
+
+def test_swiglu_is_fused_into_the_merged_linear(tmp_path):
+    model = _int4_mlp()
+    x = torch.randn(2, 7, K).to(torch.bfloat16)
+    with torch.no_grad(), zen_inductor.config.patch(debug_dir=str(tmp_path)):
+        eager = model(x)
+        zen = compile_zen(model)(x)
+    assert zen_inductor.counters["linear_epilogue.swiglu"] == 1
+    assert zen_inductor.counters["concat_linear"] == 1
+    report = zen_inductor.last_report()
+    (match,) = [m for m in report["matches"] if m["pattern"] == "linear_epilogue"]
+    assert "test_linear_epilogue.py" in match["source"] and match["kernels"]
+    with open(tmp_path / "LATEST") as f, open(f.read().strip() + "/after.py") as g:
+        after = g.read()
+    # the dumped graph: one merged linear with the epilogue in its plan, no split, no silu ops
+    assert after.count("zen.quant_linear") == 2 and "epi=swiglu" in after
+    for op in ("split_with_sizes", "aten.exp", "aten.neg", "aten.div", "aten.sigmoid", "aten.silu"):
+        assert op not in after, op
+    ref = _fp32_reference(model, x)
+    assert zen.shape == eager.shape
+    assert sqnr(zen, ref) >= sqnr(eager, ref) - 0.5
+
+
+def test_gate_used_elsewhere_is_a_near_miss_and_stays_correct():
+    model = _int4_mlp(also_return_gate=True)
+    x = torch.randn(3, K).to(torch.bfloat16)
+    with torch.no_grad():
+        eager_y, eager_g = model(x)
+        zen_y, zen_g = compile_zen(model)(x)
+    assert zen_inductor.counters["linear_epilogue"] == 0
+    (miss,) = [n for n in zen_inductor.last_report()["near_misses"] if n["pattern"] == "linear_epilogue"]
+    assert "also used outside silu(gate) * up" in miss["reason"]
+    ref = _fp32_reference(model, x)
+    assert sqnr(zen_y, ref) >= sqnr(eager_y, ref) - 0.5
+    assert sqnr(zen_g, eager_g) >= 40
+
+
+def test_no_verified_kernel_falls_back_to_a_gemm_with_the_epilogue_as_graph_ops(monkeypatch):
+    monkeypatch.setattr(autotune, "SQNR_WEIGHT_ONLY_DB", 1000.0)  # every candidate fails verification
+    model = _int4_mlp()
+    x = torch.randn(4, K).to(torch.bfloat16)
+    with torch.no_grad():
+        eager = model(x)
+        zen = compile_zen(model)(x)
+    report = zen_inductor.last_report()
+    assert zen_inductor.counters["linear_epilogue"] == 0  # taken back
+    assert any("runs as a GEMM on the dequantized weight" in n["reason"] for n in report["near_misses"])
+    ref = _fp32_reference(model, x)
+    assert sqnr(zen, ref) >= sqnr(eager, ref) - 0.5
