@@ -127,8 +127,8 @@ def why_not(m: SwiGLU) -> str | None:
     for node in m.region:
         if not set(node.users) <= inside:
             return f"{node.name} is also used outside silu(gate) * up"
-    shapes = {tuple(n.meta["val"].shape) if "val" in n.meta else None for n in (m.mul, *m.mul.args)}
-    if len(shapes) != 1 or None in shapes:
+    vals = [n.meta.get("val") if isinstance(n, fx.Node) else None for n in (m.mul, *m.mul.args)]
+    if any(v is None for v in vals) or any(list(v.shape) != list(vals[0].shape) for v in vals):  # SymInts: no sets
         return "silu(gate) and up are broadcast against each other"
     return None
 

@@ -118,6 +118,18 @@ def test_swiglu_is_fused_into_the_merged_linear(tmp_path):
     assert sqnr(zen, ref) >= sqnr(eager, ref) - 0.5
 
 
+def test_swiglu_with_dynamic_batch_and_sequence():
+    model = _int4_mlp()
+    fast = torch.compile(model, backend="zen", dynamic=True)
+    with torch.no_grad():
+        for shape in ((1, 1, K), (2, 9, K), (1, 70, K)):
+            x = torch.randn(*shape).to(torch.bfloat16)
+            ref = _fp32_reference(model, x)
+            assert sqnr(fast(x), ref) >= sqnr(model(x), ref) - 0.5, shape
+    assert zen_inductor.counters["linear_epilogue.swiglu"] >= 1
+    assert zen_inductor.counters["linear_epilogue.near_miss"] == 0
+
+
 def test_gate_used_elsewhere_is_a_near_miss_and_stays_correct():
     model = _int4_mlp(also_return_gate=True)
     x = torch.randn(3, K).to(torch.bfloat16)
