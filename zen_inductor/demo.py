@@ -129,6 +129,7 @@ def run(args) -> int:
     import logging
 
     import zen_inductor
+    from zen_inductor.autotune import sqnr_db
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: Llama {args.layers} layers, hidden {args.hidden}, "
@@ -159,16 +160,17 @@ def run(args) -> int:
             print(f"[{system}] run {rep + 1}/{args.reps}: TTFT {ttft * 1e3:.1f} ms, TPOT {tpots[-1] * 1e3:.2f} ms", flush=True)
         logits = prefill_logits(forward, prompt)
         err = (logits - reference).abs().max().item()
+        snr = sqnr_db(logits, reference)
         if eager_tokens is None:
             eager_tokens = tokens
         rows.append((system, statistics.median(ttfts) * 1e3, statistics.median(tpots) * 1e3, compile_s,
-                     "yes" if torch.equal(tokens, eager_tokens) else f"{int((tokens == eager_tokens).sum())}/{tokens.numel()}", err))
+                     "yes" if torch.equal(tokens, eager_tokens) else f"{int((tokens == eager_tokens).sum())}/{tokens.numel()}", err, snr))
 
     print()
-    print(f"| system | TTFT ms | TPOT ms | tokens/s | first run s (compile) | tokens = eager | max logit err vs fp32 |")
-    print(f"|---|---|---|---|---|---|---|")
-    for system, ttft, tpot, compile_s, same, err in rows:
-        print(f"| {system} | {ttft:.1f} | {tpot:.2f} | {1e3 / tpot:.1f} | {compile_s:.1f} | {same} | {err:.4f} |")
+    print("| system | TTFT ms | TPOT ms | tokens/s | first run s (compile) | tokens = eager | logits vs fp32: max err, SQNR dB |")
+    print("|---|---|---|---|---|---|---|")
+    for system, ttft, tpot, compile_s, same, err, snr in rows:
+        print(f"| {system} | {ttft:.1f} | {tpot:.2f} | {1e3 / tpot:.1f} | {compile_s:.1f} | {same} | {err:.4f}, {snr:.1f} |")
     if summary:
         print(f"\nzen matches: {summary}")
     return 0
