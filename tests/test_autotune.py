@@ -151,3 +151,22 @@ def test_lazy_tuning_at_first_call_of_each_bin(tmp_path):
     assert len(entries_after_one_bin) == 1 and len(entries) == 2  # one bin per first call
     assert all(e["winner"] in ("aten_int4pack_mm", "dequant_sgemm") for e in entries.values())
     assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
+
+
+def test_dominated_kernels_are_left_out_with_the_reason():
+    from zen_inductor.kernels import LinearSpec, candidates, native, native_bf16_gemm
+
+    spec = LinearSpec(n=256, k=512, group_size=128, bits=4, symmetric=True, act_dtype=torch.bfloat16)
+    names = lambda kernels: {k.name for k in kernels}  # noqa: E731
+    kernels, excluded = candidates(spec)
+    if native.unavailable("int4_tiles_dequant") is None:
+        assert "dequant_sgemm" not in names(kernels) and "int4_tiles_sgemm" in names(kernels)
+        assert excluded["dequant_sgemm"].startswith("int4_tiles_sgemm computes the same, faster")
+    if not native_bf16_gemm():
+        assert "no native bf16 GEMM" in excluded["dequant_gemm"]
+    with config.patch(prune_dominated_kernels=False):
+        assert {"dequant_sgemm", "dequant_gemm"} <= names(candidates(spec)[0])
+    with config.patch(kernel_deny=("int4_tiles_sgemm",)):  # the faster one denied: the other serves
+        assert "dequant_sgemm" in names(candidates(spec)[0])
+    int8 = LinearSpec(n=256, k=512, group_size=512, bits=8, symmetric=True, act_dtype=torch.bfloat16)
+    assert "dequant_sgemm" in names(candidates(int8)[0])  # no int8 tile dequant: nothing dominates it

@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 
 from . import config
-from .kernels import KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, apply_epilogue, candidates, cpu_flags, run_kernel
+from .kernels import (KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, apply_epilogue, candidates, cpu_flags,
+                      native_bf16_gemm, run_kernel)
 
 log = logging.getLogger("zen_inductor")
 
@@ -100,7 +101,7 @@ def static_choice(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> str:
 
 def static_order(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> list[str]:
     """``usable`` from the most to the least likely winner on this CPU."""
-    native_bf16 = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
+    native_bf16 = native_bf16_gemm()
     dense = ("dequant_gemm", "int4_tiles_sgemm", "dequant_sgemm") if native_bf16 else ("int4_tiles_sgemm", "dequant_sgemm", "dequant_gemm")
     # int8 GEMMs only pay off with VNNI/AMX; without them (AVX2) _int_mm runs far below a
     # weight-only kernel, which is also exact in x

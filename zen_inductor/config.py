@@ -63,6 +63,9 @@ shape_bin_edges: tuple = _env("shape_bin_edges", (1, 4, 16, 64, 256, 1024))
 kernel_allow: tuple = _env("kernel_allow", ())
 # kernel names that must not be chosen
 kernel_deny: tuple = _env("kernel_deny", ())
+# leave out candidates that another available candidate beats by construction (the same
+# arithmetic, slower: e.g. a bf16 GEMM on a CPU without native bf16); False verifies and times all
+prune_dominated_kernels: bool = _env("prune_dominated_kernels", True)
 # use zentorch ops when zentorch imports and the CPU has the ISA it needs
 use_zentorch: bool = _env("use_zentorch", True)
 # use zen_inductor's own C++ kernels (built on first use with Inductor's C++ toolchain)

@@ -138,6 +138,7 @@ class Kernel:
     run: Callable  # (x2d, packed, bias, spec) -> y2d
     layout: str = ""  # kernels with the same layout share one packed copy of a weight
     epilogues: tuple = ()  # epilogues ``run`` computes itself; apply_epilogue does the others
+    dominated_by: tuple = ()  # kernels that compute the same arithmetic faster: see candidates()
 
     def runner(self, spec: LinearSpec) -> Callable:
         """``run`` for ``spec``, with its epilogue fused or applied after."""
@@ -279,8 +280,17 @@ def _dequant_sgemm_run(x, packed, bias, spec):
     return y.to(x.dtype)
 
 
+def native_bf16_gemm() -> bool:
+    return "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
+
+
 def _dequant_bf16_supports(spec: LinearSpec) -> Optional[str]:
-    return _dequant_supports(spec) or (None if spec.act_dtype == torch.bfloat16 else "fp32 activations: see dequant_sgemm")
+    reason = _dequant_supports(spec) or (None if spec.act_dtype == torch.bfloat16 else "fp32 activations: see dequant_sgemm")
+    if reason is None and config.prune_dominated_kernels and not native_bf16_gemm():
+        # measured here: a bf16 GEMM without AVX512-BF16/AMX runs 5-7x slower than the fp32 one
+        # of dequant_sgemm, and verifying and timing it cost seconds of compile per big linear
+        return "no native bf16 GEMM on this CPU (AVX512-BF16 or AMX): dequant_sgemm is faster"
+    return reason
 
 
 def _zentorch_woq_supports(spec: LinearSpec) -> Optional[str]:
@@ -515,7 +525,9 @@ KERNELS: dict[str, Kernel] = {
         Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles", epilogues=("swiglu",)),
         Kernel("int4_tiles_sgemm", "torch", _tiles_supports, _a8w4_prepack, _tiles_sgemm_run, layout="int4_tiles"),
         Kernel("dequant_gemm", "torch", _dequant_bf16_supports, _dequant_prepack, _dequant_gemm_run),
-        Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run),
+        # int4_tiles_sgemm: the same fp32 GEMM, the weight dequantized by C++ ~10x faster
+        Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run,
+               dominated_by=("int4_tiles_sgemm",)),
         Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run, layout="dense"),
         Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense"),
         Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense",
@@ -538,6 +550,13 @@ def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
             excluded[kernel.name] = reason
         else:
             ok.append(kernel)
+    if config.prune_dominated_kernels:
+        names = {k.name for k in ok}
+        for kernel in list(ok):
+            better = next((b for b in kernel.dominated_by if b in names), None)
+            if better:
+                ok.remove(kernel)
+                excluded[kernel.name] = f"{better} computes the same, faster (config.prune_dominated_kernels)"
     return ok, excluded
 
 
