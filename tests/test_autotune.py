@@ -170,3 +170,18 @@ def test_dominated_kernels_are_left_out_with_the_reason():
         assert "dequant_sgemm" in names(candidates(spec)[0])
     int8 = LinearSpec(n=256, k=512, group_size=512, bits=8, symmetric=True, act_dtype=torch.bfloat16)
     assert "dequant_sgemm" in names(candidates(int8)[0])  # no int8 tile dequant: nothing dominates it
+
+
+def test_compute_bound_bins_take_the_ranking_of_the_bin_below(monkeypatch):
+    from zen_inductor import autotune
+
+    n_k = 192 * K  # HandDequant's weight
+    monkeypatch.setattr(autotune, "TIMING_MAX_FLOP", 2 * 20 * n_k)  # bins from M=21 up are "compute-bound"
+    m = HandDequant(64, True, 4).eval()
+    with torch.no_grad():
+        compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
+    bins = {b["bin"]: b for b in zen_inductor.last_report()["autotune"][0]["bins"]}
+    assert bins["17-64"]["times_us"] and not bins["17-64"]["note"].startswith("compute-bound")  # lo=17: timed
+    for label in ("65-256", "257-1024", "1025+"):
+        assert bins[label]["times_us"] == {} and bins[label]["note"] == "compute-bound from M=%s: the ranking of bin 17-64" % label.split("-")[0].rstrip("+")
+        assert bins[label]["winner"] == bins["17-64"]["winner"]

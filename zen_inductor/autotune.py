@@ -275,12 +275,14 @@ class Tuner:
         verify = _Verifier(spec, weight, bias, packed)
         bins = shape_bins()
         results, copies = [], {}
+        timed_below = None  # the last bin timed here: its ranking holds for compute-bound bins above
         for b in bins:
             key = cache_key(spec, b, usable)
             cached = self.cache.get(key) if config.autotune else None
             # a cached winner was verified on another weight; it is checked again on this one
             if cached and cached["winner"] in usable and verify(cached["winner"], b.representative_m) is None:
                 results.append(BinResult(b.label, cached["winner"], cached.get("times_us", {}), dict(cached.get("excluded", {})), True))
+                timed_below = results[-1]
                 continue
             result = BinResult(b.label, "")
             passing = []
@@ -295,6 +297,11 @@ class Tuner:
             if config.autotune and config.autotune_lazy and len(passing) > 1:
                 result.winner = LAZY + "+".join(passing)
                 result.note = "tuned at the first call of this bin"
+            elif config.autotune and compute_bound(b, spec) and timed_below and timed_below.winner in passing:
+                # one call here costs seconds, and a GEMM's ranking no longer changes with M
+                result.winner = timed_below.winner
+                result.note = f"compute-bound from M={b.lo}: the ranking of bin {timed_below.bin}"
+                self.cache.put({key: {"winner": result.winner, "times_us": {}, "excluded": result.excluded}})
             elif config.autotune and len(passing) > 1 and time.perf_counter() < self.deadline:
                 torch.manual_seed(0)
                 m = timing_m(b, spec)
@@ -311,6 +318,7 @@ class Tuner:
                     result.times_us[name] = round(time_kernel(KERNELS[name], x, copies[name], bias, spec, config.autotune_reps), 1)
                 if len(result.times_us) == len(passing):
                     result.winner = min(result.times_us, key=result.times_us.get)
+                    timed_below = result
                     self.cache.put({key: {"winner": result.winner, "times_us": result.times_us, "excluded": result.excluded}})
                 else:  # the budget ran out in the middle of this bin
                     result.winner = static_choice(b, passing, spec)
@@ -340,6 +348,11 @@ def timing_m(b: ShapeBin, spec: LinearSpec) -> int:
     """The bin's representative M, capped so that one call stays within ~4 GFLOP."""
     cap = max(b.lo, int(TIMING_MAX_FLOP / (2 * spec.n * spec.k)))
     return min(b.representative_m, cap)
+
+
+def compute_bound(b: ShapeBin, spec: LinearSpec) -> bool:
+    """Even the bin's smallest M exceeds the timing cap: the bin below it ranks kernels for it."""
+    return 2 * b.lo * spec.n * spec.k > TIMING_MAX_FLOP
 
 
 VERIFY_MAX_M = 256  # rows checked against the reference; kernels' large-M paths start well below
