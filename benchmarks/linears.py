@@ -87,7 +87,7 @@ def main():
                     if verify(kname, m):
                         cells.append("x")
                         continue
-                    copies = weight_copies(packed[kname], lambda kname=kname: KERNELS[kname].prepack(w, spec.act_dtype), m)
+                    copies = weight_copies(packed[kname], m)
                     t = time_kernel(KERNELS[kname], x, copies, None, spec, args.reps)
                     cells.append(f"{t:.0f}")
                     if best is None or t < best[1]:

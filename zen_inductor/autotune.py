@@ -11,6 +11,7 @@ stored in a JSON file keyed by machine, versions and shape, so a second process 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -211,17 +212,18 @@ _COLD_BYTES = 64 << 20  # weights cycled through per timing sample: more than th
 _MAX_COPIES = 8
 
 
-def weight_copies(packed: list, prepack, m: int) -> list:
+def weight_copies(packed: list, m: int) -> list:
     """Enough copies of a packed weight that cycling through them keeps it out of cache.
 
     Calls run back to back, as in a model: flushing the cache between calls instead lets the
     OpenMP threads fall asleep, and their wake-up (about 100 us here) swamps a decode GEMM.
+    Copies are clones, not new packings: packing again cost 6 s of a 1B-shape compile.
     """
     nbytes = sum(t.numel() * t.element_size() for t in packed)
     copies = max(1, min(_MAX_COPIES, _COLD_BYTES // max(nbytes, 1)))
     if m >= STATIC_DENSE_FROM_M:  # compute-bound: where the weight sits hardly matters
         copies = 1
-    return [packed] + [prepack() for _ in range(copies - 1)]
+    return [packed] + [[t.clone() for t in packed] for _ in range(copies - 1)]
 
 
 def _first_call_us(kernel: Kernel, x, packed, bias, spec) -> float:
@@ -260,18 +262,8 @@ class Tuner:
         kernels, excluded = candidates(spec)
         if not kernels:
             raise NoKernel("; ".join(f"{k}: {r}" for k, r in excluded.items()))
-        packed, by_layout = {}, {}
-        for kernel in kernels:
-            try:
-                if kernel.layout and kernel.layout in by_layout:  # one packed copy per layout
-                    packed[kernel.name] = by_layout[kernel.layout]
-                    continue
-                packed[kernel.name] = kernel.prepack(weight, spec.act_dtype)
-                if kernel.layout:
-                    by_layout[kernel.layout] = packed[kernel.name]
-            except Exception as e:  # a kernel that cannot pack this weight is not a candidate
-                excluded[kernel.name] = f"prepack failed: {type(e).__name__}: {e}"
-        usable = [k.name for k in kernels if k.name in packed]
+        packed = _Packings(weight, spec, excluded)
+        usable = [k.name for k in kernels]
         verify = _Verifier(spec, weight, bias, packed)
         bins = shape_bins()
         results, copies = [], {}
@@ -287,7 +279,7 @@ class Tuner:
             result = BinResult(b.label, "")
             passing = []
             for name in usable:
-                reason = verify(name, b.representative_m)
+                reason = verify(name, b.representative_m)  # packs the kernel's weight on first need
                 if reason:
                     result.excluded[name] = reason
                 else:
@@ -314,7 +306,7 @@ class Tuner:
                         result.times_us[name] = round(first_us, 1)  # hopeless: no copies, no repeats
                         continue
                     if name not in copies:
-                        copies[name] = weight_copies(packed[name], lambda: KERNELS[name].prepack(weight, spec.act_dtype), m)
+                        copies[name] = weight_copies(packed[name], m)
                     result.times_us[name] = round(time_kernel(KERNELS[name], x, copies[name], bias, spec, config.autotune_reps), 1)
                 if len(result.times_us) == len(passing):
                     result.winner = min(result.times_us, key=result.times_us.get)
@@ -331,6 +323,33 @@ class Tuner:
             results.append(result)
         plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))
         return Tuning(plan, results, excluded, {name: packed[name] for name in plan.kernels})
+
+
+class _Packings(dict):
+    """kernel name -> its packed weight, packed on first use: with every bin's winner cached, only
+    the winners are packed (packing every candidate cost ~6 s of a 1B-shape compile). Kernels of
+    one ``layout`` share one packed copy. A kernel that cannot pack this weight maps to None and
+    is excluded with the reason."""
+
+    def __init__(self, weight, spec, excluded: dict):
+        super().__init__()
+        self.weight, self.spec, self.excluded = weight, spec, excluded
+        self.by_layout: dict = {}
+
+    def __missing__(self, name):
+        kernel = KERNELS[name]
+        try:
+            if kernel.layout and kernel.layout in self.by_layout:
+                value = self.by_layout[kernel.layout]
+            else:
+                value = kernel.prepack(self.weight, self.spec.act_dtype)
+                if kernel.layout:
+                    self.by_layout[kernel.layout] = value
+        except Exception as e:  # a kernel that cannot pack this weight is not a candidate
+            self.excluded[name] = f"prepack failed: {type(e).__name__}: {e}"
+            value = None
+        self[name] = value
+        return value
 
 
 def remember_lazy_choice(plan: Plan, index: int, usable: list, winner: str, times: dict) -> None:
@@ -362,8 +381,7 @@ class _Verifier:
     """``verify(kernel, m) -> reason | None``: the kernel's output on this weight against fp32."""
 
     def __init__(self, spec, weight, bias, packed):
-        self.spec, self.bias, self.packed = spec, bias, packed
-        self.reference_w = weight.dequantize(torch.float32)
+        self.spec, self.bias, self.packed, self.weight = spec, bias, packed, weight
         self.threshold = SQNR_DYNAMIC_DB if spec.dynamic_activation else SQNR_WEIGHT_ONLY_DB
         self.inputs: dict = {}
         self.verdicts: dict = {}
@@ -377,6 +395,10 @@ class _Verifier:
             self.verdicts[name, m] = self._check(name, m)
         return self.verdicts[name, m]
 
+    @functools.cached_property
+    def reference_w(self) -> torch.Tensor:  # only if some kernel is checked (not when memoized)
+        return self.weight.dequantize(torch.float32)
+
     def _check(self, name, m):
         if m not in self.inputs:
             torch.manual_seed(m)
@@ -385,6 +407,8 @@ class _Verifier:
             ref = ref if self.bias is None else ref + self.bias.to(torch.float32)
             self.inputs[m] = (x, apply_epilogue(ref, self.spec))
         x, ref = self.inputs[m]
+        if self.packed[name] is None:
+            return "prepack failed"
         try:
             db = sqnr_db(run_kernel(KERNELS[name], x, self.packed[name], self.bias, self.spec), ref)
         except Exception as e:
