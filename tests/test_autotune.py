@@ -159,7 +159,7 @@ def test_dominated_kernels_are_left_out_with_the_reason():
     spec = LinearSpec(n=256, k=512, group_size=128, bits=4, symmetric=True, act_dtype=torch.bfloat16)
     names = lambda kernels: {k.name for k in kernels}  # noqa: E731
     kernels, excluded = candidates(spec)
-    if native.unavailable("int4_tiles_dequant") is None:
+    if native.unavailable("tiles_dequant") is None:
         assert "dequant_sgemm" not in names(kernels) and "int4_tiles_sgemm" in names(kernels)
         assert excluded["dequant_sgemm"].startswith("int4_tiles_sgemm computes the same, faster")
     if not native_bf16_gemm():
@@ -169,7 +169,10 @@ def test_dominated_kernels_are_left_out_with_the_reason():
     with config.patch(kernel_deny=("int4_tiles_sgemm",)):  # the faster one denied: the other serves
         assert "dequant_sgemm" in names(candidates(spec)[0])
     int8 = LinearSpec(n=256, k=512, group_size=512, bits=8, symmetric=True, act_dtype=torch.bfloat16)
-    assert "dequant_sgemm" in names(candidates(int8)[0])  # no int8 tile dequant: nothing dominates it
+    if native.unavailable("tiles_dequant") is None:
+        assert candidates(int8)[1]["dequant_sgemm"].startswith("int8_tiles_sgemm computes the same")
+    odd = LinearSpec(n=256, k=96, group_size=96, bits=8, symmetric=True, act_dtype=torch.bfloat16)
+    assert "dequant_sgemm" in names(candidates(odd)[0])  # K=96 fits no tile layout: nothing dominates it
 
 
 def test_compute_bound_bins_take_the_ranking_of_the_bin_below(monkeypatch):

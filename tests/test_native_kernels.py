@@ -158,7 +158,7 @@ def test_weight_only_linears_may_opt_in_to_int8_activations():
     assert sqnr(y, _reference(m, x)) >= 40  # held to the weight-only bar
 
 
-@pytest.mark.skipif(native.unavailable("int4_tiles_dequant") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.skipif(native.unavailable("tiles_dequant") is not None, reason="needs AVX2 and a C++ compiler")
 def test_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight(monkeypatch):
     import dataclasses
 
@@ -267,3 +267,22 @@ def test_int8_weight_only_kernel_against_fp32_reference(group):
             ref = x.float() @ w.dequantize().t()
             assert sqnr(run_kernel(w8, x, packed, None, spec), ref) >= 45, (symmetric, m)
     assert w8.supports(dataclasses.replace(spec, bits=4)).startswith("not for")
+
+
+@pytest.mark.skipif(native.unavailable("tiles_dequant") is not None, reason="needs AVX2 and a C++ compiler")
+def test_int8_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight():
+    g = torch.Generator().manual_seed(3)
+    n, k = 264, 512
+    for group in (128, 512):
+        w = QuantWeight(codes=torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8),
+                        scale=torch.rand(n, k // group, generator=g) * 0.01, offset=torch.randn(n, k // group, generator=g) * 0.01,
+                        zero_point=None, group_size=group, bits=8)
+        spec = LinearSpec(n=n, k=k, group_size=group, bits=8, symmetric=False, act_dtype=torch.bfloat16)
+        tiles, gemv = KERNELS["int8_tiles_sgemm"], KERNELS["zen_w8_avx2"]
+        assert tiles.layout == gemv.layout  # one packed copy serves both
+        packed = tiles.prepack(w, spec.act_dtype)
+        x = torch.randn(70, k).to(torch.bfloat16)
+        ref = x.float() @ w.dequantize().t()
+        # fp32 GEMM on the exactly dequantized weight: only the bf16 rounding of y remains
+        assert sqnr(run_kernel(tiles, x, packed, None, spec), ref) >= 50
+        assert sqnr(run_kernel(gemv, x, packed, None, spec), ref) >= 45

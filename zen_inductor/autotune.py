@@ -103,7 +103,8 @@ def static_choice(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> str:
 def static_order(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> list[str]:
     """``usable`` from the most to the least likely winner on this CPU."""
     native_bf16 = native_bf16_gemm()
-    dense = ("dequant_gemm", "int4_tiles_sgemm", "dequant_sgemm") if native_bf16 else ("int4_tiles_sgemm", "dequant_sgemm", "dequant_gemm")
+    dense = (("dequant_gemm", "int4_tiles_sgemm", "int8_tiles_sgemm", "dequant_sgemm") if native_bf16
+             else ("int4_tiles_sgemm", "int8_tiles_sgemm", "dequant_sgemm", "dequant_gemm"))
     # int8 GEMMs only pay off with VNNI/AMX; without them (AVX2) _int_mm runs far below a
     # weight-only kernel, which is also exact in x
     int8_units = any(f in cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))

@@ -459,16 +459,16 @@ def _woq_run(x, packed, bias, spec):
     return _run_native("woq_avx2", x, packed[:3], bias, spec, (spec.k, _tile_group(packed, spec)), (spec.bits,))
 
 
-def _tiles_supports(spec: LinearSpec) -> Optional[str]:
-    return _bits_reason(spec, 4) or _tile_layout_reason(spec) or native.unavailable("int4_tiles_dequant")
+def _tiles_supports(spec: LinearSpec, bits: int) -> Optional[str]:
+    return _bits_reason(spec, bits) or _tile_layout_reason(spec) or native.unavailable("tiles_dequant")
 
 
 def _tiles_sgemm_run(x, packed, bias, spec):
     # fp32 GEMM on a weight dequantized per call by our C++ (about 10x faster than doing it
-    # with torch ops), from the same packed copy as zen_a8w4_avx2
-    tiles, scale, offset, _ = packed
+    # with torch ops), from the same packed copy as the GEMV kernels of its layout
+    tiles, scale, offset = packed[:3]
     w = torch.empty((spec.n, spec.k), dtype=torch.float32)
-    native.load("int4_tiles_dequant")(tiles, scale, offset, w, spec.n, spec.k, _tile_group(packed, spec))
+    native.load("tiles_dequant")(tiles, scale, offset, w, spec.n, spec.k, _tile_group(packed, spec), spec.bits)
     y = torch.mm(x.to(torch.float32), w.t())
     if bias is not None:
         y += bias
@@ -523,11 +523,14 @@ KERNELS: dict[str, Kernel] = {
         Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles", epilogues=("swiglu",)),
         Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _woq_run, layout="int4_tiles", epilogues=("swiglu",)),
         Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles", epilogues=("swiglu",)),
-        Kernel("int4_tiles_sgemm", "torch", _tiles_supports, _a8w4_prepack, _tiles_sgemm_run, layout="int4_tiles"),
+        Kernel("int4_tiles_sgemm", "torch", functools.partial(_tiles_supports, bits=4), _a8w4_prepack, _tiles_sgemm_run,
+               layout="int4_tiles"),
+        Kernel("int8_tiles_sgemm", "torch", functools.partial(_tiles_supports, bits=8), _int8_tiles_prepack, _tiles_sgemm_run,
+               layout="int8_tiles"),
         Kernel("dequant_gemm", "torch", _dequant_bf16_supports, _dequant_prepack, _dequant_gemm_run),
-        # int4_tiles_sgemm: the same fp32 GEMM, the weight dequantized by C++ ~10x faster
+        # int4/int8_tiles_sgemm: the same fp32 GEMM, the weight dequantized by C++ ~10x faster
         Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run,
-               dominated_by=("int4_tiles_sgemm",)),
+               dominated_by=("int4_tiles_sgemm", "int8_tiles_sgemm")),
         Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run, layout="dense"),
         Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense"),
         Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense",

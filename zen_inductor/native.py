@@ -34,9 +34,9 @@ SOURCES = {
          "int64_t", "int64_t", "int64_t"),
         ("avx2", "fma"),
     ),
-    "int4_tiles_dequant": (
-        "int4_tiles_dequant.cpp",
-        ("const uint8_t*", "const float*", "const float*", "float*", "int64_t", "int64_t", "int64_t"),
+    "tiles_dequant": (
+        "tiles_dequant.cpp",
+        ("const uint8_t*", "const float*", "const float*", "float*", "int64_t", "int64_t", "int64_t", "int64_t"),
         ("avx2", "fma"),
     ),
 }
