@@ -185,7 +185,7 @@ def write(results, args, quiet=False):
     for fmt in dict.fromkeys(r["format"] for r in results):
         rows = [r for r in results if r["format"] == fmt]
         eager = next((r for r in rows if r.get("system") == "eager" and "tokens" in r), None)
-        peers = [r for r in rows if not r.get("system", "").startswith("zen") and "ttft_ms" in r]
+        peers = [r for r in rows if not _is_zen(r.get("system", "")) and "ttft_ms" in r]
         for r in rows:
             if "error" in r:
                 lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | |")
@@ -195,7 +195,7 @@ def write(results, args, quiet=False):
             else:
                 same = "yes" if r["tokens"] == eager["tokens"] else f"{sum(a == b for a, b in zip(r['tokens'], eager['tokens']))}/{len(r['tokens'])}"
             ratio = ""
-            if r["system"].startswith("zen") and peers:
+            if _is_zen(r["system"]) and peers:
                 best_ttft = min(p["ttft_ms"] for p in peers)
                 best_tpot = min(p["tpot_ms"] for p in peers)
                 ratio = f"TTFT {r['ttft_ms'] / best_ttft:.2f}x, TPOT {r['tpot_ms'] / best_tpot:.2f}x"
@@ -211,6 +211,10 @@ def write(results, args, quiet=False):
         print(chart(os.path.join(args.out, f"e2e-{args.model}.json")))
     except ImportError as e:  # matplotlib is in the bench extra only
         print(f"no PNG chart: {e}")
+
+
+def _is_zen(system: str) -> bool:  # zen and its variants (zen-a8); zentorch is a peer
+    return system == "zen" or system.startswith("zen-")
 
 
 def _cpu():

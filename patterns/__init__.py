@@ -14,8 +14,10 @@ class Family:
     apply: Callable  # apply(ctx: PatternContext) -> None
 
 
-from . import add_rmsnorm, concat_linear, dense_matmul, dequant_matmul, linear_epilogue  # noqa: E402
+from . import add_rmsnorm, concat_linear, decode_attention, dense_matmul, dequant_matmul, linear_epilogue  # noqa: E402
 
 # dequant_matmul first: concat_linear merges the linears it leaves; dense_matmul then takes the
-# remaining (and merged) bf16 linears; linear_epilogue fuses the SwiGLU into merged gate/up ones
-FAMILIES = (dequant_matmul.FAMILY, concat_linear.FAMILY, dense_matmul.FAMILY, linear_epilogue.FAMILY, add_rmsnorm.FAMILY)
+# remaining (and merged) bf16 linears; linear_epilogue fuses the SwiGLU into merged gate/up ones;
+# add_rmsnorm and decode_attention stand alone
+FAMILIES = (dequant_matmul.FAMILY, concat_linear.FAMILY, dense_matmul.FAMILY, linear_epilogue.FAMILY, add_rmsnorm.FAMILY,
+            decode_attention.FAMILY)

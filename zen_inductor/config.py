@@ -44,6 +44,9 @@ dense_matmul: bool = _env("dense_matmul", True)
 # silu(gate) * up computed in the kernel of a merged gate/up linear
 linear_epilogue: bool = _env("linear_epilogue", True)
 
+# attention of one query position over the KV cache as two small GEMMs instead of flash attention
+decode_attention: bool = _env("decode_attention", True)
+
 # --- compilation ------------------------------------------------------------------------
 # freeze weights into constants under torch.no_grad(); needed to prepack weights once
 freezing: bool = _env("freezing", True)

@@ -1,0 +1,57 @@
+"""decode_attention: one query position over the KV cache, as bmm + softmax + bmm."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zen_inductor
+
+from conftest import compile_zen, sqnr
+
+
+class Attend(torch.nn.Module):
+    def __init__(self, causal=False):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=self.causal) * 2
+
+
+def _fp32(q, k, v):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    return torch.softmax(q.float() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v * 2
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
+def test_decode_attention_replaces_flash_attention(tmp_path, heads, kv_heads):
+    fast = compile_zen(Attend())
+    compiles_before = len(zen_inductor.reports())
+    with torch.no_grad(), zen_inductor.config.patch(debug_dir=str(tmp_path)):
+        for length in (5, 37, 160):  # one graph: the cache length is dynamic, heads and head size are not
+            q = torch.randn(1, heads, 1, 64).to(torch.bfloat16)
+            k, v = (torch.randn(1, kv_heads, length, 64).to(torch.bfloat16) for _ in range(2))
+            torch._dynamo.mark_dynamic(k, 2)
+            torch._dynamo.mark_dynamic(v, 2)
+            ref = _fp32(q, k, v)
+            assert sqnr(fast(q, k, v), ref) >= sqnr(Attend()(q, k, v), ref) - 0.5, length
+    assert zen_inductor.counters["decode_attention." + ("gqa" if heads != kv_heads else "mha")] >= 1
+    with open(tmp_path / "LATEST") as f, open(f.read().strip() + "/after.py") as g:
+        after = g.read()
+    assert "flash_attention" not in after and after.count("aten.bmm") == 2
+    assert len(zen_inductor.reports()) == compiles_before + 1  # no recompiles across lengths
+
+
+def test_causal_or_prefill_attention_is_left_alone():
+    q = torch.randn(1, 4, 1, 32).to(torch.bfloat16)
+    k, v = (torch.randn(1, 4, 9, 32).to(torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        causal = compile_zen(Attend(causal=True))(q, k, v)
+    assert torch.allclose(causal.float(), Attend(causal=True)(q, k, v).float(), atol=2e-2)  # key 0 only, as eager
+    (miss,) = zen_inductor.last_report()["near_misses"]
+    assert "is_causal" in miss["reason"]
+    torch._dynamo.reset()
+    zen_inductor.counters.clear()
+    with torch.no_grad():  # prefill: several query positions stay with flash attention, silently
+        compile_zen(Attend())(torch.randn(1, 4, 6, 32).to(torch.bfloat16), k, v)
+    assert zen_inductor.counters["decode_attention"] == 0 and zen_inductor.last_report()["near_misses"] == []
