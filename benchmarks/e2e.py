@@ -24,7 +24,8 @@ import time
 MODELS = {
     # Llama-3.2-1B shapes, 4 layers, vocab 32000, tied embeddings
     "llama1b-4l": dict(family="llama", hidden=2048, intermediate=8192, heads=32, kv_heads=8, layers=4, vocab=32000),
-    "qwen3-4l": dict(family="qwen3", hidden=1024, intermediate=3072, heads=16, kv_heads=8, layers=4, vocab=32000),
+    # Qwen3-0.6B shapes (head size 128, per-head q/k norms), 4 layers, vocab 32000, tied embeddings
+    "qwen3-4l": dict(family="qwen3", hidden=1024, intermediate=3072, heads=16, kv_heads=8, head_dim=128, layers=4, vocab=32000),
     "tiny": dict(family="llama", hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2, vocab=1024),
 }
 FORMATS = ("bf16", "int4wo", "int8dq", "int8wo", "da8w4")
@@ -39,7 +40,7 @@ def build(spec: dict):
     cfg = getattr(transformers, names[0])(
         hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
         num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
-        max_position_embeddings=512, tie_word_embeddings=True,
+        max_position_embeddings=512, tie_word_embeddings=True, **({"head_dim": spec["head_dim"]} if "head_dim" in spec else {}),
     )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)

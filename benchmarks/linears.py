@@ -63,8 +63,8 @@ def main():
     args = p.parse_args()
     spec_m = MODELS[args.model]
     h, i, heads, kv = spec_m["hidden"], spec_m["intermediate"], spec_m["heads"], spec_m["kv_heads"]
-    hd = h // heads
-    shapes = {"qkv": (h + 2 * kv * hd, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (spec_m["vocab"], h)}
+    hd = spec_m.get("head_dim", h // heads)
+    shapes = {"qkv": (heads * hd + 2 * kv * hd, h), "o": (h, heads * hd), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (spec_m["vocab"], h)}
     bw = read_bandwidth_gbs()
     lines = [f"# Per-linear kernels: {args.model} (merged q/k/v and gate/up as zen runs them)", "",
              f"Measured read bandwidth: {bw:.1f} GB/s, {torch.get_num_threads()} threads. Times in us (median); "
