@@ -184,7 +184,10 @@ def test_compute_bound_bins_take_the_ranking_of_the_bin_below(monkeypatch):
     with torch.no_grad():
         compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
     bins = {b["bin"]: b for b in zen_inductor.last_report()["autotune"][0]["bins"]}
-    assert bins["17-64"]["times_us"] and not bins["17-64"]["note"].startswith("compute-bound")  # lo=17: timed
-    for label in ("65-256", "257-1024", "1025+"):
-        assert bins[label]["times_us"] == {} and bins[label]["note"] == "compute-bound from M=%s: the ranking of bin 17-64" % label.split("-")[0].rstrip("+")
-        assert bins[label]["winner"] == bins["17-64"]["winner"]
+    # past the cap, bins are still timed (at their smallest M) until one was timed at M >= 256:
+    # below that the fixed cost of dequantizing a weight can still change the ranking
+    for label in ("17-64", "65-256", "257-1024"):
+        assert bins[label]["times_us"] and not bins[label]["note"].startswith("compute-bound"), label
+    assert bins["1025+"]["times_us"] == {}
+    assert bins["1025+"]["note"] == "compute-bound from M=1025: the ranking of bin 257-1024"
+    assert bins["1025+"]["winner"] == bins["257-1024"]["winner"]

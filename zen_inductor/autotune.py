@@ -268,14 +268,14 @@ class Tuner:
         verify = _Verifier(spec, weight, bias, packed)
         bins = shape_bins()
         results, copies = [], {}
-        timed_below = None  # the last bin timed here: its ranking holds for compute-bound bins above
+        timed_below, timed_below_m = None, 0  # the last bin timed, and at which M: see compute_bound
         for b in bins:
             key = cache_key(spec, b, usable)
             cached = self.cache.get(key) if config.autotune else None
             # a cached winner was verified on another weight; it is checked again on this one
             if cached and cached["winner"] in usable and verify(cached["winner"], b.representative_m) is None:
                 results.append(BinResult(b.label, cached["winner"], cached.get("times_us", {}), dict(cached.get("excluded", {})), True))
-                timed_below = results[-1]
+                timed_below, timed_below_m = results[-1], b.representative_m
                 continue
             result = BinResult(b.label, "")
             passing = []
@@ -290,7 +290,7 @@ class Tuner:
             if config.autotune and config.autotune_lazy and len(passing) > 1:
                 result.winner = LAZY + "+".join(passing)
                 result.note = "tuned at the first call of this bin"
-            elif config.autotune and compute_bound(b, spec) and timed_below and timed_below.winner in passing:
+            elif config.autotune and compute_bound(b, spec, timed_below_m) and timed_below and timed_below.winner in passing:
                 # one call here costs seconds, and a GEMM's ranking no longer changes with M
                 result.winner = timed_below.winner
                 result.note = f"compute-bound from M={b.lo}: the ranking of bin {timed_below.bin}"
@@ -311,7 +311,7 @@ class Tuner:
                     result.times_us[name] = round(time_kernel(KERNELS[name], x, copies[name], bias, spec, config.autotune_reps), 1)
                 if len(result.times_us) == len(passing):
                     result.winner = min(result.times_us, key=result.times_us.get)
-                    timed_below = result
+                    timed_below, timed_below_m = result, m
                     self.cache.put({key: {"winner": result.winner, "times_us": result.times_us, "excluded": result.excluded}})
                 else:  # the budget ran out in the middle of this bin
                     result.winner = static_choice(b, passing, spec)
@@ -370,9 +370,16 @@ def timing_m(b: ShapeBin, spec: LinearSpec) -> int:
     return min(b.representative_m, cap)
 
 
-def compute_bound(b: ShapeBin, spec: LinearSpec) -> bool:
-    """Even the bin's smallest M exceeds the timing cap: the bin below it ranks kernels for it."""
-    return 2 * b.lo * spec.n * spec.k > TIMING_MAX_FLOP
+COMPUTE_BOUND_FROM_M = 256  # past this every candidate's time grows in proportion to M here
+
+
+def compute_bound(b: ShapeBin, spec: LinearSpec, below_m: int) -> bool:
+    """The bin's smallest M exceeds the timing cap and the bin below was timed at an M where
+    every kernel is compute-bound already: its ranking holds here too. (Below ~256 rows the
+    weight's dequantization, a fixed cost per call, still decides between GEMV-style kernels
+    and dequantize + sgemm: reusing the ranking of the 17-64 bin for 65-256 cost a 1B model's
+    prefill 27%.)"""
+    return 2 * b.lo * spec.n * spec.k > TIMING_MAX_FLOP and below_m >= COMPUTE_BOUND_FROM_M
 
 
 VERIFY_MAX_M = 256  # rows checked against the reference; kernels' large-M paths start well below
