@@ -66,8 +66,8 @@ def silu_input(node: fx.Node):
     Spellings: ``aten.silu``; Inductor's decomposition ``x / (1 + exp(-x))``; ``x * sigmoid(x)``;
     each with an fp32 upcast of x and a downcast of the result.
     """
-    *steps, core = _chain(node, _CONVERT)
-    steps.append(core)
+    steps = _chain(node, _CONVERT)  # the downcast of the result, if any, then the core op
+    core = steps[-1]
     x = None
     if _is(core, aten.silu.default):
         x = core.args[0]
