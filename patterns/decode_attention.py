@@ -20,11 +20,14 @@ GEMM in fp32 (flash attention accumulates in fp32 too), a max-subtracted softmax
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 
 import torch
 import torch.fx as fx
+
+from zen_inductor.graph_pass import emit_op
 
 from . import Family
 
@@ -81,31 +84,24 @@ def why_not(node: fx.Node) -> str | None:
 # --- rewrite ------------------------------------------------------------------------------------
 
 
-def _emit(graph: fx.Graph, target, *args) -> fx.Node:
-    node = graph.call_function(target, args)
-    vals = [_val(a) if isinstance(a, fx.Node) else a for a in args]
-    node.meta["val"] = target(*vals)  # fake tensors: shapes (symbolic L included) for Inductor
-    return node
-
-
 def rewrite(ctx, node: fx.Node) -> None:
     q, k, v = node.args[:3]
     b, h, _, d = _val(q).shape
     hkv = _val(k).shape[1]
     scale = _arg(node, 5, "scale", None)
     scale = scale if scale is not None else 1 / math.sqrt(d)
-    g = ctx.graph
-    with g.inserting_before(node):
+    op = functools.partial(emit_op, ctx.graph)
+    with ctx.graph.inserting_before(node):
         f32 = prims.convert_element_type.default
-        qg = _emit(g, aten.reshape.default, _emit(g, f32, q, torch.float32), [b * hkv, h // hkv, d])
-        kt = _emit(g, aten.permute.default, _emit(g, aten.reshape.default, _emit(g, f32, k, torch.float32), [b * hkv, -1, d]), [0, 2, 1])
-        vv = _emit(g, aten.reshape.default, _emit(g, f32, v, torch.float32), [b * hkv, -1, d])
-        scores = _emit(g, aten.mul.Tensor, _emit(g, aten.bmm.default, qg, kt), scale)
-        shifted = _emit(g, aten.sub.Tensor, scores, _emit(g, aten.amax.default, scores, [-1], True))
-        e = _emit(g, aten.exp.default, shifted)
-        probs = _emit(g, aten.div.Tensor, e, _emit(g, aten.sum.dim_IntList, e, [-1], True))
-        out = _emit(g, aten.reshape.default, _emit(g, aten.bmm.default, probs, vv), [b, h, 1, d])
-        out = _emit(g, f32, out, _val(q).dtype)
+        qg = op(aten.reshape.default, op(f32, q, torch.float32), [b * hkv, h // hkv, d])
+        kt = op(aten.permute.default, op(aten.reshape.default, op(f32, k, torch.float32), [b * hkv, -1, d]), [0, 2, 1])
+        vv = op(aten.reshape.default, op(f32, v, torch.float32), [b * hkv, -1, d])
+        scores = op(aten.mul.Tensor, op(aten.bmm.default, qg, kt), scale)
+        shifted = op(aten.sub.Tensor, scores, op(aten.amax.default, scores, [-1], True))
+        e = op(aten.exp.default, shifted)
+        probs = op(aten.div.Tensor, e, op(aten.sum.dim_IntList, e, [-1], True))
+        out = op(aten.reshape.default, op(aten.bmm.default, probs, vv), [b, h, 1, d])
+        out = op(f32, out, _val(q).dtype)
     for user in list(node.users):
         user.replace_all_uses_with(out)
     ctx.record.match(PATTERN, "gqa" if h != hkv else "mha", node, "bmm + softmax + bmm (fp32)")

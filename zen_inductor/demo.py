@@ -9,9 +9,7 @@ first run of each compiled system compiles (progress is printed), later runs are
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -126,8 +124,6 @@ def _compile(model, system: str):
 
 
 def run(args) -> int:
-    import logging
-
     import zen_inductor
     from zen_inductor.autotune import sqnr_db
 

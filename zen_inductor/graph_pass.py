@@ -187,17 +187,20 @@ class PatternContext:
         self.record.near_miss(pending.match.pattern, mm, f"{reason}; runs as a GEMM on the dequantized weight")
 
 
+def emit_op(graph: fx.Graph, target, *args) -> fx.Node:
+    """``target(*args)`` inserted at the graph's insertion point, with its fake value (shapes,
+    symbolic ones included) computed from its inputs' for Inductor."""
+    node = graph.call_function(target, args)
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
+    if all(v is not None for v in vals):
+        node.meta["val"] = target(*vals)
+    return node
+
+
 def _swiglu_ops(graph: fx.Graph, y: fx.Node, width: int) -> fx.Node:
     """``silu(y[:, :width]) * y[:, width:]`` as aten ops, silu in fp32 as Inductor decomposes it."""
     aten, convert = torch.ops.aten, torch.ops.prims.convert_element_type.default
-
-    def call(target, *args):
-        node = graph.call_function(target, args)
-        vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
-        if all(v is not None for v in vals):
-            node.meta["val"] = target(*vals)
-        return node
-
+    call = functools.partial(emit_op, graph)
     gate = call(convert, call(aten.slice.Tensor, y, 1, 0, width), torch.float32)
     up = call(convert, call(aten.slice.Tensor, y, 1, width, 2 * width), torch.float32)
     silu = call(aten.div.Tensor, gate, call(aten.add.Tensor, call(aten.exp.default, call(aten.neg.default, gate)), 1))

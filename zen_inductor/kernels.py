@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
