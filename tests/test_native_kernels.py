@@ -227,16 +227,17 @@ def test_int4_weight_only_model_runs_on_the_weight_only_kernel():
 
 
 @pytest.mark.skipif(native.unavailable("bf16_gemv_avx2") is not None, reason="needs AVX2 and a C++ compiler")
-def test_bf16_gemv_on_the_models_own_weight():
-    from zen_inductor.kernels import DenseWeight
+@pytest.mark.parametrize("name", ["zen_bf16_gemv_avx2", "zen_bf16_blocks_avx2"])
+def test_bf16_gemv_rows_and_blocks(name):
+    from zen_inductor.kernels import DenseWeight, apply_epilogue
 
     torch.manual_seed(0)
-    gemv = KERNELS["zen_bf16_gemv_avx2"]
-    weight = torch.randn(100, 512, dtype=torch.bfloat16)  # N not a multiple of 8: a tail of single rows
-    w = DenseWeight(weight)
+    gemv = KERNELS[name]
+    weight = torch.randn(100, 512, dtype=torch.bfloat16)  # N not a multiple of 8: a tail block
     spec = LinearSpec(n=100, k=512, group_size=512, bits=16, symmetric=True, act_dtype=torch.bfloat16)
-    packed = gemv.prepack(w, torch.bfloat16)
-    assert packed[0].data_ptr() == weight.data_ptr()  # no copy of the weight
+    packed = gemv.prepack(DenseWeight(weight), torch.bfloat16)
+    # rows: the model's own weight, no copy; blocks: a padded copy, 8 rows x 8 columns per block
+    assert (packed[0].data_ptr() == weight.data_ptr()) == (name == "zen_bf16_gemv_avx2")
     bias = torch.randn(100, dtype=torch.bfloat16)
     for m in (1, 3):
         x = torch.randn(m, 512, dtype=torch.bfloat16)
@@ -244,6 +245,12 @@ def test_bf16_gemv_on_the_models_own_weight():
             ref = x.float() @ weight.float().t() + (b.float() if b is not None else 0)
             y = run_kernel(gemv, x, packed, b, spec)
             assert y.dtype == torch.bfloat16 and sqnr(y, ref) >= 45
+    # the SwiGLU epilogue in the kernel, with a bias: gate and up blocks of 8 rows in turn
+    swiglu = dataclasses.replace(spec, n=96, epilogue="swiglu")
+    packed = gemv.prepack(DenseWeight(weight[:96]), torch.bfloat16)
+    x = torch.randn(2, 512, dtype=torch.bfloat16)
+    ref = apply_epilogue((x.float() @ weight[:96].float().t() + bias[:96].float()), swiglu)
+    assert sqnr(run_kernel(gemv, x, packed, bias[:96], swiglu), ref) >= 45
     assert "multiple of 8" in gemv.supports(LinearSpec(n=100, k=500, group_size=500, bits=16, symmetric=True, act_dtype=torch.bfloat16))
 
 

@@ -110,7 +110,7 @@ def static_order(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> list[str
     int8_units = any(f in cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
     quantized = (_DYNAMIC_ORDER + _QUANTIZED_ORDER) if spec.dynamic_activation and int8_units else _QUANTIZED_ORDER
     if spec.bits > 8:  # a dense weight: its own dtype while memory-bound, fp32 GEMM once compute-bound
-        quantized, dense = ("zen_bf16_gemv_avx2", "dense_mm"), ("dense_mm",) if native_bf16 else ("dense_sgemm",)
+        quantized, dense = ("zen_bf16_blocks_avx2", "zen_bf16_gemv_avx2", "dense_mm"), ("dense_mm",) if native_bf16 else ("dense_sgemm",)
     order = (dense + quantized) if bin.lo >= STATIC_DENSE_FROM_M else (quantized + dense)
     if spec.dynamic_activation:  # int8 x int4 stays ahead of dequantize + sgemm up to M=1024 here
         order = ("zen_a8w4_avx2",) + order

@@ -492,10 +492,17 @@ def _bf16_gemv_supports(spec: LinearSpec) -> Optional[str]:
     return _dense_supports(spec) or native.unavailable("bf16_gemv_avx2")
 
 
-def _bf16_gemv_run(x, packed, bias, spec):
+def _bf16_blocks_prepack(w: DenseWeight, act_dtype):
+    # [ceil(N/8), K/8, 8, 8]: 8 rows as one contiguous stream (csrc/bf16_gemv_avx2.cpp); a copy,
+    # made only if this kernel wins a bin (packing is lazy)
+    padded = torch.nn.functional.pad(w.weight, (0, 0, 0, -w.n % 8))
+    return [padded.view(-1, 8, w.k // 8, 8).permute(0, 2, 1, 3).contiguous()]
+
+
+def _bf16_gemv_run(x, packed, bias, spec, blocks: bool = False):
     # without native bf16 (AVX2) ATen's bf16 GEMV is far from the memory roofline; this one
     # widens bf16 by a shift and streams 8 weight rows at a time
-    return _run_native("bf16_gemv_avx2", x, packed[:1], bias, spec, (spec.k,))
+    return _run_native("bf16_gemv_avx2", x, packed[:1], bias, spec, (spec.k,), (int(blocks),))
 
 
 def _dense_mm_run(x, packed, bias, spec):
@@ -533,6 +540,10 @@ KERNELS: dict[str, Kernel] = {
         Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run, layout="dense"),
         Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense"),
         Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense",
+               epilogues=("swiglu",)),
+        # the same GEMV on a blocked copy: ahead where rows of W are short (K ~ 1024), behind on long ones
+        Kernel("zen_bf16_blocks_avx2", "dense", _bf16_gemv_supports, _bf16_blocks_prepack,
+               functools.partial(_bf16_gemv_run, blocks=True), layout="bf16_blocks",
                epilogues=("swiglu",)),
     )
 }

@@ -31,7 +31,7 @@ SOURCES = {
     "bf16_gemv_avx2": (
         "bf16_gemv_avx2.cpp",
         ("const void*", "const uint16_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t",
-         "int64_t", "int64_t", "int64_t"),
+         "int64_t", "int64_t", "int64_t", "int64_t"),
         ("avx2", "fma"),
     ),
     "tiles_dequant": (
