@@ -56,6 +56,9 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
       const uint8_t* wr = wg + j * row_bytes;
       for (int64_t b = 0; b < G / 64; ++b) {
         __m256i u[4];
+        // 4 KB ahead in this thread's one stream of tiles: more reads in flight than the hardware
+        // prefetcher keeps (int8 at M = 1: 15-17 -> 17-20 GB/s here; int4 is bound by unpacking)
+        _mm_prefetch(reinterpret_cast<const char*>(wr + b * 64 * BITS / 8) + 4096, _MM_HINT_T0);
         unpack64<BITS>(wr + b * 64 * BITS / 8, u);
         for (int r = 0; r < ROWS; ++r) {
           const __m256i* xr = reinterpret_cast<const __m256i*>(xq + (m0 + r) * K + g * G + b * 64);
