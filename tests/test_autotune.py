@@ -191,3 +191,35 @@ def test_compute_bound_bins_take_the_ranking_of_the_bin_below(monkeypatch):
     assert bins["1025+"]["times_us"] == {}
     assert bins["1025+"]["note"] == "compute-bound from M=1025: the ranking of bin 257-1024"
     assert bins["1025+"]["winner"] == bins["257-1024"]["winner"]
+
+
+def test_budget_counts_kernel_timing_only(monkeypatch):
+    """Reading, packing and verifying weights happen with or without tuning: they do not spend
+    the budget (a first compile that builds kernels and reads many weights still tunes)."""
+    from types import SimpleNamespace
+
+    from zen_inductor import autotune
+
+    clock = [0.0]
+    monkeypatch.setattr(autotune, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    check = autotune._Verifier._check
+
+    def slow_check(self, name, m):  # each verification: 100 s of the fake clock
+        clock[0] += 100.0
+        return check(self, name, m)
+
+    def timed(kernel, x, copies, bias, spec, reps):  # each timing: 0.4 s, a fixed ranking
+        clock[0] += 0.4
+        return 10.0 + len(kernel.name)
+
+    monkeypatch.setattr(autotune._Verifier, "_check", slow_check)
+    monkeypatch.setattr(autotune, "time_kernel", timed)
+    monkeypatch.setattr(autotune, "_first_call_us", lambda *args: 1.0)
+    m = HandDequant(64, True, 4).eval()
+    with config.patch(autotune_budget_s=2.0), torch.no_grad():
+        compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
+    bins = zen_inductor.last_report()["autotune"][0]["bins"]
+    assert bins[0]["times_us"] and "budget" not in bins[0]["note"]
+    assert bins[-1]["note"] == "autotune budget spent; static rule"
+    timings = sum(len(b["times_us"]) for b in bins if not b["cached"])
+    assert 2.0 <= 0.4 * timings <= 2.0 + 0.4 + 1e-9  # the budget, and at most the one timing that crossed it

@@ -56,7 +56,8 @@ freezing: bool = _env("freezing", True)
 autotune: bool = _env("autotune", True)
 # tune each shape bin at its first call (on the real input) instead of at compile time
 autotune_lazy: bool = _env("autotune_lazy", False)
-# upper bound of tuning time per compiled graph, seconds
+# upper bound of kernel timing per compiled graph, seconds (reading, packing and verifying weights
+# are not counted: they happen without tuning too)
 autotune_budget_s: float = _env("autotune_budget_s", 20.0)
 # timed repetitions per candidate and bin (the median is kept)
 autotune_reps: int = _env("autotune_reps", 5)
