@@ -48,8 +48,8 @@ def test_one_graph_serves_every_bin(monkeypatch):
             assert sqnr(compiled(x), x.float() @ m.reference_weight().t()) >= 40
     assert len(zen_inductor.reports()) == compiles_before + 1  # one graph, no recompiles
     ran = dict((rows, name) for name, rows in calls)
-    assert ran[2] == ran[40] == "aten_int4pack_mm"  # static rule: quantized kernel below M=64
-    assert ran[100] == ran[700] == "dequant_sgemm"  # dense GEMM above
+    assert ran[2] == ran[40] == ran[100] == "aten_int4pack_mm"  # static rule: quantized kernel up to M=256
+    assert ran[700] == "dequant_sgemm"  # dequantize + dense GEMM above
 
 
 _COMPILE_IN_A_NEW_PROCESS = """

@@ -85,11 +85,14 @@ class BinResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Static rule (config.autotune=False): quantized kernels while the GEMM is memory-bound (decode),
-# dequantize + dense GEMM once it is compute-bound (measured here: int4 kernels are 3-5x slower
-# than a bf16 GEMM at M=512). Among quantized kernels, vendor kernels first.
+# Static rule (config.autotune=False, and bins the budget did not reach): quantized kernels while
+# the GEMM is memory-bound (decode), dequantize + dense GEMM once it is compute-bound. Where that
+# happens was measured here (AVX2, 1B shapes): a bf16 weight's fp32 sgemm wins from M ~ 64, but
+# our int4/int8 kernels stay ahead of dequantize + sgemm up to M ~ 256-512 (65-256 bin: 10 of 12
+# int4/int8 shapes). Among quantized kernels, ours and vendor kernels first.
 
 STATIC_DENSE_FROM_M = 64
+STATIC_DEQUANT_FROM_M = 257
 # our kernels first where they apply; at M=1 here (AVX2), against aten int4pack: int8 x int4
 # 3-3.5x, weight-only int4 2-2.6x
 _QUANTIZED_ORDER = ("zen_a8w4_avx2", "zen_w4_avx2", "zen_w8_avx2", "zentorch_woq_linear", "aten_int4pack_mm", "aten_int8pack_mm")
@@ -111,7 +114,8 @@ def static_order(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> list[str
     quantized = (_DYNAMIC_ORDER + _QUANTIZED_ORDER) if spec.dynamic_activation and int8_units else _QUANTIZED_ORDER
     if spec.bits > 8:  # a dense weight: its own dtype while memory-bound, fp32 GEMM once compute-bound
         quantized, dense = ("zen_bf16_blocks_avx2", "zen_bf16_gemv_avx2", "dense_mm"), ("dense_mm",) if native_bf16 else ("dense_sgemm",)
-    order = (dense + quantized) if bin.lo >= STATIC_DENSE_FROM_M else (quantized + dense)
+    dense_from = STATIC_DENSE_FROM_M if spec.bits > 8 else STATIC_DEQUANT_FROM_M
+    order = (dense + quantized) if bin.lo >= dense_from else (quantized + dense)
     if spec.dynamic_activation:  # int8 x int4 stays ahead of dequantize + sgemm up to M=1024 here
         order = ("zen_a8w4_avx2",) + order
     return sorted(usable, key=lambda name: order.index(name) if name in order else len(order))
@@ -236,10 +240,9 @@ def _first_call_us(kernel: Kernel, x, packed, bias, spec) -> float:
 def time_kernel(kernel: Kernel, x, copies: list, bias, spec, reps: int) -> float:
     """Median over ``reps`` samples of the time per call, in microseconds."""
     t0 = time.perf_counter()
-    for packed in copies:  # warm-up: lazy init, allocator, first touch
-        run_kernel(kernel, x, packed, bias, spec)
+    run_kernel(kernel, x, copies[0], bias, spec)  # warm-up: lazy init, allocator (clones are touched)
     calls = len(copies)
-    if (time.perf_counter() - t0) / calls > 0.02:  # a slow candidate tells its story in few runs
+    if time.perf_counter() - t0 > 0.02:  # a slow candidate tells its story in few runs
         reps = min(reps, 3)
     samples = []
     for _ in range(reps):
@@ -308,7 +311,9 @@ class Tuner:
                     if time.perf_counter() > deadline:
                         break
                     first_us = _first_call_us(KERNELS[name], x, packed[name], bias, spec)
-                    if result.times_us and first_us > 4 * min(result.times_us.values()):
+                    # over 2x the best so far: no repeat will make it win (runs of one kernel
+                    # vary by 10-20% here; 4x cost a 1B model's first compile ~4 s a linear shape)
+                    if result.times_us and first_us > 2 * min(result.times_us.values()):
                         result.times_us[name] = round(first_us, 1)  # hopeless: no copies, no repeats
                         continue
                     if name not in copies:
