@@ -93,7 +93,7 @@ class TestDumps(expecttest.TestCase):
     "2-4": "zen_w4_avx2",
     "5-16": "zen_w4_avx2",
     "17-64": "zen_w4_avx2",
-    "65-256": "int4_tiles_sgemm",
+    "65-256": "zen_w4_avx2",
     "257-1024": "int4_tiles_sgemm",
     "1025+": "int4_tiles_sgemm"
    }
