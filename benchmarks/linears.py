@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from zen_inductor.autotune import _Verifier, _first_call_us, shape_bins, static_order, time_kernel, weight_copies  # noqa: E402
+from zen_inductor.autotune import (HOPELESS_RATIO, _Verifier, _first_call_us, shape_bins, static_order,  # noqa: E402
+                                   time_kernel, weight_copies)
 from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates  # noqa: E402
 from benchmarks.e2e import MODELS  # noqa: E402
 
@@ -69,7 +70,7 @@ def main():
     lines = [f"# Per-linear kernels: {args.model} (merged q/k/v and gate/up as zen runs them)", "",
              f"Measured read bandwidth: {bw:.1f} GB/s, {torch.get_num_threads()} threads. Times in us (median); "
              "GB/s = weight bytes / time; `x` = not a candidate or failed verification; `>N`: one call "
-             "took over 4x the best so far and was not repeated (as the autotuner does).", ""]
+             f"took over {HOPELESS_RATIO}x the best so far and was not repeated (as the autotuner does).", ""]
     for fmt in args.formats.split(","):
         for name, (n, k) in shapes.items():
             w, bits, dynamic = weight_for(fmt, n, k)
@@ -90,7 +91,7 @@ def main():
                         cell[kname] = "x"
                         continue
                     first = _first_call_us(KERNELS[kname], x, packed[kname], None, spec)
-                    if best is not None and first > 4 * best[1]:  # hopeless: _int_mm without VNNI took minutes
+                    if best is not None and first > HOPELESS_RATIO * best[1]:  # hopeless: _int_mm without VNNI took minutes
                         cell[kname] = f">{first:.0f}"
                         continue
                     copies = weight_copies(packed[kname], m)

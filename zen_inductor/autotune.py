@@ -237,6 +237,11 @@ def _first_call_us(kernel: Kernel, x, packed, bias, spec) -> float:
     return (time.perf_counter() - t0) * 1e6
 
 
+# a first call over this many times the best so far: no repeat will make it win (runs of one
+# kernel vary by 10-20% here; a ratio of 4 cost a 1B model's first compile ~4 s a linear shape)
+HOPELESS_RATIO = 2
+
+
 def time_kernel(kernel: Kernel, x, copies: list, bias, spec, reps: int) -> float:
     """Median over ``reps`` samples of the time per call, in microseconds."""
     t0 = time.perf_counter()
@@ -311,9 +316,7 @@ class Tuner:
                     if time.perf_counter() > deadline:
                         break
                     first_us = _first_call_us(KERNELS[name], x, packed[name], bias, spec)
-                    # over 2x the best so far: no repeat will make it win (runs of one kernel
-                    # vary by 10-20% here; 4x cost a 1B model's first compile ~4 s a linear shape)
-                    if result.times_us and first_us > 2 * min(result.times_us.values()):
+                    if result.times_us and first_us > HOPELESS_RATIO * min(result.times_us.values()):
                         result.times_us[name] = round(first_us, 1)  # hopeless: no copies, no repeats
                         continue
                     if name not in copies:

@@ -63,15 +63,13 @@ void gemv(const float* xf, const uint16_t* w, const float* b, void* y, int64_t M
         store8(y, m * N + 8 * t, b ? _mm256_add_ps(s, _mm256_loadu_ps(b + 8 * t)) : s, y_bf16);
       } else {  // the last rows when N is not a multiple of 8 (blocks: the padding is not stored)
         alignas(32) float sums[8];
-        for (int64_t n = t * 8; n < N; ++n) {
-          if (BLOCKS) {
-            if (n == t * 8)
-              _mm256_store_ps(sums, block<true, 8>(w, xf, m, n, K));
-          } else {
+        if (BLOCKS)
+          _mm256_store_ps(sums, block<true, 8>(w, xf, m, 8 * t, K));
+        else
+          for (int64_t n = t * 8; n < N; ++n)
             sums[n - t * 8] = _mm256_cvtss_f32(block<false, 1>(w, xf, m, n, K));  // lane 0: row n
-          }
+        for (int64_t n = t * 8; n < N; ++n)
           store1(y, m * N + n, sums[n - t * 8] + (b ? b[n] : 0.0f), y_bf16);
-        }
       }
     }
 }

@@ -79,8 +79,7 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
         s[r] = _mm256_setzero_si256();
       const uint8_t* wr = wg + j * row_bytes;
       if constexpr (ROWS == 1 && BITS == 4) {  // one row of x: vpmaddubsw on the nibbles as they are
-        s[0] = dot_nibbles(wr, xlo + m0 * K + g * G, xhi + m0 * K + g * G, G);
-        sums[0][j] = s[0];
+        sums[0][j] = dot_nibbles(wr, xlo + m0 * K + g * G, xhi + m0 * K + g * G, G);
         continue;
       }
       for (int64_t b = 0; b < G / 64; ++b) {
