@@ -47,12 +47,14 @@ class PatternContext:
 
         Marked as a frozen parameter: Inductor's FX graph cache then keys it by metadata and
         re-reads its value from this module on a hit, instead of replaying a stored copy that
-        belongs to whichever model was compiled first.
+        belongs to whichever model was compiled first. Registered persistent: the cache key
+        pickles the module's set of non-persistent buffer names, whose order changes with
+        Python's string hashing, so every compile missed the cache.
         """
         name = f"_zen_{prefix}_{self._attr_count}"
         self._attr_count += 1
         tensor._is_frozen_param = True
-        self.gm.register_buffer(name, tensor, persistent=False)
+        self.gm.register_buffer(name, tensor)
         with self.graph.inserting_before(like):
             node = self.graph.get_attr(name)
         fake_mode = _fake_mode(self.graph)
