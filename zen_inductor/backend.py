@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
 from . import config, dumps
+from .allocator import reuse_freed_memory
 from .graph_pass import ZenJointPass
 from .record import CompileRecord
 
@@ -57,7 +58,8 @@ def _compile(gm, example_inputs, inductor_patches):
         lifted = _lift_parameters(gm, example_inputs)
     inputs = [a for i, a in enumerate(example_inputs) if i not in set(lifted)]
     patches = {"joint_custom_post_pass": ZenJointPass(record), "freezing": freeze, **inductor_patches}
-    compiled = compile_fx(gm, inputs, config_patches=patches)
+    with reuse_freed_memory():
+        compiled = compile_fx(gm, inputs, config_patches=patches)
     _forget_zentorch_reorders()
     dumps.finish(record)
     if not lifted:

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from . import config
+from .allocator import release_freed_memory
 from .autotune import NoKernel, Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
 from .kernels import Plan, candidates, quant_linear, swiglu_row_order
@@ -302,7 +303,7 @@ class ZenJointPass(CustomGraphPass):
                     ctx.constants = constant_nodes(graph, params) | ctx.constants.intersection(graph.nodes)
             ctx.materialize()
             ctx.keep.clear()
-        _release_freed_memory()
+        release_freed_memory()
         for node in graph.nodes:  # PendingLinear meta served concat_linear and materialize only
             node.meta.pop("zen_quant", None)
         graph.eliminate_dead_code()
@@ -312,20 +313,6 @@ class ZenJointPass(CustomGraphPass):
     def uuid(self) -> bytes:
         # Inductor's FX graph cache keys on this: any change to our code or flags misses.
         return get_hash_for_files(_source_files(), extra=repr(sorted(config.get_config_copy().items())))
-
-
-def _release_freed_memory() -> None:
-    """Hand the heap that tuning freed (weight copies, fp32 references) back to the OS.
-
-    glibc keeps freed blocks for reuse; without this a compiled demo model kept ~300 MB of RSS
-    that no tensor used any more.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _readable(gm: fx.GraphModule) -> str:
