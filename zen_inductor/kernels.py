@@ -56,7 +56,8 @@ class QuantWeight:
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         n, k, g = self.n, self.k, self.group_size
-        w = self.codes.view(n, k // g, g).to(torch.float32) * self.scale[..., None] + self.offset[..., None]
+        w = self.codes.view(n, k // g, g).to(torch.float32)
+        w.mul_(self.scale[..., None]).add_(self.offset[..., None])  # one full-size tensor, not three
         return w.view(n, k).to(dtype)
 
 
@@ -407,7 +408,7 @@ def _a8w4_prepack(w: QuantWeight, act_dtype):
     tiles = nibbles.permute(0, 2, 1, 3, 4).contiguous()  # [N/8, K/G, 8, G/2]
     scale = w.scale.repeat_interleave(repeat, dim=1).t().contiguous()
     offset = w.offset.repeat_interleave(repeat, dim=1).t().contiguous()
-    colsum128 = (w.codes.view(n, k // g, g).to(torch.int32).sum(-1) * 128).to(torch.int32).t().contiguous()
+    colsum128 = w.codes.view(n, k // g, g).sum(-1, dtype=torch.int32).mul_(128).t().contiguous()
     return [tiles, scale, offset, colsum128]
 
 
