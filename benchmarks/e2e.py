@@ -18,6 +18,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -126,7 +127,32 @@ def one_run(args) -> dict:
         "format": args.format, "system": args.system, "model": args.model,
         "ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots), "compile_s": compile_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens.tolist()[0],
+        "caches": cache_use(args.system),
     }
+
+
+def cache_use(system: str) -> str:
+    """What the compile found in the caches: Inductor's FX graph cache, and zen's tuning cache.
+
+    A compile time means little without it: a warm FX graph cache skips Inductor's code
+    generation, a warm tuning cache skips timing kernels.
+    """
+    from torch._dynamo.utils import counters
+
+    fx = counters["inductor"]
+    graphs = fx["fxgraph_cache_hit"] + fx["fxgraph_cache_miss"] + fx["fxgraph_cache_bypass"]
+    text = f"FX graph cache {fx['fxgraph_cache_hit']}/{graphs} hit"
+    if _is_zen(system):
+        import zen_inductor
+
+        bins = {}  # graphs of one model share tunings: count each (linear shape, bin) once
+        for report in zen_inductor.reports():
+            for linear in report["autotune"]:
+                for b in linear.get("bins", []):
+                    bins.setdefault((linear["kind"], linear["n"], linear["k"], b["bin"]), b)
+        cached = sum(1 for b in bins.values() if b["cached"])
+        text += f"; tuning cache {cached}/{len(bins)} bins"
+    return text
 
 
 def main():
@@ -139,6 +165,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--merge", action="store_true", help="keep other rows of an earlier run of this model")
+    p.add_argument("--cold", action="store_true", help="every process compiles with empty Inductor and zen caches")
     p.add_argument("--child", nargs=2, metavar=("FORMAT", "SYSTEM"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -152,7 +179,7 @@ def main():
             print(f"[{fmt} / {system}] running...", flush=True)
             cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--prompt", str(args.prompt),
                    "--new", str(args.new), "--reps", str(args.reps), "--child", fmt, system]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=cold_caches(tempfile.mkdtemp()) if args.cold else None)
             line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 err = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
@@ -164,6 +191,12 @@ def main():
             print(f"[{fmt} / {system}] TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms, compile {r['compile_s']:.1f} s, RSS {r['peak_rss_mb']:.0f} MB", flush=True)
             write(results, args, quiet=True)  # a long run that is stopped keeps what it measured
     write(results, args)
+
+
+def cold_caches(root: str) -> dict:
+    """The environment of a process whose compiles find Inductor's and zen's caches empty."""
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),
+            "ZEN_INDUCTOR_CACHE_DIR": os.path.join(root, "zen")}
 
 
 def write(results, args, quiet=False):
@@ -181,15 +214,15 @@ def write(results, args, quiet=False):
         json.dump({"meta": meta, "results": results}, f, indent=1)
     lines = [f"# e2e: {args.model}, prompt {args.prompt}, {args.new} new tokens, batch 1, greedy ({stamp})", "",
              f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}.", "",
-             "| format | system | TTFT ms | TPOT ms | compile s | peak RSS MB | tokens = eager | zen vs best peer |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| format | system | TTFT ms | TPOT ms | compile s | peak RSS MB | tokens = eager | zen vs best peer | caches at compile |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for fmt in dict.fromkeys(r["format"] for r in results):
         rows = [r for r in results if r["format"] == fmt]
         eager = next((r for r in rows if r.get("system") == "eager" and "tokens" in r), None)
         peers = [r for r in rows if not _is_zen(r.get("system", "")) and "ttft_ms" in r]
         for r in rows:
             if "error" in r:
-                lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | |")
+                lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | | |")
                 continue
             if eager is None or not r.get("tokens") or not eager.get("tokens"):
                 same = "?"
@@ -200,7 +233,7 @@ def write(results, args, quiet=False):
                 best_ttft = min(p["ttft_ms"] for p in peers)
                 best_tpot = min(p["tpot_ms"] for p in peers)
                 ratio = f"TTFT {r['ttft_ms'] / best_ttft:.2f}x, TPOT {r['tpot_ms'] / best_tpot:.2f}x"
-            lines.append(f"| {fmt} | {r['system']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | {ratio} |")
+            lines.append(f"| {fmt} | {r['system']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | {ratio} | {r.get('caches', '?')} |")
     with open(os.path.join(args.out, f"e2e-{args.model}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if quiet:

@@ -1,0 +1,85 @@
+"""Compile time, cold and warm: zen against stock Inductor on the same model, with its own caches.
+
+    python benchmarks/compile_time.py [--model llama1b-4l] [--formats bf16,int4wo,int8wo] [--systems inductor,zen]
+
+For each (format, system) two processes compile the model with a private cache root: the first
+finds Inductor's FX graph cache (and zen's tuning cache) empty, the second finds what the first
+left, as a user's second run does. Rounds alternate the order of systems so drift spreads over
+both. Compile time is the first generate() call of e2e.py (prefill and the decode graphs).
+Writes ``benchmarks/results/compile-<model>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from e2e import MODELS, _cpu, _versions, cold_caches  # noqa: E402
+
+
+def compile_once(model: str, fmt: str, system: str, root: str) -> dict:
+    cmd = [sys.executable, os.path.join(HERE, "e2e.py"), "--model", model, "--prompt", "128", "--new", "4", "--reps", "1",
+           "--child", fmt, system]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=cold_caches(root))
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(line[7:])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama1b-4l", choices=sorted(MODELS))
+    p.add_argument("--formats", default="bf16,int4wo,int8wo")
+    p.add_argument("--systems", default="inductor,zen")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = p.parse_args()
+    systems = args.systems.split(",")
+    rows = []
+    for fmt in args.formats.split(","):
+        roots = {s: tempfile.mkdtemp(prefix=f"zen-compile-{s}-") for s in systems}
+        times: dict = {s: {} for s in systems}
+        for i, phase in enumerate(("cold", "warm")):
+            for system in systems if i % 2 == 0 else reversed(systems):
+                r = compile_once(args.model, fmt, system, roots[system])
+                times[system][phase] = r
+                shown = f"{r['compile_s']:.1f} s ({r['caches']})" if "compile_s" in r else f"failed: {r['error']}"
+                print(f"[{fmt} / {system} / {phase}] {shown}", flush=True)
+        for system in systems:
+            rows.append({"format": fmt, "system": system, **{phase: times[system][phase] for phase in ("cold", "warm")}})
+    write(rows, args)
+
+
+def write(rows, args):
+    stamp = time.strftime("%Y-%m-%d")
+    lines = [f"# compile time: {args.model}, cold and warm caches ({stamp})", "",
+             f"Machine: {_cpu()}, {os.cpu_count()} cores. Versions: {_versions()}.", "",
+             "Cold: empty Inductor FX graph cache and empty zen tuning cache. Warm: a second process "
+             "with the caches the first left. Seconds of the first generate() call (all graphs of the model).", "",
+             "| format | system | cold s | warm s | zen / stock cold | zen / stock warm | caches (warm) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cold, warm = r["cold"].get("compile_s"), r["warm"].get("compile_s")
+        ratio = ["", ""]
+        stock = next((s for s in rows if s["format"] == r["format"] and s["system"] == "inductor"), None)
+        if r["system"].startswith("zen") and stock:
+            for i, phase in enumerate(("cold", "warm")):
+                a, b = r[phase].get("compile_s"), stock[phase].get("compile_s")
+                ratio[i] = f"{a / b:.2f}x" if a and b else "?"
+        show = lambda v: f"{v:.1f}" if v is not None else "failed"  # noqa: E731
+        lines.append(f"| {r['format']} | {r['system']} | {show(cold)} | {show(warm)} | {ratio[0]} | {ratio[1]} | {r['warm'].get('caches', '')} |")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"compile-{args.model}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
