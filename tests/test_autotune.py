@@ -223,7 +223,7 @@ def test_budget_counts_kernel_timing_only(monkeypatch):
         clock[0] += 100.0
         return check(self, name, m)
 
-    def timed(kernel, x, copies, bias, spec, reps):  # each timing: 0.4 s, a fixed ranking
+    def timed(kernel, x, copies, bias, spec, reps, first_us=0.0):  # each timing: 0.4 s, a fixed ranking
         clock[0] += 0.4
         return 10.0 + len(kernel.name)
 
@@ -238,3 +238,17 @@ def test_budget_counts_kernel_timing_only(monkeypatch):
     assert bins[-1]["note"] == "autotune budget spent; static rule"
     timings = sum(len(b["times_us"]) for b in bins if not b["cached"])
     assert 2.0 <= 0.4 * timings <= 2.0 + 0.4 + 1e-9  # the budget, and at most the one timing that crossed it
+
+
+def test_a_slow_candidate_is_timed_once_more_only(monkeypatch):
+    """Past SLOW_CALL_US the call that found a candidate's first time also warmed it: one warm
+    call gives its time; faster candidates get a warm-up and ``reps`` samples."""
+    from zen_inductor import autotune
+
+    calls = []
+    monkeypatch.setattr(autotune, "run_kernel", lambda *args: calls.append(1))
+    autotune.time_kernel(None, None, [None], None, None, reps=5, first_us=2 * autotune.SLOW_CALL_US)
+    assert len(calls) == 1
+    calls.clear()
+    autotune.time_kernel(None, None, [None], None, None, reps=5, first_us=autotune.SLOW_CALL_US / 10)
+    assert len(calls) == 1 + 5
