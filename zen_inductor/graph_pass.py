@@ -21,6 +21,7 @@ from .allocator import release_freed_memory
 from .autotune import NoKernel, Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
 from .kernels import Plan, candidates, quant_linear, swiglu_row_order
+from .native import start_builds
 from .record import CompileRecord
 
 
@@ -289,6 +290,8 @@ class ZenJointPass(CustomGraphPass):
         from zen_inductor.patterns import FAMILIES
 
         gm = graph.owning_module
+        if config.native_kernels:
+            start_builds()  # compiled in the background while the graph is read
         self.record.graph_before = _readable(gm)
         params = param_values(graph)
         self.record.frozen = bool(params)

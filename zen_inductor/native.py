@@ -44,6 +44,23 @@ SOURCES = {
 
 @functools.lru_cache(None)
 def _build(name: str) -> tuple[Optional[Callable], Optional[str]]:
+    return _started(name)()
+
+
+def start_builds() -> None:
+    """Start building every kernel this CPU can run, two at a time in the background.
+
+    On a machine whose cache does not hold them yet the four builds took ~2 s each, one after
+    the other, inside the first compile; they are independent compiler processes. With the
+    cache warm each start only finds its library.
+    """
+    for name in SOURCES:
+        _started(name)
+
+
+@functools.lru_cache(None)
+def _started(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
+    """Submit the build of ``name``; the returned callable waits for it: (kernel, None) or (None, reason)."""
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
     from .kernels import cpu_flags
@@ -51,13 +68,32 @@ def _build(name: str) -> tuple[Optional[Callable], Optional[str]]:
     filename, argtypes, flags = SOURCES[name]
     missing = [f for f in flags if f not in cpu_flags()]
     if missing:
-        return None, f"CPU lacks {', '.join(missing)}"
-    try:
-        return CppPythonBindingsCodeCache.load_pybinding(argtypes, _source(filename)), None
-    except Exception as e:  # a compiler error, no compiler, a read-only cache: not available
+        return lambda: (None, f"CPU lacks {', '.join(missing)}")
+
+    def failed(e: Exception):
         reason = f"could not build {filename} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         log.warning("zen_inductor: %s; its kernels are skipped", reason)
         return None, reason
+
+    try:
+        future = CppPythonBindingsCodeCache.load_pybinding_async(argtypes, _source(filename), submit_fn=_builders().submit)
+    except Exception as e:  # a compiler error, no compiler, a read-only cache: not available
+        return lambda: failed(e)
+
+    def wait():
+        try:
+            return future(), None
+        except Exception as e:
+            return failed(e)
+
+    return wait
+
+
+@functools.lru_cache(None)
+def _builders():
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="zen-build")  # each runs a compiler process
 
 
 def _source(filename: str) -> str:
