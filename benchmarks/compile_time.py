@@ -14,9 +14,8 @@ Writes ``benchmarks/results/compile-<model>.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
@@ -24,17 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from e2e import MODELS, _cpu, _versions, cold_caches  # noqa: E402
-
-
-def compile_once(model: str, fmt: str, system: str, root: str) -> dict:
-    cmd = [sys.executable, os.path.join(HERE, "e2e.py"), "--model", model, "--prompt", "128", "--new", "4", "--reps", "1",
-           "--child", fmt, system]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=cold_caches(root))
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return json.loads(line[7:])
+from e2e import MODELS, _cpu, _versions, cold_caches, run_child  # noqa: E402
 
 
 def main():
@@ -53,11 +42,12 @@ def main():
         times: dict = {s: {} for s in systems}
         for i, phase in enumerate(args.phases):
             for system in systems if i % 2 == 0 else reversed(systems):
-                r = compile_once(args.model, fmt, system, roots[system])
+                r = run_child(args.model, fmt, system, prompt=128, new=4, reps=1, env=cold_caches(roots[system]))
                 times[system][phase] = r
                 shown = f"{r['compile_s']:.1f} s ({r['caches']})" if "compile_s" in r else f"failed: {r['error']}"
                 print(f"[{fmt} / {system} / {phase}] {shown}", flush=True)
         for system in systems:
+            shutil.rmtree(roots[system], ignore_errors=True)  # Inductor's and zen's caches of this format
             rows.append({"format": fmt, "system": system, **{phase: times[system][phase] for phase in args.phases}})
     write(rows, args)
 

@@ -177,20 +177,30 @@ def main():
         systems = args.systems.split(",")
         for i, system in enumerate(systems if len(results) % 2 == 0 else reversed(systems)):
             print(f"[{fmt} / {system}] running...", flush=True)
-            cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--prompt", str(args.prompt),
-                   "--new", str(args.new), "--reps", str(args.reps), "--child", fmt, system]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=cold_caches(tempfile.mkdtemp()) if args.cold else None)
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                err = (out.stderr.strip().splitlines() or ["?"])[-1][:200]
-                print(f"[{fmt} / {system}] failed: {err}", flush=True)
-                results.append({"format": fmt, "system": system, "error": err})
+            if args.cold:
+                with tempfile.TemporaryDirectory(prefix="zen-e2e-") as root:
+                    r = run_child(args.model, fmt, system, args.prompt, args.new, args.reps, env=cold_caches(root))
+            else:
+                r = run_child(args.model, fmt, system, args.prompt, args.new, args.reps)
+            if "error" in r:
+                print(f"[{fmt} / {system}] failed: {r['error']}", flush=True)
+                results.append({"format": fmt, "system": system, "error": r["error"]})
                 continue
-            r = json.loads(line[7:])
             results.append(r)
             print(f"[{fmt} / {system}] TTFT {r['ttft_ms']:.1f} ms, TPOT {r['tpot_ms']:.2f} ms, compile {r['compile_s']:.1f} s, RSS {r['peak_rss_mb']:.0f} MB", flush=True)
             write(results, args, quiet=True)  # a long run that is stopped keeps what it measured
     write(results, args)
+
+
+def run_child(model: str, fmt: str, system: str, prompt: int, new: int, reps: int, env=None) -> dict:
+    """One (format, system) in its own process: its result, or {"error": last line of stderr}."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--model", model, "--prompt", str(prompt), "--new", str(new),
+           "--reps", str(reps), "--child", fmt, system]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(line[7:])
 
 
 def cold_caches(root: str) -> dict:

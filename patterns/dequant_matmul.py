@@ -23,12 +23,10 @@ registry, one per shape bin, chosen by the autotuner.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.fx as fx
 
-from zen_inductor.autotune import NoKernel, sqnr_db
+from zen_inductor.autotune import NoKernel, error_sqnr_db, sqnr_db
 from zen_inductor.kernels import LinearSpec, QuantWeight, candidates
 
 from . import Family
@@ -204,18 +202,10 @@ def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight
     error = q * scale
     error += offset
     error -= real
-    if _sqnr_db(error, real) < 45:
+    if error_sqnr_db(error, real) < 45:
         raise Miss("the dequant chain is not affine in the integer codes")
     del error, real
     return _quantize_description(q, scale, offset, group_hint(codes, q.shape[1]))
-
-
-def _sqnr_db(error: torch.Tensor, ref: torch.Tensor) -> float:
-    noise = float(torch.linalg.vector_norm(error))
-    if not math.isfinite(noise):
-        return float("-inf")
-    signal = float(torch.linalg.vector_norm(ref, dtype=torch.float32))
-    return float("inf") if noise == 0 else 20 * math.log10(signal / noise)
 
 
 def group_hint(codes: fx.Node, k: int) -> int:

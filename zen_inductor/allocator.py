@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import logging
-
-log = logging.getLogger("zen_inductor")
+import functools
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
@@ -25,6 +23,7 @@ _SETTLED_TRIM_THRESHOLD = 2 * _SETTLED_MMAP_THRESHOLD
 _DEFAULT_MMAP_MAX = 65536
 
 
+@functools.lru_cache(None)
 def _libc():
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -47,15 +46,6 @@ def reuse_freed_memory():
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
         libc.mallopt(_M_TRIM_THRESHOLD, _SETTLED_TRIM_THRESHOLD)
-        release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Hand the heap that a compile freed (weight copies, fp32 references) back to the OS.
-
-    glibc keeps freed blocks for reuse; without this a compiled demo model kept ~300 MB of RSS
-    that no tensor used any more.
-    """
-    libc = _libc()
-    if libc is not None:
+        # the heap the compile freed (weight copies, fp32 references) goes back to the OS: glibc
+        # would keep it for reuse, and a compiled demo model kept ~300 MB no tensor used
         libc.malloc_trim(0)

@@ -65,13 +65,17 @@ def shape_bins(edges=None) -> list[ShapeBin]:
 
 
 def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.detach().float(), ref.detach().float()
-    noise = float((y - ref).norm())
+    return error_sqnr_db(y.detach().float() - ref.detach().float(), ref)
+
+
+def error_sqnr_db(error: torch.Tensor, ref: torch.Tensor) -> float:
+    """SQNR of ``ref`` against an error already computed (a full-size weight need not be copied)."""
+    noise = float(torch.linalg.vector_norm(error))
     if not math.isfinite(noise):
         return float("-inf")
     if noise == 0:
         return float("inf")
-    return 20 * math.log10(float(ref.norm()) / noise)
+    return 20 * math.log10(float(torch.linalg.vector_norm(ref.detach(), dtype=torch.float32)) / noise)
 
 
 @dataclass
@@ -251,9 +255,7 @@ def time_kernel(kernel: Kernel, x, copies: list, bias, spec, reps: int, first_us
     """Median over ``reps`` samples of the time per call, in microseconds. ``first_us``: the time
     of a call just made, which warmed the kernel up."""
     if first_us > SLOW_CALL_US:
-        t0 = time.perf_counter()
-        run_kernel(kernel, x, copies[0], bias, spec)
-        return (time.perf_counter() - t0) * 1e6
+        return _first_call_us(kernel, x, copies[0], bias, spec)
     t0 = time.perf_counter()
     run_kernel(kernel, x, copies[0], bias, spec)  # warm-up: lazy init, allocator (clones are touched)
     calls = len(copies)

@@ -17,7 +17,6 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from . import config
-from .allocator import release_freed_memory
 from .autotune import NoKernel, Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
 from .kernels import Plan, candidates, quant_linear, swiglu_row_order
@@ -306,7 +305,6 @@ class ZenJointPass(CustomGraphPass):
                     ctx.constants = constant_nodes(graph, params) | ctx.constants.intersection(graph.nodes)
             ctx.materialize()
             ctx.keep.clear()
-        release_freed_memory()
         for node in graph.nodes:  # PendingLinear meta served concat_linear and materialize only
             node.meta.pop("zen_quant", None)
         graph.eliminate_dead_code()
