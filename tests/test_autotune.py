@@ -130,6 +130,15 @@ def test_cached_winner_must_pass_on_this_weight(tmp_path, monkeypatch):
     assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
 
 
+def test_changed_kernel_source_is_tuned_again(monkeypatch):
+    """Times measured with other code of our kernels are stale: the cache key holds the sources."""
+    from zen_inductor import autotune, native
+
+    before = autotune._machine_key()
+    monkeypatch.setattr(native, "source_digest", lambda: "other-source")
+    assert autotune._machine_key() != before
+
+
 def _writer(directory, worker):
     cache = TuningCache(directory)
     for i in range(25):

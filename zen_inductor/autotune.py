@@ -6,7 +6,8 @@ One compiled graph serves every M; ``ShapeBin``s split M into ranges, each with 
 For each bin the tuner runs every candidate on a representative M, first checking its output
 against the fp32 reference (a fast wrong kernel must never win), then timing it with the weights
 evicted from cache between runs (decode reads weights from DRAM in a real model). Winners are
-stored in a JSON file keyed by machine, versions and shape, so a second process tunes nothing.
+stored in a JSON file keyed by machine, versions, our kernel sources and shape, so a second process
+tunes nothing.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from . import config
+from . import config, native
 from .kernels import (KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, apply_epilogue, candidates, cpu_flags,
                       native_bf16_gemm, run_kernel)
 
@@ -149,7 +150,7 @@ def _machine_key() -> str:
         platform.processor() or platform.machine(), _cpu_model(), ",".join(flags),
         f"threads={torch.get_num_threads()}", f"torch={torch.__version__}",
         f"zentorch={zentorch_version}", f"torchao={torchao_version}", f"zen={__version__}",
-        f"use_zentorch={config.use_zentorch}",
+        f"use_zentorch={config.use_zentorch}", f"native={native.source_digest()}",
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

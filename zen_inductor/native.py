@@ -47,6 +47,17 @@ def _build(name: str) -> tuple[Optional[Callable], Optional[str]]:
     return _started(name)()
 
 
+@functools.lru_cache(None)
+def source_digest() -> str:
+    """A hash of every kernel source: tuning results measured with other code are stale."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for filename in sorted({"avx2_common.h", *(src for src, _, _ in SOURCES.values())}):
+        digest.update(resources.files(__package__).joinpath("csrc", filename).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def start_builds() -> None:
     """Start building every kernel this CPU can run, two at a time in the background.
 

@@ -15,6 +15,7 @@
 //     w[N/8][K/G][8][G/2], and in each 32-byte block of a row (64 codes) byte i holds
 //     c + 8 of code i in its low nibble and of code i + 32 in its high nibble.
 // G is 64 or 128 (bigger groups are split at packing; 8 partial sums of 4080 fit 16 bits).
+// scale, offset and colsum128 are per tile too, [N/8][K/G][8], next to the tile's codes.
 #include "avx2_common.h"
 
 namespace {
@@ -89,9 +90,9 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
       for (int r = 0; r < ROWS; ++r)
         sums[r][j] = _mm256_madd_epi16(s16[r], ones);
     }
-    const __m256i excess = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum128 + g * N + tile * 8));
-    const __m256 sv = _mm256_loadu_ps(scale + g * N + tile * 8);
-    const __m256 ov = _mm256_loadu_ps(offset + g * N + tile * 8);
+    const __m256i excess = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum128 + (tile * groups + g) * 8));
+    const __m256 sv = _mm256_loadu_ps(scale + (tile * groups + g) * 8);
+    const __m256 ov = _mm256_loadu_ps(offset + (tile * groups + g) * 8);
     for (int r = 0; r < ROWS; ++r) {
       const int64_t mg = (m0 + r) * groups + g;
       acc[r] = add_group(acc[r], _mm256_sub_epi32(reduce8(sums[r]), excess), sv, ov, xs[mg], xsum[mg]);

@@ -4,7 +4,7 @@
 //     int4: w[N/8][K/G][8][G/2]; in each 32-byte block of a row, byte i holds c + 8 of code i
 //           (low nibble) and of code i + 32 (high nibble);
 //     int8: w[N/8][K/G][8][G], the codes c;
-// W[n, k] = scale[g, n] * c + offset[g, n].
+// W[n, k] = scale[g, n] * c + offset[g, n], scales and offsets stored per tile: [N/8][K/G][8].
 #include <immintrin.h>
 #include <omp.h>
 #include <cstdint>
@@ -47,8 +47,9 @@ extern "C" void kernel(const uint8_t* w, const float* scale, const float* offset
     for (int64_t g = 0; g < groups; ++g)
       for (int j = 0; j < 8; ++j) {
         const int64_t n = t * 8 + j;
-        const __m256 s = _mm256_set1_ps(scale[g * N + n]);
-        const __m256 b = _mm256_set1_ps(offset[g * N + n] - excess * scale[g * N + n]);
+        const int64_t p = (t * groups + g) * 8 + j;
+        const __m256 s = _mm256_set1_ps(scale[p]);
+        const __m256 b = _mm256_set1_ps(offset[p] - excess * scale[p]);
         const uint8_t* wr = w + ((t * groups + g) * 8 + j) * row_bytes;
         if (bits == 4)
           row_int4(wr, out + n * K + g * G, G, s, b);

@@ -5,6 +5,8 @@
 //         each 32-byte block of a row, byte i holds u = c + 8 of code i (low nibble) and of code
 //         i + 32 (high nibble);
 //   int8: w[N/8][K/G][8][G], the codes c themselves.
+// Scales and offsets per tile, [N/8][K/G][8], beside the tile's codes (not [K/G][N]: a tile's
+// groups N * 4 bytes apart are a page each).
 // W[n, k] = scale[g, n] * c + offset[g, n]. x goes to int16 with one scale per row and group
 // (error below 2^-15 of the group's largest value: far finer than bf16's own 2^-8, so the kernel
 // is as exact as a bf16 x allows), and the dot products are exact integer sums by vpmaddwd (16
@@ -97,8 +99,8 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
       for (int r = 0; r < ROWS; ++r)
         sums[r][j] = s[r];
     }
-    const __m256 sv = _mm256_loadu_ps(scale + g * N + tile * 8);
-    const __m256 ov = _mm256_fnmadd_ps(_mm256_set1_ps(BITS == 4 ? 8.0f : 0.0f), sv, _mm256_loadu_ps(offset + g * N + tile * 8));
+    const __m256 sv = _mm256_loadu_ps(scale + (tile * groups + g) * 8);
+    const __m256 ov = _mm256_fnmadd_ps(_mm256_set1_ps(BITS == 4 ? 8.0f : 0.0f), sv, _mm256_loadu_ps(offset + (tile * groups + g) * 8));
     for (int r = 0; r < ROWS; ++r) {
       const int64_t mg = (m0 + r) * groups + g;
       acc[r] = add_group(acc[r], reduce8(sums[r]), sv, ov, xs[mg], xsum[mg]);
