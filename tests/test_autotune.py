@@ -261,3 +261,23 @@ def test_a_slow_candidate_is_timed_once_more_only(monkeypatch):
     calls.clear()
     autotune.time_kernel(None, None, [None], None, None, reps=5, first_us=autotune.SLOW_CALL_US / 10)
     assert len(calls) == 1 + 5
+
+
+def test_compute_bound_bins_time_one_copy_of_the_weight(monkeypatch):
+    """Copies of a weight keep it out of cache for decode bins; from STATIC_DENSE_FROM_M rows
+    a bin cycles one copy (the M=1 copies at M=476 made each sample 8 slow calls)."""
+    from zen_inductor import autotune
+
+    cycled = {}
+    time_kernel = autotune.time_kernel
+
+    def recording(kernel, x, copies, bias, spec, reps, first_us=0.0):
+        cycled[x.shape[0]] = max(cycled.get(x.shape[0], 0), len(copies))
+        return time_kernel(kernel, x, copies, bias, spec, reps, first_us)
+
+    monkeypatch.setattr(autotune, "time_kernel", recording)
+    m = HandDequant(64, True, 4).eval()
+    with config.patch(autotune_budget_s=60.0), torch.no_grad():  # the fixture gives an empty cache
+        compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
+    assert cycled[1] > 1  # a small weight: several copies at decode
+    assert all(n == 1 for rows, n in cycled.items() if rows >= autotune.STATIC_DENSE_FROM_M), cycled
