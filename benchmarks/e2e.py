@@ -74,6 +74,9 @@ def compiled_forward(model, system: str):
 
     if system == "eager":
         return model.forward
+    # every compiled system gets Inductor's global freezing flag, as a user following its CPU
+    # docs sets it: Dynamo then guards parameters by identity (zen freezes in any case)
+    torch._inductor.config.freezing = True
     if system == "zen":
         return torch.compile(model.forward, backend="zen")
     if system == "zen-a8":  # zen, letting int8-activation kernels serve weight-only linears too
@@ -81,20 +84,17 @@ def compiled_forward(model, system: str):
     if system == "zentorch":
         import zentorch  # noqa: F401  registers the backend
 
-        torch._inductor.config.freezing = True
         return torch.compile(model.forward, backend="zentorch")
     if system == "recipe":
         # PyTorch's own CPU recipe for quantized LLMs (what torchao's set_inductor_config and the
         # Inductor CPU docs recommend), set globally as users do
         c = torch._inductor.config
-        c.freezing = True
         c.cpp_wrapper = True
         c.max_autotune = True
         c.cpp.enable_concat_linear = True
         c.cpp.use_small_dequant_buffer = True
         return torch.compile(model.forward)
-    torch._inductor.config.freezing = True  # stock Inductor, frozen like the others
-    return torch.compile(model.forward)
+    return torch.compile(model.forward)  # stock Inductor, frozen like the others
 
 
 def one_run(args) -> dict:

@@ -102,6 +102,31 @@ def test_freezing_is_on_under_no_grad():
     assert torch._inductor.config.freezing is False
 
 
+def test_global_freezing_flag_parameters_come_as_attributes(caplog):
+    """With Inductor's global freezing flag on while Dynamo traces, parameters reach zen as graph
+    attributes (guarded by identity, cheaper per call): nothing to lift, and the linear still fuses.
+    With the flag off they come as inputs, are lifted, and the INFO log says what the flag gives."""
+    import logging
+
+    from conftest import quantize
+    from test_dequant_matmul import TORCHAO, _linear, _reference
+
+    make_config, _ = TORCHAO["int8_weight_only"]
+    m = quantize(_linear(), make_config())  # leaves Inductor's global settings alone
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    ref = _reference(x, m[0].weight.dequantize(), m[0].bias)
+    for global_flag in (True, False):
+        torch._dynamo.reset()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="zen_inductor"), torch._inductor.config.patch(freezing=global_flag), \
+                torch.no_grad():
+            y = compile_zen(m)(x)
+        assert "zen.quant_linear" in zen_inductor.last_report()["matches"][0]["replacement"]
+        assert sqnr(y, ref) >= 40
+        advised = any("came in as graph inputs" in r.getMessage() for r in caplog.records)
+        assert advised is not global_flag
+
+
 def test_two_models_same_shapes_each_get_their_own_weights_with_caches_on():
     """Stock Inductor + freezing + max_autotune replays the first model's packed weights here."""
     x = torch.randn(4, K, dtype=torch.bfloat16)

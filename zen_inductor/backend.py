@@ -64,6 +64,10 @@ def _compile(gm, example_inputs, inductor_patches):
     dumps.finish(record)
     if not lifted:
         return compiled
+    # measured on qwen3-4l decode: guards 1.13 -> 0.61 ms a call, 9.7 -> 8.3 ms a token
+    log.info("zen: %d parameters came in as graph inputs (Inductor's global freezing flag was off while Dynamo "
+             "traced), so Dynamo checks each one's metadata on every call; torch._inductor.config.freezing = True "
+             "before compiling lets it guard them by identity", len(lifted))
     keep = [i for i in range(len(example_inputs)) if i not in set(lifted)]
 
     def run(*args):
