@@ -127,6 +127,23 @@ def test_global_freezing_flag_parameters_come_as_attributes(caplog):
         assert advised is not global_flag
 
 
+def test_cpp_wrapper_calls_the_fused_kernel():
+    """Under Inductor's C++ wrapper (the CPU recipe's flag) the compiled code still calls
+    zen.quant_linear, and it is right."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    compiled = compile_zen(m, cpp_wrapper=True)
+    with torch.no_grad():
+        compiled(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = compiled(x)
+    assert "zen.quant_linear" in zen_inductor.last_report()["matches"][0]["replacement"]
+    assert [e.count for e in prof.key_averages() if e.key == "zen::quant_linear"] == [1]  # called at run time
+    assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
+
+
 def test_two_models_same_shapes_each_get_their_own_weights_with_caches_on():
     """Stock Inductor + freezing + max_autotune replays the first model's packed weights here."""
     x = torch.randn(4, K, dtype=torch.bfloat16)
