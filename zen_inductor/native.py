@@ -49,12 +49,12 @@ def _build(name: str) -> tuple[Optional[Callable], Optional[str]]:
 
 @functools.lru_cache(None)
 def source_digest() -> str:
-    """A hash of every kernel source: tuning results measured with other code are stale."""
+    """A hash of every kernel's source as compiled: tuning results measured with other code are stale."""
     import hashlib
 
     digest = hashlib.sha256()
-    for filename in sorted({"avx2_common.h", *(src for src, _, _ in SOURCES.values())}):
-        digest.update(resources.files(__package__).joinpath("csrc", filename).read_bytes())
+    for name in sorted(SOURCES):
+        digest.update(_source(SOURCES[name][0]).encode())
     return digest.hexdigest()[:16]
 
 
