@@ -17,7 +17,7 @@ from zen_inductor.autotune import ShapeBin, TuningCache, shape_bins
 from zen_inductor.kernels import KERNELS, Plan
 
 from conftest import compile_zen, sqnr
-from test_dequant_matmul import HandDequant, K
+from test_dequant_matmul import HandDequant, K, N
 
 
 def test_bins_cover_every_m_once():
@@ -247,6 +247,42 @@ def test_budget_counts_kernel_timing_only(monkeypatch):
     assert bins[-1]["note"] == "autotune budget spent; static rule"
     timings = sum(len(b["times_us"]) for b in bins if not b["cached"])
     assert 2.0 <= 0.4 * timings <= 2.0 + 0.4 + 1e-9  # the budget, and at most the one timing that crossed it
+
+
+def test_a_kernel_far_behind_is_not_timed_where_it_cannot_catch_up(monkeypatch):
+    """A kernel r times slower than the best at M1 is at least r * M1 / M2 slower at M2 (its
+    time does not fall with M, the best's grows at most in proportion): while that bound is over
+    HOPELESS_RATIO the kernel is skipped, with the reason, and timed again once it is not."""
+    from zen_inductor import autotune
+
+    timed = []
+
+    def fake_us(kernel):  # one kernel 12x behind at every M: the bound shrinks bin by bin
+        timed.append(kernel.name)
+        return 1200.0 if kernel.name == slow else 100.0
+
+    monkeypatch.setattr(autotune, "_first_call_us", lambda kernel, *args: fake_us(kernel))
+    monkeypatch.setattr(autotune, "time_kernel", lambda kernel, *args, **kw: fake_us(kernel))
+    m = HandDequant(64, True, 4).eval()
+    usable = [k.name for k in autotune.candidates(_int4_g64_spec())[0]]
+    assert len(usable) > 1
+    slow = usable[-1]
+    with torch.no_grad():
+        compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
+    bins = zen_inductor.last_report()["autotune"][0]["bins"]
+    assert slow in bins[0]["times_us"]  # M=1: 12x behind
+    m = autotune.timing_m(shape_bins()[1], _int4_g64_spec())
+    assert bins[1]["excluded"][slow] == f"not timed: 12.0x the best at M=1, so at least {12 / m:.1f}x at M={m}"
+    assert slow not in bins[1]["times_us"] and bins[1]["winner"]
+    assert any(slow in b["times_us"] for b in bins[2:])  # the bound fell under 2x: timed again
+    assert timed.count(slow) < len([b for b in bins if b["times_us"]])
+    assert all(b["winner"] != slow for b in bins)
+
+
+def _int4_g64_spec():
+    from zen_inductor.kernels import LinearSpec
+
+    return LinearSpec(n=N, k=K, group_size=64, bits=4, symmetric=False, act_dtype=torch.bfloat16)
 
 
 def test_a_slow_candidate_is_timed_once_more_only(monkeypatch):

@@ -297,6 +297,11 @@ class Tuner:
         verify = _Verifier(spec, weight, bias, packed)
         bins = shape_bins()
         results, copies = [], {}
+        # kernel -> (its time over the best's, M) in the last bin timed. A kernel's time does not
+        # fall as M grows and the best's grows at most in proportion to M, so a kernel r times
+        # behind at M1 is at least r * M1 / M2 behind at M2: past HOPELESS_RATIO it is not timed
+        # (dequantize + sgemm kernels spent ~1.5 s of a 1B model's compile on such first calls)
+        behind: dict = {}
         timed_below, timed_below_m = None, 0  # the last bin timed, and at which M: see compute_bound
         for b in bins:
             key = cache_key(spec, b, usable)
@@ -329,9 +334,15 @@ class Tuner:
                 m = timing_m(b, spec)
                 x = torch.randn(m, spec.k, dtype=spec.act_dtype)
                 deadline = time.perf_counter() + self.timing_left_s
+                bounds: dict = {}
                 for name in static_order(b, passing, spec):  # likely winners first: they set the bar
                     if time.perf_counter() > deadline:
                         break
+                    if name in behind and behind[name][0] * behind[name][1] / m > HOPELESS_RATIO:
+                        ratio, below = behind[name]
+                        result.excluded[name] = f"not timed: {ratio:.1f}x the best at M={below}, so at least {ratio * below / m:.1f}x at M={m}"
+                        bounds[name] = (ratio * below / m, m)  # the bound carries on to the next bin
+                        continue
                     first_us = _first_call_us(KERNELS[name], x, packed[name], bias, spec)
                     if result.times_us and first_us > HOPELESS_RATIO * min(result.times_us.values()):
                         result.times_us[name] = round(first_us, 1)  # hopeless: no copies, no repeats
@@ -342,8 +353,10 @@ class Tuner:
                     cycle = copies[name][:copies_needed(packed[name], m)]
                     result.times_us[name] = round(time_kernel(KERNELS[name], x, cycle, bias, spec, config.autotune_reps, first_us), 1)
                 self.timing_left_s = deadline - time.perf_counter()
-                if len(result.times_us) == len(passing):
+                if all(name in result.times_us or name in result.excluded for name in passing):
                     result.winner = min(result.times_us, key=result.times_us.get)
+                    best = result.times_us[result.winner]
+                    behind = {**bounds, **{name: (t / best, m) for name, t in result.times_us.items()}}
                     timed_below, timed_below_m = result, m
                     self.cache.put({key: {"winner": result.winner, "times_us": result.times_us, "excluded": result.excluded}})
                 else:  # the budget ran out in the middle of this bin
