@@ -263,16 +263,16 @@ def test_a_kernel_far_behind_is_not_timed_where_it_cannot_catch_up(monkeypatch):
 
     monkeypatch.setattr(autotune, "_first_call_us", lambda kernel, *args: fake_us(kernel))
     monkeypatch.setattr(autotune, "time_kernel", lambda kernel, *args, **kw: fake_us(kernel))
-    m = HandDequant(64, True, 4).eval()
+    model = HandDequant(64, True, 4).eval()
     usable = [k.name for k in autotune.candidates(_int4_g64_spec())[0]]
     assert len(usable) > 1
     slow = usable[-1]
     with torch.no_grad():
-        compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
+        compile_zen(model)(torch.randn(3, K, dtype=torch.bfloat16))
     bins = zen_inductor.last_report()["autotune"][0]["bins"]
     assert slow in bins[0]["times_us"]  # M=1: 12x behind
-    m = autotune.timing_m(shape_bins()[1], _int4_g64_spec())
-    assert bins[1]["excluded"][slow] == f"not timed: 12.0x the best at M=1, so at least {12 / m:.1f}x at M={m}"
+    m2 = autotune.timing_m(shape_bins()[1], _int4_g64_spec())
+    assert bins[1]["excluded"][slow] == f"not timed: 12.0x the best at M=1, so at least {12 / m2:.1f}x at M={m2}"
     assert slow not in bins[1]["times_us"] and bins[1]["winner"]
     assert any(slow in b["times_us"] for b in bins[2:])  # the bound fell under 2x: timed again
     assert timed.count(slow) < len([b for b in bins if b["times_us"]])
