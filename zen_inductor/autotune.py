@@ -297,10 +297,10 @@ class Tuner:
         verify = _Verifier(spec, weight, bias, packed)
         bins = shape_bins()
         results, copies = [], {}
-        # kernel -> (its time over the best's, M) in the last bin timed. A kernel's time does not
+        # kernel -> (its time over the best's, M) where last timed or bounded. A kernel's time does not
         # fall as M grows and the best's grows at most in proportion to M, so a kernel r times
         # behind at M1 is at least r * M1 / M2 behind at M2: past HOPELESS_RATIO it is not timed
-        # (dequantize + sgemm kernels spent ~1.5 s of a 1B model's compile on such first calls)
+        # (dequantize + sgemm kernels' first calls at M=2-64: ~1-1.5 s of a 1B model's cold compile)
         behind: dict = {}
         timed_below, timed_below_m = None, 0  # the last bin timed, and at which M: see compute_bound
         for b in bins:
@@ -334,14 +334,13 @@ class Tuner:
                 m = timing_m(b, spec)
                 x = torch.randn(m, spec.k, dtype=spec.act_dtype)
                 deadline = time.perf_counter() + self.timing_left_s
-                bounds: dict = {}
                 for name in static_order(b, passing, spec):  # likely winners first: they set the bar
                     if time.perf_counter() > deadline:
                         break
-                    if name in behind and behind[name][0] * behind[name][1] / m > HOPELESS_RATIO:
-                        ratio, below = behind[name]
+                    ratio, below = behind.get(name, (0.0, m))
+                    if ratio * below / m > HOPELESS_RATIO:
                         result.excluded[name] = f"not timed: {ratio:.1f}x the best at M={below}, so at least {ratio * below / m:.1f}x at M={m}"
-                        bounds[name] = (ratio * below / m, m)  # the bound carries on to the next bin
+                        behind[name] = (ratio * below / m, m)  # the bound carries on to the next bin
                         continue
                     first_us = _first_call_us(KERNELS[name], x, packed[name], bias, spec)
                     if result.times_us and first_us > HOPELESS_RATIO * min(result.times_us.values()):
@@ -356,7 +355,7 @@ class Tuner:
                 if all(name in result.times_us or name in result.excluded for name in passing):
                     result.winner = min(result.times_us, key=result.times_us.get)
                     best = result.times_us[result.winner]
-                    behind = {**bounds, **{name: (t / best, m) for name, t in result.times_us.items()}}
+                    behind.update((name, (t / best, m)) for name, t in result.times_us.items())
                     timed_below, timed_below_m = result, m
                     self.cache.put({key: {"winner": result.winner, "times_us": result.times_us, "excluded": result.excluded}})
                 else:  # the budget ran out in the middle of this bin
