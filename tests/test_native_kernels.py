@@ -186,6 +186,36 @@ def test_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight(monkeypatch):
     assert tuning.plan.bin_kernels == ("zen_a8w4_avx2", "zen_a8w4_avx2")  # the static rule for int8 activations
 
 
+@pytest.mark.skipif(native.unavailable("tiles_dequant") is not None, reason="needs AVX2 and a C++ compiler")
+def test_per_call_fp32_weights_are_made_in_blocks_of_rows(monkeypatch):
+    from zen_inductor import kernels
+    from zen_inductor.kernels import DenseWeight
+
+    torch.manual_seed(0)
+    n, k = 72, 256
+    monkeypatch.setattr(kernels, "_FP32_BLOCK_BYTES", 32 * 4 * k)  # blocks of 32 rows: 32, 32, then a tail of 8
+    made = []
+    real = kernels._sgemm_by_row_blocks
+
+    def spy(x, n, k, make_rows, bias):
+        return real(x, n, k, lambda out, start, end: made.append((start, end)) or make_rows(out, start, end), bias)
+
+    monkeypatch.setattr(kernels, "_sgemm_by_row_blocks", spy)
+    w = _weight(n, k, 64)
+    dense = torch.randn(n, k, dtype=torch.bfloat16)
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    for name, weight, ref_w in (("int4_tiles_sgemm", w, w.dequantize()), ("dense_sgemm", DenseWeight(dense), dense.float())):
+        kernel = KERNELS[name]
+        spec = LinearSpec(n=n, k=k, group_size=weight.group_size or k, bits=weight.bits, symmetric=weight.symmetric,
+                          act_dtype=torch.bfloat16)
+        packed = kernel.prepack(weight, torch.bfloat16)
+        x = torch.randn(5, k, dtype=torch.bfloat16)
+        made.clear()
+        y = run_kernel(kernel, x, packed, bias, spec)
+        assert made == [(0, 32), (32, 64), (64, 72)], name
+        assert y.shape == (5, n) and sqnr(y, x.float() @ ref_w.t() + bias.float()) >= 45, name
+
+
 @pytest.mark.skipif(native.unavailable("woq_avx2") is not None, reason="needs AVX2 and a C++ compiler")
 @pytest.mark.parametrize("group", [64, 128, 256])
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])

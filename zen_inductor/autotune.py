@@ -33,7 +33,7 @@ from .kernels import (KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, appl
 
 log = logging.getLogger("zen_inductor")
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 SQNR_WEIGHT_ONLY_DB = 40.0
 SQNR_DYNAMIC_DB = 30.0
 

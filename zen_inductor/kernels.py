@@ -472,16 +472,42 @@ def _tiles_supports(spec: LinearSpec, bits: int) -> Optional[str]:
     return _bits_reason(spec, bits) or _tile_layout_reason(spec) or native.unavailable("tiles_dequant")
 
 
+# Kernels that make an fp32 weight per call make it a block of rows at a time into one buffer of
+# this size, each block straight into its GEMM. Made whole, a 16384 x 2048 weight's fp32 copy
+# (128 MB) came from fresh pages every call and from DRAM into the GEMM: int4_tiles_sgemm at
+# M=64 took 145 ms whole, 47 ms in blocks; the bf16 upcast + sgemm 115 ms, 50 ms.
+_FP32_BLOCK_BYTES = 4 << 20
+
+
+def _sgemm_by_row_blocks(x, n: int, k: int, make_rows, bias):
+    """``x @ W^T (+ bias)`` in fp32, where ``make_rows(out, start, end)`` writes rows
+    ``start:end`` of the [n, k] weight into ``out`` in fp32; blocks are a multiple of 8 rows
+    (the tiles' height)."""
+    rows = min(n, max(8, _FP32_BLOCK_BYTES // (4 * k) // 8 * 8))
+    x32 = x.to(torch.float32)
+    y = torch.empty((x.shape[0], n), dtype=torch.float32)
+    block = torch.empty((rows, k), dtype=torch.float32)
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        w = block[: end - start]
+        make_rows(w, start, end)
+        torch.mm(x32, w.t(), out=y[:, start:end])
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype)
+
+
 def _tiles_sgemm_run(x, packed, bias, spec):
     # fp32 GEMM on a weight dequantized per call by our C++ (about 10x faster than doing it
     # with torch ops), from the same packed copy as the GEMV kernels of its layout
     tiles, scale, offset = packed[:3]
-    w = torch.empty((spec.n, spec.k), dtype=torch.float32)
-    native.load("tiles_dequant")(tiles, scale, offset, w, spec.n, spec.k, _tile_group(packed, spec), spec.bits)
-    y = torch.mm(x.to(torch.float32), w.t())
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype)
+    group, dequantize = _tile_group(packed, spec), native.load("tiles_dequant")
+
+    def make_rows(out, start, end):
+        t0, t1 = start // 8, end // 8
+        dequantize(tiles[t0:t1], scale[t0:t1], offset[t0:t1], out, end - start, spec.k, group, spec.bits)
+
+    return _sgemm_by_row_blocks(x, spec.n, spec.k, make_rows, bias)
 
 
 def _dense_supports(spec: LinearSpec) -> Optional[str]:
@@ -522,10 +548,8 @@ def _dense_mm_run(x, packed, bias, spec):
 def _dense_sgemm_run(x, packed, bias, spec):
     # upcast per call: costs a pass over the weight, pays off once the GEMM is compute-bound on a
     # CPU without native bf16 (measured here at M=64: 19.5 ms bf16 vs 4.6 ms upcast + sgemm)
-    y = torch.mm(x.to(torch.float32), packed[0].to(torch.float32).t())
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype)
+    weight = packed[0]
+    return _sgemm_by_row_blocks(x, spec.n, spec.k, lambda out, start, end: out.copy_(weight[start:end]), bias)
 
 
 KERNELS: dict[str, Kernel] = {
