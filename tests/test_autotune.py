@@ -317,3 +317,32 @@ def test_compute_bound_bins_time_one_copy_of_the_weight(monkeypatch):
         compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
     assert cycled[1] > 1  # a small weight: several copies at decode
     assert all(n == 1 for rows, n in cycled.items() if rows >= autotune.STATIC_DENSE_FROM_M), cycled
+
+
+def test_compute_bound_bins_of_a_wide_weight_are_timed_on_its_first_rows(monkeypatch):
+    """From STATIC_DENSE_FROM_M rows a GEMM's time grows in proportion to N: a wide weight is
+    timed on its first TIMING_ROWS rows there, times scaled to the whole; decode bins time the
+    whole weight. The plan still runs (and was verified on) the whole weight."""
+    from zen_inductor import autotune
+
+    rows_at = {}
+    time_kernel = autotune.time_kernel
+
+    def recording(kernel, x, copies, bias, spec, reps, first_us=0.0):
+        rows_at.setdefault(x.shape[0], set()).add(spec.n)
+        return time_kernel(kernel, x, copies, bias, spec, reps, first_us)
+
+    monkeypatch.setattr(autotune, "time_kernel", recording)
+    monkeypatch.setattr(autotune, "TIMING_ROWS", 64)
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(300, K, dtype=torch.bfloat16)
+    with config.patch(autotune_budget_s=60.0), torch.no_grad():
+        y = compile_zen(m)(x)
+    assert sqnr(y, m(x)) >= 40
+    assert N > 64 and rows_at[1] == {N}
+    assert all(n == {64} for rows, n in rows_at.items() if rows >= autotune.STATIC_DENSE_FROM_M), rows_at
+    bins = {b["bin"]: b for b in zen_inductor.last_report()["autotune"][0]["bins"]}
+    for label in ("17-64", "65-256", "257-1024"):
+        assert bins[label]["note"].startswith(f"timed on the first 64 of {N} rows at M="), bins[label]
+        assert bins[label]["times_us"] and bins[label]["winner"] in bins[label]["times_us"]
+    assert "first 64" not in bins["1"]["note"]

@@ -137,6 +137,40 @@ def test_hand_written_dequant(group, zero_point, bits, bias, variant):
     assert sqnr(y, _reference(x, m.reference_weight(), m.bias)) >= 40
 
 
+class OtherSpelling(HandDequant):
+    """The same dequant written another way: codes on the right of a sub, a neg, scale first."""
+
+    def weight(self):
+        q = self.q.view(N, K // self.group, self.group).to(torch.bfloat16)
+        return (self.scale * -(self.zp - q)).view(N, K)
+
+
+def test_another_spelling_reads_the_same_weight():
+    torch.manual_seed(1)
+    m = OtherSpelling(64, True, 4).eval()
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(m)(x)
+    assert zen_inductor.counters["dequant_matmul.int4_asym_group64"] == 1
+    assert sqnr(y, _reference(x, m.reference_weight(), None)) >= 40
+
+
+def test_the_probe_is_updated_in_place_only_where_that_computes_the_same():
+    from zen_inductor.patterns.dequant_matmul import _in_place
+
+    aten = torch.ops.aten
+    v, s = torch.randn(4, 3, 8), torch.randn(4, 3, 1)
+    expected = v * s
+    assert _in_place(aten.mul.Tensor, v, (s, v), {}) is v and torch.equal(v, expected)  # commutative: either side
+    w = torch.randn(4, 3, 8)
+    assert _in_place(aten.sub.Tensor, w, (s, w), {}) is None  # s - w is not w -= s
+    assert _in_place(aten.add.Tensor, s, (s, w), {}) is None  # the result is larger than s
+    assert _in_place(aten.add.Tensor, w, (w, s), {"alpha": 2}) is None
+    expanded = torch.randn(4, 1, 8).expand(4, 3, 8)  # one element seen three times
+    assert _in_place(aten.mul.Tensor, expanded, (expanded, 2.0), {}) is None
+    assert _in_place(aten.mul.Tensor, w.bfloat16(), (w.bfloat16(), 2.0), {}) is None  # only fp32 probes
+
+
 class GPTQPacked(torch.nn.Module):
     """int4 packed eight per int32 along K (GPTQ / compressed-tensors), unpacked in the graph."""
 

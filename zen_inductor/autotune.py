@@ -11,6 +11,7 @@ tunes nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -66,12 +67,7 @@ def shape_bins(edges=None) -> list[ShapeBin]:
 
 
 def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return error_sqnr_db(y.detach().float() - ref.detach().float(), ref)
-
-
-def error_sqnr_db(error: torch.Tensor, ref: torch.Tensor) -> float:
-    """SQNR of ``ref`` against an error already computed (a full-size weight need not be copied)."""
-    noise = float(torch.linalg.vector_norm(error))
+    noise = float(torch.linalg.vector_norm(y.detach().float() - ref.detach().float()))
     if not math.isfinite(noise):
         return float("-inf")
     if noise == 0:
@@ -303,6 +299,7 @@ class Tuner:
         # (dequantize + sgemm kernels' first calls at M=2-64: ~1-1.5 s of a 1B model's cold compile)
         behind: dict = {}
         timed_below, timed_below_m = None, 0  # the last bin timed, and at which M: see compute_bound
+        part = None  # the first rows of a wide weight, packed when a bin is first timed on them
         for b in bins:
             key = cache_key(spec, b, usable)
             cached = self.cache.get(key) if config.autotune else None
@@ -331,7 +328,12 @@ class Tuner:
                 self.cache.put({key: {"winner": result.winner, "times_us": {}, "excluded": result.excluded}})
             elif config.autotune and len(passing) > 1 and self.timing_left_s > 0:
                 torch.manual_seed(0)
-                m = timing_m(b, spec)
+                rows = timing_rows(b, spec)
+                if rows < spec.n and part is None:
+                    part = _WeightPart(weight, spec, bias, rows)
+                tspec, tpacked, tbias = (part.spec, part.packed, part.bias) if rows < spec.n else (spec, packed, bias)
+                per_rows = spec.n / rows  # times are given for the whole weight
+                m = timing_m(b, tspec)
                 x = torch.randn(m, spec.k, dtype=spec.act_dtype)
                 deadline = time.perf_counter() + self.timing_left_s
                 for name in static_order(b, passing, spec):  # likely winners first: they set the bar
@@ -342,16 +344,22 @@ class Tuner:
                         result.excluded[name] = f"not timed: {ratio:.1f}x the best at M={below}, so at least {ratio * below / m:.1f}x at M={m}"
                         behind[name] = (ratio * below / m, m)  # the bound carries on to the next bin
                         continue
-                    first_us = _first_call_us(KERNELS[name], x, packed[name], bias, spec)
+                    if tpacked[name] is None:
+                        result.excluded[name] = f"prepack of the first {rows} rows failed"
+                        continue
+                    first_us = _first_call_us(KERNELS[name], x, tpacked[name], tbias, tspec) * per_rows
                     if result.times_us and first_us > HOPELESS_RATIO * min(result.times_us.values()):
                         result.times_us[name] = round(first_us, 1)  # hopeless: no copies, no repeats
                         continue
-                    if name not in copies:  # made at the smallest M, which needs the most
-                        copies[name] = weight_copies(packed[name], m)
+                    if (name, rows) not in copies:  # made at the smallest M, which needs the most
+                        copies[name, rows] = weight_copies(tpacked[name], m)
                     # a prefix: the copies of M=1 at M=476 made each sample 8 calls of ~60 ms
-                    cycle = copies[name][:copies_needed(packed[name], m)]
-                    result.times_us[name] = round(time_kernel(KERNELS[name], x, cycle, bias, spec, config.autotune_reps, first_us), 1)
+                    cycle = copies[name, rows][:copies_needed(tpacked[name], m)]
+                    took = time_kernel(KERNELS[name], x, cycle, tbias, tspec, config.autotune_reps, first_us / per_rows)
+                    result.times_us[name] = round(took * per_rows, 1)
                 self.timing_left_s = deadline - time.perf_counter()
+                if rows < spec.n:
+                    result.note = f"timed on the first {rows} of {spec.n} rows at M={m}, times x{per_rows:.3g}"
                 if all(name in result.times_us or name in result.excluded for name in passing):
                     result.winner = min(result.times_us, key=result.times_us.get)
                     best = result.times_us[result.winner]
@@ -419,12 +427,38 @@ COMPUTE_BOUND_FROM_M = 256  # past this every candidate's time grows in proporti
 
 
 def compute_bound(b: ShapeBin, spec: LinearSpec, below_m: int) -> bool:
-    """The bin's smallest M exceeds the timing cap and the bin below was timed at an M where
+    """The open bin's smallest M exceeds the timing cap and the bin below was timed at an M where
     every kernel is compute-bound already: its ranking holds here too. (Below ~256 rows the
     weight's dequantization, a fixed cost per call, still decides between GEMV-style kernels
     and dequantize + sgemm: reusing the ranking of the 17-64 bin for 65-256 cost a 1B model's
-    prefill 27%.)"""
-    return 2 * b.lo * spec.n * spec.k > TIMING_MAX_FLOP and below_m >= COMPUTE_BOUND_FROM_M
+    prefill 27%; on a 16384 x 2048 weight int4_tiles_sgemm and zen_w4_avx2 tie at M=256 and
+    the first is 1.25x faster at M=476, so a bounded bin is always timed.)"""
+    return b.hi is None and 2 * b.lo * spec.n * spec.k > TIMING_MAX_FLOP and below_m >= COMPUTE_BOUND_FROM_M
+
+
+# A wide weight is timed on its first TIMING_ROWS output rows in the bins from
+# STATIC_DENSE_FROM_M rows up: there every candidate's time grows in proportion to N (measured
+# on 16384 x 2048 and 32000 x 2048 weights at M=64-476: whole against 2048 rows times N/2048,
+# within the 10% runs vary here, for every kernel), and timing the whole of a 32000-row weight
+# at M=257 cost ~0.5 s a candidate. Decode bins time the whole weight: there the time is
+# reading it from memory.
+TIMING_ROWS = 2048
+
+
+def timing_rows(b: ShapeBin, spec: LinearSpec) -> int:
+    if b.representative_m >= STATIC_DENSE_FROM_M and spec.n > TIMING_ROWS:
+        return TIMING_ROWS
+    return spec.n
+
+
+class _WeightPart:
+    """The first ``rows`` output rows of a weight as a linear of their own, packed per kernel on
+    first use (a swiglu weight keeps gate and up blocks in turn, so its first rows are one too)."""
+
+    def __init__(self, weight, spec: LinearSpec, bias, rows: int):
+        self.spec = dataclasses.replace(spec, n=rows)
+        self.bias = bias[:rows] if bias is not None else None
+        self.packed = _Packings(weight.rows(rows), self.spec, {})
 
 
 VERIFY_MAX_M = 256  # rows checked against the reference; kernels' large-M paths start well below

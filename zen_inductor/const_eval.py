@@ -11,11 +11,6 @@ import torch
 import torch.fx as fx
 from torch._guards import TracingContext
 
-aten = torch.ops.aten
-prims = torch.ops.prims
-
-_CONVERTS = (prims.convert_element_type.default, aten._to_copy.default)
-
 
 def param_values(graph: fx.Graph) -> dict[fx.Node, torch.Tensor]:
     """Placeholder -> real tensor, for the placeholders that are parameters or buffers.
@@ -45,22 +40,16 @@ def constant_nodes(graph: fx.Graph, params: dict[fx.Node, torch.Tensor]) -> set[
 
 
 class ConstEvaluator:
-    """Runs constant subgraphs eagerly, optionally with some nodes' values replaced.
-
-    ``exact=True`` turns every conversion to a floating dtype into float32, where products of
-    bf16/fp16 scales and small integer codes are exact, so an affine dequant chain can be read
-    off exactly (its scale is f(1) - f(0), its offset f(0)).
-    """
+    """Runs constant subgraphs eagerly, on the real weights."""
 
     def __init__(self, gm: fx.GraphModule | None, params: dict[fx.Node, torch.Tensor]):
         self.gm = gm
         self.params = params
 
-    def __call__(self, node: fx.Node, overrides=None, exact=False) -> torch.Tensor:
-        memo: dict[fx.Node, object] = dict(overrides or {})
-        return self._eval(node, memo, exact)
+    def __call__(self, node: fx.Node) -> torch.Tensor:
+        return self._eval(node, {})
 
-    def _eval(self, node, memo, exact):
+    def _eval(self, node, memo):
         if node in memo:
             return memo[node]
         if node in self.params:
@@ -68,15 +57,7 @@ class ConstEvaluator:
         elif node.op == "get_attr":
             value = getattr(self.gm, node.target)
         elif node.op == "call_function":
-            args, kwargs = torch.fx.node.map_arg(
-                (node.args, node.kwargs), lambda n: self._eval(n, memo, exact)
-            )
-            if exact and node.target in _CONVERTS:
-                dtype = args[1] if node.target is _CONVERTS[0] else kwargs.get("dtype")
-                if dtype is not None and dtype.is_floating_point:
-                    value = args[0].to(torch.float32)
-                    memo[node] = value
-                    return value
+            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: self._eval(n, memo))
             value = node.target(*args, **kwargs)
         else:
             raise ValueError(f"cannot evaluate {node.op} node {node.name} at compile time")

@@ -54,6 +54,11 @@ class QuantWeight:
     def symmetric(self) -> bool:
         return not bool(self.offset.any())
 
+    def rows(self, n: int) -> "QuantWeight":
+        """The first ``n`` output rows."""
+        zp = self.zero_point[:n] if self.zero_point is not None else None
+        return QuantWeight(self.codes[:n], self.scale[:n], self.offset[:n], zp, self.group_size, self.bits)
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         n, k, g = self.n, self.k, self.group_size
         w = self.codes.view(n, k // g, g).to(torch.float32)
@@ -77,6 +82,10 @@ class DenseWeight:
     @property
     def k(self) -> int:
         return self.weight.shape[1]
+
+    def rows(self, n: int) -> "DenseWeight":
+        """The first ``n`` output rows."""
+        return DenseWeight(self.weight[:n])
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.weight.to(dtype)
