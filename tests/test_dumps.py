@@ -141,5 +141,8 @@ def test_autotune_dump_lists_every_candidate(tmp_path):
         assert b["winner"] in timed
         # every kernel is accounted for: timed, failed verification, or never a candidate (with why)
         assert timed | set(b["excluded"]) | set(entry["excluded"]) >= {"aten_int4pack_mm", "dequant_gemm", "dequant_sgemm"}
+    # what each bin cost the compile: timing several kernels takes longer than reusing a ranking
+    assert all(b["seconds"] > 0 for b in entry["bins"] if b["times_us"])
     text = format_report(zen_inductor.last_report())
     assert "AUTOTUNE" in text and "winner" in text
+    assert f"[{entry['bins'][0]['seconds']:.2f} s]" in text

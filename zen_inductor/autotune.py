@@ -83,6 +83,7 @@ class BinResult:
     excluded: dict = field(default_factory=dict)
     from_cache: bool = False
     note: str = ""
+    seconds: float = 0.0  # what choosing this bin's kernel cost the compile: verifying, packing, timing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,11 +304,13 @@ class Tuner:
         timed_below, timed_below_m = None, 0  # the last bin timed, and at which M: see compute_bound
         part = None  # the first rows of a wide weight, packed when a bin is first timed on them
         for b in bins:
+            started = time.perf_counter()
             key = cache_key(spec, b, usable)
             cached = self.cache.get(key) if config.autotune else None
             # a cached winner was verified on another weight; it is checked again on this one
             if cached and cached["winner"] in usable and verify(cached["winner"], b.representative_m) is None:
-                results.append(BinResult(b.label, cached["winner"], cached.get("times_us", {}), dict(cached.get("excluded", {})), True))
+                results.append(BinResult(b.label, cached["winner"], cached.get("times_us", {}), dict(cached.get("excluded", {})), True,
+                                         seconds=round(time.perf_counter() - started, 3)))
                 timed_below, timed_below_m = results[-1], b.representative_m
                 continue
             result = BinResult(b.label, "")
@@ -376,6 +379,7 @@ class Tuner:
             else:
                 result.winner = static_choice(b, passing, spec)
                 result.note = "static rule" if not config.autotune or len(passing) == 1 else "autotune budget spent; static rule"
+            result.seconds = round(time.perf_counter() - started, 3)
             results.append(result)
         plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))
         return Tuning(plan, results, excluded, {name: packed[name] for name in plan.kernels})

@@ -91,7 +91,8 @@ def format_report(report: dict) -> str:
             for b in entry["bins"]:
                 cells = [f"{k}={v}" for k, v in b["times_us"].items()]
                 cells += [f"x {k}: {v}" for k, v in b["excluded"].items()]
-                lines.append(f"    M {b['bin']:>6}: winner {b['winner']:<20} {'(cached) ' if b['cached'] else ''}{'; '.join(cells)}")
+                cost = f"[{b['seconds']:.2f} s] " if "seconds" in b else ""
+                lines.append(f"    M {b['bin']:>6}: winner {b['winner']:<20} {cost}{'(cached) ' if b['cached'] else ''}{'; '.join(cells)}")
     return "\n".join(lines)
 
 

@@ -160,7 +160,7 @@ class PatternContext:
                 "source": pending.match.source, "kind": spec.kind, "n": spec.n, "k": spec.k,
                 "excluded": tuning.excluded,
                 "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded,
-                          "cached": r.from_cache, "note": r.note} for r in tuning.bins],
+                          "cached": r.from_cache, "note": r.note, "seconds": r.seconds} for r in tuning.bins],
             })
 
     def _run_dequantized(self, node: fx.Node, pending: "PendingLinear", reason: str) -> None:
