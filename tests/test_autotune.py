@@ -346,3 +346,22 @@ def test_compute_bound_bins_of_a_wide_weight_are_timed_on_its_first_rows(monkeyp
         assert bins[label]["note"].startswith(f"timed on the first 64 of {N} rows at M="), bins[label]
         assert bins[label]["times_us"] and bins[label]["winner"] in bins[label]["times_us"]
     assert "first 64" not in bins["1"]["note"]
+
+
+def test_the_bf16_gemm_is_pruned_only_where_both_faster_kernels_serve():
+    import dataclasses
+
+    from zen_inductor import native
+    from zen_inductor.kernels import LinearSpec, candidates, native_bf16_gemm
+
+    if native_bf16_gemm() or native.unavailable("bf16_gemv_avx2") is not None:
+        pytest.skip("the prune applies to CPUs without a native bf16 GEMM, with our GEMV built")
+    spec = LinearSpec(n=256, k=512, group_size=512, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+    names = lambda: [k.name for k in candidates(spec)[0]]  # noqa: E731
+    assert "dense_mm" not in names() and "zen_bf16_gemv_avx2" in candidates(spec)[1]["dense_mm"]
+    with config.patch(kernel_deny=("zen_bf16_gemv_avx2",)):  # decode would have only dense_sgemm: dense_mm stays
+        assert "dense_mm" in names()
+    odd = dataclasses.replace(spec, k=500, group_size=500)  # no GEMV for K % 8: dense_mm stays
+    assert "dense_mm" in [k.name for k in candidates(odd)[0]]
+    with config.patch(prune_dominated_kernels=False):
+        assert "dense_mm" in names()

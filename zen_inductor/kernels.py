@@ -527,6 +527,22 @@ def _dense_supports(spec: LinearSpec) -> Optional[str]:
     return None
 
 
+def _dense_mm_supports(spec: LinearSpec) -> Optional[str]:
+    reason = _dense_supports(spec)
+    if (reason is None and config.prune_dominated_kernels and not native_bf16_gemm()
+            and all(_usable(name, spec) for name in ("zen_bf16_gemv_avx2", "dense_sgemm"))):
+        # measured here (AVX2, the llama1b-4l shapes, all 35 bins): the bf16 GEMM never won, 1.1-2x
+        # behind zen_bf16_gemv_avx2 at M=1-16 and 2.5-7x behind dense_sgemm from M=64; verifying
+        # and timing it cost ~2 s of a cold compile
+        return "no native bf16 GEMM on this CPU (AVX512-BF16 or AMX): zen_bf16_gemv_avx2 and dense_sgemm are faster"
+    return reason
+
+
+def _usable(name: str, spec: LinearSpec) -> bool:
+    allowed = not config.kernel_allow or name in config.kernel_allow
+    return allowed and name not in config.kernel_deny and KERNELS[name].supports(spec) is None
+
+
 def _dense_prepack(w: DenseWeight, act_dtype):
     return [w.weight.contiguous()]  # the model's own [N, K] tensor: no copy
 
@@ -580,7 +596,7 @@ KERNELS: dict[str, Kernel] = {
         # int4/int8_tiles_sgemm: the same fp32 GEMM, the weight dequantized by C++ ~10x faster
         Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run,
                dominated_by=("int4_tiles_sgemm", "int8_tiles_sgemm")),
-        Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run, layout="dense"),
+        Kernel("dense_mm", "dense", _dense_mm_supports, _dense_prepack, _dense_mm_run, layout="dense"),
         Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense"),
         Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense",
                epilogues=("swiglu",)),
