@@ -365,3 +365,23 @@ def test_the_bf16_gemm_is_pruned_only_where_both_faster_kernels_serve():
     assert "dense_mm" in [k.name for k in candidates(odd)[0]]
     with config.patch(prune_dominated_kernels=False):
         assert "dense_mm" in names()
+
+
+def test_gemv_kernels_are_offered_only_up_to_their_largest_m():
+    from zen_inductor import native
+
+    if native.unavailable("bf16_gemv_avx2") is not None:
+        pytest.skip("needs our bf16 GEMV (AVX2 and a C++ compiler)")
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(K, 256, bias=False)).to(torch.bfloat16).eval()
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(m)(x)
+    assert sqnr(y, m(x)) >= 40
+    (entry,) = [a for a in zen_inductor.last_report()["autotune"] if "bins" in a]
+    bins = {b["bin"]: b for b in entry["bins"]}
+    gemv = "zen_bf16_gemv_avx2"
+    assert gemv in bins["1"]["times_us"] and gemv in bins["17-64"]["times_us"]
+    for label in ("65-256", "257-1024", "1025+"):
+        assert bins[label]["excluded"][gemv] == "a GEMV, offered up to M=64", label
+        assert bins[label]["winner"] != gemv

@@ -308,7 +308,8 @@ class Tuner:
             key = cache_key(spec, b, usable)
             cached = self.cache.get(key) if config.autotune else None
             # a cached winner was verified on another weight; it is checked again on this one
-            if cached and cached["winner"] in usable and verify(cached["winner"], b.representative_m) is None:
+            offered = [name for name in usable if KERNELS[name].serves(b.lo) is None]
+            if cached and cached["winner"] in offered and verify(cached["winner"], b.representative_m) is None:
                 results.append(BinResult(b.label, cached["winner"], cached.get("times_us", {}), dict(cached.get("excluded", {})), True,
                                          seconds=round(time.perf_counter() - started, 3)))
                 timed_below, timed_below_m = results[-1], b.representative_m
@@ -316,7 +317,7 @@ class Tuner:
             result = BinResult(b.label, "")
             passing = []
             for name in usable:
-                reason = verify(name, b.representative_m)  # packs the kernel's weight on first need
+                reason = KERNELS[name].serves(b.lo) or verify(name, b.representative_m)  # packs on first need
                 if reason:
                     result.excluded[name] = reason
                 else:
