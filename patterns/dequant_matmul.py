@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from zen_inductor.autotune import NoKernel, sqnr_db
-from zen_inductor.kernels import LinearSpec, QuantWeight, candidates
+from zen_inductor.kernels import LinearSpec, QuantWeight, candidates, fp32_row_blocks
 
 from . import Family
 
@@ -161,9 +161,8 @@ def _along_path(ctx, codes: fx.Node, path: list[fx.Node], value: torch.Tensor, a
             values[node] = v
             continue
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: v if n is src else _fp32(ctx.evaluate(n)))
-        values[node] = _in_place(node.target, v, args, kwargs) if affine else None
-        if values[node] is None:
-            values[node] = node.target(*args, **kwargs)
+        updated = _in_place(node.target, v, args, kwargs) if affine else None
+        values[node] = updated if updated is not None else node.target(*args, **kwargs)
     return values[path[-1]] if path else value
 
 
@@ -241,21 +240,13 @@ def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight
     return _quantize_description(q, scale, offset, group_hint(codes, q.shape[1]))
 
 
-_PROOF_BLOCK_BYTES = 4 << 20
-
-
 def _prove(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, real: torch.Tensor) -> None:
     """The chain itself, evaluated on the real codes, gives ``q * scale + offset`` (to 45 dB,
     the weight read as signal). Rows at a time, in fp32, through one small buffer: a full-size
     copy of the codes in fp32 cost 2.6 s of page faults for an 8192 x 32000 weight here, and
     int8 times fp32 or the norm of a bf16 tensor take slow mixed-dtype paths."""
-    n, k = q.shape
-    rows = max(1, _PROOF_BLOCK_BYTES // (4 * k))
-    block = torch.empty((min(rows, n), k), dtype=torch.float32)
     signal = noise = 0.0
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        w = block[: end - start]
+    for w, start, end in fp32_row_blocks(*q.shape):
         w.copy_(q[start:end]).mul_(scale[start:end]).add_(offset[start:end])
         signal += float(torch.linalg.vector_norm(w)) ** 2
         noise += float(torch.linalg.vector_norm(w.sub_(real[start:end]))) ** 2

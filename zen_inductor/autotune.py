@@ -351,7 +351,7 @@ class Tuner:
                         behind[name] = (ratio * below / m, m)  # the bound carries on to the next bin
                         continue
                     if tpacked[name] is None:
-                        result.excluded[name] = f"prepack of the first {rows} rows failed"
+                        result.excluded[name] = f"first {rows} rows: {tpacked.excluded.get(name, 'prepack failed')}"
                         continue
                     first_us = _first_call_us(KERNELS[name], x, tpacked[name], tbias, tspec) * per_rows
                     if result.times_us and first_us > HOPELESS_RATIO * min(result.times_us.values()):

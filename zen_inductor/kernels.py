@@ -147,7 +147,9 @@ class Kernel:
     run: Callable  # (x2d, packed, bias, spec) -> y2d
     layout: str = ""  # kernels with the same layout share one packed copy of a weight
     epilogues: tuple = ()  # epilogues ``run`` computes itself; apply_epilogue does the others
-    dominated_by: tuple = ()  # kernels that compute the same arithmetic faster: see candidates()
+    # kernels that compute the same arithmetic faster, each a name or a tuple of names that do it
+    # together (one for small M, one for large): see candidates()
+    dominated_by: tuple = ()
     max_m: Optional[int] = None  # bins whose smallest M is above this do not offer the kernel
 
     def serves(self, lo: int) -> Optional[str]:
@@ -495,17 +497,23 @@ def _tiles_supports(spec: LinearSpec, bits: int) -> Optional[str]:
 _FP32_BLOCK_BYTES = 4 << 20
 
 
+def fp32_row_blocks(n: int, k: int, multiple: int = 1):
+    """``(block, start, end)`` over the rows of an [n, k] fp32 matrix made a block at a time:
+    one buffer of ~_FP32_BLOCK_BYTES, reused; blocks are a multiple of ``multiple`` rows."""
+    rows = min(n, max(multiple, _FP32_BLOCK_BYTES // (4 * k) // multiple * multiple))
+    block = torch.empty((rows, k), dtype=torch.float32)
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        yield block[: end - start], start, end
+
+
 def _sgemm_by_row_blocks(x, n: int, k: int, make_rows, bias):
     """``x @ W^T (+ bias)`` in fp32, where ``make_rows(out, start, end)`` writes rows
     ``start:end`` of the [n, k] weight into ``out`` in fp32; blocks are a multiple of 8 rows
     (the tiles' height)."""
-    rows = min(n, max(8, _FP32_BLOCK_BYTES // (4 * k) // 8 * 8))
     x32 = x.to(torch.float32)
     y = torch.empty((x.shape[0], n), dtype=torch.float32)
-    block = torch.empty((rows, k), dtype=torch.float32)
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        w = block[: end - start]
+    for w, start, end in fp32_row_blocks(n, k, multiple=8):
         make_rows(w, start, end)
         torch.mm(x32, w.t(), out=y[:, start:end])
     if bias is not None:
@@ -532,22 +540,6 @@ def _dense_supports(spec: LinearSpec) -> Optional[str]:
     if spec.act_dtype != torch.bfloat16:
         return f"{spec.act_dtype} activations"
     return None
-
-
-def _dense_mm_supports(spec: LinearSpec) -> Optional[str]:
-    reason = _dense_supports(spec)
-    if (reason is None and config.prune_dominated_kernels and not native_bf16_gemm()
-            and all(_usable(name, spec) for name in ("zen_bf16_gemv_avx2", "dense_sgemm"))):
-        # measured here (AVX2, the llama1b-4l shapes, all 35 bins): the bf16 GEMM never won, 1.1-2x
-        # behind zen_bf16_gemv_avx2 at M=1-16 and 2.5-7x behind dense_sgemm from M=64; verifying
-        # and timing it cost ~2 s of a cold compile
-        return "no native bf16 GEMM on this CPU (AVX512-BF16 or AMX): zen_bf16_gemv_avx2 and dense_sgemm are faster"
-    return reason
-
-
-def _usable(name: str, spec: LinearSpec) -> bool:
-    allowed = not config.kernel_allow or name in config.kernel_allow
-    return allowed and name not in config.kernel_deny and KERNELS[name].supports(spec) is None
 
 
 def _dense_prepack(w: DenseWeight, act_dtype):
@@ -603,7 +595,11 @@ KERNELS: dict[str, Kernel] = {
         # int4/int8_tiles_sgemm: the same fp32 GEMM, the weight dequantized by C++ ~10x faster
         Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run,
                dominated_by=("int4_tiles_sgemm", "int8_tiles_sgemm")),
-        Kernel("dense_mm", "dense", _dense_mm_supports, _dense_prepack, _dense_mm_run, layout="dense"),
+        # a bf16 GEMM without AVX512-BF16/AMX: it won none of the 35 bins of the llama1b-4l shapes
+        # here, 1.1-2x behind zen_bf16_gemv_avx2 at M=1-16 and 2.5-7x behind dense_sgemm from M=64;
+        # verifying and timing it cost ~2 s of a cold compile
+        Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run, layout="dense",
+               dominated_by=() if native_bf16_gemm() else (("zen_bf16_gemv_avx2", "dense_sgemm"),)),
         Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense"),
         # one row of x at a time against each block of W: past M=64 a GEMM is ahead (dense_sgemm
         # 1.2-2.1x faster at M=256 and 476 on all five llama1b shapes, measured here), and timing
@@ -635,10 +631,12 @@ def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
     if config.prune_dominated_kernels:
         names = {k.name for k in ok}
         for kernel in list(ok):
-            better = next((b for b in kernel.dominated_by if b in names), None)
+            groups = [(entry,) if isinstance(entry, str) else entry for entry in kernel.dominated_by]
+            better = next((group for group in groups if all(name in names for name in group)), None)
             if better:
                 ok.remove(kernel)
-                excluded[kernel.name] = f"{better} computes the same, faster (config.prune_dominated_kernels)"
+                verb = "computes" if len(better) == 1 else "compute"
+                excluded[kernel.name] = f"{' and '.join(better)} {verb} the same, faster (config.prune_dominated_kernels)"
     return ok, excluded
 
 
