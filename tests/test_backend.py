@@ -145,11 +145,14 @@ def test_cpp_wrapper_calls_the_fused_kernel():
 
 
 def test_two_models_same_shapes_each_get_their_own_weights_with_caches_on():
-    """Stock Inductor + freezing + max_autotune replays the first model's packed weights here."""
+    """Stock Inductor + freezing + max_autotune replays the first model's packed weights here.
+    AOTAutograd's cache on too: it served the third compile (the first model again) without our
+    pass, whose packed weights it then lacked."""
     x = torch.randn(4, K, dtype=torch.bfloat16)
     results = []
-    with torch._inductor.config.patch(fx_graph_cache=True), torch.no_grad():
-        for seed in (0, 1):
+    with torch._inductor.config.patch(fx_graph_cache=True), torch._functorch.config.patch(enable_autograd_cache=True), \
+            torch.no_grad():
+        for seed in (0, 1, 0):
             torch.manual_seed(seed)
             m = HandDequant(64, True, 4).eval()
             torch._dynamo.reset()
@@ -160,6 +163,25 @@ def test_two_models_same_shapes_each_get_their_own_weights_with_caches_on():
         assert sqnr(y, ref) >= 40
     assert sqnr(results[0][0], results[1][0]) < 10  # really different models
     assert hits >= 1  # the second compile was served from the cache, and still right
+    assert zen_inductor.counters["dequant_matmul"] == 3  # our pass ran every time
+
+
+@pytest.mark.parametrize("inductor_freezing", [False, True])
+def test_inductor_freezing_runs_only_when_asked(inductor_freezing, monkeypatch):
+    """Our pass makes the weights it reads constants itself; Inductor's freezing (its fake-tensor
+    propagation alone ~1.5 s a graph of a 1B model) runs after it only with the flag."""
+    import torch._inductor.freezing as freezing
+
+    calls = []
+    real = freezing.freeze
+    monkeypatch.setattr(freezing, "freeze", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(m, inductor_freezing=inductor_freezing)(x)
+    assert len(calls) == int(inductor_freezing)
+    assert zen_inductor.counters["dequant_matmul"] == 1 and zen_inductor.last_report()["frozen"] is True
+    assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
 
 
 def test_pass_uuid_follows_flags():

@@ -1,20 +1,25 @@
 """``torch.compile(model, backend="zen")``: Inductor with our passes, for this compile only.
 
     Dynamo graph
-      -> lift parameters to graph attributes (so freezing can see them)
-      -> compile_fx(config_patches={joint_custom_post_pass: ZenJointPass, freezing: ...})
-           joint passes (ours: match, check, prepack, replace) -> freeze -> post-grad -> lowering
+      -> lift parameters to graph attributes (so AOTAutograd hands their values to our pass)
+      -> compile_fx(config_patches={joint_custom_post_pass: ZenJointPass})
+           joint passes (ours: match, check, prepack, replace) -> post-grad -> lowering
+Our pass freezes what it reads: packed weights become constants marked as frozen parameters.
+Inductor's own freezing runs after it only with ``config.inductor_freezing``.
       -> dumps + one-line summary
 Nothing global is touched: Inductor settings go through ``config_patches``, ours through
 ``config.patch``, and both end with the compile.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import unittest.mock
 import warnings
 
 import torch
+import torch._functorch.config
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
@@ -57,8 +62,11 @@ def _compile(gm, example_inputs, inductor_patches):
         gm = _copy_for_lifting(gm)  # Dynamo calls us with the inputs of *its* graph; keep that intact
         lifted = _lift_parameters(gm, example_inputs)
     inputs = [a for i, a in enumerate(example_inputs) if i not in set(lifted)]
-    patches = {"joint_custom_post_pass": ZenJointPass(record), "freezing": freeze, **inductor_patches}
-    with reuse_freed_memory():
+    patches = {"joint_custom_post_pass": ZenJointPass(record), "freezing": freeze and config.inductor_freezing,
+               **inductor_patches}
+    with reuse_freed_memory(), _constants_allowed(inputs), torch._functorch.config.patch(enable_autograd_cache=False):
+        # AOTAutograd's cache would serve a warm compile without running our pass, and the packed
+        # weights live only in what our pass builds (it never caches a frozen graph for this reason)
         compiled = compile_fx(gm, inputs, config_patches=patches)
     _forget_zentorch_reorders()
     dumps.finish(record)
@@ -74,6 +82,16 @@ def _compile(gm, example_inputs, inductor_patches):
         return compiled(*[args[i] for i in keep])
 
     return run
+
+
+def _constants_allowed(inputs):
+    """Inductor's fake-tensor passes meet our packed weights as real tensors (get_attr constants).
+    Its own freezing compiles with this compile's fake mode accepting them; so do we, for this
+    compile only."""
+    fake_mode = torch._guards.detect_fake_mode(inputs)
+    if fake_mode is None:
+        return contextlib.nullcontext()
+    return unittest.mock.patch.object(fake_mode, "allow_non_fake_inputs", True)
 
 
 def _copy_for_lifting(gm: fx.GraphModule) -> fx.GraphModule:

@@ -50,6 +50,10 @@ decode_attention: bool = _env("decode_attention", True)
 # --- compilation ------------------------------------------------------------------------
 # freeze weights into constants under torch.no_grad(); needed to prepack weights once
 freezing: bool = _env("freezing", True)
+# also run Inductor's own freezing after our pass (constant folding, oneDNN packing of the linears
+# we left). Off: our pass has turned the weights it reads into constants already, and Inductor's
+# freezing passes cost ~1.5 s a graph of a 4-layer 1B model in fake-tensor propagation alone
+inductor_freezing: bool = _env("inductor_freezing", False)
 
 # --- kernel choice ----------------------------------------------------------------------
 # time the candidate kernels per shape bin; False picks by the static rule in kernels.py

@@ -1,9 +1,10 @@
 """The one graph pass Inductor runs for us: every enabled pattern family, in catalog order.
 
-It sits in ``joint_custom_post_pass``: after AOTAutograd, *before* freezing. Freezing would
-otherwise constant-fold int4 dequant chains back into bf16 weights; here the weights are still
-placeholders whose real values the tracing context holds, so a pattern can read them, prepack
-them once, and leave packed constants in the graph for freezing to keep.
+It sits in ``joint_custom_post_pass``: after AOTAutograd, before Inductor's freezing would
+run (Inductor's freezing would constant-fold int4 dequant chains back into bf16 weights). Here
+the weights are still placeholders whose real values the tracing context holds, so a pattern can
+read them, prepack them once, and leave packed constants in the graph, marked as frozen
+parameters as Inductor's freezing marks its own.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.freezing_utils import record_has_frozen_params
 
 from . import config
 from .autotune import NoKernel, Tuner
@@ -308,6 +310,11 @@ class ZenJointPass(CustomGraphPass):
         for node in graph.nodes:  # PendingLinear meta served concat_linear and materialize only
             node.meta.pop("zen_quant", None)
         graph.eliminate_dead_code()
+        if ctx._attr_count:
+            # as freeze() marks its graphs: the FX graph cache then stores our constants' names
+            # and takes their values from this module on a hit, not a pickled copy of the first
+            # model's weights (their cache key holds metadata only)
+            record_has_frozen_params(gm)
         gm.recompile()
         self.record.graph_after = _readable(gm)
 
