@@ -385,3 +385,25 @@ def test_gemv_kernels_are_offered_only_up_to_their_largest_m():
     for label in ("65-256", "257-1024", "1025+"):
         assert bins[label]["excluded"][gemv] == "a GEMV, offered up to M=64", label
         assert bins[label]["winner"] != gemv
+
+
+def test_verification_reference_is_made_in_row_blocks(monkeypatch):
+    """The verifier's reference (x @ W^T + bias in fp32, epilogue applied) for every row count
+    comes from one pass over the weight a block of rows at a time; three blocks with a tail here."""
+    import zen_inductor.kernels as kernels
+    from zen_inductor.autotune import _Verifier
+    from zen_inductor.kernels import LinearSpec, QuantWeight, apply_epilogue
+
+    monkeypatch.setattr(kernels, "_FP32_BLOCK_BYTES", 4 * 256 * 40)  # 40 rows a block: 112 = 40 + 40 + 32
+    n, k, g = 112, 256, 64
+    w = QuantWeight(torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, k // g), torch.randn(n, k // g),
+                    None, g, 4)
+    bias = torch.randn(n)
+    for epilogue in ("", "swiglu"):
+        spec = LinearSpec(n, k, g, 4, False, torch.bfloat16, epilogue=epilogue)
+        refs = _Verifier(spec, w, bias, packed={}).references
+        assert sorted(refs) == [1, 16, 256]
+        for m, (x, ref) in refs.items():
+            full = x.float() @ w.dequantize().t() + bias
+            assert ref.shape == (m, spec.out_n)
+            torch.testing.assert_close(ref, apply_epilogue(full, spec), rtol=1e-5, atol=1e-4)

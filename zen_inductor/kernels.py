@@ -65,6 +65,13 @@ class QuantWeight:
         w.mul_(self.scale[..., None]).add_(self.offset[..., None])  # one full-size tensor, not three
         return w.view(n, k).to(dtype)
 
+    def dequantize_rows(self, out: torch.Tensor, start: int, end: int) -> None:
+        """Rows ``start:end`` in fp32 into ``out`` (a block of ``fp32_row_blocks``)."""
+        g = self.group_size
+        blocks = out.view(end - start, self.k // g, g)
+        blocks.copy_(self.codes[start:end].view(end - start, self.k // g, g))
+        blocks.mul_(self.scale[start:end, :, None]).add_(self.offset[start:end, :, None])
+
 
 @dataclass(frozen=True)
 class DenseWeight:
@@ -89,6 +96,9 @@ class DenseWeight:
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         return self.weight.to(dtype)
+
+    def dequantize_rows(self, out: torch.Tensor, start: int, end: int) -> None:
+        out.copy_(self.weight[start:end])
 
 
 @dataclass(frozen=True)
@@ -421,10 +431,12 @@ def _a8w4_prepack(w: QuantWeight, act_dtype):
     n, k = w.n, w.k
     g = _a8w4_group(w.group_size)
     repeat = w.group_size // g
-    unsigned = (w.codes.to(torch.int16) + 8).to(torch.uint8).view(n // 8, 8, k // g, g // 64, 2, 32)
-    nibbles = unsigned[..., 0, :] | (unsigned[..., 1, :] << 4)  # code i low, code i + 32 high
+    # codes in [-8, 7]: + 8 cannot overflow int8, so no wider temporaries (~1 s of a 1B model's packing)
+    unsigned = (w.codes + 8).view(torch.uint8).view(n // 8, 8, k // g, g // 64, 2, 32)
+    nibbles = (unsigned[..., 1, :] << 4).bitwise_or_(unsigned[..., 0, :])  # code i low, code i + 32 high
     tiles = nibbles.permute(0, 2, 1, 3, 4).contiguous()  # [N/8, K/G, 8, G/2]
-    colsum128 = w.codes.view(n, k // g, g).sum(-1, dtype=torch.int32).mul_(128)
+    # |sum| <= 8 * 128 fits int16, whose sum is 2x faster here than int32's
+    colsum128 = w.codes.view(n, k // g, g).sum(-1, dtype=torch.int16).to(torch.int32).mul_(128)
     return [tiles, *_tile_params(w, repeat), _per_tile(colsum128)]
 
 
