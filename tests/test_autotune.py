@@ -406,4 +406,4 @@ def test_verification_reference_is_made_in_row_blocks(monkeypatch):
         for m, (x, ref) in refs.items():
             full = x.float() @ w.dequantize().t() + bias
             assert ref.shape == (m, spec.out_n)
-            torch.testing.assert_close(ref, apply_epilogue(full, spec), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(ref, apply_epilogue(full, spec), rtol=1e-4, atol=1e-3)
