@@ -271,6 +271,22 @@ def test_codes_wider_than_8_bits_are_a_near_miss():
     assert "wider than 8 bits" in _only_near_miss()
 
 
+def test_a_chain_not_affine_in_the_codes_is_a_near_miss():
+    """Only dequant ops, each taking the codes once, yet a code is the divisor: the probes alone
+    would read a scale and offset; the chain run on the real codes disproves them."""
+    class Reciprocal(HandDequant):
+        def weight(self):
+            q = self.q.view(N, K // self.group, self.group).to(torch.bfloat16)
+            return (self.scale / (q + 10)).view(N, K)
+
+    m = Reciprocal(64, False, 4).eval()
+    x = torch.randn(2, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(m)(x)
+    assert "not affine in the integer codes" in _only_near_miss()
+    assert sqnr(y, x.float() @ m.weight().float().t()) >= 40
+
+
 def test_grad_mode_leaves_weights_to_inductor_with_a_warning():
     m = HandDequant(64, True, 4).eval()
     x = torch.randn(2, K, dtype=torch.bfloat16)
