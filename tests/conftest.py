@@ -23,6 +23,15 @@ def fresh(tmp_path):
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def dumped(tmp_path):
+    """Dumps on for this test; ``dumped("after.py")`` is that file of the last compiled graph."""
+    import zen_inductor.dumps
+
+    with config.patch(debug_dir=str(tmp_path / "dumps")):
+        yield lambda name: open(os.path.join(zen_inductor.dumps.recent_records()[-1].dump_dir, name)).read()
+
+
 def quantize(model, cfg):
     """torchao's quantize_ without it rewriting Inductor's global settings."""
     from torchao.quantization import quantize_

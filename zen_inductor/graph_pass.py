@@ -293,7 +293,8 @@ class ZenJointPass(CustomGraphPass):
         gm = graph.owning_module
         if config.native_kernels:
             start_builds()  # compiled in the background while the graph is read
-        self.record.graph_before = _readable(gm)
+        if config.debug_dir:  # only the dumps show them: rendering took ~0.1 s a graph
+            self.record.graph_before = _readable(gm)
         params = param_values(graph)
         self.record.frozen = bool(params)
         ctx = PatternContext(graph, gm, params, constant_nodes(graph, params), ConstEvaluator(gm, params), self.record)
@@ -316,7 +317,8 @@ class ZenJointPass(CustomGraphPass):
             # model's weights (their cache key holds metadata only)
             record_has_frozen_params(gm)
         gm.recompile()
-        self.record.graph_after = _readable(gm)
+        if config.debug_dir:
+            self.record.graph_after = _readable(gm)
 
     def uuid(self) -> bytes:
         # Inductor's FX graph cache keys on this: any change to our code or flags misses.

@@ -38,7 +38,7 @@ class CompileRecord:
     matches: list = field(default_factory=list)
     near_misses: list = field(default_factory=list)
     autotune: list = field(default_factory=list)
-    graph_before: str = ""
+    graph_before: str = ""  # both rendered only when dumps are written (config.debug_dir)
     graph_after: str = ""
     frozen: bool = True
     dump_dir: Optional[str] = None
