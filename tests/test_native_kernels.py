@@ -59,13 +59,13 @@ def test_kernel_against_fp32_reference(group, act_dtype):
 
 def test_kernel_constraints_are_reasons():
     w = _weight(N, K, 128)
-    assert A8W4.supports(_spec(w, torch.bfloat16)) is None or native.unavailable("a8w4_avx2")
+    assert A8W4.supports(_spec(w, torch.bfloat16)) is None and A8W4.native == "a8w4_avx2"
     assert "multiples of 64" in A8W4.supports(_spec(_weight(N, K, 32), torch.bfloat16))
     assert "not a multiple of 8" in A8W4.supports(_spec(_weight(100, K, 128), torch.bfloat16))
     assert A8W4.supports(_spec(w, torch.float16)) == "torch.float16 activations"
     assert A8W4.supports(_spec(w, torch.bfloat16, dynamic=False)).startswith("not for weight-only")
-    with config.patch(native_kernels=False):
-        assert "disabled" in A8W4.supports(_spec(w, torch.bfloat16))
+    with config.patch(native_kernels=False):  # the library's availability is candidates()' to check
+        assert "disabled" in candidates(_spec(w, torch.bfloat16))[1]["zen_a8w4_avx2"]
 
 
 def _da8w4(group=128, mapping="SYMMETRIC", bias=True):
@@ -329,3 +329,21 @@ def test_int8_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight():
         # fp32 GEMM on the exactly dequantized weight: only the bf16 rounding of y remains
         assert sqnr(run_kernel(tiles, x, packed, None, spec), ref) >= 50
         assert sqnr(run_kernel(gemv, x, packed, None, spec), ref) >= 45
+
+
+def test_a_compile_builds_only_the_libraries_its_linears_need(monkeypatch):
+    """A bf16 model needs the bf16 GEMV only; an int4 weight-only one the int4 GEMV and the tile
+    dequantizer, not the int8-activation kernel (all four were built at every compile before)."""
+    from test_dequant_matmul import HandDequant, K as HK
+
+    started = []
+    real = native.start
+    monkeypatch.setattr(native, "start", lambda name: started.append(name) or real(name))
+    x = torch.randn(3, HK, dtype=torch.bfloat16)
+    dense = torch.nn.Linear(HK, 64, bias=False).to(torch.bfloat16).eval()
+    for model, expected in ((dense, {"bf16_gemv_avx2"}), (HandDequant(64, True, 4).eval(), {"woq_avx2", "tiles_dequant"})):
+        started.clear()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compile_zen(model)(x)
+        assert set(started) == expected

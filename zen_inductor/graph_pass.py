@@ -22,7 +22,6 @@ from . import config
 from .autotune import NoKernel, Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
 from .kernels import Plan, candidates, quant_linear, swiglu_row_order
-from .native import start_builds
 from .record import CompileRecord
 
 
@@ -291,8 +290,6 @@ class ZenJointPass(CustomGraphPass):
         from zen_inductor.patterns import FAMILIES
 
         gm = graph.owning_module
-        if config.native_kernels:
-            start_builds()  # compiled in the background while the graph is read
         if config.debug_dir:  # only the dumps show them: rendering took ~0.1 s a graph
             self.record.graph_before = _readable(gm)
         params = param_values(graph)

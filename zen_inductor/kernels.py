@@ -161,6 +161,7 @@ class Kernel:
     # together (one for small M, one for large): see candidates()
     dominated_by: tuple = ()
     max_m: Optional[int] = None  # bins whose smallest M is above this do not offer the kernel
+    native: str = ""  # our C++ library (native.SOURCES) it runs, built once a spec needs it
 
     def serves(self, lo: int) -> Optional[str]:
         """Why the kernel is not offered for M from ``lo`` up, or None."""
@@ -416,7 +417,7 @@ def _bits_reason(spec: LinearSpec, bits: int) -> Optional[str]:
 def _a8w4_supports(spec: LinearSpec) -> Optional[str]:
     if spec.bits == 4 and not spec.dynamic_activation and not config.int8_activations_for_weight_only:
         return "not for weight-only linears: it quantizes activations (config.int8_activations_for_weight_only)"
-    return _bits_reason(spec, 4) or _tile_layout_reason(spec) or native.unavailable("a8w4_avx2")
+    return _bits_reason(spec, 4) or _tile_layout_reason(spec)
 
 
 def _a8w4_group(g: int) -> int:
@@ -479,11 +480,11 @@ def _a8w4_run(x, packed, bias, spec):
 
 
 def _w4_supports(spec: LinearSpec) -> Optional[str]:
-    return _bits_reason(spec, 4) or _tile_layout_reason(spec) or native.unavailable("woq_avx2")
+    return _bits_reason(spec, 4) or _tile_layout_reason(spec)
 
 
 def _w8_supports(spec: LinearSpec) -> Optional[str]:
-    return _bits_reason(spec, 8) or _tile_layout_reason(spec) or native.unavailable("woq_avx2")
+    return _bits_reason(spec, 8) or _tile_layout_reason(spec)
 
 
 def _int8_tiles_prepack(w: QuantWeight, act_dtype):
@@ -499,7 +500,7 @@ def _woq_run(x, packed, bias, spec):
 
 
 def _tiles_supports(spec: LinearSpec, bits: int) -> Optional[str]:
-    return _bits_reason(spec, bits) or _tile_layout_reason(spec) or native.unavailable("tiles_dequant")
+    return _bits_reason(spec, bits) or _tile_layout_reason(spec)
 
 
 # Kernels that make an fp32 weight per call make it a block of rows at a time into one buffer of
@@ -561,7 +562,7 @@ def _dense_prepack(w: DenseWeight, act_dtype):
 def _bf16_gemv_supports(spec: LinearSpec) -> Optional[str]:
     if spec.k % 8:
         return f"K={spec.k} is not a multiple of 8"
-    return _dense_supports(spec) or native.unavailable("bf16_gemv_avx2")
+    return _dense_supports(spec)
 
 
 def _bf16_blocks_prepack(w: DenseWeight, act_dtype):
@@ -596,13 +597,16 @@ KERNELS: dict[str, Kernel] = {
         Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run),
         Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack, _zentorch_dqlinear_run),
         Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run),
-        Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles", epilogues=("swiglu",)),
-        Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _woq_run, layout="int4_tiles", epilogues=("swiglu",)),
-        Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles", epilogues=("swiglu",)),
+        Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles", epilogues=("swiglu",),
+               native="a8w4_avx2"),
+        Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _woq_run, layout="int4_tiles", epilogues=("swiglu",),
+               native="woq_avx2"),
+        Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles", epilogues=("swiglu",),
+               native="woq_avx2"),
         Kernel("int4_tiles_sgemm", "torch", functools.partial(_tiles_supports, bits=4), _a8w4_prepack, _tiles_sgemm_run,
-               layout="int4_tiles"),
+               layout="int4_tiles", native="tiles_dequant"),
         Kernel("int8_tiles_sgemm", "torch", functools.partial(_tiles_supports, bits=8), _int8_tiles_prepack, _tiles_sgemm_run,
-               layout="int8_tiles"),
+               layout="int8_tiles", native="tiles_dequant"),
         Kernel("dequant_gemm", "torch", _dequant_bf16_supports, _dequant_prepack, _dequant_gemm_run),
         # int4/int8_tiles_sgemm: the same fp32 GEMM, the weight dequantized by C++ ~10x faster
         Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run,
@@ -617,25 +621,30 @@ KERNELS: dict[str, Kernel] = {
         # 1.2-2.1x faster at M=256 and 476 on all five llama1b shapes, measured here), and timing
         # the GEMVs there cost ~3 s of a cold compile
         Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense",
-               epilogues=("swiglu",), max_m=64),
+               epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2"),
         # the same GEMV on a blocked copy: ahead where rows of W are short (K ~ 1024), behind on long ones
         Kernel("zen_bf16_blocks_avx2", "dense", _bf16_gemv_supports, _bf16_blocks_prepack,
                functools.partial(_bf16_gemv_run, blocks=True), layout="bf16_blocks",
-               epilogues=("swiglu",), max_m=64),
+               epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2"),
     )
 }
 
 
 def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
     """Kernels that may run ``spec``, and the reason each other kernel may not."""
-    ok, excluded = [], {}
+    reasons = {}
     for kernel in KERNELS.values():
         if config.kernel_allow and kernel.name not in config.kernel_allow:
-            reason = "not in config.kernel_allow"
+            reasons[kernel] = "not in config.kernel_allow"
         elif kernel.name in config.kernel_deny:
-            reason = "in config.kernel_deny"
+            reasons[kernel] = "in config.kernel_deny"
         else:
-            reason = kernel.supports(spec)
+            reasons[kernel] = kernel.supports(spec)
+            if not reasons[kernel] and kernel.native:
+                native.start(kernel.native)  # the builds this spec needs run side by side
+    ok, excluded = [], {}
+    for kernel, reason in reasons.items():
+        reason = reason or (native.unavailable(kernel.native) if kernel.native else None)
         if reason:
             excluded[kernel.name] = reason
         else:
