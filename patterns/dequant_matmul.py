@@ -245,9 +245,9 @@ def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight
 def _prove(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, real: torch.Tensor) -> None:
     """The chain itself, evaluated in fp32 on the real codes, gives ``q * scale + offset`` (to
     45 dB, the weight read as signal): a chain that is not affine in the codes (a code as a
-    divisor, a clamp, a cast to integers) fails. Rows at a time, in fp32, through one small buffer: a full-size
-    copy of the codes in fp32 cost 2.6 s of page faults for an 8192 x 32000 weight here, and
-    int8 times fp32 or the norm of a bf16 tensor take slow mixed-dtype paths."""
+    divisor, a clamp, a cast to integers) fails. ``q * scale + offset`` is made a block of rows at
+    a time in one small buffer: one more full-size fp32 tensor cost ~0.5 s a GB of page faults
+    here, and int8 times fp32 takes a slow mixed-dtype path."""
     signal = noise = 0.0
     for w, start, end in fp32_row_blocks(*q.shape):
         w.copy_(q[start:end]).mul_(scale[start:end]).add_(offset[start:end])

@@ -4,9 +4,9 @@
       -> lift parameters to graph attributes (so AOTAutograd hands their values to our pass)
       -> compile_fx(config_patches={joint_custom_post_pass: ZenJointPass})
            joint passes (ours: match, check, prepack, replace) -> post-grad -> lowering
+      -> dumps + one-line summary
 Our pass freezes what it reads: packed weights become constants marked as frozen parameters.
 Inductor's own freezing runs after it only with ``config.inductor_freezing``.
-      -> dumps + one-line summary
 Nothing global is touched: Inductor settings go through ``config_patches``, ours through
 ``config.patch``, and both end with the compile.
 """

@@ -60,10 +60,9 @@ class QuantWeight:
         return QuantWeight(self.codes[:n], self.scale[:n], self.offset[:n], zp, self.group_size, self.bits)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        n, k, g = self.n, self.k, self.group_size
-        w = self.codes.view(n, k // g, g).to(torch.float32)
-        w.mul_(self.scale[..., None]).add_(self.offset[..., None])  # one full-size tensor, not three
-        return w.view(n, k).to(dtype)
+        w = torch.empty((self.n, self.k), dtype=torch.float32)  # one full-size tensor, not three
+        self.dequantize_rows(w, 0, self.n)
+        return w.to(dtype)
 
     def dequantize_rows(self, out: torch.Tensor, start: int, end: int) -> None:
         """Rows ``start:end`` in fp32 into ``out`` (a block of ``fp32_row_blocks``)."""
