@@ -55,7 +55,11 @@ def test_every_candidate_computes_the_epilogue(fmt):
     assert fused and len(fused) < len(kernels)  # both kinds are exercised
     bias = torch.randn(2 * I).to(torch.bfloat16)
     for kernel in kernels:
-        packed = kernel.prepack(weight, spec.act_dtype)
+        try:
+            packed = kernel.prepack(weight, spec.act_dtype)
+        except ValueError as e:  # zentorch takes integer zero points only: the tuner excludes it so
+            assert kernel.name == "zentorch_woq_linear", e
+            continue
         for m in (1, 5, 33):
             x = torch.randn(m, K).to(torch.bfloat16)
             for b in (None, bias):
