@@ -108,14 +108,15 @@ def static_choice(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> str:
 def static_order(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> list[str]:
     """``usable`` from the most to the least likely winner on this CPU."""
     native_bf16 = native_bf16_gemm()
-    dense = (("dequant_gemm", "int4_tiles_sgemm", "int8_tiles_sgemm", "dequant_sgemm") if native_bf16
+    dense = (("zentorch_linear_dequantized", "dequant_gemm", "int4_tiles_sgemm", "int8_tiles_sgemm", "dequant_sgemm") if native_bf16
              else ("int4_tiles_sgemm", "int8_tiles_sgemm", "dequant_sgemm", "dequant_gemm"))
     # int8 GEMMs only pay off with VNNI/AMX; without them (AVX2) _int_mm runs far below a
     # weight-only kernel, which is also exact in x
     int8_units = any(f in cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
     quantized = (_DYNAMIC_ORDER + _QUANTIZED_ORDER) if spec.dynamic_activation and int8_units else _QUANTIZED_ORDER
     if spec.bits > 8:  # a dense weight: its own dtype while memory-bound, fp32 GEMM once compute-bound
-        quantized, dense = ("zen_bf16_blocks_avx2", "zen_bf16_gemv_avx2", "dense_mm"), ("dense_mm",) if native_bf16 else ("dense_sgemm",)
+        quantized = ("zentorch_linear", "zen_bf16_blocks_avx2", "zen_bf16_gemv_avx2", "dense_mm")
+        dense = ("zentorch_linear", "dense_mm") if native_bf16 else ("dense_sgemm",)
     dense_from = STATIC_DENSE_FROM_M if spec.bits > 8 else STATIC_DEQUANT_FROM_M
     order = (dense + quantized) if bin.lo >= dense_from else (quantized + dense)
     if spec.dynamic_activation:  # int8 x int4 stays ahead of dequantize + sgemm up to M=1024 here

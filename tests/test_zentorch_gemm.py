@@ -1,0 +1,87 @@
+"""zentorch's bf16 GEMM on a prepacked weight: for dense linears, and for a quantized weight's
+bf16 copy (dequantized once, at compile time) in the bins where a bf16 GEMM wins (prefill)."""
+import pytest
+import torch
+
+import zen_inductor
+from zen_inductor import config
+from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates, run_kernel, zentorch_unavailable
+
+from conftest import compile_zen, sqnr
+
+pytestmark = pytest.mark.skipif(zentorch_unavailable() is not None, reason="zentorch needs AVX512-BF16 and VNNI")
+
+N, K = 96, 256
+
+
+def _quant_weight(bits, group):
+    g = torch.Generator().manual_seed(1)
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    return QuantWeight(codes=torch.randint(lo, hi, (N, K), generator=g, dtype=torch.int8),
+                       scale=torch.rand(N, K // group, generator=g) * 0.02 + 0.001,
+                       offset=torch.randn(N, K // group, generator=g) * 0.01, zero_point=None, group_size=group, bits=bits)
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4_g64_asym", "int8_pc"])
+def test_zentorch_gemm_computes_the_linear(fmt):
+    if fmt == "bf16":
+        weight = DenseWeight((torch.randn(N, K) * 0.05).to(torch.bfloat16))
+        before = weight.weight.clone()
+        spec = LinearSpec(n=N, k=K, group_size=K, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+        kernel, reference = KERNELS["zentorch_linear"], weight.weight.float()
+    else:
+        weight = _quant_weight(4, 64) if fmt.startswith("int4") else _quant_weight(8, K)
+        before = weight.codes.clone()
+        spec = LinearSpec(n=N, k=K, group_size=weight.group_size, bits=weight.bits, symmetric=False, act_dtype=torch.bfloat16)
+        kernel, reference = KERNELS["zentorch_linear_dequantized"], weight.dequantize()
+    assert kernel.name in {k.name for k in candidates(spec)[0]}
+    packed = kernel.prepack(weight, spec.act_dtype)
+    # an unpacked zentorch linear reorders the model's own weight in place (research: zentorch.md 2.6d)
+    assert torch.equal(weight.weight if fmt == "bf16" else weight.codes, before)
+    bias = torch.randn(N).to(torch.bfloat16)
+    for m in (1, 7, 64):
+        x = torch.randn(m, K).to(torch.bfloat16)
+        for b in (None, bias):
+            y = run_kernel(kernel, x, packed, b, spec)
+            ref = x.float() @ reference.t() + (b.float() if b is not None else 0)
+            assert y.shape == (m, N) and y.dtype == torch.bfloat16
+            assert sqnr(y, ref) >= 40, (fmt, m, b is not None)
+
+
+def test_the_per_call_dequantization_and_unpacked_gemm_are_left_out_for_it():
+    quant = LinearSpec(n=N, k=K, group_size=64, bits=4, symmetric=True, act_dtype=torch.bfloat16)
+    dense = LinearSpec(n=N, k=K, group_size=K, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+    assert candidates(quant)[1]["dequant_gemm"].startswith("zentorch_linear_dequantized computes the same, faster")
+    assert candidates(dense)[1]["dense_mm"].startswith("zentorch_linear computes the same, faster")
+    with config.patch(dequantized_copies=False):
+        kernels, excluded = candidates(quant)
+        assert "config.dequantized_copies is off" in excluded["zentorch_linear_dequantized"]
+        assert "dequant_gemm" in {k.name for k in kernels}  # nothing dominates it now
+    with config.patch(use_zentorch=False):
+        assert "dense_mm" in {k.name for k in candidates(dense)[0]}
+
+
+def test_the_prefill_bins_of_a_compiled_linear_run_the_bf16_copy(dumped):
+    """By the static rule (dequantize + GEMM from M=257): the dumped graph names the copy's
+    kernel in those bins, and a 300-row input through it is right."""
+    w = _quant_weight(4, 64)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.codes, self.scale, self.offset = w.codes, w.scale.to(torch.bfloat16), w.offset.to(torch.bfloat16)
+
+        def forward(self, x):
+            q = self.codes.view(N, K // 64, 64).to(torch.bfloat16)
+            return torch.nn.functional.linear(x, (q * self.scale[..., None] + self.offset[..., None]).view(N, K))
+
+    m = Model().eval()
+    x = torch.randn(300, K, dtype=torch.bfloat16)
+    with torch.no_grad(), config.patch(autotune=False, kernel_allow=("zentorch_linear_dequantized", "zen_w4_avx2")):
+        y = compile_zen(m)(x)
+    (linear,) = [t for t in zen_inductor.last_report()["autotune"] if "bins" in t]
+    winners = {b["bin"]: b["winner"] for b in linear["bins"]}
+    assert winners["257-1024"] == winners["1025+"] == "zentorch_linear_dequantized", winners
+    assert "zentorch_linear_dequantized" in dumped("after.py")
+    ref = x.float() @ (w.codes.view(N, K // 64, 64).float() * m.scale.float()[..., None] + m.offset.float()[..., None]).view(N, K).t()
+    assert sqnr(y, ref) >= 40
