@@ -183,19 +183,27 @@ def test_dominated_kernels_are_left_out_with_the_reason():
     spec = LinearSpec(n=256, k=512, group_size=128, bits=4, symmetric=True, act_dtype=torch.bfloat16)
     names = lambda kernels: {k.name for k in kernels}  # noqa: E731
     kernels, excluded = candidates(spec)
-    if native.unavailable("tiles_dequant") is None:
+    if "zentorch_linear_dequantized" in names(kernels) and native_bf16_gemm():  # Zen 4: the bf16 copy's GEMM
+        assert excluded["int4_tiles_sgemm"].startswith("zentorch_linear_dequantized computes the same, faster")
+        assert excluded["dequant_sgemm"].startswith("zentorch_linear_dequantized computes the same, faster")
+    elif native.unavailable("tiles_dequant") is None:
         assert "dequant_sgemm" not in names(kernels) and "int4_tiles_sgemm" in names(kernels)
         assert excluded["dequant_sgemm"].startswith("int4_tiles_sgemm computes the same, faster")
+    if "zen_w4_avx2" in names(kernels):
+        assert excluded["aten_int4pack_mm"].startswith("zen_w4_avx2 computes the same, faster")
+    with config.patch(kernel_deny=("zen_w4_avx2",)):
+        assert "aten_int4pack_mm" in names(candidates(spec)[0])
     if not native_bf16_gemm():
         assert "no native bf16 GEMM" in excluded["dequant_gemm"]
     with config.patch(prune_dominated_kernels=False):
         assert {"dequant_sgemm", "dequant_gemm"} <= names(candidates(spec)[0])
-    with config.patch(kernel_deny=("int4_tiles_sgemm",)):  # the faster one denied: the other serves
+    # the faster ones denied: the other serves
+    with config.patch(kernel_deny=("int4_tiles_sgemm", "zentorch_linear_dequantized")):
         assert "dequant_sgemm" in names(candidates(spec)[0])
-    int8 = LinearSpec(n=256, k=512, group_size=512, bits=8, symmetric=True, act_dtype=torch.bfloat16)
-    if native.unavailable("tiles_dequant") is None:
+    int8 = LinearSpec(n=256, k=512, group_size=512, bits=8, symmetric=True, act_dtype=torch.float32)
+    if native.unavailable("tiles_dequant") is None:  # fp32 activations: no bf16 copy
         assert candidates(int8)[1]["dequant_sgemm"].startswith("int8_tiles_sgemm computes the same")
-    odd = LinearSpec(n=256, k=96, group_size=96, bits=8, symmetric=True, act_dtype=torch.bfloat16)
+    odd = LinearSpec(n=256, k=96, group_size=96, bits=8, symmetric=True, act_dtype=torch.float32)
     assert "dequant_sgemm" in names(candidates(odd)[0])  # K=96 fits no tile layout: nothing dominates it
 
 
@@ -407,3 +415,13 @@ def test_verification_reference_is_made_in_row_blocks(monkeypatch):
             full = x.float() @ w.dequantize().t() + bias
             assert ref.shape == (m, spec.out_n)
             torch.testing.assert_close(ref, apply_epilogue(full, spec), rtol=1e-4, atol=1e-3)
+
+
+def test_a_bf16_dequantization_is_the_fp32_one_rounded():
+    """Made through fp32 row blocks (no whole fp32 copy): the same values as fp32, then bf16."""
+    from zen_inductor.kernels import QuantWeight, _FP32_BLOCK_BYTES
+
+    n, k, g = 3 * (_FP32_BLOCK_BYTES // (4 * 256)) + 5, 256, 64  # several blocks and a partial one
+    w = QuantWeight(torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, k // g), torch.randn(n, k // g) * 0.01,
+                    None, g, 4)
+    assert torch.equal(w.dequantize(torch.bfloat16), w.dequantize().to(torch.bfloat16))

@@ -60,9 +60,16 @@ class QuantWeight:
         return QuantWeight(self.codes[:n], self.scale[:n], self.offset[:n], zp, self.group_size, self.bits)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        w = torch.empty((self.n, self.k), dtype=torch.float32)  # one full-size tensor, not three
-        self.dequantize_rows(w, 0, self.n)
-        return w.to(dtype)
+        w = torch.empty((self.n, self.k), dtype=dtype)  # one full-size tensor, not three
+        if dtype == torch.float32:
+            self.dequantize_rows(w, 0, self.n)
+            return w
+        # through an fp32 block: a whole fp32 copy came from fresh pages (0.9 s of a cold int4
+        # compile when bf16 copies were made for zentorch_linear_dequantized)
+        for block, start, end in fp32_row_blocks(self.n, self.k):
+            self.dequantize_rows(block, start, end)
+            w[start:end].copy_(block)
+        return w
 
     def dequantize_rows(self, out: torch.Tensor, start: int, end: int) -> None:
         """Rows ``start:end`` in fp32 into ``out`` (a block of ``fp32_row_blocks``)."""
@@ -618,11 +625,17 @@ def _dense_sgemm_run(x, packed, bias, spec):
     return _sgemm_by_row_blocks(x, spec.n, spec.k, lambda out, start, end: out.copy_(weight[start:end]), bias)
 
 
+_BF16_GEMM_COPY = ("zentorch_linear_dequantized",) if native_bf16_gemm() else ()
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
         Kernel("zentorch_woq_linear", "zentorch", _zentorch_woq_supports, _zentorch_woq_prepack, _zentorch_woq_run),
-        Kernel("aten_int4pack_mm", "aten", _int4pack_supports, _int4pack_prepack, _int4pack_run),
+        # behind zen_w4_avx2 wherever both serve: at M=1 1.2-1.8x on the five llama1b shapes, at
+        # M=4 1.1-1.2x, from M=16 both far behind the bf16 copy (Zen 4); 2-3x at M=1 on AVX2. Its
+        # packing and verification cost ~1.7 s of a cold int4 compile
+        Kernel("aten_int4pack_mm", "aten", _int4pack_supports, _int4pack_prepack, _int4pack_run,
+               dominated_by=("zen_w4_avx2",)),
         Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run),
         Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack, _zentorch_dqlinear_run),
         Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run),
@@ -632,10 +645,13 @@ KERNELS: dict[str, Kernel] = {
                native="woq_avx2"),
         Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles", epilogues=("swiglu",),
                native="woq_avx2"),
+        # with a native bf16 GEMM the bf16 copy's GEMM is ahead of these fp32 GEMMs on weights
+        # dequantized per call: 2-10x in all 30 (shape, M) cells of the int4 and int8 llama1b
+        # linears on Zen 4, none within the tuner's "hopeless" 2x
         Kernel("int4_tiles_sgemm", "torch", functools.partial(_tiles_supports, bits=4), _a8w4_prepack, _tiles_sgemm_run,
-               layout="int4_tiles", native="tiles_dequant"),
+               layout="int4_tiles", native="tiles_dequant", dominated_by=_BF16_GEMM_COPY),
         Kernel("int8_tiles_sgemm", "torch", functools.partial(_tiles_supports, bits=8), _int8_tiles_prepack, _tiles_sgemm_run,
-               layout="int8_tiles", native="tiles_dequant"),
+               layout="int8_tiles", native="tiles_dequant", dominated_by=_BF16_GEMM_COPY),
         # a bf16 copy of the quantized weight for a bf16 GEMM: dequantized once, at compile time
         Kernel("zentorch_linear_dequantized", "torch", _zentorch_dequantized_supports, _zentorch_linear_prepack,
                _zentorch_linear_run, layout="zentorch_dense"),
@@ -646,7 +662,7 @@ KERNELS: dict[str, Kernel] = {
                dominated_by=("zentorch_linear_dequantized",)),
         # int4/int8_tiles_sgemm: the same fp32 GEMM, the weight dequantized by C++ ~10x faster
         Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run,
-               dominated_by=("int4_tiles_sgemm", "int8_tiles_sgemm")),
+               dominated_by=("int4_tiles_sgemm", "int8_tiles_sgemm") + _BF16_GEMM_COPY),
         # a bf16 GEMM without AVX512-BF16/AMX: it won none of the 35 bins of the llama1b-4l shapes
         # here, 1.1-2x behind zen_bf16_gemv_avx2 at M=1-16 and 2.5-7x behind dense_sgemm from M=64;
         # verifying and timing it cost ~2 s of a cold compile
@@ -656,7 +672,10 @@ KERNELS: dict[str, Kernel] = {
         # torch.mm and 8.5 for oneDNN's packed linear; M=128 74 against 80 and 75
         Kernel("zentorch_linear", "dense", _zentorch_linear_supports, _zentorch_linear_prepack, _zentorch_linear_run,
                layout="zentorch_dense"),
-        Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense"),
+        # the upcast + fp32 GEMM is for CPUs without a native bf16 GEMM: on Zen 4 zentorch_linear
+        # was 2.5-5x ahead of it at every M of the five llama1b shapes
+        Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense",
+               dominated_by=("zentorch_linear",) if native_bf16_gemm() else ()),
         # one row of x at a time against each block of W: past M=64 a GEMM is ahead (dense_sgemm
         # 1.2-2.1x faster at M=256 and 476 on all five llama1b shapes, measured here), and timing
         # the GEMVs there cost ~3 s of a cold compile
@@ -680,8 +699,11 @@ def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
             reasons[kernel] = "in config.kernel_deny"
         else:
             reasons[kernel] = kernel.supports(spec)
-            if not reasons[kernel] and kernel.native:
-                native.start(kernel.native)  # the builds this spec needs run side by side
+    if config.prune_dominated_kernels:  # first by kernels that need no build: none is built for a kernel left out
+        reasons.update(_dominated([k for k, r in reasons.items() if not r], lambda k: not k.native))
+    for kernel, reason in reasons.items():
+        if not reason and kernel.native:
+            native.start(kernel.native)  # the builds this spec needs run side by side
     ok, excluded = [], {}
     for kernel, reason in reasons.items():
         reason = reason or (native.unavailable(kernel.native) if kernel.native else None)
@@ -689,16 +711,24 @@ def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
             excluded[kernel.name] = reason
         else:
             ok.append(kernel)
-    if config.prune_dominated_kernels:
-        names = {k.name for k in ok}
-        for kernel in list(ok):
-            groups = [(entry,) if isinstance(entry, str) else entry for entry in kernel.dominated_by]
-            better = next((group for group in groups if all(name in names for name in group)), None)
-            if better:
-                ok.remove(kernel)
-                verb = "computes" if len(better) == 1 else "compute"
-                excluded[kernel.name] = f"{' and '.join(better)} {verb} the same, faster (config.prune_dominated_kernels)"
+    if config.prune_dominated_kernels:  # then by what was built
+        for kernel, reason in _dominated(ok, lambda k: True).items():
+            ok.remove(kernel)
+            excluded[kernel.name] = reason
     return ok, excluded
+
+
+def _dominated(kernels: list, may_dominate) -> dict:
+    """kernel -> why it is left out, for the ``kernels`` that others among them dominate."""
+    names = {k.name for k in kernels if may_dominate(k)}
+    out = {}
+    for kernel in kernels:
+        groups = [(entry,) if isinstance(entry, str) else entry for entry in kernel.dominated_by]
+        better = next((group for group in groups if all(name in names for name in group)), None)
+        if better:
+            verb = "computes" if len(better) == 1 else "compute"
+            out[kernel] = f"{' and '.join(better)} {verb} the same, faster (config.prune_dominated_kernels)"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
