@@ -250,7 +250,6 @@ def test_group_size_without_kernel_is_a_near_miss():
     assert sqnr(y, ref) >= 40
 
 
-
 @pytest.mark.skipif(zentorch_unavailable() is not None, reason="zentorch's WOQ GEMM is the only kernel for group 48")
 def test_group_size_only_zentorch_takes_is_matched_and_right():
     torch.manual_seed(4)
@@ -266,6 +265,7 @@ def test_group_size_only_zentorch_takes_is_matched_and_right():
     assert {b["winner"] for b in zen_inductor.last_report()["autotune"][0]["bins"]} <= {"zentorch_woq_linear", "zentorch_linear_dequantized", "dequant_sgemm"}
     ref = x.float() @ (m.q.view(N, 5, 48).float() * m.scale.float()).view(N, 240).t()
     assert sqnr(y, ref) >= 40
+
 
 def test_fp16_activations_are_a_near_miss():
     m = HandDequant(64, True, 4).half().eval()

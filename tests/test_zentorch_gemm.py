@@ -8,6 +8,7 @@ from zen_inductor import config
 from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates, run_kernel, zentorch_unavailable
 
 from conftest import compile_zen, sqnr
+from test_linear_epilogue import _quant_weight as quant_weight
 
 pytestmark = pytest.mark.skipif(zentorch_unavailable() is not None, reason="zentorch needs AVX512-BF16 and VNNI")
 
@@ -15,11 +16,7 @@ N, K = 96, 256
 
 
 def _quant_weight(bits, group):
-    g = torch.Generator().manual_seed(1)
-    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
-    return QuantWeight(codes=torch.randint(lo, hi, (N, K), generator=g, dtype=torch.int8),
-                       scale=torch.rand(N, K // group, generator=g) * 0.02 + 0.001,
-                       offset=torch.randn(N, K // group, generator=g) * 0.01, zero_point=None, group_size=group, bits=bits)
+    return quant_weight(N, K, bits, group, seed=1)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int4_g64_asym", "int8_pc"])
