@@ -14,10 +14,12 @@ class Family:
     apply: Callable  # apply(ctx: PatternContext) -> None
 
 
-from . import add_rmsnorm, concat_linear, decode_attention, dense_matmul, dequant_matmul, linear_epilogue  # noqa: E402
+from . import (  # noqa: E402
+    add_rmsnorm, concat_linear, decode_attention, dense_matmul, dequant_matmul, linear_epilogue, prefill_attention,
+)
 
 # dequant_matmul first: concat_linear merges the linears it leaves; dense_matmul then takes the
 # remaining (and merged) bf16 linears; linear_epilogue fuses the SwiGLU into merged gate/up ones;
-# add_rmsnorm and decode_attention stand alone
+# add_rmsnorm, decode_attention and prefill_attention stand alone
 FAMILIES = (dequant_matmul.FAMILY, concat_linear.FAMILY, dense_matmul.FAMILY, linear_epilogue.FAMILY, add_rmsnorm.FAMILY,
-            decode_attention.FAMILY)
+            decode_attention.FAMILY, prefill_attention.FAMILY)

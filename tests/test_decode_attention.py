@@ -52,6 +52,7 @@ def test_causal_or_prefill_attention_is_left_alone():
     assert "is_causal" in miss["reason"]
     torch._dynamo.reset()
     zen_inductor.counters.clear()
-    with torch.no_grad():  # prefill: several query positions stay with flash attention, silently
+    with torch.no_grad():  # prefill: several query positions are not decode_attention's, silently
         compile_zen(Attend())(torch.randn(1, 4, 6, 32).to(torch.bfloat16), k, v)
-    assert zen_inductor.counters["decode_attention"] == 0 and zen_inductor.last_report()["near_misses"] == []
+    misses = zen_inductor.last_report()["near_misses"]
+    assert zen_inductor.counters["decode_attention"] == 0 and all(m["pattern"] != "decode_attention" for m in misses)

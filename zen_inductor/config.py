@@ -46,6 +46,8 @@ linear_epilogue: bool = _env("linear_epilogue", True)
 
 # attention of one query position over the KV cache as two small GEMMs instead of flash attention
 decode_attention: bool = _env("decode_attention", True)
+# attention over a prompt by zentorch's SDPA kernel (about 2x ATen's flash attention here)
+prefill_attention: bool = _env("prefill_attention", True)
 
 # --- compilation ------------------------------------------------------------------------
 # freeze weights into constants under torch.no_grad(); needed to prepack weights once
