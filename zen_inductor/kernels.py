@@ -392,18 +392,8 @@ def _zentorch_linear_prepack(w, act_dtype):
     return [torch.ops.zentorch.zentorch_weight_prepack_for_linear(dense)]
 
 
-# zentorch's GEMM is slower on 1-3 rows than on 4: over the 17 llama1b decode linears (distinct
-# weights, 610 MB, Zen 4) 26.5-28.5 ms a token with one row against 21.4-25.6 with the row padded to
-# four, the weights read no more often; the extra rows cost a 4 x K copy and are dropped
-_ZENTORCH_MIN_ROWS = 4
-
-
 def _zentorch_linear_run(x, packed, bias, spec):
-    m = x.shape[0]
-    if m < _ZENTORCH_MIN_ROWS:
-        x = torch.cat([x, x.new_zeros(_ZENTORCH_MIN_ROWS - m, x.shape[1])])
-    y = torch.ops.zentorch.zentorch_linear_unary(x, packed[0], bias, is_weight_prepacked=True)
-    return y[:m] if m < _ZENTORCH_MIN_ROWS else y
+    return torch.ops.zentorch.zentorch_linear_unary(x, packed[0], bias, is_weight_prepacked=True)
 
 
 def _int_mm_da8_supports(spec: LinearSpec) -> Optional[str]:
