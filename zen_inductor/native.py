@@ -34,6 +34,11 @@ SOURCES = {
          "int64_t", "int64_t", "int64_t", "int64_t"),
         ("avx2", "fma"),
     ),
+    "swiglu_avx2": (
+        "swiglu_avx2.cpp",
+        ("const void*", "void*", "int64_t", "int64_t", "int64_t", "int64_t"),
+        ("avx2", "fma"),
+    ),
     "tiles_dequant": (
         "tiles_dequant.cpp",
         ("const uint8_t*", "const float*", "const float*", "float*", "int64_t", "int64_t", "int64_t", "int64_t"),
