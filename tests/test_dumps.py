@@ -146,3 +146,14 @@ def test_autotune_dump_lists_every_candidate(tmp_path):
     text = format_report(zen_inductor.last_report())
     assert "AUTOTUNE" in text and "winner" in text
     assert f"[{entry['bins'][0]['seconds']:.2f} s]" in text
+
+
+def test_report_prints_choices_made_once_for_every_m():
+    """add_rmsnorm's choice (zentorch's kernel or Inductor's) has no shape bins; `explain` printed
+    reports of every Llama compiled on an AVX-512 machine through it, and failed on them."""
+    report = {"graph": "g", "frozen": True, "matches": [], "near_misses": [], "autotune": [
+        {"source": "modeling_llama.py:66 (forward)", "kind": "add_rmsnorm_upcast_weight_last_3d", "winner": "inductor",
+         "excluded": {"zentorch_add_rms_norm": "zentorch multiplies the weight after the downcast only"}}]}
+    text = format_report(report)
+    assert "add_rmsnorm_upcast_weight_last_3d" in text and "winner inductor" in text
+    assert "x zentorch_add_rms_norm: zentorch multiplies the weight after the downcast only" in text

@@ -87,6 +87,10 @@ def format_report(report: dict) -> str:
     if report.get("autotune"):
         lines += ["", "AUTOTUNE (median us per call; x = excluded)"]
         for entry in report["autotune"]:
+            if "bins" not in entry:  # one choice for every M (add_rmsnorm's): no shape, no bins
+                cells = [f"x {k}: {v}" for k, v in entry.get("excluded", {}).items()]
+                lines.append(f"  {entry['kind']}  {entry['source']}\n    winner {entry['winner']}  {'; '.join(cells)}")
+                continue
             lines.append(f"  {entry['kind']} N={entry['n']} K={entry['k']}  {entry['source']}")
             for b in entry["bins"]:
                 cells = [f"{k}={v}" for k, v in b["times_us"].items()]
