@@ -32,19 +32,18 @@ def _qkv(length, heads=8, kv_heads=2, dtype=torch.bfloat16):
 
 def test_prefill_attention_runs_zentorch_sdpa(dumped):
     fast = compile_zen(CausalAttend())
-    compiles_before = len(zen_inductor.reports())
     with torch.no_grad():
         for length in (5, 37, 128):  # one graph: the prompt length is dynamic
             q, k, v = _qkv(length)
             ref = _fp32(q, k, v)
             assert sqnr(fast(q, k, v), ref) >= sqnr(CausalAttend()(q, k, v), ref) - 0.5, length
-    assert len(zen_inductor.reports()) == compiles_before + 1
     unavailable = zentorch_unavailable()
     if unavailable:  # the flash attention stays, and the dump says why
         (miss,) = zen_inductor.last_report()["near_misses"]
         assert unavailable in miss["reason"] and "flash_attention" in dumped("after.py")
+        assert zen_inductor.counters["prefill_attention.near_miss"] == 1  # one compile for the three lengths
     else:
-        assert zen_inductor.counters["prefill_attention.gqa"] == 1
+        assert zen_inductor.counters["prefill_attention.gqa"] == 1  # one compile for the three lengths
         after = dumped("after.py")
         assert "zentorch.zentorch_sdpa" in after and "flash_attention" not in after
 
