@@ -257,6 +257,21 @@ def test_budget_counts_kernel_timing_only(monkeypatch):
     assert 2.0 <= 0.4 * timings <= 2.0 + 0.4 + 1e-9  # the budget, and at most the one timing that crossed it
 
 
+def test_kernels_are_timed_only_once_every_started_build_is_done(monkeypatch):
+    """A C++ build still running on one of two cores slowed timed candidates unevenly (2x) and
+    turned the ranking of the int4 prefill bins around: the tuner waits for builds first."""
+    from zen_inductor import autotune
+
+    events = []
+    time_kernel = autotune.time_kernel
+    monkeypatch.setattr(autotune.native, "settle", lambda: events.append("settle"))
+    monkeypatch.setattr(autotune, "time_kernel", lambda *a, **kw: events.append("time") or time_kernel(*a, **kw))
+    with torch.no_grad():
+        compile_zen(HandDequant(64, True, 4).eval())(torch.randn(3, K, dtype=torch.bfloat16))
+    assert "time" in events and events[0] == "settle"
+    assert all(events[i - 1] in ("settle", "time") for i, e in enumerate(events) if e == "time")
+
+
 def test_a_kernel_far_behind_is_not_timed_where_it_cannot_catch_up(monkeypatch):
     """A kernel r times slower than the best at M1 is at least r * M1 / M2 slower at M2 (its
     time does not fall with M, the best's grows at most in proportion): while that bound is over

@@ -73,9 +73,9 @@ def test_every_candidate_computes_the_epilogue(fmt):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_the_applied_epilogue_is_one_native_pass_that_agrees_with_aten(dtype):
     """After a kernel that does not fuse it (zentorch's), silu(gate) * up is our C++ pass; ATen
-    ops compute the same where native kernels are off."""
+    ops compute the same where native kernels are off, and for the verifier's reference."""
     from zen_inductor import config
-    from zen_inductor.kernels import apply_epilogue
+    from zen_inductor.kernels import apply_epilogue, epilogue_reference
 
     spec = LinearSpec(n=2 * I, k=K, group_size=K, bits=16, symmetric=True, act_dtype=dtype, epilogue="swiglu")
     rows = swiglu_row_order(I)
@@ -84,9 +84,9 @@ def test_the_applied_epilogue_is_one_native_pass_that_agrees_with_aten(dtype):
         y = plain[:, rows].to(dtype)  # the merged kernel's column order: gate and up blocks of 8 in turn
         gate, up = plain.to(dtype).float().split(I, dim=1)
         reference = torch.nn.functional.silu(gate) * up
-        native_out = apply_epilogue(y, spec)
+        native_out, aten_out = apply_epilogue(y, spec), epilogue_reference(y, spec)
         with config.patch(native_kernels=False):
-            aten_out = apply_epilogue(y, spec)
+            assert torch.equal(apply_epilogue(y, spec), aten_out)
         assert native_out.shape == aten_out.shape == (m, I) and native_out.dtype == dtype
         if m:
             torch.testing.assert_close(native_out.float(), aten_out.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
