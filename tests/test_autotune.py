@@ -390,6 +390,20 @@ def test_the_bf16_gemm_is_pruned_only_where_both_faster_kernels_serve():
         assert "dense_mm" in names()
 
 
+def test_the_bf16_gemvs_are_pruned_where_zentorchs_bf16_gemm_serves():
+    from zen_inductor.kernels import LinearSpec, candidates, native_bf16_gemm
+
+    spec = LinearSpec(n=256, k=512, group_size=512, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+    kernels, excluded = candidates(spec)
+    if native_bf16_gemm() and "zentorch_linear" in {k.name for k in kernels}:
+        for gemv in ("zen_bf16_gemv_avx2", "zen_bf16_blocks_avx2"):
+            assert excluded[gemv].startswith("zentorch_linear computes the same, faster"), excluded[gemv]
+    else:  # no AVX512-BF16 GEMM here: the GEMVs are the decode kernels, unless they cannot build
+        assert all("computes the same" not in excluded.get(g, "") for g in ("zen_bf16_gemv_avx2", "zen_bf16_blocks_avx2"))
+    with config.patch(kernel_deny=("zentorch_linear",)):
+        assert all("computes the same" not in candidates(spec)[1].get(g, "") for g in ("zen_bf16_gemv_avx2", "zen_bf16_blocks_avx2"))
+
+
 def test_gemv_kernels_are_offered_only_up_to_their_largest_m():
     from zen_inductor import native
 
@@ -398,7 +412,7 @@ def test_gemv_kernels_are_offered_only_up_to_their_largest_m():
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(K, 256, bias=False)).to(torch.bfloat16).eval()
     x = torch.randn(3, K, dtype=torch.bfloat16)
-    with torch.no_grad():
+    with torch.no_grad(), config.patch(kernel_deny=("zentorch_linear",)):  # which prunes the GEMVs where it serves
         y = compile_zen(m)(x)
     assert sqnr(y, m(x)) >= 40
     (entry,) = [a for a in zen_inductor.last_report()["autotune"] if "bins" in a]

@@ -705,13 +705,17 @@ KERNELS: dict[str, Kernel] = {
                dominated_by=_BF16_GEMM),
         # one row of x at a time against each block of W: past M=64 a GEMM is ahead (dense_sgemm
         # 1.2-2.1x faster at M=256 and 476 on all five llama1b shapes, measured here), and timing
-        # the GEMVs there cost ~3 s of a cold compile
+        # the GEMVs there cost ~3 s of a cold compile. Where zentorch's AVX512-BF16 GEMM serves it
+        # is behind from M=2 and at best even at M=1 (the 17 llama1b decode linears: 27.7 against
+        # 27.0 ms, 8 rounds), and a bf16 llama1b decode ran faster without both GEMVs (interleaved,
+        # 4 rounds: TPOT median 24.4 against 25.1 ms; 17.6 against 20.6 when the machine's memory
+        # was fast): there the tuner leaves them out, and their build
         Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense",
-               epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2"),
+               epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2", dominated_by=_BF16_GEMM),
         # the same GEMV on a blocked copy: ahead where rows of W are short (K ~ 1024), behind on long ones
         Kernel("zen_bf16_blocks_avx2", "dense", _bf16_gemv_supports, _bf16_blocks_prepack,
                functools.partial(_bf16_gemv_run, blocks=True), layout="bf16_blocks",
-               epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2"),
+               epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2", dominated_by=_BF16_GEMM),
     )
 }
 
