@@ -191,6 +191,10 @@ def test_dominated_kernels_are_left_out_with_the_reason():
         assert excluded["dequant_sgemm"].startswith("int4_tiles_sgemm computes the same, faster")
     if "zen_w4_avx2" in names(kernels):
         assert excluded["aten_int4pack_mm"].startswith("zen_w4_avx2 computes the same, faster")
+    if {"zen_w4_avx2", "zentorch_linear_dequantized"} <= names(kernels):  # small M and large M
+        assert excluded["zentorch_woq_linear"].startswith("zen_w4_avx2 and zentorch_linear_dequantized compute the same")
+        with config.patch(dequantized_copies=False):  # without the copy it serves the prefill bins
+            assert "zentorch_woq_linear" in names(candidates(spec)[0])
     with config.patch(kernel_deny=("zen_w4_avx2",)):
         assert "aten_int4pack_mm" in names(candidates(spec)[0])
     if not native_bf16_gemm():

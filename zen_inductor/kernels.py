@@ -657,7 +657,12 @@ _BF16_GEMM, _BF16_GEMM_COPY = (("zentorch_linear",), ("zentorch_linear_dequantiz
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
-        Kernel("zentorch_woq_linear", "zentorch", _zentorch_woq_supports, _zentorch_woq_prepack, _zentorch_woq_run),
+        # where our int4 GEMV and the bf16 copy both serve it won no cell of linears-llama1b-4l.md
+        # (1.2-1.8x behind zen_w4_avx2 at M=1, 2.3x behind the copy at M=16-128, even at 512),
+        # yet at the top of the 65-256 bin it times even with the copy and was chosen there: the
+        # int4 llama1b prefill then took 293 ms against 156, the Qwen3 one 80 against 57
+        Kernel("zentorch_woq_linear", "zentorch", _zentorch_woq_supports, _zentorch_woq_prepack, _zentorch_woq_run,
+               dominated_by=(("zen_w4_avx2", "zentorch_linear_dequantized"),)),
         # behind zen_w4_avx2 wherever both serve: at M=1 1.2-1.8x on the five llama1b shapes, at
         # M=4 1.1-1.2x, from M=16 both far behind the bf16 copy (Zen 4); 2-3x at M=1 on AVX2. Its
         # packing and verification cost ~1.7 s of a cold int4 compile
