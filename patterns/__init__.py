@@ -14,6 +14,21 @@ class Family:
     apply: Callable  # apply(ctx: PatternContext) -> None
 
 
+def rewrite_each(pattern: str, search: Callable, why_not: Callable, rewrite: Callable, left_to: str) -> Callable:
+    """``apply`` of a family whose matches are single nodes: each node ``search`` finds is
+    rewritten, or recorded as a near miss with the constraint it failed (``left_to: reason``)."""
+
+    def apply(ctx) -> None:
+        for node in list(search(ctx)):
+            reason = why_not(node)
+            if reason:
+                ctx.record.near_miss(pattern, node, f"{left_to}: {reason}")
+            else:
+                rewrite(ctx, node)
+
+    return apply
+
+
 from . import (  # noqa: E402
     add_rmsnorm, concat_linear, decode_attention, dense_matmul, dequant_matmul, linear_epilogue, prefill_attention,
 )

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from zen_inductor.graph_pass import emit_op
 
-from . import Family
+from . import Family, rewrite_each
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -107,13 +107,6 @@ def rewrite(ctx, node: fx.Node) -> None:
     ctx.record.match(PATTERN, "gqa" if h != hkv else "mha", node, "bmm + softmax + bmm (fp32)")
 
 
-def apply(ctx) -> None:
-    for node in list(search(ctx)):
-        reason = why_not(node)
-        if reason:
-            ctx.record.near_miss(PATTERN, node, f"decode attention left to flash attention: {reason}")
-            continue
-        rewrite(ctx, node)
-
+apply = rewrite_each(PATTERN, search, why_not, rewrite, "decode attention left to flash attention")
 
 FAMILY = Family(PATTERN, "decode_attention", apply)

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from zen_inductor.kernels import zentorch_unavailable
 
-from . import Family
+from . import Family, rewrite_each
 
 PATTERN = "prefill_attention"
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -82,13 +82,6 @@ def rewrite(ctx, node: fx.Node) -> None:
     ctx.record.match(PATTERN, variant, sdpa, "zentorch_sdpa")
 
 
-def apply(ctx) -> None:
-    for node in list(search(ctx)):
-        reason = why_not(node)
-        if reason:
-            ctx.record.near_miss(PATTERN, node, f"prefill attention left to ATen's flash attention: {reason}")
-            continue
-        rewrite(ctx, node)
-
+apply = rewrite_each(PATTERN, search, why_not, rewrite, "prefill attention left to ATen's flash attention")
 
 FAMILY = Family(PATTERN, "prefill_attention", apply)
