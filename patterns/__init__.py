@@ -6,12 +6,25 @@ exposes ``FAMILY = Family(name, flag, apply)``. Installed as ``zen_inductor.patt
 from dataclasses import dataclass
 from typing import Callable
 
+import torch.fx
+
 
 @dataclass(frozen=True)
 class Family:
     name: str  # counter key and report "pattern"
     flag: str  # zen_inductor.config flag that turns it on
     apply: Callable  # apply(ctx: PatternContext) -> None
+
+
+def fake_value(node):
+    """The fake tensor (shape, dtype) Inductor recorded for ``node``; None for constants and
+    nodes without one."""
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def call_arg(node, index: int, name: str, default):
+    """Argument ``name`` of a call, given by position ``index`` or by keyword."""
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def rewrite_each(pattern: str, search: Callable, why_not: Callable, rewrite: Callable, left_to: str) -> Callable:

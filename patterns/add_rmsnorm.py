@@ -29,7 +29,7 @@ import torch.fx as fx
 from zen_inductor.autotune import sqnr_db
 from zen_inductor.kernels import zentorch_unavailable
 
-from . import Family
+from . import Family, fake_value
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -52,10 +52,6 @@ class Norm:
     variant: str
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _other(node: fx.Node, this) -> object:
     a, b = node.args[:2]
     return b if a is this else a
@@ -75,7 +71,7 @@ def read(ctx, rsqrt: fx.Node) -> Norm:
         raise Miss("rsqrt of something other than mean + eps")
     square, dims = mean.args[0], mean.args[1]
     keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
-    ndim = _val(square).dim()
+    ndim = fake_value(square).dim()
     if list(dims) not in ([-1], [ndim - 1]) or not keepdim:
         raise Miss(f"mean over dims {list(dims)} (keepdim={keepdim}); an RMSNorm reduces the last dim")
     if square.target is aten.pow.Tensor_Scalar and square.args[1] == 2:
@@ -99,7 +95,7 @@ def read(ctx, rsqrt: fx.Node) -> Norm:
             steps.append("convert")
         elif user.target is aten.mul.Tensor and "weight" not in steps:
             w = _other(user, out)
-            if not (isinstance(w, fx.Node) and w in ctx.constants and _val(w).dim() == 1 and _val(w).shape[0] == _val(x).shape[-1]):
+            if not (isinstance(w, fx.Node) and w in ctx.constants and fake_value(w).dim() == 1 and fake_value(w).shape[0] == fake_value(x).shape[-1]):
                 break
             weight = ctx.evaluate(w)
             steps.append("weight")
@@ -152,9 +148,9 @@ def choose(norm: Norm) -> tuple[str, dict]:
 
 
 def _verify_zentorch(norm: Norm) -> Optional[str]:
-    h = _val(norm.x).shape[-1]
+    h = fake_value(norm.x).shape[-1]
     torch.manual_seed(0)
-    a, b = torch.randn(2, 7, h, dtype=_val(norm.x).dtype), torch.randn(2, 7, h, dtype=_val(norm.x).dtype)
+    a, b = torch.randn(2, 7, h, dtype=fake_value(norm.x).dtype), torch.randn(2, 7, h, dtype=fake_value(norm.x).dtype)
     s = (a.float() + b.float())
     ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
     try:
@@ -186,14 +182,14 @@ def apply(ctx) -> None:
 
 def _replace_with_zentorch(ctx, norm: Norm) -> None:
     add = norm.residual_add
-    weight = ctx.add_constant(norm.weight.to(_val(norm.x).dtype).contiguous(), add, "norm_weight")
+    weight = ctx.add_constant(norm.weight.to(fake_value(norm.x).dtype).contiguous(), add, "norm_weight")
     with ctx.graph.inserting_after(add):  # before every user of the sum
         pair = ctx.graph.call_function(torch.ops.zen.add_rms_norm.default, (add.args[0], add.args[1], weight, norm.eps))
     with ctx.graph.inserting_after(pair):
         normed = ctx.graph.call_function(operator.getitem, (pair, 1))
     with ctx.graph.inserting_after(pair):
         total = ctx.graph.call_function(operator.getitem, (pair, 0))
-    pair.meta["val"] = (_val(add), _val(norm.out))
+    pair.meta["val"] = (fake_value(add), fake_value(norm.out))
     total.meta.update(add.meta)
     normed.meta.update(norm.out.meta)
     norm.out.replace_all_uses_with(normed)

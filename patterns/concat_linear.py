@@ -27,7 +27,7 @@ from zen_inductor.autotune import NoKernel
 from zen_inductor.graph_pass import LazyWeight, PendingLinear
 from zen_inductor.kernels import LinearSpec, QuantWeight, quant_linear
 
-from . import Family
+from . import Family, fake_value
 from .dequant_matmul import find_codes
 
 aten = torch.ops.aten
@@ -35,10 +35,6 @@ prims = torch.ops.prims
 
 PATTERN = "concat_linear"
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 def _root(node: fx.Node) -> fx.Node:
@@ -64,7 +60,7 @@ def search(ctx):
         op="call_function", target=aten.addmm.default)
     for node in dense:
         x, w, _ = _dense_args(node)
-        if (w in ctx.constants and x not in ctx.constants and _val(w) is not None and _val(w).dtype.is_floating_point
+        if (w in ctx.constants and x not in ctx.constants and fake_value(w) is not None and fake_value(w).dtype.is_floating_point
                 and find_codes(w) is None):  # a dequant chain dequant_matmul left must stay quantized
             groups["dense", _root(x)].append(node)
     order = _order(ctx.graph)
@@ -100,7 +96,7 @@ def _difference(a: tuple, b: tuple) -> str:
 def _split(ctx, merged: fx.Node, parts: list[fx.Node], sizes: list[int]) -> None:
     with ctx.graph.inserting_after(merged):
         split = ctx.graph.call_function(aten.split_with_sizes.default, (merged, sizes, 1))
-    split.meta["val"] = [_val(p) for p in parts]
+    split.meta["val"] = [fake_value(p) for p in parts]
     last = split
     for i, part in enumerate(parts):
         with ctx.graph.inserting_after(last):
@@ -162,8 +158,8 @@ def merge_dense(ctx, nodes: list[fx.Node]) -> None:
             merged = ctx.graph.call_function(aten.mm.default, (x, weight_kn))
         else:
             merged = ctx.graph.call_function(aten.addmm.default, (bias, x, weight_kn))
-    weight_kn.meta["val"] = _val(cat).permute(1, 0)
-    x_val = _val(x)
+    weight_kn.meta["val"] = fake_value(cat).permute(1, 0)
+    x_val = fake_value(x)
     merged.meta.update({k: v for k, v in nodes[0].meta.items() if k in ("stack_trace", "nn_module_stack")})
     merged.meta["val"] = x_val.new_empty((x_val.shape[0], sum(w.shape[1] for w in weights)))
     _split(ctx, merged, nodes, [w.shape[1] for w in weights])

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from zen_inductor.graph_pass import emit_op
 
-from . import Family, rewrite_each
+from . import Family, call_arg, fake_value, rewrite_each
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -38,21 +38,13 @@ PATTERN = "decode_attention"
 FLASH = aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def _arg(node: fx.Node, index: int, name: str, default):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 # --- search -----------------------------------------------------------------------------------
 
 
 def search(ctx):
     """Flash-attention calls whose query has a single position (decode)."""
     for node in ctx.graph.find_nodes(op="call_function", target=FLASH):
-        q = _val(node.args[0])
+        q = fake_value(node.args[0])
         if q is not None and q.dim() == 4 and isinstance(q.shape[2], int) and q.shape[2] == 1:
             yield node
 
@@ -61,12 +53,12 @@ def search(ctx):
 
 
 def why_not(node: fx.Node) -> str | None:
-    q, k, v = (_val(a) for a in node.args[:3])
+    q, k, v = (fake_value(a) for a in node.args[:3])
     if k is None or v is None or k.dim() != 4 or v.dim() != 4:
         return "key or value is not a 4-D tensor"
-    if _arg(node, 3, "dropout_p", 0.0):
+    if call_arg(node, 3, "dropout_p", 0.0):
         return "dropout"
-    if _arg(node, 4, "is_causal", False):
+    if call_arg(node, 4, "is_causal", False):
         return "is_causal with one query position attends to the first key only (top-left causal mask)"
     if node.kwargs.get("attn_mask") is not None:
         return "an attention mask"
@@ -86,9 +78,9 @@ def why_not(node: fx.Node) -> str | None:
 
 def rewrite(ctx, node: fx.Node) -> None:
     q, k, v = node.args[:3]
-    b, h, _, d = _val(q).shape
-    hkv = _val(k).shape[1]
-    scale = _arg(node, 5, "scale", None)
+    b, h, _, d = fake_value(q).shape
+    hkv = fake_value(k).shape[1]
+    scale = call_arg(node, 5, "scale", None)
     scale = scale if scale is not None else 1 / math.sqrt(d)
     op = functools.partial(emit_op, ctx.graph)
     with ctx.graph.inserting_before(node):
@@ -101,7 +93,7 @@ def rewrite(ctx, node: fx.Node) -> None:
         e = op(aten.exp.default, shifted)
         probs = op(aten.div.Tensor, e, op(aten.sum.dim_IntList, e, [-1], True))
         out = op(aten.reshape.default, op(aten.bmm.default, probs, vv), [b, h, 1, d])
-        out = op(f32, out, _val(q).dtype)
+        out = op(f32, out, fake_value(q).dtype)
     for user in list(node.users):
         user.replace_all_uses_with(out)
     ctx.record.match(PATTERN, "gqa" if h != hkv else "mha", node, "bmm + softmax + bmm (fp32)")

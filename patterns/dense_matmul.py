@@ -14,12 +14,11 @@ Constraints: bf16 activations and weight; weight frozen.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
 from zen_inductor.autotune import NoKernel
 from zen_inductor.kernels import DenseWeight, LinearSpec
 
-from . import Family
+from . import Family, fake_value
 from .dequant_matmul import find_codes
 
 aten = torch.ops.aten
@@ -27,17 +26,13 @@ aten = torch.ops.aten
 PATTERN = "dense_matmul"
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def search(ctx):
     for target, (xi, wi, bi) in {aten.mm.default: (0, 1, None), aten.addmm.default: (1, 2, 0)}.items():
         for mm in ctx.graph.find_nodes(op="call_function", target=target):
             x, w = mm.args[xi], mm.args[wi]
             bias = mm.args[bi] if bi is not None else None
-            if (w in ctx.constants and x not in ctx.constants and _val(w) is not None
-                    and _val(w).dtype == torch.bfloat16 and _val(x).dtype == torch.bfloat16
+            if (w in ctx.constants and x not in ctx.constants and fake_value(w) is not None
+                    and fake_value(w).dtype == torch.bfloat16 and fake_value(x).dtype == torch.bfloat16
                     and find_codes(w) is None and (bias is None or bias in ctx.constants)):
                 yield mm, x, w, bias
 

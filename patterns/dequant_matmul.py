@@ -29,7 +29,7 @@ import torch.fx as fx
 from zen_inductor.autotune import NoKernel, sqnr_db
 from zen_inductor.kernels import LinearSpec, QuantWeight, candidates, fp32_row_blocks
 
-from . import Family
+from . import Family, fake_value
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -58,14 +58,10 @@ class Miss(Exception):
 # --- search -----------------------------------------------------------------------------------
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
 def _is_int_to_float(node: fx.Node) -> bool:
     if node.op != "call_function" or node.target not in _CONVERTS:
         return False
-    src, out = _val(node.args[0]) if node.args else None, _val(node)
+    src, out = fake_value(node.args[0]) if node.args else None, fake_value(node)
     return src is not None and out is not None and not src.dtype.is_floating_point and src.dtype != torch.bool and out.dtype.is_floating_point
 
 
@@ -78,14 +74,14 @@ def find_codes(weight: fx.Node) -> fx.Node | None:
     convert = _find_convert(weight)
     if convert is None:
         return None
-    codes, numel = convert.args[0], _val(weight).numel()
+    codes, numel = convert.args[0], fake_value(weight).numel()
     while (
         isinstance(codes, fx.Node)
         and codes.target in (aten.sub.Tensor, aten.add.Tensor)
         and isinstance(codes.args[0], fx.Node)
-        and _val(codes.args[0]) is not None
-        and _val(codes.args[0]).numel() == numel
-        and not (isinstance(codes.args[1], fx.Node) and _val(codes.args[1]).numel() == numel)
+        and fake_value(codes.args[0]) is not None
+        and fake_value(codes.args[0]).numel() == numel
+        and not (isinstance(codes.args[1], fx.Node) and fake_value(codes.args[1]).numel() == numel)
     ):
         codes = codes.args[0]
     return codes
@@ -93,14 +89,14 @@ def find_codes(weight: fx.Node) -> fx.Node | None:
 
 def _find_convert(weight: fx.Node) -> fx.Node | None:
     """The int->float convert that produces one value per weight element."""
-    numel = _val(weight).numel()
+    numel = fake_value(weight).numel()
     found, stack, seen = [], [weight], set()
     while stack:
         node = stack.pop()
         if node in seen or not isinstance(node, fx.Node):
             continue
         seen.add(node)
-        if _is_int_to_float(node) and _val(node).numel() == numel:
+        if _is_int_to_float(node) and fake_value(node).numel() == numel:
             found.append(node)
             continue
         stack.extend(node.all_input_nodes)
@@ -112,7 +108,7 @@ def search(ctx):
     for target, (xi, wi, bi) in _MATMULS.items():
         for mm in ctx.graph.find_nodes(op="call_function", target=target):
             x, w = mm.args[xi], mm.args[wi]
-            if _val(w) is None or find_codes(w) is None:
+            if fake_value(w) is None or find_codes(w) is None:
                 continue
             yield mm, x, w, (mm.args[bi] if bi is not None else None)
 
@@ -263,7 +259,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def group_hint(codes: fx.Node, k: int) -> int:
-    shape = tuple(_val(codes).shape)
+    shape = tuple(fake_value(codes).shape)
     return shape[-1] if len(shape) == 3 and shape[-2] * shape[-1] == k else k
 
 
@@ -331,7 +327,7 @@ def _post_scale(ctx, mm: fx.Node, n: int) -> fx.Node | None:
     if user.target is not aten.mul.Tensor or user.args[0] is not mm:
         return None
     s = user.args[1]
-    if isinstance(s, fx.Node) and s in ctx.constants and _val(s) is not None and _val(s).numel() == n and _val(s).shape[-1] == n:
+    if isinstance(s, fx.Node) and s in ctx.constants and fake_value(s) is not None and fake_value(s).numel() == n and fake_value(s).shape[-1] == n:
         return user
     return None
 
@@ -351,15 +347,15 @@ def apply(ctx) -> None:
 
 
 def rewrite(ctx, mm, x, w, bias) -> None:
-    act = _val(x)
+    act = fake_value(x)
     source = int8_fake_quant_source(ctx, x)
     if source is not None:  # torchao's dynamic int8 activations: the kernel quantizes x itself
-        act = _val(source)
+        act = fake_value(source)
     if act.dtype not in _ACT_DTYPES:
         raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
     if not ctx.frozen:
         raise Miss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
-    n = _val(w).shape[1]
+    n = fake_value(w).shape[1]
     post = _post_scale(ctx, mm, n)
     if post is not None and bias is not None:
         post = None  # addmm then scale: bias would be scaled too; read as a plain weight instead
@@ -400,13 +396,13 @@ def int8_fake_quant_source(ctx, x: fx.Node) -> fx.Node | None:
     """The float tensor of which ``x`` is an 8-bit quantize-dequantize, or None."""
     from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-    if not isinstance(_val(x), torch.Tensor):
+    if not isinstance(fake_value(x), torch.Tensor):
         return None
-    numel = _val(x).numel()
+    numel = fake_value(x).numel()
 
     def carried(node):  # the one input that is the tensor itself; the others are per-row qparams
         ins = [a for a in node.all_input_nodes  # (sizes of dynamic shapes are inputs too: SymInts)
-               if isinstance(_val(a), torch.Tensor) and a not in ctx.constants and statically_known_true(_val(a).numel() == numel)]
+               if isinstance(fake_value(a), torch.Tensor) and a not in ctx.constants and statically_known_true(fake_value(a).numel() == numel)]
         return ins[0] if len(ins) == 1 else None
 
     node = x
@@ -416,7 +412,7 @@ def int8_fake_quant_source(ctx, x: fx.Node) -> fx.Node | None:
         node = carried(node)
         if node is None:
             return None
-    if _val(node.args[0]).dtype not in (torch.int8, torch.uint8):
+    if fake_value(node.args[0]).dtype not in (torch.int8, torch.uint8):
         return None
     node = node.args[0]
     while node.target is not aten.round.default:  # the quantize half
@@ -429,7 +425,7 @@ def int8_fake_quant_source(ctx, x: fx.Node) -> fx.Node | None:
     if not isinstance(scaled, fx.Node) or scaled.target not in (aten.mul.Tensor, aten.div.Tensor):
         return None
     source = carried(scaled)
-    return source if source is not None and _val(source).dtype.is_floating_point else None
+    return source if source is not None and fake_value(source).dtype.is_floating_point else None
 
 
 def _replace(ctx, anchor, out, x, bias, weight, spec, variant, sources) -> None:
@@ -439,11 +435,11 @@ def _replace(ctx, anchor, out, x, bias, weight, spec, variant, sources) -> None:
     except NoKernel as e:
         raise Miss(str(e)) from None
     result = fused
-    if _val(out) is not None and _val(out).dtype != spec.act_dtype:  # torchao's DA8 span ends in fp32
+    if fake_value(out) is not None and fake_value(out).dtype != spec.act_dtype:  # torchao's DA8 span ends in fp32
         with ctx.graph.inserting_after(fused):
-            result = ctx.graph.call_function(prims.convert_element_type.default, (fused, _val(out).dtype))
+            result = ctx.graph.call_function(prims.convert_element_type.default, (fused, fake_value(out).dtype))
         result.meta.update(fused.meta)
-        result.meta["val"] = _val(out)
+        result.meta["val"] = fake_value(out)
     out.replace_all_uses_with(result)
 
 
@@ -471,9 +467,9 @@ def _activation_source(ctx, a: fx.Node) -> fx.Node:
             raise Miss("the int8 activation of _int_mm is not a per-row quantization of one tensor")
         node = moving[0]
     scaled = node.args[0]
-    numel = _val(a).numel()
+    numel = fake_value(a).numel()
     for operand in scaled.all_input_nodes if scaled.target in (aten.mul.Tensor, aten.div.Tensor) else ():
-        if _val(operand).numel() == numel and _val(operand).dtype.is_floating_point:
+        if fake_value(operand).numel() == numel and fake_value(operand).dtype.is_floating_point:
             return operand
     raise Miss("could not find the float activation before round()")
 
@@ -489,7 +485,7 @@ def _output_span(ctx, mm: fx.Node, n: int):
             continue
         if user.target is aten.mul.Tensor and isinstance(others[0], fx.Node):
             scale = others[0]
-            if scale in ctx.constants and _val(scale).numel() == n:
+            if scale in ctx.constants and fake_value(scale).numel() == n:
                 return user, scale
             if scale not in ctx.constants:  # the activation's per-row scale
                 node = user
@@ -501,12 +497,12 @@ def _output_span(ctx, mm: fx.Node, n: int):
 def rewrite_dynamic(ctx, mm) -> None:
     a, b = mm.args
     x = _activation_source(ctx, a)
-    act = _val(x)
+    act = fake_value(x)
     if act.dtype not in _ACT_DTYPES:
         raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
     if not ctx.frozen:
         raise Miss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
-    k, n = _val(b).shape
+    k, n = fake_value(b).shape
     out, scale_node = _output_span(ctx, mm, n)
 
     def read():
@@ -539,7 +535,7 @@ def search_int4pack(ctx):
 
 def rewrite_int4pack(ctx, mm) -> None:
     x, packed_node, group, sz_node = mm.args
-    act = _val(x)
+    act = fake_value(x)
     if act.dtype not in _ACT_DTYPES:
         raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
     weight = ctx.weight([packed_node, sz_node], ("read_int4pack",), lambda: _read_int4pack(ctx, packed_node, group, sz_node))

@@ -28,15 +28,11 @@ import torch.fx as fx
 
 from zen_inductor.kernels import zentorch_unavailable
 
-from . import Family, rewrite_each
+from . import Family, call_arg, fake_value, rewrite_each
 
 PATTERN = "prefill_attention"
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _DTYPES = (torch.bfloat16, torch.float32)
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
 # --- search -----------------------------------------------------------------------------------
@@ -45,7 +41,7 @@ def _val(node):
 def search(ctx):
     """Flash-attention calls whose query may have more than one position (prefill)."""
     for node in ctx.graph.find_nodes(op="call_function", target=FLASH):
-        q = _val(node.args[0])
+        q = fake_value(node.args[0])
         if q is not None and q.dim() == 4 and not (isinstance(q.shape[2], int) and q.shape[2] == 1):
             yield node
 
@@ -57,11 +53,10 @@ def why_not(node: fx.Node) -> str | None:
     unavailable = zentorch_unavailable()
     if unavailable:
         return unavailable
-    q = _val(node.args[0])
+    q = fake_value(node.args[0])
     if q.dtype not in _DTYPES:
         return f"{q.dtype} attention (zentorch's kernel is measured faster for bf16 and fp32 only)"
-    dropout = node.args[3] if len(node.args) > 3 else node.kwargs.get("dropout_p", 0.0)
-    if dropout:
+    if call_arg(node, 3, "dropout_p", 0.0):
         return "dropout"
     if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
         return "the log-sum-exp output is used too"
@@ -77,7 +72,7 @@ def rewrite(ctx, node: fx.Node) -> None:
     sdpa.meta.update(node.meta)  # same outputs, and the one that is used has the same value
     node.replace_all_uses_with(sdpa)
     ctx.graph.erase_node(node)
-    q, k = (_val(a) for a in sdpa.args[:2])
+    q, k = (fake_value(a) for a in sdpa.args[:2])
     variant = "gqa" if k is not None and k.shape[1] != q.shape[1] else "mha"
     ctx.record.match(PATTERN, variant, sdpa, "zentorch_sdpa")
 
