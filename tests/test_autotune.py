@@ -458,3 +458,40 @@ def test_a_bf16_dequantization_is_the_fp32_one_rounded():
     w = QuantWeight(torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, k // g), torch.randn(n, k // g) * 0.01,
                     None, g, 4)
     assert torch.equal(w.dequantize(torch.bfloat16), w.dequantize().to(torch.bfloat16))
+
+
+def _huge_page_kb(address: int) -> int:
+    """AnonHugePages of the mapping holding ``address``, from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_packed_weights_are_kept_on_huge_pages_but_the_models_own_weight_is_not_copied():
+    from zen_inductor.allocator import _transparent_huge_pages
+    from zen_inductor.autotune import Tuner
+    from zen_inductor.kernels import DenseWeight, LinearSpec
+
+    from test_native_kernels import _spec, _weight
+
+    w = _weight(4096, 2048, 128)  # 4 MB once packed: two huge pages
+    with config.patch(kernel_allow=("aten_int4pack_mm",), autotune=False):
+        packed = Tuner().plan(_spec(w, torch.bfloat16, dynamic=False), w, None).packed["aten_int4pack_mm"]
+    reference = KERNELS["aten_int4pack_mm"].prepack(w, torch.bfloat16)
+    assert torch.equal(packed[0], reference[0]) and torch.equal(packed[1], reference[1])
+    assert packed[0].data_ptr() % (2 << 20) == 0
+    if _transparent_huge_pages() in ("always", "madvise"):
+        assert _huge_page_kb(packed[0].data_ptr()) >= 4096
+
+    dense = DenseWeight(torch.randn(2048, 2048, dtype=torch.bfloat16))
+    spec = LinearSpec(n=2048, k=2048, group_size=0, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+    with config.patch(kernel_allow=("dense_sgemm",), autotune=False):
+        packed = Tuner().plan(spec, dense, None).packed["dense_sgemm"]
+    assert packed[0].data_ptr() == dense.weight.data_ptr()  # read in place, not held twice

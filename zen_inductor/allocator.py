@@ -13,6 +13,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import mmap
+
+import torch
+
+from . import config
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
@@ -49,3 +54,45 @@ def reuse_freed_memory():
         # the heap the compile freed (weight copies, fp32 references) goes back to the OS: glibc
         # would keep it for reuse, and a compiled demo model kept ~300 MB no tensor used
         libc.malloc_trim(0)
+
+
+# Packed weights are read once per token; with 4 KB pages a 1B model's decode walks ~150k page
+# translations (nested, under a VM) per token. On 2 MB pages the same GEMVs ran 7% faster
+# here (17 llama1b decode linears, zentorch's bf16 GEMM: 22.3 against 20.6 ms, 10 alternating
+# rounds). Under THP "madvise" only memory that asked for it gets huge pages, and only when it is
+# first touched: the compile's heap is reused memory already faulted in, so the copy gets a
+# mapping of its own.
+_HUGE_PAGE = 2 << 20
+
+
+@functools.lru_cache(None)
+def _transparent_huge_pages() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied to memory on transparent huge pages, or ``t`` itself where that cannot help."""
+    nbytes = t.numel() * t.element_size()
+    if (
+        not config.huge_page_weights
+        or t.device.type != "cpu"
+        or not t.is_contiguous()
+        or nbytes < 2 * _HUGE_PAGE
+        or _transparent_huge_pages() not in ("always", "madvise")
+        or not hasattr(mmap, "MADV_HUGEPAGE")
+    ):
+        return t
+    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # shared memory has its own THP policy
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
+    start = (-raw.data_ptr()) % _HUGE_PAGE
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // _HUGE_PAGE * _HUGE_PAGE)
+    except OSError:
+        return t
+    out = raw[start : start + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out

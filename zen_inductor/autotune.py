@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from . import config, native
+from .allocator import on_huge_pages
 from .kernels import (KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, candidates, cpu_flags, epilogue_reference,
                       fp32_row_blocks, native_bf16_gemm, run_kernel)
 
@@ -386,7 +387,26 @@ class Tuner:
             result.seconds = round(time.perf_counter() - started, 3)
             results.append(result)
         plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))
-        return Tuning(plan, results, excluded, {name: packed[name] for name in plan.kernels})
+        return Tuning(plan, results, excluded, _kept(packed, plan.kernels))
+
+
+def _kept(packed: "_Packings", names) -> dict:
+    """The packed weights a plan keeps, on huge pages; kernels of one layout still share theirs.
+    A tensor that is the model's own (a dense kernel reads the weight as it is) stays where it is:
+    a copy would hold the weight twice."""
+    source = packed.weight
+    own = {t.untyped_storage().data_ptr() for t in vars(source).values() if isinstance(t, torch.Tensor)}
+    placed = {}
+
+    def move(t):
+        return t if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in own else on_huge_pages(t)
+
+    def place(value):
+        if id(value) not in placed:
+            placed[id(value)] = [move(t) for t in value] if isinstance(value, (list, tuple)) else value
+        return placed[id(value)]
+
+    return {name: place(packed[name]) for name in names}
 
 
 class _Packings(dict):

@@ -88,6 +88,9 @@ native_kernels: bool = _env("native_kernels", True)
 # at 2 bytes a weight. Measured on Zen 4 at M=128: zentorch's int4 GEMM ran ~180 GFLOP/s, its
 # bf16 GEMM ~420 (Inductor's own recipe folds int4 weights to bf16 for the same reason)
 dequantized_copies: bool = _env("dequantized_copies", True)
+# copy packed weights to transparent huge pages (where the kernel offers them): decode reads every
+# weight once per token, and on 4 KB pages address translation costs ~7% of it here
+huge_page_weights: bool = _env("huge_page_weights", True)
 # let kernels that quantize activations to int8 serve weight-only matches too (they must still
 # reach the weight-only accuracy bar against the fp32 reference to be chosen)
 int8_activations_for_weight_only: bool = _env("int8_activations_for_weight_only", False)
