@@ -1,6 +1,6 @@
 """Every benchmark of the issue in one command: end to end, compile time and per linear, per model.
 
-    python benchmarks/run_all.py [--models llama1b-4l,qwen3-4l] [--only e2e,compile,linears]
+    python benchmarks/run_all.py [--models llama1b-4l,qwen3-4l] [--only e2e,interleaved,compile,linears]
                                  [--formats ...] [--systems ...] [--reps 3]
 
 Runs the scripts beside this one, one after the other (never two at once: they time the same
@@ -16,14 +16,15 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STEPS = ("e2e", "compile", "linears")
+STEPS = ("e2e", "interleaved", "compile", "linears")
+SCRIPTS = {"e2e": "e2e.py", "interleaved": "interleaved.py", "compile": "compile_time.py", "linears": "linears.py"}
 
 
 def commands(args) -> list[tuple[str, list[str]]]:
     out = []
     for model in args.models.split(","):
         for step in args.only.split(","):
-            cmd = [sys.executable, os.path.join(HERE, {"e2e": "e2e.py", "compile": "compile_time.py", "linears": "linears.py"}[step]),
+            cmd = [sys.executable, os.path.join(HERE, SCRIPTS[step]),
                    "--model", model, "--out", args.out]
             if args.formats:  # each script has its own default formats: only a given list overrides them
                 cmd += ["--formats", args.formats if step != "linears" else ",".join(f for f in args.formats.split(",") if f != "da8w4")]
