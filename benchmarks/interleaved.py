@@ -15,9 +15,11 @@ process of their own each: they stay in ``e2e.py``.
 Dynamo keeps compiled code per code object, guarded by what it saw: with one ``forward`` code
 object for all, the recipe's calls on torchao-quantized models passed the guards of zentorch's
 entries and ran zentorch's code (the recipe's int4 TTFT came out 358 ms, zentorch's, against 165
-in a process of its own). Each system's model gets a ``forward`` on a code object of its own. The
-CPU recipe sets Inductor's global flags as its users do; it is compiled last, after every other
-system has compiled all its graphs (the warm-up runs prefill and decode twice).
+in a process of its own). Each system's model gets a ``forward`` on a code object of its own.
+Compiling leaves global state behind: the recipe sets Inductor's flags as its users do, and
+``backend="zentorch"`` leaves its joint pass in ``torch._inductor.config.joint_custom_post_pass``,
+where every later stock-Inductor compile in the process runs it. Inductor's config is restored
+after each system has compiled all its graphs (the warm-up runs prefill and decode twice).
 """
 from __future__ import annotations
 
@@ -33,11 +35,6 @@ import types
 from e2e import FORMATS, MODELS, _cpu, _is_zen, _versions, build, compiled_forward, quant_config
 
 SYSTEMS = ("inductor", "zentorch", "zen", "recipe")  # eager is far behind in every quantized format
-
-
-def compile_order(systems: list) -> list:
-    """The recipe changes Inductor's global flags: it goes last."""
-    return [s for s in systems if s != "recipe"] + [s for s in systems if s == "recipe"]
 
 
 def own_forward(model):
@@ -60,7 +57,8 @@ def one_format(args) -> dict:
     prompt = torch.randint(0, spec["vocab"], (1, args.prompt))
     forwards = {}
     with torch.no_grad():
-        for system in compile_order(args.systems.split(",")):
+        for system in args.systems.split(","):
+            clean = torch._inductor.config.get_config_copy()
             model = build(spec)
             cfg = quant_config(args.format)
             if cfg is not None:
@@ -73,6 +71,7 @@ def one_format(args) -> dict:
             for _ in range(2):
                 generate(forward, prompt, 4)
             forwards[system] = forward
+            torch._inductor.config.load_config(clean)
             print(f"[{args.format}] {system} compiled and warm in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         systems = list(forwards)
         rounds = []
