@@ -12,14 +12,14 @@ system in the same round. TTFT and TPOT are medians over rounds, and each round'
 the best peer is kept, so the table shows how steady the ratio is. Compile time and peak RSS need a
 process of their own each: they stay in ``e2e.py``.
 
-Dynamo keeps compiled code per code object, guarded by what it saw: with one ``forward`` code
-object for all, the recipe's calls on torchao-quantized models passed the guards of zentorch's
-entries and ran zentorch's code (the recipe's int4 TTFT came out 358 ms, zentorch's, against 165
-in a process of its own). Each system's model gets a ``forward`` on a code object of its own.
-Compiling leaves global state behind: the recipe sets Inductor's flags as its users do, and
-``backend="zentorch"`` leaves its joint pass in ``torch._inductor.config.joint_custom_post_pass``,
-where every later stock-Inductor compile in the process runs it. Inductor's config is restored
-after each system has compiled all its graphs (the warm-up runs prefill and decode twice).
+Each system's model gets a ``forward`` on a code object of its own, so each has its own Dynamo
+cache entries (and recompile limit) rather than four systems' graphs behind one code object's
+guards. Compiling leaves global state behind: the recipe sets Inductor's flags as its users do,
+and ``backend="zentorch"`` leaves its joint pass in ``torch._inductor.config.joint_custom_post_pass``,
+where every later stock-Inductor compile in the process runs it (the recipe, compiled after
+zentorch, came out with zentorch's int4 TTFT, 358 ms, against 165 in a process of its own).
+Inductor's config is restored after each system has compiled all its graphs (the warm-up runs
+prefill and decode twice).
 """
 from __future__ import annotations
 
