@@ -155,15 +155,21 @@ def cache_use(system: str) -> str:
     return text
 
 
-def main():
+def run_arguments(systems) -> argparse.ArgumentParser:
+    """What every end-to-end benchmark asks: model, formats, systems, prompt and output lengths."""
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama1b-4l", choices=sorted(MODELS))
     p.add_argument("--formats", default=",".join(FORMATS))
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(systems))
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    return p
+
+
+def main():
+    p = run_arguments(SYSTEMS)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--merge", action="store_true", help="keep other rows of an earlier run of this model")
     p.add_argument("--cold", action="store_true", help="every process compiles with empty Inductor and zen caches")
     p.add_argument("--child", nargs=2, metavar=("FORMAT", "SYSTEM"), help=argparse.SUPPRESS)

@@ -32,7 +32,7 @@ import sys
 import time
 import types
 
-from e2e import FORMATS, MODELS, _cpu, _is_zen, _versions, build, compiled_forward, quant_config
+from e2e import MODELS, _cpu, _is_zen, _versions, build, compiled_forward, quant_config, run_arguments
 
 SYSTEMS = ("inductor", "zentorch", "zen", "recipe")  # eager is far behind in every quantized format
 
@@ -133,14 +133,8 @@ def write(runs: list, args) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="llama1b-4l", choices=sorted(MODELS))
-    p.add_argument("--formats", default=",".join(FORMATS))
-    p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--prompt", type=int, default=128)
-    p.add_argument("--new", type=int, default=32)
+    p = run_arguments(SYSTEMS)
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--child", metavar="FORMAT", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
