@@ -240,10 +240,7 @@ def write(results, args, quiet=False):
             if "error" in r:
                 lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | | |")
                 continue
-            if eager is None or not r.get("tokens") or not eager.get("tokens"):
-                same = "?"
-            else:
-                same = "yes" if r["tokens"] == eager["tokens"] else f"{sum(a == b for a, b in zip(r['tokens'], eager['tokens']))}/{len(r['tokens'])}"
+            same = token_agreement(r.get("tokens"), eager.get("tokens") if eager else None)
             ratio = ""
             if _is_zen(r["system"]) and peers:
                 best_ttft = min(p["ttft_ms"] for p in peers)
@@ -261,6 +258,13 @@ def write(results, args, quiet=False):
         print(chart(os.path.join(args.out, f"e2e-{args.model}.json")))
     except ImportError as e:  # matplotlib is in the bench extra only
         print(f"no PNG chart: {e}")
+
+
+def token_agreement(tokens, reference) -> str:
+    """"yes", or how many of the greedy tokens equal the reference's; "?" without both."""
+    if not tokens or not reference:
+        return "?"
+    return "yes" if tokens == reference else f"{sum(a == b for a, b in zip(tokens, reference))}/{len(tokens)}"
 
 
 def _is_zen(system: str) -> bool:  # zen and its variants (zen-a8); zentorch is a peer

@@ -32,7 +32,7 @@ import sys
 import time
 import types
 
-from e2e import MODELS, _cpu, _is_zen, _versions, build, compiled_forward, quant_config, run_arguments
+from e2e import MODELS, _cpu, _is_zen, _versions, build, compiled_forward, quant_config, run_arguments, token_agreement
 
 SYSTEMS = ("inductor", "zentorch", "zen", "recipe")  # eager is far behind in every quantized format
 
@@ -120,8 +120,7 @@ def write(runs: list, args) -> str:
         zen_tokens = next((last[z]["tokens"] for z in run["systems"] if _is_zen(z)), None)
         for system in run["systems"]:
             m = s["median"][system]
-            same = "?" if zen_tokens is None else ("yes" if last[system]["tokens"] == zen_tokens else
-                                                   f"{sum(a == b for a, b in zip(last[system]['tokens'], zen_tokens))}/{len(zen_tokens)}")
+            same = token_agreement(last[system]["tokens"], zen_tokens)
             cells = ["", ""]
             if system in s["ratios"]:
                 cells = [f"{statistics.median(v):.2f}x ({v[0]:.2f}-{v[-1]:.2f})" for v in s["ratios"][system].values()]
