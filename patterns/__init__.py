@@ -44,10 +44,12 @@ def rewrite_each(pattern: str, search: Callable, why_not: Callable, rewrite: Cal
 
 from . import (  # noqa: E402
     add_rmsnorm, concat_linear, decode_attention, dense_matmul, dequant_matmul, linear_epilogue, prefill_attention,
+    residual_add,
 )
 
 # dequant_matmul first: concat_linear merges the linears it leaves; dense_matmul then takes the
 # remaining (and merged) bf16 linears; linear_epilogue fuses the SwiGLU into merged gate/up ones;
-# add_rmsnorm, decode_attention and prefill_attention stand alone
-FAMILIES = (dequant_matmul.FAMILY, concat_linear.FAMILY, dense_matmul.FAMILY, linear_epilogue.FAMILY, add_rmsnorm.FAMILY,
-            decode_attention.FAMILY, prefill_attention.FAMILY)
+# residual_add then takes the residual adds after every linear, before add_rmsnorm reads the norms
+# (which then read the fp32 stream); decode_attention and prefill_attention stand alone
+FAMILIES = (dequant_matmul.FAMILY, concat_linear.FAMILY, dense_matmul.FAMILY, linear_epilogue.FAMILY,
+            residual_add.FAMILY, add_rmsnorm.FAMILY, decode_attention.FAMILY, prefill_attention.FAMILY)

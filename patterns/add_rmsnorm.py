@@ -137,7 +137,7 @@ def choose(norm: Norm) -> tuple[str, dict]:
     reason = zentorch_unavailable()
     if reason is None and norm.residual_add is None:
         reason = "standalone zentorch_rms_norm is left out: zentorch's own vLLM plugin reports accuracy issues with it"
-    if reason is None and (norm.weight is None or norm.variant.split("_")[1] != "weight_last"):
+    if reason is None and (norm.weight is None or "_weight_last_" not in norm.variant):
         reason = "zentorch multiplies the weight after the downcast only"
     if reason is None:
         reason = _verify_zentorch(norm)

@@ -495,3 +495,22 @@ def test_packed_weights_are_kept_on_huge_pages_but_the_models_own_weight_is_not_
     with config.patch(kernel_allow=("dense_sgemm",), autotune=False):
         packed = Tuner().plan(spec, dense, None).packed["dense_sgemm"]
     assert packed[0].data_ptr() == dense.weight.data_ptr()  # read in place, not held twice
+
+
+def test_only_packings_serving_memory_bound_bins_are_copied_to_huge_pages(monkeypatch):
+    # prefill GEMMs are bound by arithmetic: a copy of their packings (such as int4's bf16 copies)
+    # would cost compile time and memory for nothing
+    from zen_inductor import autotune
+    from zen_inductor.autotune import HUGE_PAGE_MAX_M, Tuner
+
+    from test_native_kernels import _spec, _weight
+
+    copied = []
+    monkeypatch.setattr(autotune, "on_huge_pages", lambda t: copied.append(t.data_ptr()) or t)
+    w = _weight(4096, 2048, 128)
+    with config.patch(kernel_allow=("aten_int4pack_mm", "int4_tiles_sgemm"), autotune=False):  # ATen and ours: no zentorch needed
+        tuning = Tuner().plan(_spec(w, torch.bfloat16, dynamic=False), w, None)
+    decode, prefill = tuning.plan.kernel_for(HUGE_PAGE_MAX_M), tuning.plan.kernel_for(512)
+    assert decode != prefill, tuning.plan.bin_kernels  # the static rule splits them; else the test says nothing
+    assert sorted(copied) == sorted(t.data_ptr() for t in tuning.packed[decode])
+    assert all(t.data_ptr() not in copied for t in tuning.packed[prefill])

@@ -4,6 +4,7 @@ import torch
 import zen_inductor
 import zen_inductor.dumps
 import zen_inductor.patterns.add_rmsnorm as add_rmsnorm
+from zen_inductor.kernels import zentorch_unavailable
 
 from conftest import compile_zen, sqnr
 
@@ -76,7 +77,9 @@ def test_on_this_cpu_the_choice_and_its_reason_are_reported():
     entry = zen_inductor.last_report()["autotune"][0]
     assert entry["winner"] in ("inductor", "zentorch_add_rms_norm")
     if entry["winner"] == "inductor":
-        assert entry["excluded"]["zentorch_add_rms_norm"]
+        reason = entry["excluded"]["zentorch_add_rms_norm"]
+        # the Llama form is the one zentorch computes: only its absence or a failed check stops it
+        assert zentorch_unavailable() or "SQNR" in reason or "failed" in reason, reason
 
 
 def test_replacement_keeps_both_outputs_right(monkeypatch, dumped):

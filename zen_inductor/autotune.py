@@ -387,15 +387,24 @@ class Tuner:
             result.seconds = round(time.perf_counter() - started, 3)
             results.append(result)
         plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))
-        return Tuning(plan, results, excluded, _kept(packed, plan.kernels))
+        return Tuning(plan, results, excluded, _kept(packed, plan))
 
 
-def _kept(packed: "_Packings", names) -> dict:
-    """The packed weights a plan keeps, on huge pages; kernels of one layout still share theirs.
-    A tensor that is the model's own (a dense kernel reads the weight as it is) stays where it is:
-    a copy would hold the weight twice."""
+# Bins up to this M read each weight once for a handful of rows: bound by memory, where the
+# address translations huge pages save show (7% of a bf16 decode). Above it the GEMMs are bound by
+# arithmetic, and copying their packings (int4's prefill bf16 copies: ~0.5 GB for a 1B shape) cost
+# a cold compile ~1 s of page faults for nothing.
+HUGE_PAGE_MAX_M = 4
+
+
+def _kept(packed: "_Packings", plan: Plan) -> dict:
+    """The packed weights a plan keeps; those of kernels serving memory-bound bins on huge pages.
+    Kernels of one layout still share theirs. A tensor that is the model's own (a dense kernel
+    reads the weight as it is) stays where it is: a copy would hold the weight twice."""
     source = packed.weight
     own = {t.untyped_storage().data_ptr() for t in vars(source).values() if isinstance(t, torch.Tensor)}
+    memory_bound = {name for m in range(1, HUGE_PAGE_MAX_M + 1) for name in plan.kernels_for(m)}
+    moved = {id(packed[name]) for name in memory_bound}
     placed = {}
 
     def move(t):
@@ -403,10 +412,11 @@ def _kept(packed: "_Packings", names) -> dict:
 
     def place(value):
         if id(value) not in placed:
-            placed[id(value)] = [move(t) for t in value] if isinstance(value, (list, tuple)) else value
+            on_pages = id(value) in moved and isinstance(value, (list, tuple))
+            placed[id(value)] = [move(t) for t in value] if on_pages else value
         return placed[id(value)]
 
-    return {name: place(packed[name]) for name in names}
+    return {name: place(packed[name]) for name in plan.kernels}
 
 
 class _Packings(dict):

@@ -43,6 +43,8 @@ dense_matmul: bool = _env("dense_matmul", True)
 
 # silu(gate) * up computed in the kernel of a merged gate/up linear
 linear_epilogue: bool = _env("linear_epilogue", True)
+# a residual add after a linear done by the linear's op, the stream carried in fp32 between layers
+residual_add: bool = _env("residual_add", True)
 
 # attention of one query position over the KV cache as two small GEMMs instead of flash attention
 decode_attention: bool = _env("decode_attention", True)

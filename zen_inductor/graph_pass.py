@@ -180,11 +180,13 @@ class PatternContext:
             mm = (self.graph.call_function(torch.ops.aten.addmm.default, (bias, x, weight)) if bias is not None
                   else self.graph.call_function(torch.ops.aten.mm.default, (x, weight)))
             mm.meta.update(node.meta)
+            mm.meta["val"] = x.meta["val"].new_empty((x.meta["val"].shape[0], spec.n))  # not the op's: a swiglu or fp32 sum
             if spec.epilogue == "swiglu":
-                mm.meta["val"] = x.meta["val"].new_empty((x.meta["val"].shape[0], spec.n))
                 out = _swiglu_ops(self.graph, mm, spec.out_n)
             else:
                 out = mm
+            if node.kwargs.get("residual") is not None:  # residual_add's sum, as the op computes it (fp32)
+                out = emit_op(self.graph, torch.ops.aten.add.Tensor, node.kwargs["residual"], out)
         node.replace_all_uses_with(out)
         self.graph.erase_node(node)
         self.record.unmatch(pending.match)

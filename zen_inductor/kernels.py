@@ -773,6 +773,11 @@ def _dominated(kernels: list, may_dominate) -> dict:
 # The plan a compiled graph carries, and the op that follows it.
 
 
+def _entry_kernels(entry: str) -> tuple:
+    """The kernels of one bin entry: a kernel name, or ``lazy:a+b`` (see ``LAZY`` below)."""
+    return tuple(entry[len(LAZY):].split("+")) if entry.startswith(LAZY) else (entry,)
+
+
 @dataclass(frozen=True)
 class Plan:
     spec: LinearSpec
@@ -782,13 +787,14 @@ class Plan:
     @property
     def kernels(self) -> tuple:
         """Every kernel whose packed weight the graph carries (all candidates of a lazy bin)."""
-        names = []
-        for entry in self.bin_kernels:
-            names += entry[len(LAZY):].split("+") if entry.startswith(LAZY) else [entry]
-        return tuple(dict.fromkeys(names))
+        return tuple(dict.fromkeys(name for entry in self.bin_kernels for name in _entry_kernels(entry)))
 
     def kernel_for(self, m: int) -> str:
         return self.bin_kernels[bisect.bisect_left(self.edges, m)]
+
+    def kernels_for(self, m: int) -> tuple:
+        """The kernels whose packed weights serve M = m (every candidate of a lazy bin)."""
+        return _entry_kernels(self.kernel_for(m))
 
     def encode(self) -> str:
         s = self.spec
@@ -834,7 +840,8 @@ def run_kernel(kernel: Kernel, x, packed, bias, spec):
 # wrapper (autograd and schema handling per call) cost more than a decode GEMV of a small layer.
 # Packed tensors per kernel are told apart by a count list carried in the call.
 _LIB = torch.library.Library("zen", "DEF")
-_LIB.define("quant_linear(Tensor x, Tensor[] packed, int[] counts, Tensor? bias, str plan) -> Tensor")
+# residual (patterns/residual_add.py): an fp32 [M, N] the op returns ``residual + y`` with, in fp32
+_LIB.define("quant_linear(Tensor x, Tensor[] packed, int[] counts, Tensor? bias, str plan, *, Tensor? residual=None) -> Tensor")
 
 
 LAZY = "lazy:"  # bin entry "lazy:a+b": time a and b on the first real call of the bin
@@ -889,15 +896,18 @@ def _dispatch_table(plan: str, counts: tuple):
     return p.edges, p.spec, tuple(per_bin)
 
 
-def _quant_linear_cpu(x, packed, counts, bias, plan):
+def _quant_linear_cpu(x, packed, counts, bias, plan, *, residual=None):
     edges, spec, per_bin = _dispatch_table(plan, tuple(counts))
     run, part = per_bin[bisect.bisect_left(edges, x.shape[0])]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return run(x, packed[part], bias, spec)
+    y = run(x, packed[part], bias, spec)
+    return y if residual is None else torch.add(residual, y)
 
 
-def _quant_linear_fake(x, packed, counts, bias, plan):
+def _quant_linear_fake(x, packed, counts, bias, plan, *, residual=None):
+    if residual is not None:
+        return residual.new_empty((x.shape[0], Plan.decode(plan).spec.out_n))
     return x.new_empty((x.shape[0], Plan.decode(plan).spec.out_n))
 
 
