@@ -23,7 +23,7 @@ import torch._functorch.config
 import torch.fx as fx
 from torch._inductor.compile_fx import compile_fx
 
-from . import config, dumps
+from . import config, dumps, native
 from .allocator import reuse_freed_memory
 from .graph_pass import ZenJointPass
 from .record import CompileRecord
@@ -42,6 +42,7 @@ def _split_options(options: dict | None) -> tuple[dict, dict]:
 
 def zen(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     ours, inductor_patches = _split_options(options)
+    native.check_toolchain()
     if mode not in (None, "default"):
         inductor_patches.update(torch._inductor.list_mode_options(mode))
     with config.patch(ours):

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.freezing_utils import record_has_frozen_params
 
-from . import config
+from . import config, native
 from .autotune import NoKernel, Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
 from .kernels import Plan, candidates, quant_linear, swiglu_row_order
@@ -310,6 +310,7 @@ class ZenJointPass(CustomGraphPass):
         for node in graph.nodes:  # PendingLinear meta served concat_linear and materialize only
             node.meta.pop("zen_quant", None)
         graph.eliminate_dead_code()
+        native.settle()  # Inductor's code generation, next, needs the vector ISA check started in the background
         if ctx._attr_count:
             # as freeze() marks its graphs: the FX graph cache then stores our constants' names
             # and takes their values from this module on a hit, not a pickled copy of the first

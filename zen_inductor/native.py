@@ -94,8 +94,36 @@ def settle() -> None:
     process beside a timed kernel (two cores) made candidates up to 2x slower, unevenly, enough
     to rank zentorch's int4 GEMM ahead of the bf16 copy's at prefill (46 against 19 ms a call
     undisturbed), which took the int4 llama1b prefill from 164 to 293 ms."""
+    _toolchain_checked()
     for wait in list(_BUILDS.values()):
         wait()
+
+
+def check_toolchain() -> None:
+    """Start Inductor's check of the vector ISAs this CPU and compiler can build, in the background.
+
+    The first C++ build of a process waits for it, on the thread that builds: with an empty cache
+    it compiled and loaded six probe libraries here, 8-10 s of every cold compile, ours (our first
+    kernel build) or stock Inductor's (its first generated kernel). Started when zen is called, it
+    runs on the second core while AOTAutograd traces the graph on one (~2.5 s of a llama1b-4l
+    prefill graph); our builds and Inductor's code generation then wait for what is left of it.
+    (Our pass reading weights beside it gained nothing: torch's ops there use both cores.)
+    """
+    _toolchain()
+
+
+@functools.lru_cache(None)
+def _toolchain():
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return _builders().submit(pick_vec_isa)
+
+
+def _toolchain_checked() -> None:
+    try:
+        _toolchain().result()
+    except Exception as e:  # whoever builds next runs the check again and meets the error itself
+        log.info("zen_inductor: the vector ISA check failed in the background: %s", e)
 
 
 def _submit(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
@@ -113,15 +141,16 @@ def _submit(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]
         log.warning("zen_inductor: %s; its kernels are skipped", reason)
         return None, reason
 
-    try:
-        future = CppPythonBindingsCodeCache.load_pybinding_async(argtypes, _source(filename), submit_fn=_builders().submit)
-    except Exception as e:  # a compiler error, no compiler, a read-only cache: not available
-        return lambda: failed(e)
+    def build():
+        _toolchain_checked()  # every build needs it; a second check beside it would repeat its probes
+        return CppPythonBindingsCodeCache.load_pybinding_async(argtypes, _source(filename))()
+
+    future = _builders().submit(build)
 
     def wait():
         try:
-            return future(), None
-        except Exception as e:
+            return future.result(), None
+        except Exception as e:  # a compiler error, no compiler, a read-only cache: not available
             return failed(e)
 
     return wait
