@@ -52,15 +52,21 @@ def fp32_twin(model):
     return torch.nn.Module.to(twin, torch.float32)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("fmt", ["bf16", "int4"])
-def test_model_counts_and_logits(family, fmt):
+def model_and_reference(family: str, fmt: str):
+    """(model in ``fmt``, a prompt of 16 tokens, the fp32 twin's logits on it)."""
     model = build(family)
     if fmt == "int4":
         int4(model)
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference = fp32_twin(model)(ids).logits
+        return model, ids, fp32_twin(model)(ids).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_model_counts_and_logits(family, fmt):
+    model, ids, reference = model_and_reference(family, fmt)
+    with torch.no_grad():
         eager = model(ids).logits
         zen = compile_zen(model)(ids).logits
     counts = zen_inductor.counters
