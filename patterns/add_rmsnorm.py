@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from zen_inductor import config
 from zen_inductor.autotune import sqnr_db
 from zen_inductor.kernels import zentorch_unavailable
 
@@ -139,6 +140,10 @@ def choose(norm: Norm) -> tuple[str, dict]:
         reason = "standalone zentorch_rms_norm is left out: zentorch's own vLLM plugin reports accuracy issues with it"
     if reason is None and (norm.weight is None or "_weight_last_" not in norm.variant):
         reason = "zentorch multiplies the weight after the downcast only"
+    if reason is None and norm.residual_add is not None and not config.zentorch_add_rmsnorm:
+        reason = ("off (config.zentorch_add_rmsnorm): Inductor's fused kernel keeps the residual sum in fp32 where "
+                  "zentorch's op rounds it to bf16 as eager does (the test models' logits 0.7-1.6 dB further from fp32 "
+                  "with it, benchmarks/results/accuracy.md), and it was no faster")
     if reason is None:
         reason = _verify_zentorch(norm)
     if reason:

@@ -73,7 +73,14 @@ def test_reduction_over_another_dim_is_a_near_miss():
 
 
 def test_on_this_cpu_the_choice_and_its_reason_are_reported():
-    _run(LlamaStyle().eval(), torch.randn(3, H, dtype=torch.bfloat16), torch.randn(3, H, dtype=torch.bfloat16))
+    inputs = torch.randn(3, H, dtype=torch.bfloat16), torch.randn(3, H, dtype=torch.bfloat16)
+    _run(LlamaStyle().eval(), *inputs)
+    entry = zen_inductor.last_report()["autotune"][0]
+    assert entry["winner"] == "inductor"  # by default: it keeps the residual sum in fp32
+    assert zentorch_unavailable() or "config.zentorch_add_rmsnorm" in entry["excluded"]["zentorch_add_rms_norm"]
+    torch._dynamo.reset()
+    with zen_inductor.config.patch(zentorch_add_rmsnorm=True):
+        _run(LlamaStyle().eval(), *inputs)
     entry = zen_inductor.last_report()["autotune"][0]
     assert entry["winner"] in ("inductor", "zentorch_add_rms_norm")
     if entry["winner"] == "inductor":

@@ -76,7 +76,7 @@ def test_the_norm_kernels_do_not_grow_with_depth():
 
     def kernels(layers: int, enabled: bool) -> set:
         torch._dynamo.reset()
-        # add_rmsnorm off: zentorch's add + norm op would realize the stream as well
+        # add_rmsnorm off: with config.zentorch_add_rmsnorm its op would realize the stream as well
         with config.patch(residual_add=enabled, add_rmsnorm=False), torch.no_grad():
             _, (code, *_) = run_and_get_code(compile_zen(Stack(layers).eval()), _ids())
         return {line.split(" = ")[0] for line in code.splitlines() if line.startswith("cpp_fused")}

@@ -36,6 +36,8 @@ def _env(flag, default):
 dequant_matmul: bool = _env("dequant_matmul", True)
 # residual add feeding an RMSNorm, and standalone RMSNorm
 add_rmsnorm: bool = _env("add_rmsnorm", True)
+# let zentorch's add + RMSNorm op serve them (off: Inductor's kernel keeps the sum in fp32, more accurate)
+zentorch_add_rmsnorm: bool = _env("zentorch_add_rmsnorm", False)
 # linears sharing one input merged into one GEMM
 concat_linear: bool = _env("concat_linear", True)
 # unquantized bf16 linears dispatched per shape bin (bf16 GEMM or fp32 GEMM)
