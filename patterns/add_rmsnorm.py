@@ -11,11 +11,13 @@ so Llama/Mistral/Qwen (``weight * y.to(dtype)``), Gemma (``y * (1 + weight.float
 downcast) and per-head q/k norms on 4-D tensors (Qwen3) are variants of one reading, not copies.
 The weight, with any ``1 +`` folded in, is read on the real tensors.
 
-Candidates: ``zentorch_add_rms_norm_`` / ``zentorch_rms_norm`` (AVX-512 only; in place and 2-D
-only, so wrapped functionally on a 2-D view), and Inductor's own generated kernel, which fuses
-the add, the reduction and the scaling into one loop. Where zentorch is unavailable (or fails
-verification) the subgraph stays with Inductor; the match, the reason and the choice are in the
-dumps either way.
+Candidates: Inductor's own generated kernel, which fuses the add (in fp32), the reduction and the
+scaling into one loop; and, with ``config.zentorch_add_rmsnorm`` (off: it rounds the sum to bf16
+as eager does, and the test models' logits came out further from fp32), ``zentorch_add_rms_norm_``
+(AVX-512 only; in place and 2-D only, so wrapped functionally on a 2-D view). Where zentorch is
+off, unavailable or fails verification the subgraph stays with Inductor; the match, the reason and
+the choice are in the dumps either way. In decoders ``residual_add`` has taken the adds after
+the linears already, so the norms met here are mostly standalone ones reading the fp32 stream.
 """
 from __future__ import annotations
 
