@@ -32,13 +32,11 @@ from zen_inductor import config
 from zen_inductor.autotune import sqnr_db
 from zen_inductor.kernels import zentorch_unavailable
 
-from . import Family, fake_value
+from . import CONVERTS, Family, fake_value
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
 PATTERN, STANDALONE = "add_rmsnorm", "rmsnorm"
-_CONVERTS = (prims.convert_element_type.default, aten._to_copy.default)
 
 
 class Miss(Exception):
@@ -83,7 +81,7 @@ def read(ctx, rsqrt: fx.Node) -> Norm:
         h = square.args[0]
     else:
         raise Miss("mean of something other than a square")
-    upcast = h.target in _CONVERTS
+    upcast = h.target in CONVERTS
     x = h.args[0] if upcast else h
     normed = next((u for u in rsqrt.users if u.target is aten.mul.Tensor and _other(u, rsqrt) is h), None)
     if normed is None:
@@ -94,7 +92,7 @@ def read(ctx, rsqrt: fx.Node) -> Norm:
         user = _only_user(out)
         if user is None:
             break
-        if user.target in _CONVERTS and "convert" not in steps:
+        if user.target in CONVERTS and "convert" not in steps:
             steps.append("convert")
         elif user.target is aten.mul.Tensor and "weight" not in steps:
             w = _other(user, out)

@@ -27,18 +27,16 @@ from zen_inductor.autotune import NoKernel
 from zen_inductor.graph_pass import LazyWeight, PendingLinear
 from zen_inductor.kernels import LinearSpec, QuantWeight, quant_linear
 
-from . import Family, fake_value
+from . import VIEWS, Family, fake_value
 from .dequant_matmul import find_codes
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 
 PATTERN = "concat_linear"
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def _root(node: fx.Node) -> fx.Node:
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _VIEWS:
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in VIEWS:
         node = node.args[0]
     return node
 

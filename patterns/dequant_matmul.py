@@ -29,7 +29,7 @@ import torch.fx as fx
 from zen_inductor.autotune import NoKernel, sqnr_db
 from zen_inductor.kernels import LinearSpec, QuantWeight, candidates, fp32_row_blocks
 
-from . import Family, fake_value
+from . import CONVERTS, Family, fake_value
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -46,7 +46,6 @@ _LAYOUT_OPS = {
     prims.convert_element_type.default, aten._to_copy.default,
 }
 _AFFINE_OPS = {aten.sub.Tensor, aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.rsub.Scalar}
-_CONVERTS = (prims.convert_element_type.default, aten._to_copy.default)
 _ACT_DTYPES = (torch.bfloat16, torch.float32)
 _MIN_GROUP = 8
 
@@ -59,7 +58,7 @@ class Miss(Exception):
 
 
 def _is_int_to_float(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target not in _CONVERTS:
+    if node.op != "call_function" or node.target not in CONVERTS:
         return False
     src, out = fake_value(node.args[0]) if node.args else None, fake_value(node)
     return src is not None and out is not None and not src.dtype.is_floating_point and src.dtype != torch.bool and out.dtype.is_floating_point
@@ -153,7 +152,7 @@ def _along_path(ctx, codes: fx.Node, path: list[fx.Node], value: torch.Tensor, a
     for node in path:
         (src,) = [a for a in node.all_input_nodes if a in values]  # check_chain: exactly one
         v = values[src]
-        if node.target in _CONVERTS or (node.target in _AFFINE_OPS and not affine):
+        if node.target in CONVERTS or (node.target in _AFFINE_OPS and not affine):
             values[node] = v
             continue
         args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: v if n is src else _fp32(ctx.evaluate(n)))
@@ -480,7 +479,7 @@ def _output_span(ctx, mm: fx.Node, n: int):
     while len(node.users) == 1:
         (user,) = node.users
         others = [a for a in user.args if a is not node]
-        if user.target in _CONVERTS or (user.target is aten.sub.Tensor and others[0] in ctx.constants):
+        if user.target in CONVERTS or (user.target is aten.sub.Tensor and others[0] in ctx.constants):
             node = user  # dtype change, or the u8 zero-point compensation
             continue
         if user.target is aten.mul.Tensor and isinstance(others[0], fx.Node):

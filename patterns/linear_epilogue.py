@@ -32,23 +32,18 @@ from zen_inductor.autotune import NoKernel
 from zen_inductor.graph_pass import LazyWeight, PendingLinear
 from zen_inductor.kernels import SWIGLU_BLOCK, DenseWeight, QuantWeight, quant_linear, swiglu_row_order
 
-from . import Family
+from . import VIEWS, Family, is_call
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 PATTERN = "linear_epilogue"
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
 def _chain(node, targets) -> list:
     """``node`` and the nodes of ``targets`` (views, dtype conversions) below it, top first."""
     chain = [node]
-    while _is(chain[-1], *targets):
+    while is_call(chain[-1], *targets):
         chain.append(chain[-1].args[0])
     return chain
 
@@ -69,16 +64,16 @@ def silu_input(node: fx.Node):
     steps = _chain(node, _CONVERT)  # the downcast of the result, if any, then the core op
     core = steps[-1]
     x = None
-    if _is(core, aten.silu.default):
+    if is_call(core, aten.silu.default):
         x = core.args[0]
-    elif _is(core, aten.div.Tensor) and _is(core.args[1], aten.add.Tensor):
+    elif is_call(core, aten.div.Tensor) and is_call(core.args[1], aten.add.Tensor):
         add = core.args[1]
-        exp, one = add.args if _is(add.args[0], aten.exp.default) else add.args[::-1]
-        if one == 1 and _is(exp, aten.exp.default) and _is(exp.args[0], aten.neg.default) and exp.args[0].args[0] is core.args[0]:
+        exp, one = add.args if is_call(add.args[0], aten.exp.default) else add.args[::-1]
+        if one == 1 and is_call(exp, aten.exp.default) and is_call(exp.args[0], aten.neg.default) and exp.args[0].args[0] is core.args[0]:
             x, steps = core.args[0], steps + [add, exp, exp.args[0]]
-    elif _is(core, aten.mul.Tensor):
+    elif is_call(core, aten.mul.Tensor):
         for a, sig in (core.args, core.args[::-1]):
-            if _is(sig, aten.sigmoid.default) and sig.args[0] is a:
+            if is_call(sig, aten.sigmoid.default) and sig.args[0] is a:
                 x, steps = a, steps + [sig]
     if not isinstance(x, fx.Node):
         return None
@@ -101,12 +96,12 @@ def search(ctx):
             found = silu_input(a) if isinstance(a, fx.Node) else None
             if found is None or not isinstance(b, fx.Node):
                 continue
-            *gate_views, gate = _chain(found[0], _VIEWS)
-            *up_views, up = _chain(b, _VIEWS)
-            if not (_is(gate, operator.getitem) and _is(up, operator.getitem) and gate.args[0] is up.args[0]):
+            *gate_views, gate = _chain(found[0], VIEWS)
+            *up_views, up = _chain(b, VIEWS)
+            if not (is_call(gate, operator.getitem) and is_call(up, operator.getitem) and gate.args[0] is up.args[0]):
                 continue
             split = gate.args[0]
-            if _is(split, aten.split_with_sizes.default) and _is(split.args[0], quant_linear):
+            if is_call(split, aten.split_with_sizes.default) and is_call(split.args[0], quant_linear):
                 yield SwiGLU(mul, split, gate, up, found[1] + gate_views + [gate] + up_views + [up], gate_views)
                 break
 

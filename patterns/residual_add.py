@@ -31,18 +31,12 @@ import torch.fx as fx
 
 from zen_inductor.kernels import quant_linear
 
-from . import Family, fake_value
+from . import CONVERTS, VIEWS, Family, fake_value, is_call
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
 PATTERN = "residual_add"
-_CONVERTS = (prims.convert_element_type.default, aten._to_copy.default)
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-
-
-def _is(node, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
 def _upcast(node: fx.Node) -> bool:
@@ -63,7 +57,7 @@ def search(ctx):
 def operands(add: fx.Node):
     """``(h0, view, linear)`` of ``add`` as it is now (an earlier fold may have changed h0), or None."""
     for h0, view in (add.args[:2], add.args[1::-1]):
-        if _is(view, *_VIEWS) and _is(view.args[0], quant_linear) and isinstance(h0, fx.Node):
+        if is_call(view, *VIEWS) and is_call(view.args[0], quant_linear) and isinstance(h0, fx.Node):
             return h0, view, view.args[0]
     return None
 
@@ -83,8 +77,6 @@ def why_not(add, h0, view, linear, order: dict) -> str | None:
         return f"dtypes {[str(v.dtype) for v in vals]} differ or are not floating"
     if any(list(v.shape) != list(vals[0].shape) for v in vals):  # SymInts: no sets
         return "the add broadcasts"
-    if linear.kwargs.get("residual") is not None:
-        return "the linear already adds a residual"
     if h0 in order and order[h0] > order[linear]:
         return "the residual is computed after the linear"
     return None
@@ -115,7 +107,7 @@ def fold(ctx, add, h0, view, linear, sums: dict) -> None:
         downcast = graph.call_function(prims.convert_element_type.default, (view, fake_value(add).dtype))
     downcast.meta.update({k: v for k, v in add.meta.items() if k in ("val", "stack_trace", "nn_module_stack")})
     for user in list(add.users):
-        if _is(user, *_CONVERTS) and _upcast(user):
+        if is_call(user, *CONVERTS) and _upcast(user):
             user.replace_all_uses_with(view)
             graph.erase_node(user)
     add.replace_all_uses_with(downcast)  # the other users see the model's dtype (dead if none)

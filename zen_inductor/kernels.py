@@ -906,9 +906,7 @@ def _quant_linear_cpu(x, packed, counts, bias, plan, *, residual=None):
 
 
 def _quant_linear_fake(x, packed, counts, bias, plan, *, residual=None):
-    if residual is not None:
-        return residual.new_empty((x.shape[0], Plan.decode(plan).spec.out_n))
-    return x.new_empty((x.shape[0], Plan.decode(plan).spec.out_n))
+    return (x if residual is None else residual).new_empty((x.shape[0], Plan.decode(plan).spec.out_n))
 
 
 _LIB.impl("quant_linear", _quant_linear_cpu, "CPU")
