@@ -261,8 +261,15 @@ def test_int4_weight_only_model_runs_on_the_weight_only_kernel():
     assert sqnr(y, ref) >= 45 and sqnr(y, ref) >= sqnr(eager, ref) - 6
 
 
-@pytest.mark.skipif(native.unavailable("bf16_gemv_avx2") is not None, reason="needs AVX2 and a C++ compiler")
-@pytest.mark.parametrize("name", ["zen_bf16_gemv_avx2", "zen_bf16_blocks_avx2"])
+def _needs(library, what):
+    return pytest.mark.skipif(native.unavailable(library) is not None, reason=f"needs {what} and a C++ compiler")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("zen_bf16_gemv_avx2", marks=_needs("bf16_gemv_avx2", "AVX2")),
+    pytest.param("zen_bf16_blocks_avx2", marks=_needs("bf16_gemv_avx2", "AVX2")),
+    pytest.param("zen_bf16_gemv_avx512", marks=_needs("bf16_gemv_avx512", "AVX512-BF16")),
+])
 def test_bf16_gemv_rows_and_blocks(name):
     from zen_inductor.kernels import DenseWeight, apply_epilogue
 
@@ -272,9 +279,10 @@ def test_bf16_gemv_rows_and_blocks(name):
     spec = LinearSpec(n=100, k=512, group_size=512, bits=16, symmetric=True, act_dtype=torch.bfloat16)
     packed = gemv.prepack(DenseWeight(weight), torch.bfloat16)
     # rows: the model's own weight, no copy; blocks: a padded copy, 8 rows x 8 columns per block
+    # (avx512: 16 rows x pairs of columns)
     assert (packed[0].data_ptr() == weight.data_ptr()) == (name == "zen_bf16_gemv_avx2")
     bias = torch.randn(100, dtype=torch.bfloat16)
-    for m in (1, 3):
+    for m in (1, 3, 6):  # 6: a block of 4 rows of x, then one of 2
         x = torch.randn(m, 512, dtype=torch.bfloat16)
         for b in (None, bias):
             ref = x.float() @ weight.float().t() + (b.float() if b is not None else 0)
@@ -286,7 +294,8 @@ def test_bf16_gemv_rows_and_blocks(name):
     x = torch.randn(2, 512, dtype=torch.bfloat16)
     ref = apply_epilogue((x.float() @ weight[:96].float().t() + bias[:96].float()), swiglu)
     assert sqnr(run_kernel(gemv, x, packed, bias[:96], swiglu), ref) >= 45
-    assert "multiple of 8" in gemv.supports(LinearSpec(n=100, k=500, group_size=500, bits=16, symmetric=True, act_dtype=torch.bfloat16))
+    odd_k = LinearSpec(n=100, k=501, group_size=501, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+    assert ("odd" if name.endswith("avx512") else "multiple of 8") in gemv.supports(odd_k)
 
 
 @pytest.mark.skipif(native.unavailable("woq_avx2") is not None, reason="needs AVX2 and a C++ compiler")
@@ -342,9 +351,11 @@ def test_a_compile_builds_only_the_libraries_its_linears_need(monkeypatch):
     dense = torch.nn.Linear(HK, 64, bias=False).to(torch.bfloat16).eval()
     # on a CPU with a native bf16 GEMM and zentorch the bf16 copy's GEMM leaves the tile dequantizer out
     int4_libraries = {"woq_avx2"} if KERNELS["int4_tiles_sgemm"].dominated_by and zentorch_unavailable() is None else {"woq_avx2", "tiles_dequant"}
-    # and zentorch's bf16 GEMM leaves the bf16 GEMVs out: a bf16 model builds nothing
+    # and zentorch's bf16 GEMM leaves the AVX2 bf16 GEMVs out: a bf16 model builds the AVX512 one at most
     zentorch_gemm = KERNELS["zen_bf16_gemv_avx2"].dominated_by and zentorch_unavailable() is None
     bf16_libraries = set() if zentorch_gemm else {"bf16_gemv_avx2"}
+    if native.unavailable("bf16_gemv_avx512") is None:
+        bf16_libraries.add("bf16_gemv_avx512")
     for model, expected in ((dense, bf16_libraries), (HandDequant(64, True, 4).eval(), int4_libraries)):
         started.clear()
         torch._dynamo.reset()

@@ -34,6 +34,12 @@ SOURCES = {
          "int64_t", "int64_t", "int64_t", "int64_t"),
         ("avx2", "fma"),
     ),
+    "bf16_gemv_avx512": (
+        "bf16_gemv_avx512.cpp",
+        ("const void*", "const uint16_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t",
+         "int64_t", "int64_t", "int64_t"),
+        ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
+    ),
     "swiglu_avx2": (
         "swiglu_avx2.cpp",
         ("const void*", "void*", "int64_t", "int64_t", "int64_t", "int64_t"),
