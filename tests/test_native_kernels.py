@@ -6,7 +6,7 @@ import torch
 
 import zen_inductor
 from zen_inductor import config, native
-from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, candidates, run_kernel, zentorch_unavailable
+from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, apply_epilogue, candidates, run_kernel, zentorch_unavailable
 
 from conftest import compile_zen, quantize, sqnr
 
@@ -271,7 +271,7 @@ def _needs(library, what):
     pytest.param("zen_bf16_gemv_avx512", marks=_needs("bf16_gemv_avx512", "AVX512-BF16")),
 ])
 def test_bf16_gemv_rows_and_blocks(name):
-    from zen_inductor.kernels import DenseWeight, apply_epilogue
+    from zen_inductor.kernels import DenseWeight
 
     torch.manual_seed(0)
     gemv = KERNELS[name]
@@ -298,12 +298,15 @@ def test_bf16_gemv_rows_and_blocks(name):
     assert ("odd" if name.endswith("avx512") else "multiple of 8") in gemv.supports(odd_k)
 
 
-@pytest.mark.skipif(native.unavailable("woq_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("name", [
+    pytest.param("zen_w8_avx2", marks=_needs("woq_avx2", "AVX2")),
+    pytest.param("zen_w8_avx512", marks=_needs("woq8_avx512", "AVX512-VNNI")),
+])
 @pytest.mark.parametrize("group", [128, 1024])  # per-group and per-channel (split into groups of 128)
-def test_int8_weight_only_kernel_against_fp32_reference(group):
+def test_int8_weight_only_kernel_against_fp32_reference(group, name):
     torch.manual_seed(0)
-    w8 = KERNELS["zen_w8_avx2"]
-    n, k = 72, 1024
+    w8 = KERNELS[name]
+    n, k = 72, 1024  # avx512: 16-row blocks, the last one half padding
     g = torch.Generator().manual_seed(1)
     for symmetric in (True, False):
         codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
@@ -317,6 +320,12 @@ def test_int8_weight_only_kernel_against_fp32_reference(group):
             x = torch.randn(m, k, dtype=torch.bfloat16)
             ref = x.float() @ w.dequantize().t()
             assert sqnr(run_kernel(w8, x, packed, None, spec), ref) >= 45, (symmetric, m)
+        bias = torch.randn(n, dtype=torch.bfloat16)
+        x = torch.randn(3, k, dtype=torch.bfloat16)
+        swiglu = dataclasses.replace(spec, n=64, epilogue="swiglu")  # gate and up blocks of 8 rows in turn
+        half = QuantWeight(codes=codes[:64], scale=scale[:64], offset=offset[:64], zero_point=None, group_size=group, bits=8)
+        ref = apply_epilogue(x.float() @ half.dequantize().t() + bias[:64].float(), swiglu)
+        assert sqnr(run_kernel(w8, x, w8.prepack(half, torch.bfloat16), bias[:64], swiglu), ref) >= 45
     assert w8.supports(dataclasses.replace(spec, bits=4)).startswith("not for")
 
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from importlib import resources
 from typing import Callable, Optional
 
 log = logging.getLogger("zen_inductor")
+
+# what csrc/avx512_common.h targets
+_AVX512 = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
 
 # name -> (source file in zen_inductor/csrc, argument types of its ``kernel`` entry, CPU flags)
 SOURCES = {
@@ -38,7 +42,13 @@ SOURCES = {
         "bf16_gemv_avx512.cpp",
         ("const void*", "const uint16_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t",
          "int64_t", "int64_t", "int64_t"),
-        ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
+        _AVX512,
+    ),
+    "woq8_avx512": (
+        "woq8_avx512.cpp",
+        ("const void*", "const uint8_t*", "const float*", "const float*", "const float*", "void*",
+         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
+        _AVX512,
     ),
     "swiglu_avx2": (
         "swiglu_avx2.cpp",
@@ -170,10 +180,22 @@ def _builders():
 
 
 def _source(filename: str) -> str:
-    # one source string per kernel (Inductor's cache compiles text, not files): the shared
-    # header goes in place of its #include
+    # one source string per kernel (Inductor's cache compiles text, not files): each of our
+    # headers goes in place of its first #include (they are #pragma once)
     csrc = resources.files("zen_inductor").joinpath("csrc")
-    return csrc.joinpath(filename).read_text().replace('#include "avx2_common.h"', csrc.joinpath("avx2_common.h").read_text())
+    text, seen = csrc.joinpath(filename).read_text(), set()
+
+    def inline(match):
+        header = match.group(1)
+        if header in seen:
+            return ""
+        seen.add(header)
+        return _LOCAL_INCLUDE.sub(inline, csrc.joinpath(header).read_text())
+
+    return _LOCAL_INCLUDE.sub(inline, text)
+
+
+_LOCAL_INCLUDE = re.compile(r'^#include "(\w+\.h)"$', re.M)
 
 
 def load(name: str) -> Callable:

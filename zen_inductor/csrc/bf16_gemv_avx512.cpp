@@ -6,25 +6,16 @@
 // blocks side by side (measured on Zen 4, the 17 llama1b-4l decode linears: 1, 2 and 8 streams
 // slower than 4; a software prefetch 0.5-4 KB ahead in each stream slower than none), and rows
 // of x past the first four find the blocks in L2 (4 blocks of K = 8192: 1 MB).
-#include "avx2_common.h"
+#include "avx512_common.h"
 
 namespace {
 
-using namespace zen_avx2;
-
-constexpr int64_t ROWS = 16;     // rows of W in a block: the 16 fp32 lanes of a zmm
-constexpr int STREAMS = 4;       // blocks a thread reads side by side
-
-#define ZEN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-
-ZEN_AVX512_BF16 inline __mmask16 first(int64_t valid) {
-  return valid >= ROWS ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
-}
+using namespace zen_avx512;
 
 // Blocks b0 .. b0 + S - 1 against rows m0 .. m0 + R - 1 of x, bias added, epilogue applied, stored.
 template <int R, int S>
-ZEN_AVX512_BF16 void blocks(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t m0, int64_t b0,
-                            int64_t N, int64_t K, bool y_bf16, bool swiglu) {
+ZEN_AVX512 void blocks(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t m0, int64_t b0,
+                       int64_t N, int64_t K, bool y_bf16, bool swiglu) {
   __m512 acc[R][S];
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < S; ++s)
@@ -45,27 +36,10 @@ ZEN_AVX512_BF16 void blocks(const uint16_t* x, const uint16_t* w, const float* b
     }
   }
   for (int s = 0; s < S; ++s) {
-    const int64_t n0 = (b0 + s) * ROWS;
-    const __m512 bias = b ? _mm512_maskz_loadu_ps(first(N - n0), b + n0) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      const __m512 v = _mm512_add_ps(acc[r][s], bias);
-      if (swiglu) {  // lanes 0-7 gate, 8-15 up: rows of W come as gate and up blocks of 8 in turn
-        const __m256 out = _mm256_mul_ps(silu8(_mm512_castps512_ps256(v)), _mm512_extractf32x8_ps(v, 1));
-        store8(y, (m0 + r) * (N / 2) + (b0 + s) * 8, out, y_bf16);
-      } else if (y_bf16) {
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + (m0 + r) * N + n0, first(N - n0),
-                                 (__m256i)_mm512_cvtneps_pbh(v));  // round to nearest even
-      } else {
-        _mm512_mask_storeu_ps(static_cast<float*>(y) + (m0 + r) * N + n0, first(N - n0), v);
-      }
-    }
+    const __m512 bias = load_bias(b, b0 + s, N);
+    for (int r = 0; r < R; ++r)
+      store_block(y, m0 + r, b0 + s, N, _mm512_add_ps(acc[r][s], bias), y_bf16, swiglu);
   }
-}
-
-template <int S>
-void group(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t M, int64_t b0, int64_t N, int64_t K,
-           bool y_bf16, bool swiglu) {
-  for_row_blocks(M, [&](auto rows, int64_t m0) { blocks<decltype(rows)::value, S>(x, w, b, y, m0, b0, N, K, y_bf16, swiglu); });
 }
 
 }  // namespace
@@ -76,15 +50,10 @@ extern "C" void kernel(const void* x, const uint16_t* w, const float* bias, void
   (void)x_bf16;  // bf16 activations only (kernels.py offers the kernel for nothing else)
   const uint16_t* xb = static_cast<const uint16_t*>(x);
   const float* b = has_bias ? bias : nullptr;
-  const int64_t n_blocks = (N + ROWS - 1) / ROWS, groups = (n_blocks + STREAMS - 1) / STREAMS;
-#pragma omp parallel for schedule(static)
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t b0 = g * STREAMS;
-    switch (n_blocks - b0 < STREAMS ? n_blocks - b0 : STREAMS) {
-      case 1: group<1>(xb, w, b, y, M, b0, N, K, y_bf16, swiglu); break;
-      case 2: group<2>(xb, w, b, y, M, b0, N, K, y_bf16, swiglu); break;
-      case 3: group<3>(xb, w, b, y, M, b0, N, K, y_bf16, swiglu); break;
-      default: group<4>(xb, w, b, y, M, b0, N, K, y_bf16, swiglu); break;
-    }
-  }
+#pragma omp parallel
+  for_block_groups(N, [&](auto streams, int64_t b0) {
+    for_row_blocks(M, [&](auto rows, int64_t m0) {
+      blocks<decltype(rows)::value, decltype(streams)::value>(xb, w, b, y, m0, b0, N, K, y_bf16, swiglu);
+    });
+  });
 }

@@ -133,26 +133,9 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M * groups; ++i) {  // x to int16 per row and group, with its exact sum
+    for (int64_t i = 0; i < M * groups; ++i) {
       const int64_t m = i / groups, k0 = (i % groups) * G;
-      const __m256 sign = _mm256_set1_ps(-0.0f);
-      __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
-      for (int64_t k = k0; k < k0 + G; k += 8) {
-        const __m256 v = load8(x, m * K + k, x_bf16);
-        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
-        sum = _mm256_add_ps(sum, v);
-      }
-      const float mx = hmax(amax);
-      xsp[i] = mx > 0 ? mx / 32767.0f : 1.0f;
-      xsump[i] = hsum(sum);
-      const __m256 inv = _mm256_set1_ps(mx > 0 ? 32767.0f / mx : 0.0f);
-      for (int64_t k = k0; k < k0 + G; k += 16) {
-        const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, m * K + k, x_bf16), inv));
-        const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, m * K + k + 8, x_bf16), inv));
-        // packs interleaves 128-bit lanes; the permute puts the 16 values back in order
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xqp + m * K + k),
-                            _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8));
-      }
+      quantize_group_int16(x, m * K + k0, G, x_bf16, xqp + m * K + k0, xsp + i, xsump + i);
       for (int64_t k = k0; bits == 4 && k < k0 + G; k += 32) {  // xq = 256 * xhi + xlo, in order
         const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xqp + m * K + k));
         const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xqp + m * K + k + 16));
