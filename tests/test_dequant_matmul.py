@@ -321,7 +321,8 @@ def test_without_zentorch_the_aten_candidates_serve(monkeypatch):
         y = compile_zen(m)(x)
     tuned = zen_inductor.last_report()["autotune"][0]
     assert "disabled by config.use_zentorch" in tuned["excluded"]["zentorch_woq_linear"]
-    assert set(zen_inductor.last_report()["matches"][0]["kernels"].values()) <= {"zen_w4_avx2", "aten_int4pack_mm", "aten_int8pack_mm", "int4_tiles_sgemm", "dequant_gemm", "dequant_sgemm"}
+    chosen = set(zen_inductor.last_report()["matches"][0]["kernels"].values())
+    assert chosen and all(KERNELS[name].source != "zentorch" and "zentorch" not in name for name in chosen)
     assert sqnr(y, _reference(x, m.reference_weight(), None)) >= 40
 
 

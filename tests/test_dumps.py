@@ -103,7 +103,7 @@ class TestDumps(expecttest.TestCase):
   {
    "pattern": "dequant_matmul",
    "source": "forward): return self.good(x), torch.nn.functional.linear(x240, bad)",
-   "reason": "no kernel keeps this int4_sym_group48 weight quantized (zentorch_woq_linear: zentorch disabled by config.use_zentorch=False; aten_int4pack_mm: group size 48 not in 32/64/128/256; aten_int8pack_mm: per-group scales (group size 48); kernel is per-channel only; zen_w4_avx2: group size 48 with K=240: the tile layout takes groups that are multiples of 64); left to Inductor"
+   "reason": "no kernel keeps this int4_sym_group48 weight quantized (zentorch_woq_linear: zentorch disabled by config.use_zentorch=False; aten_int4pack_mm: group size 48 not in 32/64/128/256; aten_int8pack_mm: per-group scales (group size 48); kernel is per-channel only; zen_w4_avx2: group size 48 with K=240: the tile layout takes groups that are multiples of 64; zen_w4_avx512: group size 48 with K=240: the tile layout takes groups that are multiples of 64); left to Inductor"
   }
  ]
 }""",

@@ -153,9 +153,12 @@ def test_swiglu_with_dynamic_batch_and_sequence():
     fast = torch.compile(model, backend="zen", dynamic=True)
     with torch.no_grad():
         for shape in ((1, 1, K), (2, 9, K), (1, 70, K)):
-            x = torch.randn(*shape).to(torch.bfloat16)
-            ref = _fp32_reference(model, x)
-            assert sqnr(fast(x), ref) >= sqnr(model(x), ref) - 0.5, shape
+            # four inputs a shape: one token's 256 outputs are too few for a stable SQNR (a single
+            # bf16 ulp moved it by 1.5 dB, and eager's varied 45-49 dB from token to token)
+            xs = [torch.randn(*shape).to(torch.bfloat16) for _ in range(4)]
+            ref = torch.cat([_fp32_reference(model, x) for x in xs])
+            zen, eager = torch.cat([fast(x) for x in xs]), torch.cat([model(x) for x in xs])
+            assert sqnr(zen, ref) >= sqnr(eager, ref) - 0.5, shape
     assert zen_inductor.counters["linear_epilogue.swiglu"] >= 1
     assert zen_inductor.counters["linear_epilogue.near_miss"] == 0
 

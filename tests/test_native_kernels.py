@@ -215,13 +215,20 @@ def test_per_call_fp32_weights_are_made_in_blocks_of_rows(monkeypatch):
         assert y.shape == (5, n) and sqnr(y, x.float() @ ref_w.t() + bias.float()) >= 45, name
 
 
-@pytest.mark.skipif(native.unavailable("woq_avx2") is not None, reason="needs AVX2 and a C++ compiler")
-@pytest.mark.parametrize("group", [64, 128, 256])
+def _needs(library, what):
+    return pytest.mark.skipif(native.unavailable(library) is not None, reason=f"needs {what} and a C++ compiler")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("zen_w4_avx2", marks=_needs("woq_avx2", "AVX2")),
+    pytest.param("zen_w4_avx512", marks=_needs("woq_avx512", "AVX512-VNNI")),
+])
+@pytest.mark.parametrize("group", [64, 128, 256, 1024])  # 1024: per-channel
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
-def test_weight_only_kernel_against_fp32_reference(group, act_dtype):
+def test_weight_only_kernel_against_fp32_reference(group, act_dtype, name):
     torch.manual_seed(0)
-    w4 = KERNELS["zen_w4_avx2"]
-    n, k = 136, 1024
+    w4 = KERNELS[name]
+    n, k = 136, 1024  # avx512: 16-row blocks, the last one half padding
     for outliers in (False, True):
         w = _weight(n, k, group, outliers)
         spec = _spec(w, act_dtype, dynamic=False)
@@ -261,10 +268,6 @@ def test_int4_weight_only_model_runs_on_the_weight_only_kernel():
     assert sqnr(y, ref) >= 45 and sqnr(y, ref) >= sqnr(eager, ref) - 6
 
 
-def _needs(library, what):
-    return pytest.mark.skipif(native.unavailable(library) is not None, reason=f"needs {what} and a C++ compiler")
-
-
 @pytest.mark.parametrize("name", [
     pytest.param("zen_bf16_gemv_avx2", marks=_needs("bf16_gemv_avx2", "AVX2")),
     pytest.param("zen_bf16_blocks_avx2", marks=_needs("bf16_gemv_avx2", "AVX2")),
@@ -300,7 +303,7 @@ def test_bf16_gemv_rows_and_blocks(name):
 
 @pytest.mark.parametrize("name", [
     pytest.param("zen_w8_avx2", marks=_needs("woq_avx2", "AVX2")),
-    pytest.param("zen_w8_avx512", marks=_needs("woq8_avx512", "AVX512-VNNI")),
+    pytest.param("zen_w8_avx512", marks=_needs("woq_avx512", "AVX512-VNNI")),
 ])
 @pytest.mark.parametrize("group", [128, 1024])  # per-group and per-channel (split into groups of 128)
 def test_int8_weight_only_kernel_against_fp32_reference(group, name):
@@ -365,6 +368,8 @@ def test_a_compile_builds_only_the_libraries_its_linears_need(monkeypatch):
     bf16_libraries = set() if zentorch_gemm else {"bf16_gemv_avx2"}
     if native.unavailable("bf16_gemv_avx512") is None:
         bf16_libraries.add("bf16_gemv_avx512")
+    if native.unavailable("woq_avx512") is None:
+        int4_libraries.add("woq_avx512")
     for model, expected in ((dense, bf16_libraries), (HandDequant(64, True, 4).eval(), int4_libraries)):
         started.clear()
         torch._dynamo.reset()

@@ -557,35 +557,39 @@ def _int8_tiles_prepack(w: QuantWeight, act_dtype):
     return [tiles, *_tile_params(w, repeat)]
 
 
-def _int8_blocks_prepack(w: QuantWeight, act_dtype):
-    # ceil(N/16) blocks of K/G records (csrc/woq8_avx512.cpp): codes [G/4, 16, 4], 128 * their
-    # sums [16] int32 and, for grouped weights, scales and offsets [16] fp32; per-channel scales
-    # and offsets [ceil(N/16), 16] apart
-    n, k, pad = w.n, w.k, -w.n % 16
+def _blocks16_prepack(w: QuantWeight, act_dtype):
+    # ceil(N/16) blocks of K/G records (csrc/woq_avx512.cpp): unsigned codes u = c + z in 64-byte
+    # lines of 16 rows and, for grouped weights, scales and offset - z scale [16] fp32 each;
+    # per-channel scales and offsets [ceil(N/16), 16] apart
+    n, k, pad, bits = w.n, w.k, -w.n % 16, w.bits
     g = _a8w4_group(w.group_size)
-    grouped = w.group_size < k
-    codes = torch.nn.functional.pad(w.codes, (0, 0, 0, pad))
-    blocks = codes.shape[0] // 16
-
-    def per_block(t):  # [N + pad, K/G] of 4-byte values -> [ceil(N/16), K/G, 64] bytes
-        return t.view(blocks, 16, k // g).transpose(1, 2).contiguous().view(torch.uint8)
-
-    def padded_fp32(t):
-        return torch.nn.functional.pad(t.to(torch.float32), (0, 0, 0, pad))
-
-    records = [codes.view(blocks, 16, k // g, g // 4, 4).permute(0, 2, 3, 1, 4).reshape(blocks, k // g, g * 16).view(torch.uint8),
-               per_block(codes.view(-1, k // g, g).sum(-1, dtype=torch.int32).mul_(128))]
-    if grouped:
-        records += [per_block(padded_fp32(t.repeat_interleave(w.group_size // g, dim=1))) for t in (w.scale, w.offset)]
+    z = 8 if bits == 4 else 128
+    # int8: c + 128 is c's bits with the sign bit flipped; int4 codes in [-8, 7] take + 8 in int8
+    u = w.codes.view(torch.uint8) ^ 0x80 if bits == 8 else (w.codes + 8).view(torch.uint8)
+    u = torch.nn.functional.pad(u, (0, 0, 0, pad))  # padded rows get zero scales: they add nothing
+    blocks = u.shape[0] // 16
+    if bits == 8:  # a row's 4 bytes in a line: k .. k + 3
+        lines = u.view(blocks, 16, k // g, g // 4, 4)
+    else:  # byte j: k + j in the low nibble, k + 4 + j in the high one
+        pairs = u.view(blocks, 16, k // g, g // 8, 2, 4)
+        lines = pairs[..., 0, :] | (pairs[..., 1, :] << 4)
+    records = [lines.permute(0, 2, 3, 1, 4).reshape(blocks, k // g, -1)]
+    scale = torch.nn.functional.pad(w.scale.to(torch.float32), (0, 0, 0, pad))
+    offset = torch.nn.functional.pad(w.offset.to(torch.float32), (0, 0, 0, pad)) - z * scale
+    if w.group_size < k:
+        for t in (scale, offset):  # [N + pad, K/Gw] -> [ceil(N/16), K/G, 64 bytes]
+            t = t.repeat_interleave(w.group_size // g, dim=1)
+            records.append(t.view(blocks, 16, k // g).transpose(1, 2).contiguous().view(torch.uint8))
         params = [torch.empty(0)] * 2  # (the kernel reads the records' own)
     else:
-        params = [padded_fp32(t).view(blocks, 16) for t in (w.scale, w.offset)]
+        params = [scale.view(blocks, 16), offset.view(blocks, 16)]
     return [torch.cat(records, dim=2), *params]
 
 
-def _w8_blocks_run(x, packed, bias, spec):
+def _blocks16_run(x, packed, bias, spec):
     records, scale = packed[0], packed[1]
-    return _run_native("woq8_avx512", x, packed[:3], bias, spec, (spec.k, spec.k // records.shape[1]), (int(scale.numel() == 0),))
+    return _run_native("woq_avx512", x, packed[:3], bias, spec, (spec.k, spec.k // records.shape[1]),
+                       (spec.bits, int(scale.numel() == 0)))
 
 
 def _woq_run(x, packed, bias, spec):
@@ -725,8 +729,10 @@ KERNELS: dict[str, Kernel] = {
         Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles", epilogues=("swiglu",),
                native="woq_avx2"),
         # AVX512-VNNI, 16-row blocks in 4 streams a thread, as zen_bf16_gemv_avx512
-        Kernel("zen_w8_avx512", "zen", _w8_supports, _int8_blocks_prepack, _w8_blocks_run, layout="int8_blocks16",
-               epilogues=("swiglu",), max_m=4, native="woq8_avx512"),
+        Kernel("zen_w4_avx512", "zen", _w4_supports, _blocks16_prepack, _blocks16_run, layout="int4_blocks16",
+               epilogues=("swiglu",), max_m=4, native="woq_avx512"),
+        Kernel("zen_w8_avx512", "zen", _w8_supports, _blocks16_prepack, _blocks16_run, layout="int8_blocks16",
+               epilogues=("swiglu",), max_m=4, native="woq_avx512"),
         # with a native bf16 GEMM the bf16 copy's GEMM is ahead of these fp32 GEMMs on weights
         # dequantized per call: 2-10x in all 30 (shape, M) cells of the int4 and int8 llama1b
         # linears on Zen 4, none within the tuner's "hopeless" 2x

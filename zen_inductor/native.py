@@ -44,10 +44,10 @@ SOURCES = {
          "int64_t", "int64_t", "int64_t"),
         _AVX512,
     ),
-    "woq8_avx512": (
-        "woq8_avx512.cpp",
+    "woq_avx512": (
+        "woq_avx512.cpp",
         ("const void*", "const uint8_t*", "const float*", "const float*", "const float*", "void*",
-         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
+         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
         _AVX512,
     ),
     "swiglu_avx2": (

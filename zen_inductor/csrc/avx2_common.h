@@ -99,9 +99,11 @@ inline __m256 silu8(__m256 g) {  // g / (1 + e^-g), the form Inductor's decompos
   return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
 }
 
-// x[i .. i + G) (bf16 or fp32) to int16 with one scale, and its exact sum: the error is below
-// 2^-15 of the group's largest value, far finer than bf16's own 2^-8. G is a multiple of 16.
-inline void quantize_group_int16(const void* x, int64_t i, int64_t G, bool x_bf16, int16_t* xq, float* scale, float* sum) {
+// x[i .. i + G) (bf16 or fp32) to int16 in [-limit, limit] with one scale, and its exact sum: the
+// error is below 2^-15 of the group's largest value, far finer than bf16's own 2^-8. G is a
+// multiple of 16.
+inline void quantize_group_int16(const void* x, int64_t i, int64_t G, bool x_bf16, int16_t* xq, float* scale, float* sum,
+                                 float limit = 32767.0f) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
   for (int64_t k = 0; k < G; k += 8) {
@@ -110,9 +112,9 @@ inline void quantize_group_int16(const void* x, int64_t i, int64_t G, bool x_bf1
     total = _mm256_add_ps(total, v);
   }
   const float mx = hmax(amax);
-  *scale = mx > 0 ? mx / 32767.0f : 1.0f;
+  *scale = mx > 0 ? mx / limit : 1.0f;
   *sum = hsum(total);
-  const __m256 inv = _mm256_set1_ps(mx > 0 ? 32767.0f / mx : 0.0f);
+  const __m256 inv = _mm256_set1_ps(mx > 0 ? limit / mx : 0.0f);
   for (int64_t k = 0; k < G; k += 16) {
     const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, i + k, x_bf16), inv));
     const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, i + k + 8, x_bf16), inv));

@@ -1,0 +1,165 @@
+// Weight-only int4 and int8 linears with AVX512-VNNI: y = x @ W^T (+ bias), x in bf16 or fp32,
+// for decode. The quantized siblings of bf16_gemv_avx512.cpp: blocks of 16 rows of W, each one
+// contiguous stream, STREAMS of them side by side per thread.
+//
+// Codes are stored unsigned, u = c + z (z = 8 for int4, 128 for int8), the side of vpdpbusd that
+// takes unsigned bytes; it multiplies four of them by four signed bytes and adds the four
+// products to an int32 lane, a lane a row of W, so no horizontal sums. x goes to int16 per row
+// and group of G (64 or 128) as in woq_avx2.cpp, within +-32639 so that it splits into signed
+// bytes, xq = 256 h + l, and the sums are exact integers (two vpdpbusd, for l and h, per four
+// codes of a row):
+//     y[m, n] = sum_g scale[g, n] xs[m, g] (sum_{k in g} u[n, k] xq[m, k]) + offset'[g, n] xsum[m, g]
+// with offset' = offset - z scale stored at packing. A block is a run of records, one per group:
+//     codes: 64-byte lines of 16 rows; int8: 4 bytes a row, k .. k + 3; int4: byte j of a row
+//            holds k + j (low nibble) and k + 4 + j (high), so one AND and one shift make the
+//            bytes of k .. k + 3 and of k + 4 .. k + 7;
+//     grouped weights only: scale and offset' per row, [16] fp32 each.
+// Per-channel weights keep theirs apart, [ceil(N/16), 16], applied once at the end. One stream a
+// block: scales in arrays of their own were more streams a block and cost the 17 llama1b-4l
+// decode linears a quarter of their bandwidth on Zen 4 (int8: 21-25 against 27-30 GB/s).
+// Partial sums: |sum_k u h| <= 255 * 127 * G, 256 times that below 2^31 for G <= 128.
+#include "avx512_common.h"
+
+namespace {
+
+using namespace zen_avx512;
+
+constexpr float XQ_LIMIT = 32639.0f;  // 127 * 256 + 127: the largest int16 whose bytes are both signed
+
+template <int BITS>
+constexpr int64_t line_codes() {  // codes of a row in one 64-byte line
+  return BITS == 4 ? 8 : 4;
+}
+
+// Blocks b0 .. b0 + S - 1 against rows m0 .. m0 + R - 1 of x, bias added, epilogue applied, stored.
+template <int BITS, int R, int S, bool GROUPED>
+ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float* xsum, const uint8_t* w,
+                       const float* scale, const float* offset, const float* b, void* y, int64_t m0, int64_t b0,
+                       int64_t N, int64_t K, int64_t G, bool y_bf16, bool swiglu) {
+  const int64_t groups = K / G, record = G * ROWS * BITS / 8 + (GROUPED ? 128 : 0);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[R][S];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r)
+      acc[r][s] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i lo[R][S], hi[R][S];
+    for (int r = 0; r < R; ++r)
+      for (int s = 0; s < S; ++s)
+        lo[r][s] = hi[r][s] = _mm512_setzero_si512();
+    const uint8_t* rec = w + (b0 * groups + g) * record;
+    for (int64_t k = 0; k < G; k += line_codes<BITS>()) {
+      __m512i l[R][2], h[R][2];  // x's bytes for k .. k + 3 and (int4) k + 4 .. k + 7
+      for (int r = 0; r < R; ++r)
+        for (int half = 0; half < (BITS == 4 ? 2 : 1); ++half) {
+          int32_t four;
+          __builtin_memcpy(&four, xl + (m0 + r) * K + g * G + k + 4 * half, 4);
+          l[r][half] = _mm512_set1_epi32(four);
+          __builtin_memcpy(&four, xh + (m0 + r) * K + g * G + k + 4 * half, 4);
+          h[r][half] = _mm512_set1_epi32(four);
+        }
+      for (int s = 0; s < S; ++s) {
+        const __m512i v = _mm512_loadu_si512(rec + s * groups * record + k * ROWS * BITS / 8);
+        if (BITS == 8) {
+          for (int r = 0; r < R; ++r) {
+            lo[r][s] = _mm512_dpbusd_epi32(lo[r][s], v, l[r][0]);
+            hi[r][s] = _mm512_dpbusd_epi32(hi[r][s], v, h[r][0]);
+          }
+        } else {
+          const __m512i first4 = _mm512_and_si512(v, nibble), next4 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+          for (int r = 0; r < R; ++r) {
+            lo[r][s] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(lo[r][s], first4, l[r][0]), next4, l[r][1]);
+            hi[r][s] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(hi[r][s], first4, h[r][0]), next4, h[r][1]);
+          }
+        }
+      }
+    }
+    for (int s = 0; s < S; ++s) {
+      const uint8_t* tail = rec + s * groups * record + G * ROWS * BITS / 8;
+      for (int r = 0; r < R; ++r) {
+        const int64_t mg = (m0 + r) * groups + g;
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[r][s], _mm512_slli_epi32(hi[r][s], 8)));
+        if (GROUPED) {
+          const __m512 sv = _mm512_loadu_ps(tail), ov = _mm512_loadu_ps(tail + 64);
+          acc[r][s] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(xs[mg])), acc[r][s]);
+          acc[r][s] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xsum[mg]), acc[r][s]);
+        } else {
+          acc[r][s] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xs[mg]), acc[r][s]);
+        }
+      }
+    }
+  }
+  for (int s = 0; s < S; ++s) {
+    const __m512 bias = load_bias(b, b0 + s, N);
+    for (int r = 0; r < R; ++r) {
+      __m512 v = acc[r][s];
+      if (!GROUPED) {  // the row's scale, and its offset' times the sum of the whole row of x
+        float total = 0;
+        for (int64_t g = 0; g < groups; ++g)
+          total += xsum[(m0 + r) * groups + g];
+        const __m512 sv = _mm512_loadu_ps(scale + (b0 + s) * ROWS), ov = _mm512_loadu_ps(offset + (b0 + s) * ROWS);
+        v = _mm512_fmadd_ps(ov, _mm512_set1_ps(total), _mm512_mul_ps(v, sv));
+      }
+      store_block(y, m0 + r, b0 + s, N, _mm512_add_ps(v, bias), y_bf16, swiglu);
+    }
+  }
+}
+
+template <int BITS, bool GROUPED>
+void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float* xsum, const uint8_t* w,
+                const float* scale, const float* offset, const float* b, void* y, int64_t M, int64_t N, int64_t K,
+                int64_t G, bool y_bf16, bool swiglu) {
+  for_block_groups(N, [&](auto streams, int64_t b0) {
+    constexpr int S = decltype(streams)::value;
+    // two rows of x at a time: with four, the lo and hi sums of 4 blocks would not fit the registers
+    for (int64_t m0 = 0; m0 < M; m0 += 2) {
+      if (m0 + 2 <= M)
+        blocks<BITS, 2, S, GROUPED>(xl, xh, xs, xsum, w, scale, offset, b, y, m0, b0, N, K, G, y_bf16, swiglu);
+      else
+        blocks<BITS, 1, S, GROUPED>(xl, xh, xs, xsum, w, scale, offset, b, y, m0, b0, N, K, G, y_bf16, swiglu);
+    }
+  });
+}
+
+}  // namespace
+
+// w: ceil(N/16) blocks of K/G records as above; scale, offset': per-channel ones (unread if
+// grouped); y: [M, N] (swiglu: [M, N / 2]), bf16 or fp32. G is 64 or 128 and divides K.
+extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset, const float* bias,
+                       void* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t x_bf16, int64_t y_bf16,
+                       int64_t has_bias, int64_t bits, int64_t grouped, int64_t swiglu) {
+  static thread_local std::vector<int16_t> xq;
+  static thread_local std::vector<int8_t> xl, xh;
+  static thread_local std::vector<float> xs, xsum;
+  const int64_t groups = K / G;
+  xq.resize(M * K);
+  xl.resize(M * K);
+  xh.resize(M * K);
+  xs.resize(M * groups);
+  xsum.resize(M * groups);
+  int16_t* xqp = xq.data();
+  int8_t* xlp = xl.data();
+  int8_t* xhp = xh.data();
+  float* xsp = xs.data();
+  float* xsump = xsum.data();
+  const float* b = has_bias ? bias : nullptr;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M * groups; ++i) {
+      const int64_t at = (i / groups) * K + (i % groups) * G;
+      quantize_group_int16(x, at, G, x_bf16, xqp + at, xsp + i, xsump + i, XQ_LIMIT);
+      for (int64_t k = at; k < at + G; ++k) {  // xq = 256 h + l, both signed
+        const int8_t low = static_cast<int8_t>(xqp[k] & 0xFF);
+        xlp[k] = low;
+        xhp[k] = static_cast<int8_t>((xqp[k] - low) / 256);
+      }
+    }
+    if (bits == 4)
+      grouped ? all_blocks<4, true>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu)
+              : all_blocks<4, false>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu);
+    else
+      grouped ? all_blocks<8, true>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu)
+              : all_blocks<8, false>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu);
+  }
+}
