@@ -20,6 +20,18 @@ from conftest import compile_zen, sqnr
 from test_dequant_matmul import HandDequant, K, N
 
 
+@pytest.fixture(autouse=True)
+def _avx2_gemvs_in_every_bin(request):
+    """The tuner's mechanics need several candidates in the bins above M=4. Where the AVX-512
+    GEMVs and zentorch's bf16 copy both serve, the AVX2 GEMVs are pruned (they win no bin) and
+    the test model's prefill bins keep one candidate: these tests leave the AVX-512 ones out."""
+    if request.node.get_closest_marker("all_kernels"):
+        yield
+        return
+    with config.patch(kernel_deny=("zen_w4_avx512", "zen_w8_avx512")):
+        yield
+
+
 def test_bins_cover_every_m_once():
     bins = shape_bins((1, 4, 16))
     assert [b.label for b in bins] == ["1", "2-4", "5-16", "17+"]
@@ -71,7 +83,8 @@ with torch.no_grad():
     y = torch.compile(m, backend="zen")(x).float()
 ref = sum(x.float() @ m.weight(i).float().t() for i in range(3))
 sqnr = float(10 * torch.log10(ref.pow(2).mean() / (y - ref).pow(2).mean()))
-print(json.dumps({{"cached": [b["cached"] for b in zen_inductor.last_report()["autotune"][0]["bins"]],
+bins = zen_inductor.last_report()["autotune"][0]["bins"]
+print(json.dumps({{"cached": [b["cached"] for b in bins], "single": [b["note"] == "static rule" for b in bins],
                   "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"], "sqnr": sqnr}}))
 """
 
@@ -90,7 +103,8 @@ def test_second_process_tunes_and_generates_nothing(tmp_path):
     first = _compile_elsewhere(tmp_path, seed=0)
     assert not any(first["cached"]) and first["fx_graph_cache_hits"] == 0
     second = _compile_elsewhere(tmp_path, seed=1)  # other weights, same shapes
-    assert all(second["cached"])  # kernel choices from our tuning cache
+    # kernel choices from our tuning cache, where there was a choice (bins with one candidate take it)
+    assert any(second["cached"]) and all(c or single for c, single in zip(second["cached"], second["single"]))
     assert second["fx_graph_cache_hits"] == 1  # Inductor's code from its FX graph cache
     assert first["sqnr"] >= 40 and second["sqnr"] >= 40  # ... running this process's weights
 
@@ -177,6 +191,7 @@ def test_lazy_tuning_at_first_call_of_each_bin(tmp_path):
     assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
 
 
+@pytest.mark.all_kernels
 def test_dominated_kernels_are_left_out_with_the_reason():
     from zen_inductor.kernels import LinearSpec, candidates, native, native_bf16_gemm
 
@@ -189,14 +204,16 @@ def test_dominated_kernels_are_left_out_with_the_reason():
     elif native.unavailable("tiles_dequant") is None:
         assert "dequant_sgemm" not in names(kernels) and "int4_tiles_sgemm" in names(kernels)
         assert excluded["dequant_sgemm"].startswith("int4_tiles_sgemm computes the same, faster")
-    if "zen_w4_avx2" in names(kernels):
-        assert excluded["aten_int4pack_mm"].startswith("zen_w4_avx2 computes the same, faster")
-    if {"zen_w4_avx2", "zentorch_linear_dequantized"} <= names(kernels):  # small M and large M
+    if {"zen_w4_avx512", "zentorch_linear_dequantized"} <= names(kernels):  # AVX512-VNNI, zentorch
+        # decode on the AVX-512 GEMV, prefill on the bf16 copy: the AVX2 GEMV wins no bin
+        assert excluded["zen_w4_avx2"].startswith("zen_w4_avx512 and zentorch_linear_dequantized compute the same")
         assert excluded["zentorch_woq_linear"].startswith("zen_w4_avx2 and zentorch_linear_dequantized compute the same")
-        with config.patch(dequantized_copies=False):  # without the copy it serves the prefill bins
-            assert "zentorch_woq_linear" in names(candidates(spec)[0])
-    with config.patch(kernel_deny=("zen_w4_avx2",)):
-        assert "aten_int4pack_mm" in names(candidates(spec)[0])
+        with config.patch(dequantized_copies=False):  # without the copy the AVX2 GEMV serves the middle bins
+            assert {"zen_w4_avx2", "zentorch_woq_linear"} <= names(candidates(spec)[0])
+    if {"zen_w4_avx2", "zen_w4_avx512"} & (names(kernels) | set(excluded)) and native.unavailable("woq_avx2") is None:
+        assert excluded["aten_int4pack_mm"].startswith("zen_w4_avx2 computes the same, faster")
+        with config.patch(kernel_deny=("zen_w4_avx2", "zen_w4_avx512")):
+            assert "aten_int4pack_mm" in names(candidates(spec)[0])
     if not native_bf16_gemm():
         assert "no native bf16 GEMM" in excluded["dequant_gemm"]
     with config.patch(prune_dominated_kernels=False):

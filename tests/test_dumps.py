@@ -136,9 +136,11 @@ def test_autotune_dump_lists_every_candidate(tmp_path):
     with config.patch(debug_dir=str(tmp_path)), torch.no_grad():
         compile_zen(m)(torch.randn(2, K, dtype=torch.bfloat16))
     entry = zen_inductor.last_report()["autotune"][0]
+    assert any(b["times_us"] for b in entry["bins"])
     for b in entry["bins"]:
         timed = set(b["times_us"])
-        assert b["winner"] in timed
+        # a bin with one candidate takes it untimed (the prefill bins where the AVX2 GEMV is pruned)
+        assert b["winner"] in timed if timed else b["note"] == "static rule"
         # every kernel is accounted for: timed, failed verification, or never a candidate (with why)
         assert timed | set(b["excluded"]) | set(entry["excluded"]) >= {"aten_int4pack_mm", "dequant_gemm", "dequant_sgemm"}
     # what each bin cost the compile: timing several kernels takes longer than reusing a ranking

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from . import config, native
+from .allocator import empty_for_packing
 
 aten = torch.ops.aten
 
@@ -583,7 +584,8 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
         params = [torch.empty(0)] * 2  # (the kernel reads the records' own)
     else:
         params = [scale.view(blocks, 16), offset.view(blocks, 16)]
-    return [torch.cat(records, dim=2), *params]
+    out = empty_for_packing((blocks, k // g, sum(r.shape[2] for r in records)), torch.uint8)
+    return [torch.cat(records, dim=2, out=out), *params]
 
 
 def _blocks16_run(x, packed, bias, spec):
@@ -682,9 +684,12 @@ def _bf16_vnni_supports(spec: LinearSpec) -> Optional[str]:
 
 
 def _bf16_vnni_prepack(w: DenseWeight, act_dtype):
-    # [ceil(N/16), K/2, 16, 2]: the pairs vdpbf16ps takes, 16 rows as one stream (csrc/bf16_gemv_avx512.cpp)
-    padded = torch.nn.functional.pad(w.weight, (0, 0, 0, -w.n % 16))
-    return [padded.view(-1, 16, w.k // 2, 2).permute(0, 2, 1, 3).contiguous()]
+    # [ceil(N/16), K/2, 16, 2]: the pairs vdpbf16ps takes, 16 rows as one stream
+    # (csrc/bf16_gemv_avx512.cpp); moved as int32 pairs, 1.5x faster than as bf16 [..., 2]
+    padded = torch.nn.functional.pad(w.weight, (0, 0, 0, -w.n % 16)).view(torch.int32)
+    out = empty_for_packing((padded.shape[0] // 16, w.k // 2, 16), torch.int32)
+    out.copy_(padded.view(-1, 16, w.k // 2).transpose(1, 2))
+    return [out.view(torch.bfloat16).view(-1, w.k // 2, 16, 2)]
 
 
 def _bf16_vnni_run(x, packed, bias, spec):
@@ -713,21 +718,25 @@ KERNELS: dict[str, Kernel] = {
         # yet at the top of the 65-256 bin it times even with the copy and was chosen there: the
         # int4 llama1b prefill then took 293 ms against 156, the Qwen3 one 80 against 57
         Kernel("zentorch_woq_linear", "zentorch", _zentorch_woq_supports, _zentorch_woq_prepack, _zentorch_woq_run,
-               dominated_by=(("zen_w4_avx2", "zentorch_linear_dequantized"),)),
+               dominated_by=(("zen_w4_avx2", "zentorch_linear_dequantized"), ("zen_w4_avx512", "zentorch_linear_dequantized"))),
         # behind zen_w4_avx2 wherever both serve: at M=1 1.2-1.8x on the five llama1b shapes, at
         # M=4 1.1-1.2x, from M=16 both far behind the bf16 copy (Zen 4); 2-3x at M=1 on AVX2. Its
         # packing and verification cost ~1.7 s of a cold int4 compile
         Kernel("aten_int4pack_mm", "aten", _int4pack_supports, _int4pack_prepack, _int4pack_run,
-               dominated_by=("zen_w4_avx2",)),
+               dominated_by=("zen_w4_avx2", "zen_w4_avx512")),
         Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run),
         Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack, _zentorch_dqlinear_run),
         Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run),
         Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles", epilogues=("swiglu",),
                native="a8w4_avx2"),
+        # where the AVX-512 siblings and the bf16 copy's GEMM serve, these win no bin: at M=1-4
+        # the siblings are even or ahead (the 17 llama1b-4l decode linears, int4 g128: M=1 5.45
+        # against 5.58 ms, M=4 11.2 against 14.5; int8: M=1 7.8 against 7.7, M=4 13.1 against
+        # 15.4), from M=16 the copy is 1.3-2.5x ahead (linears-llama1b-4l.md)
         Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _woq_run, layout="int4_tiles", epilogues=("swiglu",),
-               native="woq_avx2"),
+               native="woq_avx2", dominated_by=(("zen_w4_avx512", "zentorch_linear_dequantized"),)),
         Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles", epilogues=("swiglu",),
-               native="woq_avx2"),
+               native="woq_avx2", dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),)),
         # AVX512-VNNI, 16-row blocks in 4 streams a thread, as zen_bf16_gemv_avx512
         Kernel("zen_w4_avx512", "zen", _w4_supports, _blocks16_prepack, _blocks16_run, layout="int4_blocks16",
                epilogues=("swiglu",), max_m=4, native="woq_avx512"),
