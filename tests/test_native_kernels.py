@@ -1,5 +1,7 @@
 """Our C++ kernels: int8 x int4, weight-only int4 and int8, bf16 GEMV, dequantize + sgemm; torchao DA8W4; fallbacks."""
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,6 +139,31 @@ def test_a_native_kernel_that_does_not_build_is_unavailable(monkeypatch):
         assert excluded["zen_a8w4_avx2"] == reason
     finally:
         native._build.cache_clear()
+
+
+_BUILDS_BEFORE_THE_ISA_CHECK = """
+import threading
+from zen_inductor import native
+both_started = threading.Barrier(2)
+real = native._toolchain_checked
+def checked():  # both builder threads busy before either asks for Inductor's ISA check
+    if threading.current_thread().name.startswith("zen-build"):
+        both_started.wait(timeout=60)
+    real()
+native._toolchain_checked = checked
+native.start("woq_avx2")
+native.start("swiglu_avx2")
+print([native.unavailable(name) for name in ("woq_avx2", "swiglu_avx2")])
+"""
+
+
+def test_builds_started_before_the_isa_check_finish():
+    """Builds wait for Inductor's ISA check; run on the builders' own pool, the check queued behind
+    two builds waiting for it and the process hung (benchmarks/linears.py, which starts builds
+    without zen's entry, did)."""
+    out = subprocess.run([sys.executable, "-c", _BUILDS_BEFORE_THE_ISA_CHECK], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str([native.unavailable("woq_avx2"), native.unavailable("swiglu_avx2")])
 
 
 @pytest.mark.skipif(native.unavailable("a8w4_avx2") is not None, reason="needs AVX2 and a C++ compiler")

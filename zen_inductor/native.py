@@ -130,9 +130,14 @@ def check_toolchain() -> None:
 
 @functools.lru_cache(None)
 def _toolchain():
+    from concurrent.futures import ThreadPoolExecutor
+
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    return _builders().submit(pick_vec_isa)
+    # a thread of its own: every build waits for this check, so on the builders' pool it could
+    # queue behind two builds that wait for it (linears.py, which starts builds without zen's
+    # entry, hung there)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="zen-isa-check").submit(pick_vec_isa)
 
 
 def _toolchain_checked() -> None:
