@@ -678,7 +678,7 @@ def _bf16_gemv_run(x, packed, bias, spec, blocks: bool = False):
 
 
 def _bf16_vnni_supports(spec: LinearSpec) -> Optional[str]:
-    if spec.k % 2:
+    if spec.k % 2 and not _dense_supports(spec):
         return f"K={spec.k} is odd (the kernel takes pairs along K)"
     return _dense_supports(spec)
 
@@ -786,7 +786,7 @@ KERNELS: dict[str, Kernel] = {
         # alternated with zentorch's GEMM, 10 rounds: M=1 19.4 against 23.6 ms, M=4 19.5 against 21.6
         # (both 12-16 ms when the machine's memory was fast). A GEMV: at M=16 four passes over each
         # block in L2 make it compute-bound, where zentorch's GEMM is not
-        Kernel("zen_bf16_gemv_avx512", "zen", _bf16_vnni_supports, _bf16_vnni_prepack, _bf16_vnni_run,
+        Kernel("zen_bf16_gemv_avx512", "dense", _bf16_vnni_supports, _bf16_vnni_prepack, _bf16_vnni_run,
                layout="bf16_vnni", epilogues=("swiglu",), max_m=4, native="bf16_gemv_avx512"),
         # the same GEMV on a blocked copy: ahead where rows of W are short (K ~ 1024), behind on long ones
         Kernel("zen_bf16_blocks_avx2", "dense", _bf16_gemv_supports, _bf16_blocks_prepack,
