@@ -521,11 +521,11 @@ def _run_native(name: str, x, weight: list, bias, spec, dims: tuple, extra: tupl
     return y
 
 
-def _per_tile(t: torch.Tensor) -> torch.Tensor:
-    """[N, K/G] -> [N/8, K/G, 8]: the scales of a tile sit next to its codes' stream. Stored
+def _per_tile(t: torch.Tensor, rows: int = 8) -> torch.Tensor:
+    """[N, K/G] -> [N/rows, K/G, rows]: the scales of a tile sit next to its codes' stream. Stored
     [K/G, N], a tile's groups were N * 4 bytes apart: a page and a TLB entry each, which cost
     decode 20-60% of the int8 GEMV's bandwidth on wide weights (lm_head N=32000, int4: 2.5x)."""
-    return t.reshape(t.shape[0] // 8, 8, t.shape[1]).transpose(1, 2).contiguous()
+    return t.reshape(t.shape[0] // rows, rows, t.shape[1]).transpose(1, 2).contiguous()
 
 
 def _tile_params(w: QuantWeight, repeat: int) -> list:
@@ -562,7 +562,7 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
     # ceil(N/16) blocks of K/G records (csrc/woq_avx512.cpp): unsigned codes u = c + z in 64-byte
     # lines of 16 rows and, for grouped weights, scales and offset - z scale [16] fp32 each;
     # per-channel scales and offsets [ceil(N/16), 16] apart
-    n, k, pad, bits = w.n, w.k, -w.n % 16, w.bits
+    k, pad, bits = w.k, -w.n % 16, w.bits
     g = _a8w4_group(w.group_size)
     z = 8 if bits == 4 else 128
     # int8: c + 128 is c's bits with the sign bit flipped; int4 codes in [-8, 7] take + 8 in int8
@@ -579,8 +579,7 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
     offset = torch.nn.functional.pad(w.offset.to(torch.float32), (0, 0, 0, pad)) - z * scale
     if w.group_size < k:
         for t in (scale, offset):  # [N + pad, K/Gw] -> [ceil(N/16), K/G, 64 bytes]
-            t = t.repeat_interleave(w.group_size // g, dim=1)
-            records.append(t.view(blocks, 16, k // g).transpose(1, 2).contiguous().view(torch.uint8))
+            records.append(_per_tile(t.repeat_interleave(w.group_size // g, dim=1), rows=16).view(torch.uint8))
         params = [torch.empty(0)] * 2  # (the kernel reads the records' own)
     else:
         params = [scale.view(blocks, 16), offset.view(blocks, 16)]
@@ -678,9 +677,7 @@ def _bf16_gemv_run(x, packed, bias, spec, blocks: bool = False):
 
 
 def _bf16_vnni_supports(spec: LinearSpec) -> Optional[str]:
-    if spec.k % 2 and not _dense_supports(spec):
-        return f"K={spec.k} is odd (the kernel takes pairs along K)"
-    return _dense_supports(spec)
+    return _dense_supports(spec) or (f"K={spec.k} is odd (the kernel takes pairs along K)" if spec.k % 2 else None)
 
 
 def _bf16_vnni_prepack(w: DenseWeight, act_dtype):

@@ -143,19 +143,21 @@ inline void emit_tile(F&& tile_acc, void* y, int64_t m0, int64_t t, int64_t n_ou
     store8(y, (m0 + r) * n_out + t * 8, a[r], y_bf16);
 }
 
-// f(std::integral_constant<int, R>{}, m0) over blocks of R <= 4 rows covering rows [0, M): a
+// f(std::integral_constant<int, R>{}, m0) over blocks of R <= MAX rows covering rows [0, M): a
 // kernel unpacks each weight block once per block of rows of x.
-template <class F>
+template <int MAX = 4, class F>
 inline void for_row_blocks(int64_t M, F&& f) {
+  static_assert(MAX >= 1 && MAX <= 4, "blocks of 1 to 4 rows");
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4)
-    f(std::integral_constant<int, 4>{}, m);
-  switch (M - m) {
-    case 3: f(std::integral_constant<int, 3>{}, m); break;
-    case 2: f(std::integral_constant<int, 2>{}, m); break;
-    case 1: f(std::integral_constant<int, 1>{}, m); break;
-    default: break;
-  }
+  for (; m + MAX <= M; m += MAX)
+    f(std::integral_constant<int, MAX>{}, m);
+  const int64_t rest = M - m;  // below MAX
+  if constexpr (MAX > 3)
+    if (rest == 3) f(std::integral_constant<int, 3>{}, m);
+  if constexpr (MAX > 2)
+    if (rest == 2) f(std::integral_constant<int, 2>{}, m);
+  if constexpr (MAX > 1)
+    if (rest == 1) f(std::integral_constant<int, 1>{}, m);
 }
 
 }  // namespace zen_avx2

@@ -89,17 +89,17 @@ ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, cons
       }
     }
   }
+  float total[R] = {};  // per-channel: the sum of the whole row of x, for the offsets
+  for (int r = 0; r < R && !GROUPED; ++r)
+    for (int64_t g = 0; g < groups; ++g)
+      total[r] += xsum[(m0 + r) * groups + g];
   for (int s = 0; s < S; ++s) {
     const __m512 bias = load_bias(b, b0 + s, N);
+    const __m512 sv = GROUPED ? _mm512_setzero_ps() : _mm512_loadu_ps(scale + (b0 + s) * ROWS);  // unused if grouped
+    const __m512 ov = GROUPED ? _mm512_setzero_ps() : _mm512_loadu_ps(offset + (b0 + s) * ROWS);
     for (int r = 0; r < R; ++r) {
-      __m512 v = acc[r][s];
-      if (!GROUPED) {  // the row's scale, and its offset' times the sum of the whole row of x
-        float total = 0;
-        for (int64_t g = 0; g < groups; ++g)
-          total += xsum[(m0 + r) * groups + g];
-        const __m512 sv = _mm512_loadu_ps(scale + (b0 + s) * ROWS), ov = _mm512_loadu_ps(offset + (b0 + s) * ROWS);
-        v = _mm512_fmadd_ps(ov, _mm512_set1_ps(total), _mm512_mul_ps(v, sv));
-      }
+      // per-channel: the row's scale, and its offset' times the row's sum of x
+      const __m512 v = GROUPED ? acc[r][s] : _mm512_fmadd_ps(ov, _mm512_set1_ps(total[r]), _mm512_mul_ps(acc[r][s], sv));
       store_block(y, m0 + r, b0 + s, N, _mm512_add_ps(v, bias), y_bf16, swiglu);
     }
   }
@@ -110,14 +110,11 @@ void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float
                 const float* scale, const float* offset, const float* b, void* y, int64_t M, int64_t N, int64_t K,
                 int64_t G, bool y_bf16, bool swiglu) {
   for_block_groups(N, [&](auto streams, int64_t b0) {
-    constexpr int S = decltype(streams)::value;
     // two rows of x at a time: with four, the lo and hi sums of 4 blocks would not fit the registers
-    for (int64_t m0 = 0; m0 < M; m0 += 2) {
-      if (m0 + 2 <= M)
-        blocks<BITS, 2, S, GROUPED>(xl, xh, xs, xsum, w, scale, offset, b, y, m0, b0, N, K, G, y_bf16, swiglu);
-      else
-        blocks<BITS, 1, S, GROUPED>(xl, xh, xs, xsum, w, scale, offset, b, y, m0, b0, N, K, G, y_bf16, swiglu);
-    }
+    for_row_blocks<2>(M, [&](auto rows, int64_t m0) {
+      blocks<BITS, decltype(rows)::value, decltype(streams)::value, GROUPED>(xl, xh, xs, xsum, w, scale, offset, b, y,
+                                                                             m0, b0, N, K, G, y_bf16, swiglu);
+    });
   });
 }
 
