@@ -29,7 +29,7 @@ import torch.fx as fx
 from zen_inductor.autotune import NoKernel, sqnr_db
 from zen_inductor.kernels import LinearSpec, QuantWeight, candidates, fp32_row_blocks
 
-from . import CONVERTS, Family, fake_value
+from . import CONVERTS, VIEWS, Family, fake_value, is_call
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -440,6 +440,36 @@ def _replace(ctx, anchor, out, x, bias, weight, spec, variant, sources) -> None:
         result.meta.update(fused.meta)
         result.meta["val"] = fake_value(out)
     out.replace_all_uses_with(result)
+    if result is not fused:
+        _skip_round_trips(ctx.graph, result, fused)
+        if not result.users:
+            ctx.graph.erase_node(result)
+
+
+def _skip_round_trips(graph: fx.Graph, wide: fx.Node, narrow: fx.Node) -> None:
+    """Users that only view ``wide`` (``narrow`` upcast) and convert it back read ``narrow``.
+
+    torchao's int8 dynamic span ends in fp32 and the model converts it back to bf16 after a view:
+    the kernel's bf16 result went bf16 -> fp32 -> bf16, exactly itself, and the two converts hid
+    the linear from the families after this one (no SwiGLU epilogue, no residual fold for int8dq).
+    """
+    for user in list(wide.users):
+        if is_call(user, *CONVERTS) and _only_dtype(user) and fake_value(user).dtype == fake_value(narrow).dtype:
+            user.replace_all_uses_with(narrow)
+        elif is_call(user, *VIEWS):
+            with graph.inserting_after(user):
+                view = graph.call_function(user.target, (narrow, *user.args[1:]), dict(user.kwargs))
+            view.meta.update(user.meta)
+            view.meta["val"] = fake_value(user).to(fake_value(narrow).dtype)
+            _skip_round_trips(graph, user, view)
+            if not view.users:
+                graph.erase_node(view)
+        if not user.users:
+            graph.erase_node(user)
+
+
+def _only_dtype(convert: fx.Node) -> bool:
+    return convert.target is prims.convert_element_type.default or set(convert.kwargs) <= {"dtype"}
 
 
 # --- int8 dynamic activation x int8 weight ------------------------------------------------------

@@ -163,6 +163,32 @@ def test_swiglu_with_dynamic_batch_and_sequence():
     assert zen_inductor.counters["linear_epilogue.near_miss"] == 0
 
 
+class ResidualMLP(MLP):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+def test_int8_dynamic_mlp_gets_the_epilogue_and_the_residual_fold(dumped):
+    """torchao's int8 dynamic span ends in fp32 and the model converts it back to bf16: the
+    families after dequant_matmul see the linear through that exact round trip."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    torch.manual_seed(0)
+    model = quantize(ResidualMLP().to(torch.bfloat16).eval(), Int8DynamicActivationInt8WeightConfig())
+    x = torch.randn(1, 3, K).to(torch.bfloat16)
+    with torch.no_grad():
+        eager = model(x)
+        zen = compile_zen(model)(x)
+    assert zen_inductor.counters["linear_epilogue.swiglu"] == 1
+    assert zen_inductor.counters["residual_add"] == 1
+    after = dumped("after.py")
+    assert "epi=swiglu" in after and "residual = " in after
+    for op in ("split_with_sizes", "aten.exp", "prims.convert_element_type.default(quant_linear"):
+        assert op not in after, op
+    ref = x.float() + _fp32_reference(model, x)
+    assert sqnr(zen, ref) >= sqnr(eager, ref) - 0.5
+
+
 def test_gate_used_elsewhere_is_a_near_miss_and_stays_correct():
     model = _int4_mlp(also_return_gate=True)
     x = torch.randn(3, K).to(torch.bfloat16)
