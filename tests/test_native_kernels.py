@@ -31,6 +31,10 @@ def _spec(w, act_dtype, dynamic=True):
                       act_dtype=act_dtype, dynamic_activation=dynamic)
 
 
+def _needs(library, what):
+    return pytest.mark.skipif(native.unavailable(library) is not None, reason=f"needs {what} and a C++ compiler")
+
+
 @pytest.mark.skipif(native.unavailable("a8w4_avx2") is not None, reason="needs AVX2 and a C++ compiler")
 @pytest.mark.parametrize("group", [64, 128, 256, 512])
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
@@ -186,6 +190,52 @@ def test_weight_only_linears_may_opt_in_to_int8_activations():
     assert sqnr(y, _reference(m, x)) >= 40  # held to the weight-only bar
 
 
+@pytest.mark.parametrize("name", [
+    pytest.param("zen_w4_avx512", marks=_needs("woq_avx512", "AVX512-VNNI")),
+    pytest.param("zen_w8_avx512", marks=_needs("woq_avx512", "AVX512-VNNI")),
+    pytest.param("zen_bf16_gemv_avx512", marks=_needs("bf16_gemv_avx512", "AVX512-BF16")),
+])
+def test_decode_kernels_add_the_residual_as_they_store(name):
+    """``zen.quant_linear(..., residual=r)`` on a kernel that fuses it: r + x @ W^T in fp32, y never
+    rounded to bf16 between (N = 72: the last 16-row block half padding, its residual load masked)."""
+    from zen_inductor.kernels import DenseWeight, Plan, quant_linear
+
+    torch.manual_seed(0)
+    kernel = KERNELS[name]
+    assert kernel.residual
+    n, k = 72, 512
+    if name == "zen_bf16_gemv_avx512":
+        w = DenseWeight((torch.randn(n, k) * 0.05).to(torch.bfloat16))
+        spec, ref_w, act_dtypes = LinearSpec(n, k, k, 16, True, torch.bfloat16), w.weight.float(), (torch.bfloat16,)
+    else:
+        w = _weight(n, k, 128)
+        if name == "zen_w8_avx512":
+            w = dataclasses.replace(w, codes=torch.randint(-128, 128, (n, k), dtype=torch.int8), bits=8)
+        spec = LinearSpec(n, k, 128, w.bits, False, torch.bfloat16)
+        ref_w, act_dtypes = w.dequantize(), (torch.bfloat16, torch.float32)
+    packed = kernel.prepack(w, torch.bfloat16)
+    bias = torch.randn(n, dtype=torch.bfloat16)
+    for act_dtype in act_dtypes:
+        spec = dataclasses.replace(spec, act_dtype=act_dtype)
+        plan = Plan(spec, (4,), (name, name)).encode()
+        for m in (1, 3):
+            x = torch.randn(m, k).to(act_dtype)
+            residual = torch.randn(m, n) * 10
+            for b in (None, bias):
+                y = quant_linear(x, packed, [len(packed)], b, plan, residual=residual)
+                ref = residual + x.float() @ ref_w.t() + (b.float() if b is not None else 0)
+                assert y.dtype == torch.float32 and y.shape == (m, n)
+                assert sqnr(y, ref) >= 60, (act_dtype, m, b is not None)
+                alone = run_kernel(kernel, x, packed, b, spec)
+                if act_dtype == torch.float32:  # the same fp32 sums as the kernel's own output, then the add
+                    torch.testing.assert_close(y, residual + alone, rtol=0, atol=1e-5)
+                else:  # added in the kernel: no bf16 rounding of y on the way, as an add after it has
+                    assert (y - ref).abs().max() < (residual + alone.float() - ref).abs().max() / 4
+    # zero rows still return the residual's shape
+    x0 = torch.empty(0, k, dtype=torch.bfloat16)
+    assert quant_linear(x0, packed, [len(packed)], None, plan, residual=torch.empty(0, n)).shape == (0, n)
+
+
 @pytest.mark.skipif(native.unavailable("tiles_dequant") is not None, reason="needs AVX2 and a C++ compiler")
 def test_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight(monkeypatch):
     import dataclasses
@@ -240,10 +290,6 @@ def test_per_call_fp32_weights_are_made_in_blocks_of_rows(monkeypatch):
         y = run_kernel(kernel, x, packed, bias, spec)
         assert made == [(0, 32), (32, 64), (64, 72)], name
         assert y.shape == (5, n) and sqnr(y, x.float() @ ref_w.t() + bias.float()) >= 45, name
-
-
-def _needs(library, what):
-    return pytest.mark.skipif(native.unavailable(library) is not None, reason=f"needs {what} and a C++ compiler")
 
 
 @pytest.mark.parametrize("name", [

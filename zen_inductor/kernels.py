@@ -188,6 +188,9 @@ class Kernel:
     dominated_by: tuple = ()
     max_m: Optional[int] = None  # bins whose smallest M is above this do not offer the kernel
     native: str = ""  # our C++ library (native.SOURCES) it runs, built once a spec needs it
+    # ``run`` also takes ``residual=`` (fp32 [M, N], patterns/residual_add.py) and returns
+    # ``residual + y`` in fp32, the add done as it stores y (with no epilogue only)
+    residual: bool = False
 
     def serves(self, lo: int) -> Optional[str]:
         """Why the kernel is not offered for M from ``lo`` up, or None."""
@@ -504,20 +507,29 @@ def _a8w4_prepack(w: QuantWeight, act_dtype):
     return [tiles, *_tile_params(w, repeat), _per_tile(colsum128)]
 
 
-def _run_native(name: str, x, weight: list, bias, spec, dims: tuple, extra: tuple = ()):
+def _run_native(name: str, x, weight: list, bias, spec, dims: tuple, extra: tuple = (), residual=None,
+                takes_residual: bool = False):
     """``y = x @ W^T (+ bias)``, then the epilogue, by the native kernel ``name``, whose entry
-    takes ``(x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra, swiglu)``."""
+    takes ``(x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra, swiglu)`` and,
+    if ``takes_residual``, ``(residual, has_residual)``: then y is ``residual + y`` in fp32."""
     if not x.is_contiguous():
         x = x.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
-    y = torch.empty((x.shape[0], spec.out_n), dtype=x.dtype)
+    tail = ()
+    if takes_residual:
+        if residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()):
+            residual = residual.to(torch.float32).contiguous()
+        tail = (weight[0], 0) if residual is None else (residual, 1)
+    y = torch.empty((x.shape[0], spec.out_n), dtype=x.dtype if residual is None else torch.float32)
     if x.shape[0]:
         native.load(name)(
             x, *weight, weight[0] if bias is None else bias, y, x.shape[0], spec.n, *dims,
             int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None), *extra,
-            int(spec.epilogue == "swiglu"),
+            int(spec.epilogue == "swiglu"), *tail,
         )
+    elif residual is not None:
+        y.copy_(residual)
     return y
 
 
@@ -587,10 +599,10 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
     return [torch.cat(records, dim=2, out=out), *params]
 
 
-def _blocks16_run(x, packed, bias, spec):
+def _blocks16_run(x, packed, bias, spec, residual=None):
     records, scale = packed[0], packed[1]
     return _run_native("woq_avx512", x, packed[:3], bias, spec, (spec.k, spec.k // records.shape[1]),
-                       (spec.bits, int(scale.numel() == 0)))
+                       (spec.bits, int(scale.numel() == 0)), residual, takes_residual=True)
 
 
 def _woq_run(x, packed, bias, spec):
@@ -689,8 +701,9 @@ def _bf16_vnni_prepack(w: DenseWeight, act_dtype):
     return [out.view(torch.bfloat16).view(-1, w.k // 2, 16, 2)]
 
 
-def _bf16_vnni_run(x, packed, bias, spec):
-    return _run_native("bf16_gemv_avx512", x, packed[:1], bias, spec, (spec.k,))
+def _bf16_vnni_run(x, packed, bias, spec, residual=None):
+    return _run_native("bf16_gemv_avx512", x, packed[:1], bias, spec, (spec.k,), residual=residual,
+                       takes_residual=True)
 
 
 def _dense_mm_run(x, packed, bias, spec):
@@ -736,9 +749,9 @@ KERNELS: dict[str, Kernel] = {
                native="woq_avx2", dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),)),
         # AVX512-VNNI, 16-row blocks in 4 streams a thread, as zen_bf16_gemv_avx512
         Kernel("zen_w4_avx512", "zen", _w4_supports, _blocks16_prepack, _blocks16_run, layout="int4_blocks16",
-               epilogues=("swiglu",), max_m=4, native="woq_avx512"),
+               epilogues=("swiglu",), max_m=4, native="woq_avx512", residual=True),
         Kernel("zen_w8_avx512", "zen", _w8_supports, _blocks16_prepack, _blocks16_run, layout="int8_blocks16",
-               epilogues=("swiglu",), max_m=4, native="woq_avx512"),
+               epilogues=("swiglu",), max_m=4, native="woq_avx512", residual=True),
         # with a native bf16 GEMM the bf16 copy's GEMM is ahead of these fp32 GEMMs on weights
         # dequantized per call: 2-10x in all 30 (shape, M) cells of the int4 and int8 llama1b
         # linears on Zen 4, none within the tuner's "hopeless" 2x
@@ -784,7 +797,7 @@ KERNELS: dict[str, Kernel] = {
         # (both 12-16 ms when the machine's memory was fast). A GEMV: at M=16 four passes over each
         # block in L2 make it compute-bound, where zentorch's GEMM is not
         Kernel("zen_bf16_gemv_avx512", "dense", _bf16_vnni_supports, _bf16_vnni_prepack, _bf16_vnni_run,
-               layout="bf16_vnni", epilogues=("swiglu",), max_m=4, native="bf16_gemv_avx512"),
+               layout="bf16_vnni", epilogues=("swiglu",), max_m=4, native="bf16_gemv_avx512", residual=True),
         # the same GEMV on a blocked copy: ahead where rows of W are short (K ~ 1024), behind on long ones
         Kernel("zen_bf16_blocks_avx2", "dense", _bf16_gemv_supports, _bf16_blocks_prepack,
                functools.partial(_bf16_gemv_run, blocks=True), layout="bf16_blocks",
@@ -951,26 +964,31 @@ class _LazyBin:
 
 @functools.lru_cache(None)
 def _dispatch_table(plan: str, counts: tuple):
-    """(bin edges, spec, per bin (kernel run, slice of packed)), resolved once per plan."""
+    """(bin edges, spec, per bin (kernel run, slice of packed, whether run adds the residual)),
+    resolved once per plan."""
     p = Plan.decode(plan)
     slices = _packed_slices(plan, counts)
     per_bin = []
     for i, name in enumerate(p.bin_kernels):
         if name.startswith(LAZY):
             lazy = _LazyBin(name[len(LAZY):].split("+"), slices, p, i)
-            per_bin.append((lazy, slice(None)))
+            per_bin.append((lazy, slice(None), False))
         else:
-            per_bin.append((KERNELS[name].runner(p.spec), slices[name]))
+            kernel = KERNELS[name]
+            per_bin.append((kernel.runner(p.spec), slices[name], kernel.residual and not p.spec.epilogue))
     return p.edges, p.spec, tuple(per_bin)
 
 
 def _quant_linear_cpu(x, packed, counts, bias, plan, *, residual=None):
     edges, spec, per_bin = _dispatch_table(plan, tuple(counts))
-    run, part = per_bin[bisect.bisect_left(edges, x.shape[0])]
+    run, part, adds_residual = per_bin[bisect.bisect_left(edges, x.shape[0])]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    y = run(x, packed[part], bias, spec)
-    return y if residual is None else torch.add(residual, y)
+    if residual is None:
+        return run(x, packed[part], bias, spec)
+    if adds_residual and residual.shape == (x.shape[0], spec.out_n):
+        return run(x, packed[part], bias, spec, residual=residual)
+    return torch.add(residual, run(x, packed[part], bias, spec))
 
 
 def _quant_linear_fake(x, packed, counts, bias, plan, *, residual=None):

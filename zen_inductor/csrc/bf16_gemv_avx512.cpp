@@ -15,7 +15,7 @@ using namespace zen_avx512;
 // Blocks b0 .. b0 + S - 1 against rows m0 .. m0 + R - 1 of x, bias added, epilogue applied, stored.
 template <int R, int S>
 ZEN_AVX512 void blocks(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t m0, int64_t b0,
-                       int64_t N, int64_t K, bool y_bf16, bool swiglu) {
+                       int64_t N, int64_t K, bool y_bf16, bool swiglu, const float* res) {
   __m512 acc[R][S];
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < S; ++s)
@@ -38,22 +38,25 @@ ZEN_AVX512 void blocks(const uint16_t* x, const uint16_t* w, const float* b, voi
   for (int s = 0; s < S; ++s) {
     const __m512 bias = load_bias(b, b0 + s, N);
     for (int r = 0; r < R; ++r)
-      store_block(y, m0 + r, b0 + s, N, _mm512_add_ps(acc[r][s], bias), y_bf16, swiglu);
+      store_block(y, m0 + r, b0 + s, N, _mm512_add_ps(acc[r][s], bias), y_bf16, swiglu, res);
   }
 }
 
 }  // namespace
 
 // x: bf16 [M, K]; w: packed as above; y: [M, N] (swiglu: [M, N / 2]), bf16 or fp32. K is even.
+// residual: fp32 [M, N] added to y (fp32 then), read only if has_residual.
 extern "C" void kernel(const void* x, const uint16_t* w, const float* bias, void* y, int64_t M, int64_t N, int64_t K,
-                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t swiglu) {
+                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t swiglu, const float* residual,
+                       int64_t has_residual) {
   (void)x_bf16;  // bf16 activations only (kernels.py offers the kernel for nothing else)
   const uint16_t* xb = static_cast<const uint16_t*>(x);
   const float* b = has_bias ? bias : nullptr;
+  const float* res = has_residual ? residual : nullptr;
 #pragma omp parallel
   for_block_groups(N, [&](auto streams, int64_t b0) {
     for_row_blocks(M, [&](auto rows, int64_t m0) {
-      blocks<decltype(rows)::value, decltype(streams)::value>(xb, w, b, y, m0, b0, N, K, y_bf16, swiglu);
+      blocks<decltype(rows)::value, decltype(streams)::value>(xb, w, b, y, m0, b0, N, K, y_bf16, swiglu, res);
     });
   });
 }

@@ -35,7 +35,7 @@ constexpr int64_t line_codes() {  // codes of a row in one 64-byte line
 template <int BITS, int R, int S, bool GROUPED>
 ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float* xsum, const uint8_t* w,
                        const float* scale, const float* offset, const float* b, void* y, int64_t m0, int64_t b0,
-                       int64_t N, int64_t K, int64_t G, bool y_bf16, bool swiglu) {
+                       int64_t N, int64_t K, int64_t G, bool y_bf16, bool swiglu, const float* res) {
   const int64_t groups = K / G, record = G * ROWS * BITS / 8 + (GROUPED ? 128 : 0);
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[R][S];
@@ -100,7 +100,7 @@ ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, cons
     for (int r = 0; r < R; ++r) {
       // per-channel: the row's scale, and its offset' times the row's sum of x
       const __m512 v = GROUPED ? acc[r][s] : _mm512_fmadd_ps(ov, _mm512_set1_ps(total[r]), _mm512_mul_ps(acc[r][s], sv));
-      store_block(y, m0 + r, b0 + s, N, _mm512_add_ps(v, bias), y_bf16, swiglu);
+      store_block(y, m0 + r, b0 + s, N, _mm512_add_ps(v, bias), y_bf16, swiglu, res);
     }
   }
 }
@@ -108,12 +108,12 @@ ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, cons
 template <int BITS, bool GROUPED>
 void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float* xsum, const uint8_t* w,
                 const float* scale, const float* offset, const float* b, void* y, int64_t M, int64_t N, int64_t K,
-                int64_t G, bool y_bf16, bool swiglu) {
+                int64_t G, bool y_bf16, bool swiglu, const float* res) {
   for_block_groups(N, [&](auto streams, int64_t b0) {
     // two rows of x at a time: with four, the lo and hi sums of 4 blocks would not fit the registers
     for_row_blocks<2>(M, [&](auto rows, int64_t m0) {
       blocks<BITS, decltype(rows)::value, decltype(streams)::value, GROUPED>(xl, xh, xs, xsum, w, scale, offset, b, y,
-                                                                             m0, b0, N, K, G, y_bf16, swiglu);
+                                                                             m0, b0, N, K, G, y_bf16, swiglu, res);
     });
   });
 }
@@ -122,9 +122,11 @@ void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float
 
 // w: ceil(N/16) blocks of K/G records as above; scale, offset': per-channel ones (unread if
 // grouped); y: [M, N] (swiglu: [M, N / 2]), bf16 or fp32. G is 64 or 128 and divides K.
+// residual: fp32 [M, N] added to y (fp32 then), read only if has_residual.
 extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset, const float* bias,
                        void* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t x_bf16, int64_t y_bf16,
-                       int64_t has_bias, int64_t bits, int64_t grouped, int64_t swiglu) {
+                       int64_t has_bias, int64_t bits, int64_t grouped, int64_t swiglu, const float* residual,
+                       int64_t has_residual) {
   static thread_local std::vector<int16_t> xq;
   static thread_local std::vector<int8_t> xl, xh;
   static thread_local std::vector<float> xs, xsum;
@@ -140,6 +142,7 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
   float* xsp = xs.data();
   float* xsump = xsum.data();
   const float* b = has_bias ? bias : nullptr;
+  const float* res = has_residual ? residual : nullptr;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
@@ -153,10 +156,10 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
       }
     }
     if (bits == 4)
-      grouped ? all_blocks<4, true>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu)
-              : all_blocks<4, false>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu);
+      grouped ? all_blocks<4, true>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res)
+              : all_blocks<4, false>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res);
     else
-      grouped ? all_blocks<8, true>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu)
-              : all_blocks<8, false>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu);
+      grouped ? all_blocks<8, true>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res)
+              : all_blocks<8, false>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res);
   }
 }
