@@ -194,43 +194,48 @@ def test_weight_only_linears_may_opt_in_to_int8_activations():
     pytest.param("zen_w4_avx512", marks=_needs("woq_avx512", "AVX512-VNNI")),
     pytest.param("zen_w8_avx512", marks=_needs("woq_avx512", "AVX512-VNNI")),
     pytest.param("zen_bf16_gemv_avx512", marks=_needs("bf16_gemv_avx512", "AVX512-BF16")),
+    pytest.param("zen_w4_avx2", marks=_needs("woq_avx2", "AVX2")),
+    pytest.param("zen_w8_avx2", marks=_needs("woq_avx2", "AVX2")),
+    pytest.param("zen_a8w4_avx2", marks=_needs("a8w4_avx2", "AVX2")),
+    pytest.param("zen_bf16_gemv_avx2", marks=_needs("bf16_gemv_avx2", "AVX2")),
+    pytest.param("zen_bf16_blocks_avx2", marks=_needs("bf16_gemv_avx2", "AVX2")),
 ])
-def test_decode_kernels_add_the_residual_as_they_store(name):
+def test_native_kernels_add_the_residual_as_they_store(name):
     """``zen.quant_linear(..., residual=r)`` on a kernel that fuses it: r + x @ W^T in fp32, y never
-    rounded to bf16 between (N = 72: the last 16-row block half padding, its residual load masked)."""
+    rounded to bf16 between (N = 72: the last 16-row block of the AVX-512 kernels half padding)."""
     from zen_inductor.kernels import DenseWeight, Plan, quant_linear
 
     torch.manual_seed(0)
     kernel = KERNELS[name]
     assert kernel.residual
     n, k = 72, 512
-    if name == "zen_bf16_gemv_avx512":
+    if "bf16" in name:
         w = DenseWeight((torch.randn(n, k) * 0.05).to(torch.bfloat16))
-        spec, ref_w, act_dtypes = LinearSpec(n, k, k, 16, True, torch.bfloat16), w.weight.float(), (torch.bfloat16,)
+        spec, ref_w = LinearSpec(n, k, k, 16, True, torch.bfloat16), w.weight.float()
     else:
         w = _weight(n, k, 128)
-        if name == "zen_w8_avx512":
+        if "_w8_" in name:
             w = dataclasses.replace(w, codes=torch.randint(-128, 128, (n, k), dtype=torch.int8), bits=8)
-        spec = LinearSpec(n, k, 128, w.bits, False, torch.bfloat16)
-        ref_w, act_dtypes = w.dequantize(), (torch.bfloat16, torch.float32)
+        spec = LinearSpec(n, k, 128, w.bits, False, torch.bfloat16, dynamic_activation=name == "zen_a8w4_avx2")
+        ref_w = w.dequantize()
     packed = kernel.prepack(w, torch.bfloat16)
     bias = torch.randn(n, dtype=torch.bfloat16)
-    for act_dtype in act_dtypes:
-        spec = dataclasses.replace(spec, act_dtype=act_dtype)
-        plan = Plan(spec, (4,), (name, name)).encode()
-        for m in (1, 3):
-            x = torch.randn(m, k).to(act_dtype)
-            residual = torch.randn(m, n) * 10
-            for b in (None, bias):
-                y = quant_linear(x, packed, [len(packed)], b, plan, residual=residual)
-                ref = residual + x.float() @ ref_w.t() + (b.float() if b is not None else 0)
-                assert y.dtype == torch.float32 and y.shape == (m, n)
-                assert sqnr(y, ref) >= 60, (act_dtype, m, b is not None)
-                alone = run_kernel(kernel, x, packed, b, spec)
-                if act_dtype == torch.float32:  # the same fp32 sums as the kernel's own output, then the add
-                    torch.testing.assert_close(y, residual + alone, rtol=0, atol=1e-5)
-                else:  # added in the kernel: no bf16 rounding of y on the way, as an add after it has
-                    assert (y - ref).abs().max() < (residual + alone.float() - ref).abs().max() / 4
+    plan = Plan(spec, (4,), (name, name)).encode()
+    fp32_spec = dataclasses.replace(spec, act_dtype=torch.float32)
+    for m in (1, 3):
+        x = torch.randn(m, k).to(torch.bfloat16)
+        residual = torch.randn(m, n) * 10
+        for b in (None, bias):
+            y = quant_linear(x, packed, [len(packed)], b, plan, residual=residual)
+            ref = residual + x.float() @ ref_w.t() + (b.float() if b is not None else 0)
+            assert y.dtype == torch.float32 and y.shape == (m, n)
+            assert sqnr(y, ref) >= (45 if spec.dynamic_activation else 60), (m, b is not None)
+            if kernel.supports(fp32_spec) is None:  # x in fp32 (exactly x): the kernel's own fp32 sums, then the add
+                alone = run_kernel(kernel, x.float(), packed, b, fp32_spec)
+                torch.testing.assert_close(y, residual + alone, rtol=0, atol=1e-5)
+            else:  # no bf16 rounding of y on the way, as an add after the kernel has
+                alone = run_kernel(kernel, x, packed, b, spec).float()
+                assert (y - ref).abs().max() < (residual + alone - ref).abs().max() / 4
     # zero rows still return the residual's shape
     x0 = torch.empty(0, k, dtype=torch.bfloat16)
     assert quant_linear(x0, packed, [len(packed)], None, plan, residual=torch.empty(0, n)).shape == (0, n)

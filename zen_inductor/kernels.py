@@ -507,26 +507,22 @@ def _a8w4_prepack(w: QuantWeight, act_dtype):
     return [tiles, *_tile_params(w, repeat), _per_tile(colsum128)]
 
 
-def _run_native(name: str, x, weight: list, bias, spec, dims: tuple, extra: tuple = (), residual=None,
-                takes_residual: bool = False):
+def _run_native(name: str, x, weight: list, bias, spec, dims: tuple, extra: tuple = (), residual=None):
     """``y = x @ W^T (+ bias)``, then the epilogue, by the native kernel ``name``, whose entry
-    takes ``(x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra, swiglu)`` and,
-    if ``takes_residual``, ``(residual, has_residual)``: then y is ``residual + y`` in fp32."""
+    takes ``(x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra, swiglu, residual,
+    has_residual)``; with a residual y is ``residual + y`` in fp32 (no epilogue then)."""
     if not x.is_contiguous():
         x = x.contiguous()
     if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
-    tail = ()
-    if takes_residual:
-        if residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()):
-            residual = residual.to(torch.float32).contiguous()
-        tail = (weight[0], 0) if residual is None else (residual, 1)
+    if residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()):
+        residual = residual.to(torch.float32).contiguous()
     y = torch.empty((x.shape[0], spec.out_n), dtype=x.dtype if residual is None else torch.float32)
     if x.shape[0]:
         native.load(name)(
             x, *weight, weight[0] if bias is None else bias, y, x.shape[0], spec.n, *dims,
             int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None), *extra,
-            int(spec.epilogue == "swiglu"), *tail,
+            int(spec.epilogue == "swiglu"), *((weight[0], 0) if residual is None else (residual, 1)),
         )
     elif residual is not None:
         y.copy_(residual)
@@ -550,8 +546,8 @@ def _tile_group(packed, spec) -> int:
     return spec.k // packed[1].shape[1]  # scales are [N/8, K/G, 8]; G as packed, after any split
 
 
-def _a8w4_run(x, packed, bias, spec):
-    return _run_native("a8w4_avx2", x, packed[:4], bias, spec, (spec.k, _tile_group(packed, spec)))
+def _a8w4_run(x, packed, bias, spec, residual=None):
+    return _run_native("a8w4_avx2", x, packed[:4], bias, spec, (spec.k, _tile_group(packed, spec)), (), residual)
 
 
 def _w4_supports(spec: LinearSpec) -> Optional[str]:
@@ -602,11 +598,12 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
 def _blocks16_run(x, packed, bias, spec, residual=None):
     records, scale = packed[0], packed[1]
     return _run_native("woq_avx512", x, packed[:3], bias, spec, (spec.k, spec.k // records.shape[1]),
-                       (spec.bits, int(scale.numel() == 0)), residual, takes_residual=True)
+                       (spec.bits, int(scale.numel() == 0)), residual)
 
 
-def _woq_run(x, packed, bias, spec):
-    return _run_native("woq_avx2", x, packed[:3], bias, spec, (spec.k, _tile_group(packed, spec)), (spec.bits,))
+def _woq_run(x, packed, bias, spec, residual=None):
+    return _run_native("woq_avx2", x, packed[:3], bias, spec, (spec.k, _tile_group(packed, spec)), (spec.bits,),
+                       residual)
 
 
 def _tiles_supports(spec: LinearSpec, bits: int) -> Optional[str]:
@@ -682,10 +679,10 @@ def _bf16_blocks_prepack(w: DenseWeight, act_dtype):
     return [padded.view(-1, 8, w.k // 8, 8).permute(0, 2, 1, 3).contiguous()]
 
 
-def _bf16_gemv_run(x, packed, bias, spec, blocks: bool = False):
+def _bf16_gemv_run(x, packed, bias, spec, residual=None, blocks: bool = False):
     # without native bf16 (AVX2) ATen's bf16 GEMV is far from the memory roofline; this one
     # widens bf16 by a shift and streams 8 weight rows at a time
-    return _run_native("bf16_gemv_avx2", x, packed[:1], bias, spec, (spec.k,), (int(blocks),))
+    return _run_native("bf16_gemv_avx2", x, packed[:1], bias, spec, (spec.k,), (int(blocks),), residual)
 
 
 def _bf16_vnni_supports(spec: LinearSpec) -> Optional[str]:
@@ -702,8 +699,7 @@ def _bf16_vnni_prepack(w: DenseWeight, act_dtype):
 
 
 def _bf16_vnni_run(x, packed, bias, spec, residual=None):
-    return _run_native("bf16_gemv_avx512", x, packed[:1], bias, spec, (spec.k,), residual=residual,
-                       takes_residual=True)
+    return _run_native("bf16_gemv_avx512", x, packed[:1], bias, spec, (spec.k,), residual=residual)
 
 
 def _dense_mm_run(x, packed, bias, spec):
@@ -738,15 +734,15 @@ KERNELS: dict[str, Kernel] = {
         Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack, _zentorch_dqlinear_run),
         Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run),
         Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles", epilogues=("swiglu",),
-               native="a8w4_avx2"),
+               native="a8w4_avx2", residual=True),
         # where the AVX-512 siblings and the bf16 copy's GEMM serve, these win no bin: at M=1-4
         # the siblings are even or ahead (the 17 llama1b-4l decode linears, int4 g128: M=1 5.45
         # against 5.58 ms, M=4 11.2 against 14.5; int8: M=1 7.8 against 7.7, M=4 13.1 against
         # 15.4), from M=16 the copy is 1.3-2.5x ahead (linears-llama1b-4l.md)
         Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _woq_run, layout="int4_tiles", epilogues=("swiglu",),
-               native="woq_avx2", dominated_by=(("zen_w4_avx512", "zentorch_linear_dequantized"),)),
+               native="woq_avx2", dominated_by=(("zen_w4_avx512", "zentorch_linear_dequantized"),), residual=True),
         Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles", epilogues=("swiglu",),
-               native="woq_avx2", dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),)),
+               native="woq_avx2", dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),), residual=True),
         # AVX512-VNNI, 16-row blocks in 4 streams a thread, as zen_bf16_gemv_avx512
         Kernel("zen_w4_avx512", "zen", _w4_supports, _blocks16_prepack, _blocks16_run, layout="int4_blocks16",
                epilogues=("swiglu",), max_m=4, native="woq_avx512", residual=True),
@@ -791,7 +787,7 @@ KERNELS: dict[str, Kernel] = {
         # 4 rounds: TPOT median 24.4 against 25.1 ms; 17.6 against 20.6 when the machine's memory
         # was fast): there the tuner leaves them out, and their build
         Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense",
-               epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2", dominated_by=_BF16_GEMM),
+               epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2", dominated_by=_BF16_GEMM, residual=True),
         # AVX512-BF16: vdpbf16ps on a copy packed as its pairs. The 17 llama1b-4l decode linears
         # alternated with zentorch's GEMM, 10 rounds: M=1 19.4 against 23.6 ms, M=4 19.5 against 21.6
         # (both 12-16 ms when the machine's memory was fast). A GEMV: at M=16 four passes over each
@@ -801,7 +797,7 @@ KERNELS: dict[str, Kernel] = {
         # the same GEMV on a blocked copy: ahead where rows of W are short (K ~ 1024), behind on long ones
         Kernel("zen_bf16_blocks_avx2", "dense", _bf16_gemv_supports, _bf16_blocks_prepack,
                functools.partial(_bf16_gemv_run, blocks=True), layout="bf16_blocks",
-               epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2", dominated_by=_BF16_GEMM),
+               epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2", dominated_by=_BF16_GEMM, residual=True),
     )
 }
 

@@ -23,19 +23,19 @@ SOURCES = {
     "a8w4_avx2": (
         "a8w4_avx2.cpp",
         ("const void*", "const uint8_t*", "const float*", "const float*", "const int32_t*", "const float*", "void*",
-         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
+         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
         ("avx2", "fma"),
     ),
     "woq_avx2": (
         "woq_avx2.cpp",
         ("const void*", "const uint8_t*", "const float*", "const float*", "const float*", "void*",
-         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t"),
+         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
         ("avx2", "fma"),
     ),
     "bf16_gemv_avx2": (
         "bf16_gemv_avx2.cpp",
         ("const void*", "const uint16_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t",
-         "int64_t", "int64_t", "int64_t", "int64_t"),
+         "int64_t", "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
         ("avx2", "fma"),
     ),
     "bf16_gemv_avx512": (

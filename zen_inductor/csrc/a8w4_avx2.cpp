@@ -104,7 +104,8 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
 
 extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset,
                        const int32_t* colsum128, const float* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t G,
-                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t swiglu) {
+                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t swiglu,
+                       const float* residual, int64_t has_residual) {
   static thread_local std::vector<uint8_t> q;
   static thread_local std::vector<float> xs, xsum;
   q.resize(M * K);
@@ -114,6 +115,7 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
   float* xsp = xs.data();
   float* xsump = xsum.data();
   const int64_t out_tiles = swiglu ? N / 16 : N / 8, n_out = swiglu ? N / 2 : N;
+  const float* res = has_residual ? residual : nullptr;
   // one parallel region: rows of x are quantized, then tiles of W are shared out
 #pragma omp parallel
   {
@@ -127,7 +129,7 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
         auto tile_acc = [&](int64_t tile, __m256* acc) {
           tile_rows<R>(w, scale, offset, colsum128, has_bias ? bias : nullptr, qp, xsp, xsump, acc, m, tile, N, K, G);
         };
-        emit_tile<R>(tile_acc, y, m, t, n_out, swiglu, y_bf16);
+        emit_tile<R>(tile_acc, y, m, t, n_out, swiglu, y_bf16, res);
       });
   }
 }

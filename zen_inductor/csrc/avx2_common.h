@@ -127,8 +127,10 @@ inline void quantize_group_int16(const void* x, int64_t i, int64_t G, bool x_bf1
 // accumulators of one tile of W. With swiglu, W's rows come as gate and up tiles in turn
 // (tile 2t: gate rows 8t .. 8t + 7, tile 2t + 1: the same up rows) and the output is
 // silu(gate) * up, n_out = N / 2 wide: the merged gate/up GEMM never writes its 2N-wide result.
+// With a residual (fp32 [M, N], never with swiglu; y is then fp32) y = residual + the sums.
 template <int R, class F>
-inline void emit_tile(F&& tile_acc, void* y, int64_t m0, int64_t t, int64_t n_out, bool swiglu, bool y_bf16) {
+inline void emit_tile(F&& tile_acc, void* y, int64_t m0, int64_t t, int64_t n_out, bool swiglu, bool y_bf16,
+                      const float* residual) {
   __m256 a[R];
   if (swiglu) {
     __m256 b[R];
@@ -140,7 +142,8 @@ inline void emit_tile(F&& tile_acc, void* y, int64_t m0, int64_t t, int64_t n_ou
     tile_acc(t, a);
   }
   for (int r = 0; r < R; ++r)
-    store8(y, (m0 + r) * n_out + t * 8, a[r], y_bf16);
+    store8(y, (m0 + r) * n_out + t * 8,
+           residual ? _mm256_add_ps(a[r], _mm256_loadu_ps(residual + (m0 + r) * n_out + t * 8)) : a[r], y_bf16);
 }
 
 // f(std::integral_constant<int, R>{}, m0) over blocks of R <= MAX rows covering rows [0, M): a

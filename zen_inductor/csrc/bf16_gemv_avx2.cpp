@@ -46,7 +46,7 @@ __m256 block(const uint16_t* w, const float* xf, int64_t m, int64_t n0, int64_t 
 
 template <bool BLOCKS>
 void gemv(const float* xf, const uint16_t* w, const float* b, void* y, int64_t M, int64_t N, int64_t K, bool y_bf16,
-          bool swiglu) {
+          bool swiglu, const float* res) {
   const int64_t out_blocks = swiglu ? N / 16 : (N + 7) / 8, n_out = swiglu ? N / 2 : N;
 #pragma omp for schedule(static)
   for (int64_t t = 0; t < out_blocks; ++t)
@@ -59,8 +59,12 @@ void gemv(const float* xf, const uint16_t* w, const float* b, void* y, int64_t M
         }
         store8(y, m * n_out + 8 * t, _mm256_mul_ps(silu8(g), u), y_bf16);
       } else if (t * 8 + 8 <= N) {
-        const __m256 s = block<BLOCKS, 8>(w, xf, m, 8 * t, K);
-        store8(y, m * N + 8 * t, b ? _mm256_add_ps(s, _mm256_loadu_ps(b + 8 * t)) : s, y_bf16);
+        __m256 s = block<BLOCKS, 8>(w, xf, m, 8 * t, K);
+        if (b)
+          s = _mm256_add_ps(s, _mm256_loadu_ps(b + 8 * t));
+        if (res)  // fp32 [M, N], y then fp32: see emit_tile
+          s = _mm256_add_ps(s, _mm256_loadu_ps(res + m * N + 8 * t));
+        store8(y, m * N + 8 * t, s, y_bf16);
       } else {  // the last rows when N is not a multiple of 8 (blocks: the padding is not stored)
         alignas(32) float sums[8];
         if (BLOCKS)
@@ -69,7 +73,7 @@ void gemv(const float* xf, const uint16_t* w, const float* b, void* y, int64_t M
           for (int64_t n = t * 8; n < N; ++n)
             sums[n - t * 8] = _mm256_cvtss_f32(block<false, 1>(w, xf, m, n, K));  // lane 0: row n
         for (int64_t n = t * 8; n < N; ++n)
-          store1(y, m * N + n, sums[n - t * 8] + (b ? b[n] : 0.0f), y_bf16);
+          store1(y, m * N + n, sums[n - t * 8] + (b ? b[n] : 0.0f) + (res ? res[m * N + n] : 0.0f), y_bf16);
       }
     }
 }
@@ -77,19 +81,21 @@ void gemv(const float* xf, const uint16_t* w, const float* b, void* y, int64_t M
 }  // namespace
 
 extern "C" void kernel(const void* x, const uint16_t* w, const float* bias, void* y, int64_t M, int64_t N,
-                       int64_t K, int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t blocks, int64_t swiglu) {
+                       int64_t K, int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t blocks, int64_t swiglu,
+                       const float* residual, int64_t has_residual) {
   static thread_local std::vector<float> xf;
   xf.resize(M * K);
   float* xfp = xf.data();
   const float* b = has_bias ? bias : nullptr;
+  const float* res = has_residual ? residual : nullptr;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * (K / 8); ++i)
       _mm256_storeu_ps(xfp + i * 8, load8(x, i * 8, x_bf16));
     if (blocks)
-      gemv<true>(xfp, w, b, y, M, N, K, y_bf16, swiglu);
+      gemv<true>(xfp, w, b, y, M, N, K, y_bf16, swiglu, res);
     else
-      gemv<false>(xfp, w, b, y, M, N, K, y_bf16, swiglu);
+      gemv<false>(xfp, w, b, y, M, N, K, y_bf16, swiglu, res);
   }
 }

@@ -112,7 +112,8 @@ void tile_rows(const uint8_t* w, const float* scale, const float* offset, const 
 
 extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset,
                        const float* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t G,
-                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t bits, int64_t swiglu) {
+                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t bits, int64_t swiglu,
+                       const float* residual, int64_t has_residual) {
   static thread_local std::vector<int16_t> xq;
   static thread_local std::vector<float> xs, xsum;
   static thread_local std::vector<uint8_t> xlo;  // int4: xq split in bytes for dot_nibbles
@@ -130,6 +131,7 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
   float* xsump = xsum.data();
   const int64_t out_tiles = swiglu ? N / 16 : N / 8, n_out = swiglu ? N / 2 : N;
   const float* b = has_bias ? bias : nullptr;
+  const float* res = has_residual ? residual : nullptr;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
@@ -156,7 +158,7 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
           else
             tile_rows<R, 8>(w, scale, offset, b, xqp, xlop, xhip, xsp, xsump, acc, m, tile, N, K, G);
         };
-        emit_tile<R>(tile_acc, y, m, t, n_out, swiglu, y_bf16);
+        emit_tile<R>(tile_acc, y, m, t, n_out, swiglu, y_bf16, res);
       });
   }
 }
