@@ -1,5 +1,6 @@
 """Shape bins, per-call dispatch, the verification gate's cache path, and the persistent cache."""
 import copy
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -226,6 +227,11 @@ def test_dominated_kernels_are_left_out_with_the_reason():
         assert candidates(int8)[1]["dequant_sgemm"].startswith("int8_tiles_sgemm computes the same")
     odd = LinearSpec(n=256, k=96, group_size=96, bits=8, symmetric=True, act_dtype=torch.float32)
     assert "dequant_sgemm" in names(candidates(odd)[0])  # K=96 fits no tile layout: nothing dominates it
+    int8_bf16 = dataclasses.replace(int8, act_dtype=torch.bfloat16)
+    if {"zen_w8_avx512", "zentorch_linear_dequantized"} <= names(candidates(int8_bf16)[0]):
+        assert candidates(int8_bf16)[1]["aten_int8pack_mm"].startswith("zen_w8_avx512 and zentorch_linear_dequantized")
+    else:  # nothing to stand in for it
+        assert "aten_int8pack_mm" in names(candidates(int8_bf16)[0])
 
 
 def test_compute_bound_bins_take_the_ranking_of_the_bin_below(monkeypatch):

@@ -730,7 +730,11 @@ KERNELS: dict[str, Kernel] = {
         # packing and verification cost ~1.7 s of a cold int4 compile
         Kernel("aten_int4pack_mm", "aten", _int4pack_supports, _int4pack_prepack, _int4pack_run,
                dominated_by=("zen_w4_avx2", "zen_w4_avx512")),
-        Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run),
+        # behind zen_w8_avx512 at every M <= 16 (1.1-3.3x on the five llama1b-4l shapes, Zen 4) and
+        # behind the bf16 copy's GEMM from M=64 (2.6-4x): it won no bin of int8wo or int8dq, and
+        # its verification took ~1.2 s of a cold int8 compile (py-spy)
+        Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run,
+               dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),)),
         Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack, _zentorch_dqlinear_run),
         Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run),
         Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles", epilogues=("swiglu",),
