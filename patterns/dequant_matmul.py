@@ -454,6 +454,8 @@ def _skip_round_trips(graph: fx.Graph, wide: fx.Node, narrow: fx.Node) -> None:
     the linear from the families after this one (no SwiGLU epilogue, no residual fold for int8dq).
     """
     for user in list(wide.users):
+        if fake_value(user) is None:  # nothing recorded to rebuild the view's value from
+            continue
         if is_call(user, *CONVERTS) and _only_dtype(user) and fake_value(user).dtype == fake_value(narrow).dtype:
             user.replace_all_uses_with(narrow)
         elif is_call(user, *VIEWS):
