@@ -50,3 +50,9 @@ def sqnr(y, ref) -> float:
 
 def compile_zen(model, **options):
     return torch.compile(model, backend="zen", options=options or None)
+
+
+def eager_and_zen(model, *inputs):
+    """``model(*inputs)`` eager and compiled by zen, under no_grad (so zen freezes the weights)."""
+    with torch.no_grad():
+        return model(*inputs), compile_zen(model)(*inputs)

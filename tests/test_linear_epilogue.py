@@ -8,7 +8,7 @@ import zen_inductor
 from zen_inductor import autotune, native
 from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates, run_kernel, swiglu_row_order
 
-from conftest import compile_zen, quantize, sqnr
+from conftest import compile_zen, eager_and_zen, quantize, sqnr
 
 K, I = 256, 96  # I: a multiple of 8, not of 16 (gate and up tiles pair up inside one block of 16)
 
@@ -176,9 +176,7 @@ def test_int8_dynamic_mlp_gets_the_epilogue_and_the_residual_fold(dumped):
     torch.manual_seed(0)
     model = quantize(ResidualMLP().to(torch.bfloat16).eval(), Int8DynamicActivationInt8WeightConfig())
     x = torch.randn(1, 3, K).to(torch.bfloat16)
-    with torch.no_grad():
-        eager = model(x)
-        zen = compile_zen(model)(x)
+    eager, zen = eager_and_zen(model, x)
     assert zen_inductor.counters["linear_epilogue.swiglu"] == 1
     assert zen_inductor.counters["residual_add"] == 1
     after = dumped("after.py")

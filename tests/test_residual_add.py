@@ -5,7 +5,7 @@ from torch._inductor.utils import run_and_get_code
 import zen_inductor
 from zen_inductor import autotune, config
 
-from conftest import compile_zen, sqnr
+from conftest import compile_zen, eager_and_zen, sqnr
 
 H, VOCAB = 128, 64
 
@@ -54,9 +54,7 @@ def _ids(tokens=24):
 def test_the_stream_is_summed_in_fp32_by_the_linears(dumped):
     model = Stack(3).eval()
     ids = _ids()
-    with torch.no_grad():
-        eager = model(ids)
-        zen = compile_zen(model)(ids)
+    eager, zen = eager_and_zen(model, ids)
     assert zen_inductor.counters["residual_add"] == 3
     assert zen_inductor.counters["residual_add.fp32_stream_bfloat16"] == 3
     after = dumped("after.py")
