@@ -513,10 +513,7 @@ def _run_native(name: str, x, weight: list, bias, spec, dims: tuple, extra: tupl
     has_residual)``; with a residual y is ``residual + y`` in fp32 (no epilogue then)."""
     if not x.is_contiguous():
         x = x.contiguous()
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
-        bias = bias.to(torch.float32).contiguous()
-    if residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()):
-        residual = residual.to(torch.float32).contiguous()
+    bias, residual = _fp32_contiguous(bias), _fp32_contiguous(residual)
     y = torch.empty((x.shape[0], spec.out_n), dtype=x.dtype if residual is None else torch.float32)
     if x.shape[0]:
         native.load(name)(
@@ -524,9 +521,12 @@ def _run_native(name: str, x, weight: list, bias, spec, dims: tuple, extra: tupl
             int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None), *extra,
             int(spec.epilogue == "swiglu"), *((weight[0], 0) if residual is None else (residual, 1)),
         )
-    elif residual is not None:
-        y.copy_(residual)
     return y
+
+
+def _fp32_contiguous(t):
+    """``t`` as the kernels read it (fp32, rows packed), or None."""
+    return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.to(torch.float32).contiguous()
 
 
 def _per_tile(t: torch.Tensor, rows: int = 8) -> torch.Tensor:
