@@ -464,8 +464,11 @@ def _zentorch_dqlinear_run(x, packed, bias, spec):
 
 
 def _tile_layout_reason(spec: LinearSpec) -> Optional[str]:
-    """Why a weight cannot take the tile layout of csrc/ (8-row tiles, groups of 64 or 128)."""
-    if spec.group_size % 64 or spec.k % spec.group_size:
+    """Why a weight cannot take the tile layout of csrc/ (8-row tiles, groups of 32, 64 or 128)."""
+    if spec.group_size == 32 and spec.k % 64:
+        # GGUF's blocks of 32: codes stay in blocks of 64 (two groups), so K must hold whole blocks
+        return f"group size 32 with K={spec.k}: the tile layout packs codes in blocks of 64 (K a multiple of 64)"
+    if spec.group_size != 32 and (spec.group_size % 64 or spec.k % spec.group_size):
         return f"group size {spec.group_size} with K={spec.k}: the tile layout takes groups that are multiples of 64"
     if spec.n % 8:
         return f"N={spec.n} is not a multiple of 8"
@@ -483,25 +486,28 @@ def _bits_reason(spec: LinearSpec, bits: int) -> Optional[str]:
 def _a8w4_supports(spec: LinearSpec) -> Optional[str]:
     if spec.bits == 4 and not spec.dynamic_activation and not config.int8_activations_for_weight_only:
         return "not for weight-only linears: it quantizes activations (config.int8_activations_for_weight_only)"
-    return _bits_reason(spec, 4) or _tile_layout_reason(spec)
+    reason = _bits_reason(spec, 4) or _tile_layout_reason(spec)
+    if reason is None and spec.group_size == 32:  # the tiles then hold two groups a 64-code block
+        return "group size 32: zen_a8w4_avx2 takes groups that are multiples of 64"
+    return reason
 
 
 def _a8w4_group(g: int) -> int:
     # The kernel gives x one int8 scale per group. Groups are split into groups of 128 (or 64)
     # that repeat the weight's scale: an outlier channel then coarsens fewer activations (a
     # loud channel in a 256-group cost 29 dB, 128-groups keep 30+), and 16-bit partial sums
-    # cannot overflow.
-    return 128 if g % 128 == 0 else 64
+    # cannot overflow. Groups of 32 stay (the tiles' codes then come in blocks of two groups).
+    return 128 if g % 128 == 0 else 64 if g % 64 == 0 else 32
 
 
 def _a8w4_prepack(w: QuantWeight, act_dtype):
     n, k = w.n, w.k
     g = _a8w4_group(w.group_size)
-    repeat = w.group_size // g
+    repeat, block = w.group_size // g, max(g, 64)  # codes in blocks of 64 or more: two groups of 32
     # codes in [-8, 7]: + 8 cannot overflow int8, so no wider temporaries (~1 s of a 1B model's packing)
-    unsigned = (w.codes + 8).view(torch.uint8).view(n // 8, 8, k // g, g // 64, 2, 32)
+    unsigned = (w.codes + 8).view(torch.uint8).view(n // 8, 8, k // block, block // 64, 2, 32)
     nibbles = (unsigned[..., 1, :] << 4).bitwise_or_(unsigned[..., 0, :])  # code i low, code i + 32 high
-    tiles = nibbles.permute(0, 2, 1, 3, 4).contiguous()  # [N/8, K/G, 8, G/2]
+    tiles = nibbles.permute(0, 2, 1, 3, 4).contiguous()  # [N/8, K/B, 8, B/2]
     # |sum| <= 8 * 128 fits int16, whose sum is 2x faster here than int32's
     colsum128 = w.codes.view(n, k // g, g).sum(-1, dtype=torch.int16).to(torch.int32).mul_(128)
     return [tiles, *_tile_params(w, repeat), _per_tile(colsum128)]
@@ -547,7 +553,10 @@ def _tile_group(packed, spec) -> int:
 
 
 def _a8w4_run(x, packed, bias, spec, residual=None):
-    return _run_native("a8w4_avx2", x, packed[:4], bias, spec, (spec.k, _tile_group(packed, spec)), (), residual)
+    group = _tile_group(packed, spec)
+    if group == 32:  # two groups a block: not the layout a8w4_avx2.cpp reads
+        raise ValueError("zen_a8w4_avx2 does not take weights in groups of 32")
+    return _run_native("a8w4_avx2", x, packed[:4], bias, spec, (spec.k, group), (), residual)
 
 
 def _w4_supports(spec: LinearSpec) -> Optional[str]:
@@ -561,8 +570,8 @@ def _w8_supports(spec: LinearSpec) -> Optional[str]:
 def _int8_tiles_prepack(w: QuantWeight, act_dtype):
     n, k = w.n, w.k
     g = _a8w4_group(w.group_size)
-    repeat = w.group_size // g
-    tiles = w.codes.view(n // 8, 8, k // g, g).permute(0, 2, 1, 3).contiguous()  # [N/8, K/G, 8, G]
+    repeat, block = w.group_size // g, max(g, 64)  # blocks of 64 codes or more, as the int4 tiles
+    tiles = w.codes.view(n // 8, 8, k // block, block).permute(0, 2, 1, 3).contiguous()  # [N/8, K/B, 8, B]
     return [tiles, *_tile_params(w, repeat)]
 
 

@@ -14,7 +14,9 @@
 // tile, so one thread streams one contiguous run of bytes per tile:
 //     w[N/8][K/G][8][G/2], and in each 32-byte block of a row (64 codes) byte i holds
 //     c + 8 of code i in its low nibble and of code i + 32 in its high nibble.
-// G is 64 or 128 (bigger groups are split at packing; 8 partial sums of 4080 fit 16 bits).
+// G is 64 or 128 (bigger groups are split at packing; 8 partial sums of 4080 fit 16 bits). The
+// same packed copy of a weight in groups of 32 holds two groups per 64-code block and scales per
+// 32: this kernel does not read it (kernels.py declines such weights for it).
 // scale, offset and colsum128 are per tile too, [N/8][K/G][8], next to the tile's codes.
 #include "avx2_common.h"
 

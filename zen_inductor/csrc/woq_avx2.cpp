@@ -1,10 +1,11 @@
 // Weight-only int4 and int8 linears on AVX2: y = x @ W^T (+ bias), x in bf16 or fp32, for decode
-// and small batches. Weights are packed once in tiles of 8 output rows, group-major inside a
-// tile, so one thread streams one contiguous run of bytes per tile:
-//   int4: w[N/8][K/G][8][G/2], the layout of a8w4_avx2.cpp (one packed copy serves both): in
+// and small batches. Weights are packed once in tiles of 8 output rows, block-major inside a
+// tile, so one thread streams one contiguous run of bytes per tile. A block is a group of G
+// codes of a row, or, for G = 32, two groups (64 codes: B = max(G, 64)):
+//   int4: w[N/8][K/B][8][B/2], the layout of a8w4_avx2.cpp (one packed copy serves both): in
 //         each 32-byte block of a row, byte i holds u = c + 8 of code i (low nibble) and of code
-//         i + 32 (high nibble);
-//   int8: w[N/8][K/G][8][G], the codes c themselves.
+//         i + 32 (high nibble); with G = 32 the low nibbles are one group, the high ones the next;
+//   int8: w[N/8][K/B][8][B], the codes c themselves.
 // Scales and offsets per tile, [N/8][K/G][8], beside the tile's codes (not [K/G][N]: a tile's
 // groups N * 4 bytes apart are a page each).
 // W[n, k] = scale[g, n] * c + offset[g, n]. x goes to int16 with one scale per row and group
@@ -15,7 +16,9 @@
 //             + (offset[g, n] - z scale[g, n]) * xsum[m, g]      (u = c + z; z = 8 or 0)
 // Partial sums: at most 2 * 128 * 32767 a pair, 64 pairs a group (G <= 128): below 2^31. Up to 4
 // rows of x share each unpacked weight block. A single row of x with int4 weights (decode) takes
-// dot_nibbles instead: the same integer sums from fewer instructions.
+// dot_nibbles instead: the same integer sums from fewer instructions. G is 32, 64 or 128 (bigger
+// groups are split at packing); with G = 32 each 64-code block keeps the sums of its two groups
+// apart, so a weight in GGUF's blocks of 32 keeps its own scales.
 #include "avx2_common.h"
 
 namespace {
@@ -40,70 +43,89 @@ inline void unpack64(const uint8_t* p, __m256i* u) {
   }
 }
 
-// sum_k u[k] xq[k] over one group (G = 64 or 128) of one weight row, for a single row of x, with
-// xq = 256 xhi + xlo split into a signed high and an unsigned low byte. vpmaddubsw multiplies the
-// unpacked nibbles by bytes of x directly, where the int16 path widens every code first: 12
-// instead of 17 instructions per 64 codes. Exact: a pair is at most 2 * 255 * 15 = 7650 (low) or
-// 2 * 15 * 128 (high), and 4 pairs are summed in int16 (30600 < 32767) before widening.
-inline __m256i dot_nibbles(const uint8_t* w, const uint8_t* xlo, const int8_t* xhi, int64_t G) {
+// sum_k u[k] xq[k] over one block of B codes of one weight row (H groups: 2 when G = 32, the
+// low nibbles of each 32-byte block one group and the high ones the next; else 1), for a single
+// row of x, with xq = 256 xhi + xlo split into a signed high and an unsigned low byte. vpmaddubsw
+// multiplies the unpacked nibbles by bytes of x directly, where the int16 path widens every code
+// first: 12 instead of 17 instructions per 64 codes. Exact: a pair is at most 2 * 255 * 15 = 7650
+// (low) or 2 * 15 * 128 (high), and at most 4 pairs are summed in int16 (30600 < 32767, B <= 128)
+// before widening.
+template <int H>
+inline void dot_nibbles(const uint8_t* w, const uint8_t* xlo, const int8_t* xhi, int64_t B, __m256i* out) {
   const __m256i low = _mm256_set1_epi8(0x0F);
-  __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
-  for (int64_t b = 0; b < G / 64; ++b) {
+  __m256i lo16[H], hi16[H];
+  for (int h = 0; h < H; ++h)
+    lo16[h] = hi16[h] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < B / 64; ++b) {
     _mm_prefetch(reinterpret_cast<const char*>(w + b * 32) + 4096, _MM_HINT_T0);
     const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * 32));
     const __m256i c0 = _mm256_and_si256(packed, low);                       // codes 0..31
     const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);  // codes 32..63
     const __m256i* l = reinterpret_cast<const __m256i*>(xlo + b * 64);
-    const __m256i* h = reinterpret_cast<const __m256i*>(xhi + b * 64);
-    lo16 = _mm256_add_epi16(lo16, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_loadu_si256(l), c0),
-                                                    _mm256_maddubs_epi16(_mm256_loadu_si256(l + 1), c1)));
-    hi16 = _mm256_add_epi16(hi16, _mm256_add_epi16(_mm256_maddubs_epi16(c0, _mm256_loadu_si256(h)),
-                                                    _mm256_maddubs_epi16(c1, _mm256_loadu_si256(h + 1))));
+    const __m256i* hx = reinterpret_cast<const __m256i*>(xhi + b * 64);
+    const __m256i l0 = _mm256_maddubs_epi16(_mm256_loadu_si256(l), c0), l1 = _mm256_maddubs_epi16(_mm256_loadu_si256(l + 1), c1);
+    const __m256i h0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(hx)), h1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(hx + 1));
+    if constexpr (H == 1) {
+      lo16[0] = _mm256_add_epi16(lo16[0], _mm256_add_epi16(l0, l1));
+      hi16[0] = _mm256_add_epi16(hi16[0], _mm256_add_epi16(h0, h1));
+    } else {  // B = 64: one block, nothing to carry over
+      lo16[0] = l0, lo16[1] = l1, hi16[0] = h0, hi16[1] = h1;
+    }
   }
-  return _mm256_add_epi32(_mm256_madd_epi16(lo16, _mm256_set1_epi16(1)), _mm256_madd_epi16(hi16, _mm256_set1_epi16(256)));
+  for (int h = 0; h < H; ++h)
+    out[h] = _mm256_add_epi32(_mm256_madd_epi16(lo16[h], _mm256_set1_epi16(1)), _mm256_madd_epi16(hi16[h], _mm256_set1_epi16(256)));
 }
 
-// The accumulators of the 8 output rows of one tile for ROWS rows of x from m0.
-template <int ROWS, int BITS>
+// The accumulators of the 8 output rows of one tile for ROWS rows of x from m0; H groups a block
+// of B = H * G codes (see dot_nibbles).
+template <int ROWS, int BITS, int H>
 void tile_rows(const uint8_t* w, const float* scale, const float* offset, const float* bias,
                const int16_t* xq, const uint8_t* xlo, const int8_t* xhi, const float* xs, const float* xsum,
                __m256* acc, int64_t m0, int64_t tile, int64_t N, int64_t K, int64_t G) {
-  const int64_t groups = K / G, row_bytes = G * BITS / 8;
+  const int64_t B = G * H, groups = K / G, row_bytes = B * BITS / 8;
   const uint8_t* wt = w + tile * 8 * (K * BITS / 8);
   for (int r = 0; r < ROWS; ++r)
     acc[r] = bias ? _mm256_loadu_ps(bias + tile * 8) : _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* wg = wt + g * 8 * row_bytes;
-    __m256i sums[ROWS][8];
+  for (int64_t blk = 0; blk < K / B; ++blk) {
+    const uint8_t* wg = wt + blk * 8 * row_bytes;
+    __m256i sums[H][ROWS][8];
     for (int j = 0; j < 8; ++j) {
-      __m256i s[ROWS];
-      for (int r = 0; r < ROWS; ++r)
-        s[r] = _mm256_setzero_si256();
       const uint8_t* wr = wg + j * row_bytes;
       if constexpr (ROWS == 1 && BITS == 4) {  // one row of x: vpmaddubsw on the nibbles as they are
-        sums[0][j] = dot_nibbles(wr, xlo + m0 * K + g * G, xhi + m0 * K + g * G, G);
+        __m256i d[H];
+        dot_nibbles<H>(wr, xlo + m0 * K + blk * B, xhi + m0 * K + blk * B, B, d);
+        for (int h = 0; h < H; ++h)
+          sums[h][0][j] = d[h];
         continue;
       }
-      for (int64_t b = 0; b < G / 64; ++b) {
+      __m256i s[H][ROWS];
+      for (int h = 0; h < H; ++h)
+        for (int r = 0; r < ROWS; ++r)
+          s[h][r] = _mm256_setzero_si256();
+      for (int64_t b = 0; b < B / 64; ++b) {
         __m256i u[4];
         // 4 KB ahead in this thread's one stream of tiles: more reads in flight than the hardware
         // prefetcher keeps (int8 at M = 1: 15-17 -> 17-20 GB/s here; int4 is bound by unpacking)
         _mm_prefetch(reinterpret_cast<const char*>(wr + b * 64 * BITS / 8) + 4096, _MM_HINT_T0);
         unpack64<BITS>(wr + b * 64 * BITS / 8, u);
         for (int r = 0; r < ROWS; ++r) {
-          const __m256i* xr = reinterpret_cast<const __m256i*>(xq + (m0 + r) * K + g * G + b * 64);
-          for (int i = 0; i < 4; ++i)
-            s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(u[i], _mm256_loadu_si256(xr + i)));
+          const __m256i* xr = reinterpret_cast<const __m256i*>(xq + (m0 + r) * K + blk * B + b * 64);
+          for (int i = 0; i < 4; ++i)  // u[0], u[1]: codes 0..31 of the 64; u[2], u[3]: 32..63
+            s[H == 2 ? i / 2 : 0][r] = _mm256_add_epi32(s[H == 2 ? i / 2 : 0][r], _mm256_madd_epi16(u[i], _mm256_loadu_si256(xr + i)));
         }
       }
-      for (int r = 0; r < ROWS; ++r)
-        sums[r][j] = s[r];
+      for (int h = 0; h < H; ++h)
+        for (int r = 0; r < ROWS; ++r)
+          sums[h][r][j] = s[h][r];
     }
-    const __m256 sv = _mm256_loadu_ps(scale + (tile * groups + g) * 8);
-    const __m256 ov = _mm256_fnmadd_ps(_mm256_set1_ps(BITS == 4 ? 8.0f : 0.0f), sv, _mm256_loadu_ps(offset + (tile * groups + g) * 8));
-    for (int r = 0; r < ROWS; ++r) {
-      const int64_t mg = (m0 + r) * groups + g;
-      acc[r] = add_group(acc[r], reduce8(sums[r]), sv, ov, xs[mg], xsum[mg]);
+    for (int h = 0; h < H; ++h) {
+      const int64_t g = blk * H + h;
+      const __m256 sv = _mm256_loadu_ps(scale + (tile * groups + g) * 8);
+      const __m256 ov = _mm256_fnmadd_ps(_mm256_set1_ps(BITS == 4 ? 8.0f : 0.0f), sv, _mm256_loadu_ps(offset + (tile * groups + g) * 8));
+      for (int r = 0; r < ROWS; ++r) {
+        const int64_t mg = (m0 + r) * groups + g;
+        acc[r] = add_group(acc[r], reduce8(sums[h][r]), sv, ov, xs[mg], xsum[mg]);
+      }
     }
   }
 }
@@ -154,9 +176,9 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
         constexpr int R = decltype(rows)::value;
         auto tile_acc = [&](int64_t tile, __m256* acc) {
           if (bits == 4)
-            tile_rows<R, 4>(w, scale, offset, b, xqp, xlop, xhip, xsp, xsump, acc, m, tile, N, K, G);
+            (G == 32 ? tile_rows<R, 4, 2> : tile_rows<R, 4, 1>)(w, scale, offset, b, xqp, xlop, xhip, xsp, xsump, acc, m, tile, N, K, G);
           else
-            tile_rows<R, 8>(w, scale, offset, b, xqp, xlop, xhip, xsp, xsump, acc, m, tile, N, K, G);
+            (G == 32 ? tile_rows<R, 8, 2> : tile_rows<R, 8, 1>)(w, scale, offset, b, xqp, xlop, xhip, xsp, xsump, acc, m, tile, N, K, G);
         };
         emit_tile<R>(tile_acc, y, m, t, n_out, swiglu, y_bf16, res);
       });

@@ -5,7 +5,7 @@
 // Codes are stored unsigned, u = c + z (z = 8 for int4, 128 for int8), the side of vpdpbusd that
 // takes unsigned bytes; it multiplies four of them by four signed bytes and adds the four
 // products to an int32 lane, a lane a row of W, so no horizontal sums. x goes to int16 per row
-// and group of G (64 or 128) as in woq_avx2.cpp, within +-32639 so that it splits into signed
+// and group of G (32, 64 or 128) as in woq_avx2.cpp, within +-32639 so that it splits into signed
 // bytes, xq = 256 h + l, and the sums are exact integers (two vpdpbusd, for l and h, per four
 // codes of a row):
 //     y[m, n] = sum_g scale[g, n] xs[m, g] (sum_{k in g} u[n, k] xq[m, k]) + offset'[g, n] xsum[m, g]
@@ -121,7 +121,7 @@ void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float
 }  // namespace
 
 // w: ceil(N/16) blocks of K/G records as above; scale, offset': per-channel ones (unread if
-// grouped); y: [M, N] (swiglu: [M, N / 2]), bf16 or fp32. G is 64 or 128 and divides K.
+// grouped); y: [M, N] (swiglu: [M, N / 2]), bf16 or fp32. G is 32, 64 or 128 and divides K.
 // residual: fp32 [M, N] added to y (fp32 then), read only if has_residual.
 extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset, const float* bias,
                        void* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t x_bf16, int64_t y_bf16,

@@ -1,0 +1,193 @@
+"""Weights in groups of 32 (GGUF's Q4_0 / Q4_1 / Q8_0 block) on our native kernels.
+
+The tiles keep their codes in blocks of 64 (an int4 block's low nibbles are one group, its high
+nibbles the next) and the scales per group of 32; the AVX-512 kernels keep a record per group.
+Shapes are SmolLM2-135M's K = 576 (nine blocks of 64, not a multiple of 128).
+"""
+import dataclasses
+
+import pytest
+import torch
+
+import zen_inductor
+from zen_inductor import config, native
+from zen_inductor.kernels import KERNELS, LinearSpec, Plan, QuantWeight, epilogue_reference, quant_linear, run_kernel
+
+from conftest import compile_zen, quantize, sqnr
+
+K = 576
+ROWS_OF_X = (1, 2, 3, 4, 5, 17, 64, 130)  # 1: the nibble path; 4-row blocks and each remainder; prefill
+
+
+def _needs(library):
+    return pytest.mark.skipif(native.unavailable(library) is not None, reason=f"{library} cannot run here")
+
+
+GEMVS = [
+    pytest.param("zen_w4_avx2", marks=_needs("woq_avx2")),
+    pytest.param("zen_w8_avx2", marks=_needs("woq_avx2")),
+    pytest.param("zen_w4_avx512", marks=_needs("woq_avx512")),
+    pytest.param("zen_w8_avx512", marks=_needs("woq_avx512")),
+]
+SGEMMS = [
+    pytest.param("int4_tiles_sgemm", marks=_needs("tiles_dequant")),
+    pytest.param("int8_tiles_sgemm", marks=_needs("tiles_dequant")),
+]
+
+
+def _weight(n, bits, symmetric, seed=0, k=K, group=32):
+    """Codes, scales and offsets as a Q4_1 / Q8_0 checkpoint has them; a few groups 100x louder,
+    so a group's sum that took its neighbour's scale would show."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    codes = torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, k // group, generator=g) * (0.02 if bits == 4 else 0.002) + 0.0005
+    scale.view(-1)[torch.randperm(scale.numel(), generator=g)[: scale.numel() // 50]] *= 100
+    offset = torch.zeros_like(scale) if symmetric else torch.randn(n, k // group, generator=g) * 0.01
+    return QuantWeight(codes=codes, scale=scale, offset=offset, zero_point=None, group_size=group, bits=bits)
+
+
+def _spec(w, act_dtype, epilogue=""):
+    return LinearSpec(n=w.n, k=w.k, group_size=w.group_size, bits=w.bits, symmetric=w.symmetric,
+                      act_dtype=act_dtype, epilogue=epilogue)
+
+
+def _bits(name):
+    return 4 if "_w4_" in name or name.startswith("int4") else 8
+
+
+@pytest.mark.parametrize("name", GEMVS + SGEMMS)
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_kernels_against_fp32_reference(name, act_dtype, symmetric):
+    kernel = KERNELS[name]
+    bits = _bits(name)
+    n = 72  # the AVX-512 kernels' last 16-row block half padding
+    w = _weight(n, bits, symmetric)
+    spec = _spec(w, act_dtype)
+    assert kernel.supports(spec) is None
+    packed = kernel.prepack(w, act_dtype)
+    w32 = w.dequantize()
+    bias = torch.randn(n).to(act_dtype)
+    torch.manual_seed(1)
+    for m in ROWS_OF_X:
+        x = torch.randn(m, K).to(act_dtype)
+        x[:, 40] *= 30  # a loud channel in the second group of a block
+        for b in (None, bias):
+            y = run_kernel(kernel, x, packed, b, spec)
+            ref = x.float() @ w32.t() + (b.float() if b is not None else 0)
+            assert y.dtype == act_dtype and y.shape == (m, n)
+            assert sqnr(y, ref) >= 45, (m, b is not None)
+
+
+@pytest.mark.parametrize("name", GEMVS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_swiglu_epilogue(name, symmetric):
+    kernel = KERNELS[name]
+    assert "swiglu" in kernel.epilogues
+    bits = _bits(name)
+    w = _weight(96, bits, symmetric, seed=2)  # gate and up blocks of 8 rows in turn, 48 outputs
+    spec = _spec(w, torch.bfloat16, epilogue="swiglu")
+    packed = kernel.prepack(w, torch.bfloat16)
+    bias = torch.randn(96, dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    for m in ROWS_OF_X:
+        x = torch.randn(m, K, dtype=torch.bfloat16)
+        for b in (None, bias):
+            y = run_kernel(kernel, x, packed, b, spec)
+            ref = epilogue_reference(x.float() @ w.dequantize().t() + (b.float() if b is not None else 0), spec)
+            assert y.shape == (m, 48) and sqnr(y, ref) >= 45, (m, b is not None)
+
+
+@pytest.mark.parametrize("name", GEMVS)
+def test_residual_added_as_the_kernel_stores(name):
+    kernel = KERNELS[name]
+    assert kernel.residual
+    bits = _bits(name)
+    w = _weight(72, bits, symmetric=False, seed=4)
+    spec = _spec(w, torch.bfloat16)
+    packed = kernel.prepack(w, torch.bfloat16)
+    plan = Plan(spec, (4,), (name, name)).encode()
+    bias = torch.randn(72, dtype=torch.bfloat16)
+    torch.manual_seed(5)
+    for m in (1, 3, 17):
+        x = torch.randn(m, K, dtype=torch.bfloat16)
+        residual = torch.randn(m, 72) * 10
+        for b in (None, bias):
+            y = quant_linear(x, packed, [len(packed)], b, plan, residual=residual)
+            ref = residual + x.float() @ w.dequantize().t() + (b.float() if b is not None else 0)
+            assert y.dtype == torch.float32 and sqnr(y, ref) >= 60, (m, b is not None)
+
+
+@pytest.mark.skipif(native.unavailable("woq_avx2") is not None, reason="woq_avx2 cannot run here")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_one_row_and_blocks_of_rows_give_the_same_sums(bits):
+    """Decode (int4: vpmaddubsw on the nibbles, the two groups of a block apart) and the int16
+    path of blocks of rows compute the same integer sums: the results agree to the bit."""
+    kernel = KERNELS[f"zen_w{bits}_avx2"]
+    w = _weight(64, bits, symmetric=False, seed=6)
+    spec = _spec(w, torch.bfloat16)
+    packed = kernel.prepack(w, torch.bfloat16)
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+    one = run_kernel(kernel, x, packed, None, spec)
+    assert torch.equal(one, run_kernel(kernel, x.expand(4, K), packed, None, spec)[:1])
+
+
+@pytest.mark.parametrize("name", SGEMMS)
+def test_tiles_dequantize_exactly(name):
+    """x = I in fp32: the GEMM returns the weight as the kernel dequantized it (u * s + (o - 8 s),
+    so an fp32 rounding away from c * s + o): a value that took another group's scale would be
+    off by far more."""
+    kernel = KERNELS[name]
+    bits = _bits(name)
+    w = _weight(24, bits, symmetric=False, seed=7)
+    spec = _spec(w, torch.float32)
+    y = run_kernel(kernel, torch.eye(K), kernel.prepack(w, torch.float32), None, spec)
+    torch.testing.assert_close(y.t(), w.dequantize(), rtol=1e-6, atol=1e-6)
+
+
+def test_reasons_for_what_the_layout_does_not_take():
+    w = _weight(64, 4, symmetric=True)
+    spec = _spec(w, torch.bfloat16)
+    for name in ("zen_w4_avx2", "zen_w4_avx512", "int4_tiles_sgemm"):
+        assert KERNELS[name].supports(spec) is None, name
+        assert "blocks of 64" in KERNELS[name].supports(dataclasses.replace(spec, k=96))
+        assert "multiples of 64" in KERNELS[name].supports(dataclasses.replace(spec, group_size=48))
+    assert KERNELS["zen_w8_avx2"].supports(dataclasses.replace(spec, bits=8)) is None
+    # the int8 x int4 kernel shares the tiles but reads one group a block: it declines them, and
+    # never runs on them
+    a8w4 = KERNELS["zen_a8w4_avx2"]
+    da8 = dataclasses.replace(spec, dynamic_activation=True)
+    assert "group size 32" in a8w4.supports(da8)
+    assert a8w4.supports(dataclasses.replace(da8, group_size=64)) is None
+    with pytest.raises(ValueError, match="groups of 32"):
+        a8w4.run(torch.randn(1, K, dtype=torch.bfloat16), a8w4.prepack(w, torch.bfloat16), None, da8)
+
+
+@pytest.mark.skipif(native.unavailable("woq_avx2") is not None, reason="woq_avx2 cannot run here")
+def test_torchao_group32_model_decodes_on_a_zen_kernel():
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    torch.manual_seed(0)
+    m = quantize(torch.nn.Sequential(torch.nn.Linear(K, 192)).to(torch.bfloat16).eval(),
+                 IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32), mapping_type=MappingType.ASYMMETRIC))
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = m(x)
+        y = compile_zen(m)(x)
+    assert zen_inductor.counters["dequant_matmul.int4_asym_group32"] == 1
+    report = zen_inductor.last_report()
+    excluded = report["autotune"][0]["excluded"]
+    assert not any("multiples of 64" in excluded.get(name, "") for name in ("zen_w4_avx2", "zen_w4_avx512"))
+    ref = x.float() @ m[0].weight.dequantize().float().t() + m[0].bias.float()
+    assert sqnr(y, ref) >= 40 and sqnr(y, ref) >= sqnr(eager, ref) - 6
+    # restricted to the native kernels and ATen's int4pack (which served groups of 32 before):
+    # a zen kernel decodes
+    torch._dynamo.reset()
+    with config.patch(kernel_allow=("zen_w4_avx2", "zen_w4_avx512", "aten_int4pack_mm")), torch.no_grad():
+        y = compile_zen(m)(x)
+    assert report is not zen_inductor.last_report()
+    assert zen_inductor.last_report()["matches"][0]["kernels"]["1"].startswith("zen_w4_")
+    assert sqnr(y, ref) >= 40
