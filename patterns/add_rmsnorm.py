@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from zen_inductor import config
 from zen_inductor.autotune import sqnr_db
-from zen_inductor.kernels import zentorch_unavailable
+from zen_inductor.cpu import zentorch_unavailable
 
 from . import CONVERTS, Family, fake_value
 

@@ -12,7 +12,7 @@ fast. Measured here (Zen 4, 2 threads, bf16, 32 query over 8 KV heads, D=64, cau
 L=16 65 -> 48, L=128 2739 -> 1269, L=1024 50282 -> 25588; fp32 at L=128 1325 -> 1045. That is
 ~6 ms of a 128-token prefill of the 4-layer 1B benchmark model.
 
-Constraints: zentorch usable on this CPU (``kernels.zentorch_unavailable``); bf16 or fp32 (its
+Constraints: zentorch usable on this CPU (``cpu.zentorch_unavailable``); bf16 or fp32 (its
 fp16 kernel is slower than ATen's: 3337 against 2940 us at L=128); no dropout; only the attention
 output is used (the log-sum-exp output is not guaranteed to agree). One query position is left to
 ``decode_attention`` (ATen takes 14 us there, zentorch 27).
@@ -26,7 +26,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from zen_inductor.kernels import zentorch_unavailable
+from zen_inductor.cpu import zentorch_unavailable
 
 from . import Family, call_arg, fake_value, rewrite_each
 

@@ -194,7 +194,9 @@ def test_lazy_tuning_at_first_call_of_each_bin(tmp_path):
 
 @pytest.mark.all_kernels
 def test_dominated_kernels_are_left_out_with_the_reason():
-    from zen_inductor.kernels import LinearSpec, candidates, native, native_bf16_gemm
+    from zen_inductor import native
+    from zen_inductor.cpu import native_bf16_gemm
+    from zen_inductor.kernels import LinearSpec, candidates
 
     spec = LinearSpec(n=256, k=512, group_size=128, bits=4, symmetric=True, act_dtype=torch.bfloat16)
     names = lambda kernels: {k.name for k in kernels}  # noqa: E731
@@ -402,7 +404,8 @@ def test_the_bf16_gemm_is_pruned_only_where_both_faster_kernels_serve():
     import dataclasses
 
     from zen_inductor import native
-    from zen_inductor.kernels import LinearSpec, candidates, native_bf16_gemm
+    from zen_inductor.cpu import native_bf16_gemm
+    from zen_inductor.kernels import LinearSpec, candidates
 
     if native_bf16_gemm() or native.unavailable("bf16_gemv_avx2") is not None:
         pytest.skip("the prune applies to CPUs without a native bf16 GEMM, with our GEMV built")
@@ -418,7 +421,8 @@ def test_the_bf16_gemm_is_pruned_only_where_both_faster_kernels_serve():
 
 
 def test_the_bf16_gemvs_are_pruned_where_zentorchs_bf16_gemm_serves():
-    from zen_inductor.kernels import LinearSpec, candidates, native_bf16_gemm
+    from zen_inductor.cpu import native_bf16_gemm
+    from zen_inductor.kernels import LinearSpec, candidates
 
     spec = LinearSpec(n=256, k=512, group_size=512, bits=16, symmetric=True, act_dtype=torch.bfloat16)
     kernels, excluded = candidates(spec)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 import zen_inductor
 import zen_inductor.dumps
 from zen_inductor import config
-from zen_inductor.kernels import KERNELS, Kernel, zentorch_unavailable
+from zen_inductor.cpu import zentorch_unavailable
+from zen_inductor.kernels import KERNELS, Kernel
 
 from conftest import compile_zen, quantize, sqnr
 

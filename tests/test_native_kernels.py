@@ -8,7 +8,8 @@ import torch
 
 import zen_inductor
 from zen_inductor import config, native
-from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, apply_epilogue, candidates, run_kernel, zentorch_unavailable
+from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, apply_epilogue, candidates, run_kernel
+from zen_inductor.cpu import zentorch_unavailable
 
 from conftest import compile_zen, quantize, sqnr
 
@@ -454,3 +455,31 @@ def test_a_compile_builds_only_the_libraries_its_linears_need(monkeypatch):
         with torch.no_grad():
             compile_zen(model)(x)
         assert set(started) == expected
+
+
+
+def test_an_avx2_cpu_neither_builds_nor_offers_avx512_kernels(monkeypatch):
+    """config.cpu_capability="avx2" makes any machine an AVX2 one to zen: the AVX-512 libraries are
+    not started, their kernels are out with the reason, zentorch is off."""
+    from zen_inductor import cpu
+
+    started = []
+    real = native.start
+    monkeypatch.setattr(native, "start", lambda name: started.append(name) or real(name))
+    with config.patch(cpu_capability="avx2"):
+        assert not any(f.startswith(("avx512", "amx")) for f in cpu.flags()) and not cpu.native_bf16_gemm()
+        assert "CPU lacks" in cpu.zentorch_unavailable() and "avx512_bf16" in native.missing_isa("bf16_gemv_avx512")
+        for bits, group in ((16, 512), (4, 128), (8, 512)):
+            spec = LinearSpec(n=64, k=512, group_size=group, bits=bits, symmetric=True, act_dtype=torch.bfloat16)
+            ok, excluded = candidates(spec)
+            assert not [k.name for k in ok if "avx512" in k.name or k.source == "zentorch"]
+            assert "CPU lacks" in excluded["zen_bf16_gemv_avx512" if bits == 16 else f"zen_w{bits}_avx512"]
+    assert started and not [name for name in started if native.SOURCES[name][2] != ("avx2", "fma")]
+
+
+def test_cpu_capability_default_hides_every_vector_extension():
+    from zen_inductor import cpu
+
+    with config.patch(cpu_capability="default"):
+        assert not any(f.startswith(("avx", "fma", "amx")) for f in cpu.flags())
+        assert native.missing_isa("woq_avx2") == "CPU lacks avx2, fma" == native.unavailable("woq_avx2")

@@ -4,7 +4,7 @@ import torch
 import zen_inductor
 import zen_inductor.dumps
 import zen_inductor.patterns.add_rmsnorm as add_rmsnorm
-from zen_inductor.kernels import zentorch_unavailable
+from zen_inductor.cpu import zentorch_unavailable
 
 from conftest import compile_zen, sqnr
 

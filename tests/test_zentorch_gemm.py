@@ -5,7 +5,8 @@ import torch
 
 import zen_inductor
 from zen_inductor import config
-from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates, run_kernel, zentorch_unavailable
+from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates, run_kernel
+from zen_inductor.cpu import zentorch_unavailable
 
 from conftest import compile_zen, sqnr
 from test_linear_epilogue import _quant_weight as quant_weight

@@ -28,10 +28,10 @@ from typing import Optional
 
 import torch
 
-from . import config, native
+from . import config, cpu, native
 from .allocator import on_huge_pages
-from .kernels import (KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, candidates, cpu_flags, epilogue_reference,
-                      fp32_row_blocks, native_bf16_gemm, run_kernel)
+from .kernels import (KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, candidates, epilogue_reference,
+                      fp32_row_blocks, run_kernel)
 
 log = logging.getLogger("zen_inductor")
 
@@ -109,12 +109,12 @@ def static_choice(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> str:
 
 def static_order(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> list[str]:
     """``usable`` from the most to the least likely winner on this CPU."""
-    native_bf16 = native_bf16_gemm()
+    native_bf16 = cpu.native_bf16_gemm()
     dense = (("zentorch_linear_dequantized", "dequant_gemm", "int4_tiles_sgemm", "int8_tiles_sgemm", "dequant_sgemm") if native_bf16
              else ("int4_tiles_sgemm", "int8_tiles_sgemm", "dequant_sgemm", "dequant_gemm"))
     # int8 GEMMs only pay off with VNNI/AMX; without them (AVX2) _int_mm runs far below a
     # weight-only kernel, which is also exact in x
-    int8_units = any(f in cpu_flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    int8_units = any(f in cpu.flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
     quantized = (_DYNAMIC_ORDER + _QUANTIZED_ORDER) if spec.dynamic_activation and int8_units else _QUANTIZED_ORDER
     if spec.bits > 8:  # a dense weight: its own dtype while memory-bound, fp32 GEMM once compute-bound
         quantized = ("zentorch_linear", "zen_bf16_blocks_avx2", "zen_bf16_gemv_avx2", "dense_mm")
@@ -131,7 +131,7 @@ def static_order(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> list[str
 
 
 def _machine_key() -> str:
-    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+    flags = sorted(f for f in cpu.flags() if f.startswith(("avx", "amx", "fma", "f16c")))
     try:
         import zentorch
 
@@ -350,7 +350,9 @@ class Tuner:
                     if time.perf_counter() > deadline:
                         break
                     ratio, below = behind.get(name, (0.0, m))
-                    if ratio * below / m > HOPELESS_RATIO:
+                    # time grows at most linearly in M, so r times the best at M=below is at least
+                    # r * below / m times it at a larger m (at a smaller one the bound says nothing)
+                    if m >= below and ratio * below / m > HOPELESS_RATIO:
                         result.excluded[name] = f"not timed: {ratio:.1f}x the best at M={below}, so at least {ratio * below / m:.1f}x at M={m}"
                         behind[name] = (ratio * below / m, m)  # the bound carries on to the next bin
                         continue
@@ -370,15 +372,15 @@ class Tuner:
                 self.timing_left_s = deadline - time.perf_counter()
                 if rows < spec.n:
                     result.note = f"timed on the first {rows} of {spec.n} rows at M={m}, times x{per_rows:.3g}"
-                if all(name in result.times_us or name in result.excluded for name in passing):
+                if result.times_us and all(name in result.times_us or name in result.excluded for name in passing):
                     result.winner = min(result.times_us, key=result.times_us.get)
                     best = result.times_us[result.winner]
                     behind.update((name, (t / best, m)) for name, t in result.times_us.items())
                     timed_below, timed_below_m = result, m
                     self.cache.put({key: {"winner": result.winner, "times_us": result.times_us, "excluded": result.excluded}})
-                else:  # the budget ran out in the middle of this bin
+                else:  # the budget ran out in the middle of this bin, or nothing could be timed
                     result.winner = static_choice(b, passing, spec)
-                    result.note = "autotune budget spent; static rule"
+                    result.note = "autotune budget spent; static rule" if result.times_us or time.perf_counter() > deadline else "no candidate timed; static rule"
                 if m != b.representative_m:
                     result.note = result.note or f"timed at M={m}: the bin is compute-bound there already"
             else:

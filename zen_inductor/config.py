@@ -99,6 +99,10 @@ huge_page_weights: bool = _env("huge_page_weights", True)
 # reach the weight-only accuracy bar against the fp32 reference to be chosen)
 int8_activations_for_weight_only: bool = _env("int8_activations_for_weight_only", False)
 
+# treat the CPU as having only these vector extensions, named as ATEN_CPU_CAPABILITY names them
+# ("avx2", "default"; empty: all it has): a testing aid, see zen_inductor/cpu.py
+cpu_capability: str = _env("cpu_capability", "")
+
 # --- files ------------------------------------------------------------------------------
 # persistent autotune cache
 cache_dir: str = _env("cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "zen_inductor"))

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from . import config, native
+from .cpu import native_bf16_gemm, zentorch_unavailable
 from .allocator import empty_for_packing
 
 aten = torch.ops.aten
@@ -207,48 +208,6 @@ class Kernel:
 
 
 # ---------------------------------------------------------------------------------------------
-# Machine facts that decide availability.
-
-
-@functools.lru_cache(None)
-def cpu_flags() -> frozenset:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-@functools.lru_cache(None)
-def _zentorch_import_error() -> Optional[str]:
-    try:
-        import zentorch  # noqa: F401
-    except Exception as e:  # any import failure means: not available
-        return f"zentorch does not import ({type(e).__name__}: {e})"
-    return None
-
-
-_ZENTORCH_ISA = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
-
-
-def zentorch_unavailable() -> Optional[str]:
-    """Why zentorch ops must not be used here, or None.
-
-    Without AVX512-BF16 zentorch's WOQ kernels return NaN or garbage with no error (measured on
-    an AVX2-only EPYC VM), so the ISA is checked before any call.
-    """
-    if not config.use_zentorch:
-        return "zentorch disabled by config.use_zentorch=False"
-    missing = [f for f in _ZENTORCH_ISA if f not in cpu_flags()]
-    if missing:
-        return f"CPU lacks {', '.join(missing)} that zentorch kernels need"
-    return _zentorch_import_error()
-
-
-# ---------------------------------------------------------------------------------------------
 # Candidates.
 
 _INT4PACK_GROUPS = (32, 64, 128, 256)
@@ -336,10 +295,6 @@ def _dequant_sgemm_run(x, packed, bias, spec):
     if bias is not None:
         y += bias
     return y.to(x.dtype)
-
-
-def native_bf16_gemm() -> bool:
-    return "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
 
 
 def _dequant_bf16_supports(spec: LinearSpec) -> Optional[str]:
@@ -823,8 +778,8 @@ def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
             reasons[kernel] = "not in config.kernel_allow"
         elif kernel.name in config.kernel_deny:
             reasons[kernel] = "in config.kernel_deny"
-        else:
-            reasons[kernel] = kernel.supports(spec)
+        else:  # a library this CPU cannot run is never built: its kernels are out before any start
+            reasons[kernel] = kernel.supports(spec) or (native.missing_isa(kernel.native) if kernel.native else None)
     if config.prune_dominated_kernels:  # first by kernels that need no build: none is built for a kernel left out
         reasons.update(_dominated([k for k, r in reasons.items() if not r], lambda k: not k.native))
     for kernel, reason in reasons.items():

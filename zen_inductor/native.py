@@ -13,6 +13,8 @@ import re
 from importlib import resources
 from typing import Callable, Optional
 
+from . import cpu
+
 log = logging.getLogger("zen_inductor")
 
 # what csrc/avx512_common.h targets
@@ -91,7 +93,7 @@ def start(name: str) -> None:
     """
     from . import config
 
-    if config.native_kernels:
+    if config.native_kernels and not missing_isa(name):
         _started(name)
 
 
@@ -151,12 +153,10 @@ def _toolchain_checked() -> None:
 def _submit(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-    from .kernels import cpu_flags
-
     filename, argtypes, flags = SOURCES[name]
-    missing = [f for f in flags if f not in cpu_flags()]
-    if missing:
-        return lambda: (None, f"CPU lacks {', '.join(missing)}")
+    lacking = cpu.missing(flags)
+    if lacking:
+        return lambda: (None, lacking)
 
     def failed(e: Exception):
         reason = f"could not build {filename} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -211,10 +211,16 @@ def load(name: str) -> Callable:
     return fn
 
 
+def missing_isa(name: str) -> Optional[str]:
+    """Why this CPU cannot run the library ``name`` (the vector extensions it lacks), or None:
+    known without building it, so a compile never builds or starts one it cannot use."""
+    return cpu.missing(SOURCES[name][2])
+
+
 def unavailable(name: str) -> Optional[str]:
     """Why the native kernel ``name`` cannot run here, or None."""
     from . import config
 
     if not config.native_kernels:
         return "native kernels disabled by config.native_kernels=False"
-    return _build(name)[1]
+    return missing_isa(name) or _build(name)[1]
