@@ -10,13 +10,20 @@ queries, spends ~2 us per cached position on it: 350 us a layer at L=160 on this
 ``softmax(q k^T s) v`` as two batched GEMMs and one fused softmax costs about a third of that
 (measured eager: 91-127 us). That was 12-15% of a decode step of the 4-layer benchmark models.
 
-Constraints: one query position (prefill stays with flash attention); no mask, no dropout,
-not causal (with one query position and no mask, attention over every cached key is exactly
-what is asked); B, H, Hkv and D static; only the attention output is used.
+Constraints: one query position (prefill stays with flash attention); no dropout, not causal
+(with one query position attention over every cached key the mask allows is exactly what is
+asked); B, H, Hkv and D static; only the attention output is used.
+
+The mask: transformers passes one with every StaticCache (the positions not yet written are
+masked), and a boolean mask reaches this op as an additive float one (``where(m, 0, -inf)``).
+It is added to the scores in fp32. A row whose every position is masked gives 0, as flash
+attention does (its max is clamped to a finite value and the softmax's sum kept above 0, so
+0 / tiny = 0),
+where a plain softmax would give NaN.
 
 Replacement: per KV head, the group of H/Hkv query heads that share it as one [G, D] x [D, L]
-GEMM in fp32 (flash attention accumulates in fp32 too), a max-subtracted softmax over L, one
-[G, L] x [L, D] GEMM, rounded once to the query's dtype.
+GEMM in fp32 (flash attention accumulates in fp32 too), the mask added, a max-subtracted softmax
+over L, one [G, L] x [L, D] GEMM, rounded once to the query's dtype.
 """
 from __future__ import annotations
 
@@ -60,8 +67,6 @@ def why_not(node: fx.Node) -> str | None:
         return "dropout"
     if call_arg(node, 4, "is_causal", False):
         return "is_causal with one query position attends to the first key only (top-left causal mask)"
-    if node.kwargs.get("attn_mask") is not None:
-        return "an attention mask"
     b, h, _, d = q.shape
     hkv = k.shape[1]
     if not all(isinstance(s, int) for s in (b, h, d, hkv, v.shape[1], k.shape[3], v.shape[3])):
@@ -89,14 +94,24 @@ def rewrite(ctx, node: fx.Node) -> None:
         kt = op(aten.permute.default, op(aten.reshape.default, op(f32, k, torch.float32), [b * hkv, -1, d]), [0, 2, 1])
         vv = op(aten.reshape.default, op(f32, v, torch.float32), [b * hkv, -1, d])
         scores = op(aten.mul.Tensor, op(aten.bmm.default, qg, kt), scale)
-        shifted = op(aten.sub.Tensor, scores, op(aten.amax.default, scores, [-1], True))
-        e = op(aten.exp.default, shifted)
-        probs = op(aten.div.Tensor, e, op(aten.sum.dim_IntList, e, [-1], True))
+        mask = node.kwargs.get("attn_mask")
+        if mask is not None:  # broadcast to [B, H, 1, L] (or 1 for L), then grouped as the scores
+            mask = op(aten.expand.default, op(f32, mask, torch.float32), [b, h, 1, -1])
+            scores = op(aten.add.Tensor, scores, op(aten.reshape.default, mask, [b * hkv, h // hkv, -1]))
+        row_max = op(aten.amax.default, scores, [-1], True)
+        if mask is not None:  # a fully masked row: -inf - -inf would be NaN; a finite max is kept
+            row_max = op(aten.clamp_min.default, row_max, torch.finfo(torch.float32).min)
+        e = op(aten.exp.default, op(aten.sub.Tensor, scores, row_max))
+        total = op(aten.sum.dim_IntList, e, [-1], True)
+        if mask is not None:
+            total = op(aten.clamp_min.default, total, torch.finfo(torch.float32).tiny)
+        probs = op(aten.div.Tensor, e, total)
         out = op(aten.reshape.default, op(aten.bmm.default, probs, vv), [b, h, 1, d])
         out = op(f32, out, fake_value(q).dtype)
     for user in list(node.users):
         user.replace_all_uses_with(out)
-    ctx.record.match(PATTERN, "gqa" if h != hkv else "mha", node, "bmm + softmax + bmm (fp32)")
+    variant = ("gqa" if h != hkv else "mha") + ("_masked" if mask is not None else "")
+    ctx.record.match(PATTERN, variant, node, "bmm + softmax + bmm (fp32)")
 
 
 apply = rewrite_each(PATTERN, search, why_not, rewrite, "decode attention left to flash attention")

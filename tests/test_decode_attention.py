@@ -56,3 +56,36 @@ def test_causal_or_prefill_attention_is_left_alone():
         compile_zen(Attend())(torch.randn(1, 4, 6, 32).to(torch.bfloat16), k, v)
     misses = zen_inductor.last_report()["near_misses"]
     assert zen_inductor.counters["decode_attention"] == 0 and all(m["pattern"] != "decode_attention" for m in misses)
+
+
+class AttendMasked(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) * 2
+
+
+def _fp32_masked(q, k, v, mask):
+    g = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1)
+    return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask if mask.dtype == torch.bool else mask.float()) * 2
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_decode_attention_with_the_mask_of_a_static_cache(mask_kind, dumped):
+    """transformers passes a mask with every StaticCache: the positions not written yet are masked.
+    A fully masked row gives 0, as flash attention does (not the NaN of a plain softmax)."""
+    fast = compile_zen(AttendMasked())
+    with torch.no_grad():
+        for filled in (3, 50):  # one graph: the cache is preallocated, the mask moves
+            q = torch.randn(2, 8, 1, 64).to(torch.bfloat16)
+            k, v = (torch.randn(2, 2, 64, 64).to(torch.bfloat16) for _ in range(2))
+            allowed = torch.arange(64) < filled
+            mask = allowed.expand(2, 1, 1, 64).clone()
+            mask[1] = False  # the second sequence: every position masked
+            if mask_kind == "additive":
+                mask = torch.zeros(mask.shape, dtype=torch.bfloat16).masked_fill_(~mask, float("-inf"))
+            out, eager = fast(q, k, v, mask), AttendMasked()(q, k, v, mask)
+            ref = _fp32_masked(q, k, v, mask)
+            assert sqnr(out[0], ref[0]) >= sqnr(eager[0], ref[0]) - 0.5, filled
+            assert torch.equal(out[1], eager[1]) and not out[1].any()  # zeros, as flash attention gives
+    assert zen_inductor.counters["decode_attention.gqa_masked"] == 1
+    assert "flash_attention" not in dumped("after.py")

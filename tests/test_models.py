@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zen_inductor
-from zen_inductor.kernels import zentorch_unavailable
+from zen_inductor.cpu import zentorch_unavailable
 
 from conftest import compile_zen, quantize, sqnr
 
@@ -111,6 +111,25 @@ def test_generate_end_to_end():
     assert zen_inductor.counters["decode_attention.gqa"] >= LAYERS  # the decode graphs' attention
     # greedy tokens of random-weight models may flip on near-ties; report, do not assert equality
     print("generate: tokens equal to eager:", bool(torch.equal(zen, eager)))
+
+
+def test_generate_with_a_static_cache_keeps_decode_attention():
+    """transformers passes a mask with every StaticCache: decode attention takes it (it stepped
+    aside on any mask before, so real generation never used it)."""
+    model = int4(build("llama"))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    compiles_before = len(zen_inductor.reports())
+    with torch.no_grad():
+        eager = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+        model.forward = compile_zen(model.forward)
+        zen = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert zen.shape == eager.shape
+    # (transformers repeats K and V over the query heads when it passes a mask: "mha" then)
+    masked = sum(n for key, n in zen_inductor.counters.items() if key.startswith("decode_attention.") and key.endswith("_masked"))
+    assert masked >= LAYERS
+    reports = zen_inductor.reports()[compiles_before:]
+    assert not [m for r in reports for m in r["near_misses"] if m["pattern"] == "decode_attention"]
+    print("static-cache generate: tokens equal to eager:", bool(torch.equal(zen, eager)))
 
 
 def test_hugging_face_torchao_config(tmp_path):
