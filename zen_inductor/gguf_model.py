@@ -1,0 +1,178 @@
+"""GGUF files as transformers models whose linears compute with the file's own codes and scales.
+
+    model, tokenizer = zen_inductor.load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    fast = torch.compile(model, backend="zen")
+
+The file is read with the ``gguf`` package (its reader memory-maps the tensors). Every 2-D weight
+of a linear in a supported block format becomes a ``GGUFLinear`` that keeps the file's blocks
+(codes, and the scales and minima as float16, as stored) and dequantizes them in ``forward``:
+
+    Q4_0: W = d * (q - 8)       q: 4-bit, d per block of 32
+    Q4_1: W = d * q + m         q: 4-bit, d and m per block of 32
+    Q8_0: W = d * q             q: int8, d per block of 32
+
+zen's ``dequant_matmul`` reads that chain at compile time and packs the same codes straight
+into its kernels: nothing is requantized. Eager and stock Inductor run the same chain, so every
+system computes with the same weights. Other tensors (norms, the embedding table) are
+dequantized to the model's dtype; a linear whose weight is in a block format we do not take is
+dequantized too, with a warning naming it. Llama's q and k rows are stored permuted for
+llama.cpp's rotary layout; the permutation moves whole rows, so it is undone on the blocks.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("zen_inductor")
+
+BLOCK = 32  # weights per block of Q4_0, Q4_1 and Q8_0
+
+
+class GGUFLinear(torch.nn.Module):
+    """``y = x @ W^T (+ bias)`` with W in one of GGUF's 32-weight block formats.
+
+    Buffers: ``qs`` the codes as the file stores them ([N, K/32, 16] bytes of two 4-bit codes,
+    element j in the low nibble and j + 16 in the high one, or [N, K/32, 32] int8), ``d`` and
+    ``m`` ([N, K/32] float16: the scale, and Q4_1's minimum).
+    """
+
+    def __init__(self, kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bias=None):
+        super().__init__()
+        self.kind = kind
+        self.out_features, self.in_features = qs.shape[0], qs.shape[1] * BLOCK
+        self.register_buffer("qs", qs)
+        self.register_buffer("d", d)
+        self.register_buffer("m", m)
+        self.bias = bias
+
+    def weight_fp32(self) -> torch.Tensor:
+        if self.kind == "Q8_0":
+            q = self.qs
+        else:
+            q = torch.cat([self.qs & 15, self.qs >> 4], dim=-1)  # [N, K/32, 32] in element order
+        w = q.to(torch.float32)
+        if self.kind == "Q4_0":
+            w = w - 8
+        w = w * self.d.to(torch.float32)[..., None]
+        if self.kind == "Q4_1":
+            w = w + self.m.to(torch.float32)[..., None]
+        return w.view(self.out_features, self.in_features)
+
+    def forward(self, x):
+        return F.linear(x, self.weight_fp32().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _blocks(kind: str, raw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(qs, d, m) of a tensor's bytes [N, K/32 * block bytes] in ``kind``."""
+    import numpy as np
+
+    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
+    blocks = np.asarray(raw).reshape(raw.shape[0], -1, size)
+    d = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0])
+    m = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]) if kind == "Q4_1" else None
+    start = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}[kind]
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., start:]))
+    return (qs.view(torch.int8) if kind == "Q8_0" else qs), d, m
+
+
+def _unpermute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's rotary permutation of q/k rows: per head it stores the rows of the two
+    rotary halves interleaved (i, half) -> 2i + half; transformers keeps them as halves."""
+    rows = t.shape[0]
+    return t.reshape(heads, rows // heads // 2, 2, *t.shape[1:]).transpose(1, 2).reshape(t.shape)
+
+
+SUPPORTED = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def load_gguf(path: str, dtype: torch.dtype = torch.bfloat16, quantized: bool = True):
+    """``(model, tokenizer)`` of a GGUF file: a transformers causal LM whose linears in Q4_0, Q4_1
+    or Q8_0 are ``GGUFLinear``s on the file's blocks. Where the output layer is the embedding
+    table (tied), lm_head gets its own ``GGUFLinear`` on the table's blocks, so the largest linear
+    is quantized too (llama.cpp computes it from the same blocks). ``quantized=False``: every
+    tensor dequantized to ``dtype``, plain ``nn.Linear``s (for torchao's formats, or a float twin)."""
+    import gguf
+    import transformers
+
+    folder, name = os.path.split(os.path.abspath(path))
+    config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    reader = gguf.GGUFReader(path)
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == config.model_type)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    to_hf = {}
+    for hf_name in model.state_dict():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = names.get_name(base)
+        if gguf_name is not None:
+            to_hf[f"{gguf_name}.{suffix}"] = hf_name
+    tied = getattr(config, "tie_word_embeddings", False)
+    modules = dict(model.named_modules())
+    state = {}
+    for tensor in reader.tensors:
+        hf_name = to_hf.get(tensor.name)
+        if hf_name is None:
+            continue
+        kind = tensor.tensor_type.name
+        targets = [hf_name]
+        if tied and hf_name == "model.embed_tokens.weight" and quantized:
+            targets.append("lm_head.weight")
+        for target in targets:
+            module_name, _, param = target.rpartition(".")
+            module = modules[module_name]
+            heads = _rotary_heads(config, module_name)
+            if quantized and isinstance(module, torch.nn.Linear) and param == "weight" and kind in SUPPORTED:
+                qs, d, m = _blocks(kind, tensor.data)
+                if heads:
+                    qs, d = _unpermute_rows(qs, heads), _unpermute_rows(d, heads)
+                    m = _unpermute_rows(m, heads) if m is not None else None
+                parent, _, child = module_name.rpartition(".")
+                setattr(modules[parent] if parent else model, child, GGUFLinear(kind, qs, d, m, module.bias))
+                continue
+            if quantized and isinstance(module, torch.nn.Linear) and param == "weight":
+                log.warning("zen_inductor: %s (%s) is in %s, which load_gguf does not keep quantized: "
+                            "dequantized to %s", tensor.name, module_name, kind, dtype)
+            values = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy())
+            if heads:
+                values = _unpermute_rows(values, heads)
+            state[target] = values.to(dtype)
+    if quantized and tied:
+        model.config.tie_word_embeddings = False
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied and not quantized:
+        model.tie_weights()
+    _materialize_rest(model)
+    return model.eval(), tokenizer
+
+
+def _rotary_heads(config, module_name: str) -> int:
+    """The head count whose rotary row permutation llama.cpp applied to this module's weight, or 0."""
+    if config.model_type != "llama":
+        return 0
+    if module_name.endswith("self_attn.q_proj"):
+        return config.num_attention_heads
+    if module_name.endswith("self_attn.k_proj"):
+        return config.num_key_value_heads
+    return 0
+
+
+def _materialize_rest(model) -> None:
+    """Modules whose buffers the file does not hold (rotary embeddings: computed from the config)
+    built again on the CPU, and a check that nothing stayed on the meta device."""
+    for name, module in list(model.named_modules()):
+        on_meta = any(b.device.type == "meta" for b in module.buffers(recurse=False))
+        if on_meta and not list(module.parameters(recurse=False)) and hasattr(module, "config"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, type(module)(module.config))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise ValueError(f"the GGUF file holds no values for {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
