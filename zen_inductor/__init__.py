@@ -26,10 +26,18 @@ def reports() -> list:
     return [r.report() for r in recent_records()]
 
 
+def load_gguf(path: str, **kwargs):
+    """``(model, tokenizer)`` of a GGUF file, its Q4_0/Q4_1/Q8_0 linears kept as the file's blocks
+    (see ``zen_inductor.gguf_model.load_gguf``)."""
+    from .gguf_model import load_gguf as _load
+
+    return _load(path, **kwargs)
+
+
 def zen(gm, example_inputs, **kwargs):
     from .backend import zen as _zen
 
     return _zen(gm, example_inputs, **kwargs)
 
 
-__all__ = ["config", "counters", "last_report", "reports", "zen"]
+__all__ = ["config", "counters", "last_report", "load_gguf", "reports", "zen"]
