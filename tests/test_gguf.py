@@ -69,12 +69,14 @@ def test_zen_computes_with_the_files_blocks(smollm2, dumped):
     assert dumped("after.py").count("zen.quant_linear.default(") == 2 * 4 + 1
     decode = [m["kernels"]["1"] for m in zen_inductor.last_report()["matches"] if "1" in m["kernels"]]
     assert decode and all(name.startswith("zen_w") for name in decode), decode
-    assert sqnr(zen, reference) >= sqnr(eager, reference) - 0.5
+    # fp32 activations (the default, as llama.cpp): eager is the fp32 reference itself; our kernels
+    # round x to int16 per group, far below the weight-only bar
+    assert torch.equal(eager, reference) and sqnr(zen, reference) >= 40
 
 
 def test_a_block_format_it_does_not_keep_is_dequantized_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(gguf_model, "SUPPORTED", ("Q4_1",))
     with caplog.at_level(logging.WARNING, logger="zen_inductor"):
         model, _ = gguf_model.load_gguf(gguf_path())
-    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32  # the default dtype
     assert any("token_embd.weight" in r.message and "Q8_0" in r.message for r in caplog.records)

@@ -149,11 +149,13 @@ def load(args):
 
     args.quant = args.quant or "gguf"
     print("loading SmolLM2-135M-Instruct ...", flush=True)
-    model, tokenizer = load_gguf(gguf_path(), quantized=args.quant == "gguf")
+    # the file's blocks with fp32 activations, as llama.cpp computes; torchao's CPU formats in bf16
+    gguf = args.quant == "gguf"
+    model, tokenizer = load_gguf(gguf_path(), dtype=torch.float32 if gguf else torch.bfloat16, quantized=gguf)
     model = quantize(model, args.quant, args.group or 32)
     args.question = args.question or QUESTION
     prompt = chat_prompt(tokenizer, args.question)
-    weights = "the GGUF file's Q4_1 blocks" if args.quant == "gguf" else f"torchao {args.quant}"
+    weights = "the GGUF file's Q4_1 blocks, fp32 activations" if gguf else f"torchao {args.quant}, bf16"
     return model, prompt, tokenizer, f"SmolLM2-135M-Instruct; weights {weights}; prompt {prompt.shape[1]} tokens"
 
 
