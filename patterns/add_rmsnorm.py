@@ -31,16 +31,13 @@ import torch.fx as fx
 from zen_inductor import config
 from zen_inductor.autotune import sqnr_db
 from zen_inductor.cpu import zentorch_unavailable
+from zen_inductor.record import PatternMiss
 
-from . import CONVERTS, Family, fake_value
+from .family import CONVERTS, Family, fake_value
 
 aten = torch.ops.aten
 
 PATTERN, STANDALONE = "add_rmsnorm", "rmsnorm"
-
-
-class Miss(Exception):
-    pass
 
 
 @dataclass
@@ -63,29 +60,29 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
 
 
 def read(ctx, rsqrt: fx.Node) -> Norm:
-    """Read the RMSNorm around ``rsqrt`` or raise Miss with the reason."""
+    """Read the RMSNorm around ``rsqrt`` or raise PatternMiss with the reason."""
     plus_eps = rsqrt.args[0]
     if plus_eps.target is not aten.add.Tensor:
-        raise Miss("rsqrt of something other than mean + eps")
+        raise PatternMiss("rsqrt of something other than mean + eps")
     mean, eps = (plus_eps.args if isinstance(plus_eps.args[0], fx.Node) else plus_eps.args[::-1])
     if not isinstance(eps, (int, float)) or mean.target is not aten.mean.dim:
-        raise Miss("rsqrt of something other than mean + eps")
+        raise PatternMiss("rsqrt of something other than mean + eps")
     square, dims = mean.args[0], mean.args[1]
     keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
     ndim = fake_value(square).dim()
     if list(dims) not in ([-1], [ndim - 1]) or not keepdim:
-        raise Miss(f"mean over dims {list(dims)} (keepdim={keepdim}); an RMSNorm reduces the last dim")
+        raise PatternMiss(f"mean over dims {list(dims)} (keepdim={keepdim}); an RMSNorm reduces the last dim")
     if square.target is aten.pow.Tensor_Scalar and square.args[1] == 2:
         h = square.args[0]
     elif square.target is aten.mul.Tensor and square.args[0] is square.args[1]:
         h = square.args[0]
     else:
-        raise Miss("mean of something other than a square")
+        raise PatternMiss("mean of something other than a square")
     upcast = h.target in CONVERTS
     x = h.args[0] if upcast else h
     normed = next((u for u in rsqrt.users if u.target is aten.mul.Tensor and _other(u, rsqrt) is h), None)
     if normed is None:
-        raise Miss("rsqrt is not multiplied back into its input")
+        raise PatternMiss("rsqrt is not multiplied back into its input")
 
     out, weight, steps = normed, None, []
     for _ in range(2):  # convert and weight multiply, in either order, each at most once
@@ -173,7 +170,7 @@ def apply(ctx) -> None:
     for rsqrt in list(ctx.graph.find_nodes(op="call_function", target=aten.rsqrt.default)):
         try:
             norm = read(ctx, rsqrt)
-        except Miss as miss:
+        except PatternMiss as miss:
             ctx.record.near_miss(STANDALONE, rsqrt, str(miss))
             continue
         pattern = PATTERN if norm.residual_add is not None else STANDALONE

@@ -23,11 +23,11 @@ import operator
 import torch
 import torch.fx as fx
 
-from zen_inductor.autotune import NoKernel
+from zen_inductor.record import NoKernel
 from zen_inductor.graph_pass import LazyWeight, PendingLinear
 from zen_inductor.kernels import LinearSpec, QuantWeight, quant_linear
 
-from . import VIEWS, Family, fake_value
+from .family import VIEWS, Family, fake_value
 from .dequant_matmul import find_codes
 
 aten = torch.ops.aten

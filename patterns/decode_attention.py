@@ -36,7 +36,7 @@ import torch.fx as fx
 
 from zen_inductor.graph_pass import emit_op
 
-from . import Family, call_arg, fake_value, rewrite_each
+from .family import Family, call_arg, fake_value, rewrite_each
 
 aten = torch.ops.aten
 prims = torch.ops.prims

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from zen_inductor.autotune import NoKernel
+from zen_inductor.record import NoKernel
 from zen_inductor.kernels import DenseWeight, LinearSpec
 
-from . import Family, fake_value
+from .family import Family, fake_value
 from .dequant_matmul import find_codes
 
 aten = torch.ops.aten

@@ -26,10 +26,11 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from zen_inductor.autotune import NoKernel, sqnr_db
-from zen_inductor.kernels import LinearSpec, QuantWeight, candidates, fp32_row_blocks
+from zen_inductor.autotune import sqnr_db
+from zen_inductor.record import PatternMiss
+from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, Unsuited, candidates, fp32_row_blocks
 
-from . import CONVERTS, VIEWS, Family, fake_value, is_call
+from .family import CONVERTS, VIEWS, Family, fake_value, is_call
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -48,10 +49,6 @@ _LAYOUT_OPS = {
 _AFFINE_OPS = {aten.sub.Tensor, aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.rsub.Scalar}
 _ACT_DTYPES = (torch.bfloat16, torch.float32)
 _MIN_GROUP = 8
-
-
-class Miss(Exception):
-    """A constraint failed; the message is the near-miss reason shown to users."""
 
 
 # --- search -----------------------------------------------------------------------------------
@@ -189,19 +186,19 @@ def _fp32(value):
 
 
 def check_chain(ctx, weight: fx.Node) -> None:
-    """What can be told of the dequant chain without running it (raises ``Miss``).
+    """What can be told of the dequant chain without running it (raises ``PatternMiss``).
 
     Checked on every graph, also when an earlier graph of the model already read this weight.
     """
     codes = find_codes(weight)
     if any(n not in ctx.constants for n in (weight, codes)):
-        raise Miss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
+        raise PatternMiss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
     path = _path(codes, weight)
     for node in path:
         if node.target not in _LAYOUT_OPS and node.target not in _AFFINE_OPS:
-            raise Miss(f"{node.target} between the integer codes and the matmul is not a dequant op")
+            raise PatternMiss(f"{node.target} between the integer codes and the matmul is not a dequant op")
         if sum(a in path or a is codes for a in node.all_input_nodes) != 1:
-            raise Miss("the dequant chain combines the codes with themselves")
+            raise PatternMiss("the dequant chain combines the codes with themselves")
 
 
 def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight:
@@ -249,7 +246,7 @@ def _prove(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, real: tor
         signal += float(torch.linalg.vector_norm(w)) ** 2
         noise += float(torch.linalg.vector_norm(w.sub_(real[start:end]))) ** 2
     if not noise <= signal * 10 ** (-45 / 10):  # NaN or inf fail too
-        raise Miss("the dequant chain is not affine in the integer codes")
+        raise PatternMiss("the dequant chain is not affine in the integer codes")
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -279,7 +276,7 @@ def code_range(qmin, qmax) -> tuple[int, int]:
         return 8, 0
     if qmin >= 0 and qmax <= 255:
         return 8, 128
-    raise Miss(f"integer codes span [{qmin}, {qmax}], wider than 8 bits")
+    raise PatternMiss(f"integer codes span [{qmin}, {qmax}], wider than 8 bits")
 
 
 def _quantize_description(q, scale, offset, hint: int) -> QuantWeight:
@@ -295,7 +292,7 @@ def _quantize_description(q, scale, offset, hint: int) -> QuantWeight:
             group = g
             break
     if group < _MIN_GROUP:
-        raise Miss(f"scales change every {group} elements along K; no kernel takes groups that small")
+        raise PatternMiss(f"scales change every {group} elements along K; no kernel takes groups that small")
     s = scale.view(n, k // group, group)[..., 0]
     b = offset.view(n, k // group, group)[..., 0]
     zp = None
@@ -335,13 +332,13 @@ def apply(ctx) -> None:
     for mm, x, w, bias in list(search(ctx)):
         try:
             rewrite(ctx, mm, x, w, bias)
-        except Miss as miss:
+        except PatternMiss as miss:
             ctx.record.near_miss(PATTERN, mm, str(miss))
     for search_fn, rewrite_fn in ((search_dynamic, rewrite_dynamic), (search_int4pack, rewrite_int4pack)):
         for mm in list(search_fn(ctx)):
             try:
                 rewrite_fn(ctx, mm)
-            except Miss as miss:
+            except PatternMiss as miss:
                 ctx.record.near_miss(PATTERN, mm, str(miss))
 
 
@@ -351,9 +348,9 @@ def rewrite(ctx, mm, x, w, bias) -> None:
     if source is not None:  # torchao's dynamic int8 activations: the kernel quantizes x itself
         act = fake_value(source)
     if act.dtype not in _ACT_DTYPES:
-        raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
+        raise PatternMiss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
     if not ctx.frozen:
-        raise Miss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
+        raise PatternMiss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
     n = fake_value(w).shape[1]
     post = _post_scale(ctx, mm, n)
     if post is not None and bias is not None:
@@ -366,11 +363,9 @@ def rewrite(ctx, mm, x, w, bias) -> None:
                       symmetric=weight.symmetric, act_dtype=act.dtype, dynamic_activation=source is not None)
     kernels, excluded = candidates(spec)
     if not any(k.source != "torch" for k in kernels):
-        from zen_inductor.kernels import KERNELS
-
         reasons = "; ".join(f"{name}: {why}" for name, why in excluded.items()
-                            if KERNELS[name].source not in ("torch", "dense") and not why.startswith("not for"))
-        raise Miss(f"no kernel keeps this {variant_name(spec)} weight quantized ({reasons}); left to Inductor")
+                            if KERNELS[name].source not in ("torch", "dense") and not isinstance(why, Unsuited))
+        raise PatternMiss(f"no kernel keeps this {variant_name(spec)} weight quantized ({reasons}); left to Inductor")
     variant = variant_name(spec)
     if source is not None:
         with ctx.graph.inserting_before(mm):
@@ -429,10 +424,7 @@ def int8_fake_quant_source(ctx, x: fx.Node) -> fx.Node | None:
 
 def _replace(ctx, anchor, out, x, bias, weight, spec, variant, sources) -> None:
     """Put ``zen.quant_linear(x, ...)`` where ``out`` was; kernels are chosen once all families ran."""
-    try:
-        fused = ctx.emit_quant_linear(out, x, weight, spec, bias, sources + [bias], PATTERN, variant, anchor)
-    except NoKernel as e:
-        raise Miss(str(e)) from None
+    fused = ctx.emit_quant_linear(out, x, weight, spec, bias, sources + [bias], PATTERN, variant, anchor)  # NoKernel: a near miss
     result = fused
     if fake_value(out) is not None and fake_value(out).dtype != spec.act_dtype:  # torchao's DA8 span ends in fp32
         with ctx.graph.inserting_after(fused):
@@ -495,14 +487,14 @@ def _activation_source(ctx, a: fx.Node) -> fx.Node:
     while node.target is not aten.round.default:
         moving = [i for i in node.all_input_nodes if i not in ctx.constants]
         if len(moving) != 1 or node.op != "call_function":
-            raise Miss("the int8 activation of _int_mm is not a per-row quantization of one tensor")
+            raise PatternMiss("the int8 activation of _int_mm is not a per-row quantization of one tensor")
         node = moving[0]
     scaled = node.args[0]
     numel = fake_value(a).numel()
     for operand in scaled.all_input_nodes if scaled.target in (aten.mul.Tensor, aten.div.Tensor) else ():
         if fake_value(operand).numel() == numel and fake_value(operand).dtype.is_floating_point:
             return operand
-    raise Miss("could not find the float activation before round()")
+    raise PatternMiss("could not find the float activation before round()")
 
 
 def _output_span(ctx, mm: fx.Node, n: int):
@@ -522,7 +514,7 @@ def _output_span(ctx, mm: fx.Node, n: int):
                 node = user
                 continue
         break
-    raise Miss("no per-column weight scale after _int_mm")
+    raise PatternMiss("no per-column weight scale after _int_mm")
 
 
 def rewrite_dynamic(ctx, mm) -> None:
@@ -530,9 +522,9 @@ def rewrite_dynamic(ctx, mm) -> None:
     x = _activation_source(ctx, a)
     act = fake_value(x)
     if act.dtype not in _ACT_DTYPES:
-        raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
+        raise PatternMiss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
     if not ctx.frozen:
-        raise Miss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
+        raise PatternMiss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
     k, n = fake_value(b).shape
     out, scale_node = _output_span(ctx, mm, n)
 
@@ -568,7 +560,7 @@ def rewrite_int4pack(ctx, mm) -> None:
     x, packed_node, group, sz_node = mm.args
     act = fake_value(x)
     if act.dtype not in _ACT_DTYPES:
-        raise Miss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
+        raise PatternMiss(f"{act.dtype} activations: kernels are verified for bf16 and fp32 only")
     weight = ctx.weight([packed_node, sz_node], ("read_int4pack",), lambda: _read_int4pack(ctx, packed_node, group, sz_node))
     spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits, symmetric=weight.symmetric, act_dtype=act.dtype)
     _replace(ctx, mm, mm, x, None, weight, spec, "int4pack_" + variant_name(spec), [packed_node, sz_node])
@@ -585,7 +577,7 @@ def _read_int4pack(ctx, packed_node, group, sz_node) -> QuantWeight:
     offset = sz[..., 1].t().to(torch.float32).repeat_interleave(group, dim=1)
     real = aten._weight_int4pack_mm_for_cpu(eye, packed, group, sz).t().to(torch.float32)
     if sqnr_db(q * scale + offset, real) < 40:
-        raise Miss("could not read the packed int4 weight")
+        raise PatternMiss("could not read the packed int4 weight")
     return _quantize_description(q, scale, offset, group)
 
 

@@ -28,11 +28,11 @@ import operator
 import torch
 import torch.fx as fx
 
-from zen_inductor.autotune import NoKernel
+from zen_inductor.record import NoKernel
 from zen_inductor.graph_pass import LazyWeight, PendingLinear
 from zen_inductor.kernels import SWIGLU_BLOCK, DenseWeight, QuantWeight, quant_linear, swiglu_row_order
 
-from . import VIEWS, Family, is_call
+from .family import VIEWS, Family, is_call
 
 aten = torch.ops.aten
 prims = torch.ops.prims

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from zen_inductor.cpu import zentorch_unavailable
 
-from . import Family, call_arg, fake_value, rewrite_each
+from .family import Family, call_arg, fake_value, rewrite_each
 
 PATTERN = "prefill_attention"
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default

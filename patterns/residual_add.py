@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from zen_inductor.kernels import quant_linear
 
-from . import CONVERTS, VIEWS, Family, fake_value, is_call
+from .family import CONVERTS, VIEWS, Family, fake_value, is_call
 
 aten = torch.ops.aten
 prims = torch.ops.prims

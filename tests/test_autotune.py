@@ -47,8 +47,9 @@ def test_one_graph_serves_every_bin(monkeypatch):
     calls = []
     for name in ("aten_int4pack_mm", "dequant_sgemm"):
         kernel = KERNELS[name]
-        monkeypatch.setitem(KERNELS, name, kernel.__class__(kernel.name, kernel.source, kernel.supports, kernel.prepack,
-                                                            lambda x, p, b, s, run=kernel.run, n=name: calls.append((n, x.shape[0])) or run(x, p, b, s)))
+        spy = lambda x, p, b, s, run=kernel.run, n=name: calls.append((n, x.shape[0])) or run(x, p, b, s)  # noqa: E731
+        monkeypatch.setitem(KERNELS, name, dataclasses.replace(kernel, run=spy, dominated_by=(), layout="", epilogues=(),
+                                                               native="", residual=False))
     m = HandDequant(64, True, 4).eval()
     compiles_before = len(zen_inductor.reports())
     compiled = compile_zen(m, autotune=False, kernel_allow=("aten_int4pack_mm", "dequant_sgemm"))
@@ -318,7 +319,7 @@ def test_a_kernel_far_behind_is_not_timed_where_it_cannot_catch_up(monkeypatch):
     model = HandDequant(64, True, 4).eval()
     usable = [k.name for k in autotune.candidates(_int4_g64_spec())[0]]
     assert len(usable) > 1
-    slow = usable[-1]
+    slow = autotune.static_order(shape_bins()[0], usable, _int4_g64_spec())[-1]  # tried after the best
     with torch.no_grad():
         compile_zen(model)(torch.randn(3, K, dtype=torch.bfloat16))
     bins = zen_inductor.last_report()["autotune"][0]["bins"]
@@ -458,11 +459,10 @@ def test_gemv_kernels_are_offered_only_up_to_their_largest_m():
 def test_verification_reference_is_made_in_row_blocks(monkeypatch):
     """The verifier's reference (x @ W^T + bias in fp32, epilogue applied) for every row count
     comes from one pass over the weight a block of rows at a time; three blocks with a tail here."""
-    import zen_inductor.kernels as kernels
     from zen_inductor.autotune import _Verifier
-    from zen_inductor.kernels import LinearSpec, QuantWeight, apply_epilogue
+    from zen_inductor.kernels import LinearSpec, QuantWeight, apply_epilogue, weights
 
-    monkeypatch.setattr(kernels, "_FP32_BLOCK_BYTES", 4 * 256 * 40)  # 40 rows a block: 112 = 40 + 40 + 32
+    monkeypatch.setattr(weights, "FP32_BLOCK_BYTES", 4 * 256 * 40)  # 40 rows a block: 112 = 40 + 40 + 32
     n, k, g = 112, 256, 64
     w = QuantWeight(torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, k // g), torch.randn(n, k // g),
                     None, g, 4)
@@ -479,9 +479,9 @@ def test_verification_reference_is_made_in_row_blocks(monkeypatch):
 
 def test_a_bf16_dequantization_is_the_fp32_one_rounded():
     """Made through fp32 row blocks (no whole fp32 copy): the same values as fp32, then bf16."""
-    from zen_inductor.kernels import QuantWeight, _FP32_BLOCK_BYTES
+    from zen_inductor.kernels import QuantWeight, weights
 
-    n, k, g = 3 * (_FP32_BLOCK_BYTES // (4 * 256)) + 5, 256, 64  # several blocks and a partial one
+    n, k, g = 3 * (weights.FP32_BLOCK_BYTES // (4 * 256)) + 5, 256, 64  # several blocks and a partial one
     w = QuantWeight(torch.randint(-8, 8, (n, k), dtype=torch.int8), torch.rand(n, k // g), torch.randn(n, k // g) * 0.01,
                     None, g, 4)
     assert torch.equal(w.dequantize(torch.bfloat16), w.dequantize().to(torch.bfloat16))
@@ -541,3 +541,20 @@ def test_only_packings_serving_memory_bound_bins_are_copied_to_huge_pages(monkey
     assert decode != prefill, tuning.plan.bin_kernels  # the static rule splits them; else the test says nothing
     assert sorted(copied) == sorted(t.data_ptr() for t in tuning.packed[decode])
     assert all(t.data_ptr() not in copied for t in tuning.packed[prefill])
+
+
+def test_the_static_rule_puts_the_avx512_gemvs_first_at_decode():
+    """With autotuning off (or bins the budget did not reach) each kernel's own rank decides: the
+    AVX-512 GEMVs were named nowhere in the old rule and came last on the machines that have them."""
+    from zen_inductor.autotune import static_order
+    from zen_inductor.kernels import LinearSpec
+
+    decode, prefill = shape_bins()[0], shape_bins()[-1]
+    for bits, names in ((4, ["aten_int4pack_mm", "zen_w4_avx2", "int4_tiles_sgemm", "zen_w4_avx512"]),
+                        (8, ["aten_int8pack_mm", "zen_w8_avx2", "int8_tiles_sgemm", "zen_w8_avx512"])):
+        spec = LinearSpec(n=256, k=256, group_size=64, bits=bits, symmetric=True, act_dtype=torch.bfloat16)
+        assert static_order(decode, names, spec)[0] == f"zen_w{bits}_avx512"
+        assert static_order(prefill, names, spec)[0] == f"int{bits}_tiles_sgemm"
+    dense = LinearSpec(n=256, k=256, group_size=256, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+    assert static_order(decode, ["dense_mm", "zen_bf16_gemv_avx2", "zen_bf16_gemv_avx512"], dense)[0] == "zen_bf16_gemv_avx512"
+

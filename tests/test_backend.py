@@ -11,6 +11,7 @@ import torch
 import zen_inductor
 from zen_inductor import config
 from zen_inductor.graph_pass import ZenJointPass
+from zen_inductor.patterns import FAMILIES
 from zen_inductor.record import CompileRecord
 
 from conftest import compile_zen, sqnr
@@ -185,7 +186,7 @@ def test_inductor_freezing_runs_only_when_asked(inductor_freezing, monkeypatch):
 
 
 def test_pass_uuid_follows_flags():
-    p = ZenJointPass(CompileRecord("g"))
+    p = ZenJointPass(CompileRecord("g"), FAMILIES)
     a = p.uuid()
     with config.patch(add_rmsnorm=False):
         b = p.uuid()

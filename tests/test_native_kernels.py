@@ -270,19 +270,18 @@ def test_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight(monkeypatch):
 
 @pytest.mark.skipif(native.unavailable("tiles_dequant") is not None, reason="needs AVX2 and a C++ compiler")
 def test_per_call_fp32_weights_are_made_in_blocks_of_rows(monkeypatch):
-    from zen_inductor import kernels
-    from zen_inductor.kernels import DenseWeight
+    from zen_inductor.kernels import DenseWeight, weights
 
     torch.manual_seed(0)
     n, k = 72, 256
-    monkeypatch.setattr(kernels, "_FP32_BLOCK_BYTES", 32 * 4 * k)  # blocks of 32 rows: 32, 32, then a tail of 8
+    monkeypatch.setattr(weights, "FP32_BLOCK_BYTES", 32 * 4 * k)  # blocks of 32 rows: 32, 32, then a tail of 8
     made = []
-    real = kernels._sgemm_by_row_blocks
+    real = weights.sgemm_by_row_blocks
 
     def spy(x, n, k, make_rows, bias):
         return real(x, n, k, lambda out, start, end: made.append((start, end)) or make_rows(out, start, end), bias)
 
-    monkeypatch.setattr(kernels, "_sgemm_by_row_blocks", spy)
+    monkeypatch.setattr(weights, "sgemm_by_row_blocks", spy)
     w = _weight(n, k, 64)
     dense = torch.randn(n, k, dtype=torch.bfloat16)
     bias = torch.randn(n, dtype=torch.bfloat16)

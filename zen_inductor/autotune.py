@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -30,7 +31,8 @@ import torch
 
 from . import config, cpu, native
 from .allocator import on_huge_pages
-from .kernels import (KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, candidates, epilogue_reference,
+from .record import NoKernel
+from .kernels import (KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, candidates, epilogue_reference, on_lazy_choice,
                       fp32_row_blocks, run_kernel)
 
 log = logging.getLogger("zen_inductor")
@@ -89,18 +91,13 @@ class BinResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Static rule (config.autotune=False, and bins the budget did not reach): quantized kernels while
-# the GEMM is memory-bound (decode), dequantize + dense GEMM once it is compute-bound. Where that
-# happens was measured here (AVX2, 1B shapes): a bf16 weight's fp32 sgemm wins from M ~ 64, but
-# our int4/int8 kernels stay ahead of dequantize + sgemm up to M ~ 256-512 (65-256 bin: 10 of 12
-# int4/int8 shapes). Among quantized kernels, ours and vendor kernels first.
+# Static rule (config.autotune=False, and bins the budget did not reach): each kernel's rank
+# (``Kernel.rank``), the memory-bound one while M is small (decode), the compute-bound one from
+# these M up. Where that happens was measured here (AVX2, 1B shapes): a bf16 weight's fp32 sgemm
+# wins from M ~ 64, but our int4/int8 kernels stay ahead of dequantize + sgemm up to M ~ 256-512.
 
 STATIC_DENSE_FROM_M = 64
 STATIC_DEQUANT_FROM_M = 257
-# our kernels first where they apply; at M=1 here (AVX2), against aten int4pack: int8 x int4
-# 3-3.5x, weight-only int4 2-2.6x
-_QUANTIZED_ORDER = ("zen_a8w4_avx2", "zen_w4_avx2", "zen_w8_avx2", "zentorch_woq_linear", "aten_int4pack_mm", "aten_int8pack_mm")
-_DYNAMIC_ORDER = ("zentorch_dynamic_qlinear", "aten_int_mm_da8")
 
 
 def static_choice(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> str:
@@ -109,21 +106,17 @@ def static_choice(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> str:
 
 def static_order(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> list[str]:
     """``usable`` from the most to the least likely winner on this CPU."""
-    native_bf16 = cpu.native_bf16_gemm()
-    dense = (("zentorch_linear_dequantized", "dequant_gemm", "int4_tiles_sgemm", "int8_tiles_sgemm", "dequant_sgemm") if native_bf16
-             else ("int4_tiles_sgemm", "int8_tiles_sgemm", "dequant_sgemm", "dequant_gemm"))
-    # int8 GEMMs only pay off with VNNI/AMX; without them (AVX2) _int_mm runs far below a
-    # weight-only kernel, which is also exact in x
-    int8_units = any(f in cpu.flags() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
-    quantized = (_DYNAMIC_ORDER + _QUANTIZED_ORDER) if spec.dynamic_activation and int8_units else _QUANTIZED_ORDER
-    if spec.bits > 8:  # a dense weight: its own dtype while memory-bound, fp32 GEMM once compute-bound
-        quantized = ("zentorch_linear", "zen_bf16_blocks_avx2", "zen_bf16_gemv_avx2", "dense_mm")
-        dense = ("zentorch_linear", "dense_mm") if native_bf16 else ("dense_sgemm",)
-    dense_from = STATIC_DENSE_FROM_M if spec.bits > 8 else STATIC_DEQUANT_FROM_M
-    order = (dense + quantized) if bin.lo >= dense_from else (quantized + dense)
-    if spec.dynamic_activation:  # int8 x int4 stays ahead of dequantize + sgemm up to M=1024 here
-        order = ("zen_a8w4_avx2",) + order
-    return sorted(usable, key=lambda name: order.index(name) if name in order else len(order))
+    compute_bound = bin.lo >= (STATIC_DENSE_FROM_M if spec.bits > 8 else STATIC_DEQUANT_FROM_M)
+    flags = cpu.flags()
+    # without these units such kernels run through slower paths: int8 GEMMs far below a
+    # weight-only kernel (which is also exact in x), a bf16 GEMM 5-7x behind an fp32 one
+    slow = {"bf16_gemm": not cpu.native_bf16_gemm(), "int8_gemm": not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}}
+
+    def key(name: str):
+        kernel = KERNELS[name]
+        return (slow.get(kernel.fast_with, False), kernel.rank[1 if compute_bound else 0], name)
+
+    return sorted(usable, key=key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +137,7 @@ def _machine_key() -> str:
         torchao_version = torchao.__version__
     except Exception:
         torchao_version = "none"
-    from . import __version__
+    __version__ = importlib.metadata.version("zen_inductor")
 
     parts = [
         platform.processor() or platform.machine(), _cpu_model(), ",".join(flags),
@@ -448,12 +441,15 @@ class _Packings(dict):
         return value
 
 
-def remember_lazy_choice(plan: Plan, index: int, usable: list, winner: str, times: dict) -> None:
+def _remember_lazy_choice(plan: Plan, index: int, usable: list, winner: str, times: dict) -> None:
     """A lazily tuned bin's winner goes to the same persistent cache as compile-time choices."""
     b = shape_bins(plan.edges)[index]
     TuningCache().put({cache_key(plan.spec, b, usable): {"winner": winner, "times_us": {k: round(v, 1) for k, v in times.items()},
                                                          "excluded": {}, "lazy": True}})
     log.info("zen: M bin %s of %s N=%d K=%d tuned at first call: %s", b.label, plan.spec.kind, plan.spec.n, plan.spec.k, winner)
+
+
+on_lazy_choice(_remember_lazy_choice)
 
 
 TIMING_MAX_FLOP = 4e9  # per timed call; past this a GEMM's ranking no longer changes with M
@@ -565,7 +561,3 @@ class Tuning:
     bins: list  # BinResult per shape bin
     excluded: dict  # kernel -> reason it was never a candidate
     packed: dict  # kernel of the plan -> its packed tensors
-
-
-class NoKernel(Exception):
-    pass

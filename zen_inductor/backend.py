@@ -27,6 +27,7 @@ from torch._inductor.compile_fx import compile_fx
 from . import config, dumps, native
 from .allocator import reuse_freed_memory
 from .graph_pass import ZenJointPass
+from .patterns import FAMILIES
 from .record import CompileRecord
 
 log = logging.getLogger("zen_inductor")
@@ -64,7 +65,7 @@ def _compile(gm, example_inputs, inductor_patches):
         gm = _copy_for_lifting(gm)  # Dynamo calls us with the inputs of *its* graph; keep that intact
         lifted = _lift_parameters(gm, example_inputs)
     inputs = [a for i, a in enumerate(example_inputs) if i not in set(lifted)]
-    patches = {"joint_custom_post_pass": ZenJointPass(record), "freezing": freeze and config.inductor_freezing,
+    patches = {"joint_custom_post_pass": ZenJointPass(record, FAMILIES), "freezing": freeze and config.inductor_freezing,
                **inductor_patches}
     with reuse_freed_memory(), _constants_allowed(inputs), torch._functorch.config.patch(enable_autograd_cache=False):
         # AOTAutograd's cache would serve a warm compile without running our pass, and the packed
@@ -166,10 +167,10 @@ def _forget_zentorch_reorders():
     # ZenDNN caches reordered weights by data pointer; a new model's packed weight can land at a
     # freed model's address and be served the old reorder. Dropping the cache at every compile
     # makes each compiled model start clean.
-    try:
-        import sys
+    import sys
 
-        if "zentorch" in sys.modules:
+    if "zentorch" in sys.modules:
+        try:
             sys.modules["zentorch"]._C.clear_weight_cache()
-    except Exception:
-        pass
+        except (AttributeError, RuntimeError) as e:  # a zentorch without the cache, or one that failed to load
+            log.debug("zen: zentorch's weight cache was not cleared: %s", e)

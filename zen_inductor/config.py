@@ -62,7 +62,7 @@ freezing: bool = _env("freezing", True)
 inductor_freezing: bool = _env("inductor_freezing", False)
 
 # --- kernel choice ----------------------------------------------------------------------
-# time the candidate kernels per shape bin; False picks by the static rule in kernels.py
+# time the candidate kernels per shape bin; False picks by each kernel's static rank (kernels/contract.py)
 autotune: bool = _env("autotune", True)
 # tune each shape bin at its first call (on the real input) instead of at compile time
 autotune_lazy: bool = _env("autotune_lazy", False)

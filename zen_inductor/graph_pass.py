@@ -19,10 +19,10 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.freezing_utils import record_has_frozen_params
 
 from . import config, native
-from .autotune import NoKernel, Tuner
+from .autotune import Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
 from .kernels import Plan, candidates, quant_linear, swiglu_row_order
-from .record import CompileRecord
+from .record import CompileRecord, NoKernel
 
 
 @dataclass
@@ -272,25 +272,24 @@ def _fake_mode(graph: fx.Graph):
 
 @functools.lru_cache(None)
 def _source_files() -> tuple:
-    import zen_inductor
-    import zen_inductor.patterns as patterns
+    """Every source file of the package (the patterns are installed from a folder of their own):
+    a change to any of them is a new pass for Inductor's FX graph cache."""
+    import importlib.util
 
+    roots = [os.path.dirname(__file__), *importlib.util.find_spec("zen_inductor.patterns").submodule_search_locations]
     files = []
-    for package in (zen_inductor, patterns):
-        root = os.path.dirname(package.__file__)
-        files += sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".py"))
-    csrc = os.path.join(os.path.dirname(zen_inductor.__file__), "csrc")
-    files += sorted(os.path.join(csrc, f) for f in os.listdir(csrc) if f.endswith((".cpp", ".h")))
+    for root in roots:
+        for folder, _, names in sorted(os.walk(root)):
+            files += sorted(os.path.join(folder, f) for f in names if f.endswith((".py", ".cpp", ".h")))
     return tuple(files)
 
 
 class ZenJointPass(CustomGraphPass):
-    def __init__(self, record: CompileRecord):
+    def __init__(self, record: CompileRecord, families: tuple):
         self.record = record
+        self.families = families  # patterns.FAMILIES, in the order they run
 
     def __call__(self, graph: fx.Graph) -> None:
-        from zen_inductor.patterns import FAMILIES
-
         gm = graph.owning_module
         if config.debug_dir:  # only the dumps show them: rendering took ~0.1 s a graph
             self.record.graph_before = _readable(gm)
@@ -299,7 +298,7 @@ class ZenJointPass(CustomGraphPass):
         ctx = PatternContext(graph, gm, params, constant_nodes(graph, params), ConstEvaluator(gm, params), self.record)
         # the joint passes run under Inductor's fake mode; our reads of real weights must not
         with torch._subclasses.fake_tensor.unset_fake_temporarily():
-            for family in FAMILIES:
+            for family in self.families:
                 if getattr(config, family.flag):
                     family.apply(ctx)
                     # the next family must not see what this one replaced; weights not yet packed stay

@@ -12,6 +12,15 @@ from typing import Optional
 
 import torch.fx as fx
 
+
+class PatternMiss(Exception):
+    """Raised by a pattern's check: the message is the reason of the ``NearMiss`` recorded for
+    users, and the graph is left as it was."""
+
+
+class NoKernel(PatternMiss):
+    """No kernel can run a linear here (each candidate's reason in the message)."""
+
 # Process-wide match counts, as ``torch._dynamo.utils.counters["inductor"]``: tests assert on them.
 counters: collections.Counter = collections.Counter()
 

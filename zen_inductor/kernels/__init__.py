@@ -1,0 +1,29 @@
+"""Candidate kernels for quantized and dense linears, and the op the compiled graph calls.
+
+Where things are:
+  weights.py       QuantWeight, DenseWeight, LinearSpec: what a kernel is given
+  epilogues.py     swiglu, fused by some kernels, applied after the others
+  contract.py      Kernel: what a kernel declares (accepts, packs, runs, layout, rank, ...)
+  registry.py      KERNELS (every family's table) and candidates(spec)
+  op.py            zen::quant_linear, its plan and per-bin dispatch
+  families, one table each:
+    aten_ops.py      ATen's int4pack, int8pack and _int_mm GEMMs
+    zentorch_ops.py  zentorch's GEMMs (AVX-512 only)
+    tiles.py         our C++ kernels on packed quantized tiles (csrc/)
+    dense.py         bf16 weights: GEMMs and our C++ GEMVs
+    dequantize.py    dequantize per call, then a GEMM
+  native_entry.py  how our C++ entries are called
+
+A new kernel goes in its family's table (or a new family module added to registry's list).
+Pattern code never names a kernel or a vendor.
+"""
+from .contract import Kernel, Unsuited, run_kernel
+from .epilogues import SWIGLU_BLOCK, apply_epilogue, epilogue_reference, swiglu_row_order
+from .op import LAZY, Plan, on_lazy_choice, quant_linear
+from .registry import KERNELS, candidates
+from .weights import DenseWeight, LinearSpec, QuantWeight, fp32_row_blocks
+
+__all__ = [
+    "DenseWeight", "KERNELS", "Kernel", "LAZY", "LinearSpec", "Plan", "QuantWeight", "SWIGLU_BLOCK", "Unsuited", "apply_epilogue",
+    "candidates", "epilogue_reference", "fp32_row_blocks", "on_lazy_choice", "quant_linear", "run_kernel", "swiglu_row_order",
+]

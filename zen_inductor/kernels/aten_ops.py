@@ -1,0 +1,101 @@
+"""ATen's quantized GEMMs: int4 packed weights, int8 per-channel weights, int8 x int8 with
+dynamic activations."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .contract import Kernel, Unsuited
+from .weights import LinearSpec, QuantWeight
+
+aten = torch.ops.aten
+
+_INT4PACK_GROUPS = (32, 64, 128, 256)
+
+
+def _int4pack_supports(spec: LinearSpec) -> Optional[str]:
+    if spec.bits != 4:
+        return Unsuited(f"not for int{spec.bits} weights")
+    if spec.group_size not in _INT4PACK_GROUPS:
+        return f"group size {spec.group_size} not in {'/'.join(map(str, _INT4PACK_GROUPS))}"
+    if spec.k % spec.group_size:
+        return f"K={spec.k} not divisible by group size {spec.group_size}"
+    if spec.act_dtype not in (torch.bfloat16, torch.float32):
+        return f"{spec.act_dtype} activations"
+    return None
+
+
+def _int4pack_prepack(w: QuantWeight, act_dtype):
+    unsigned = (w.codes.to(torch.int32) + 8).contiguous()
+    packed = aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+    # the kernel computes (u - 8) * s + z, which is codes * s + offset
+    scale_and_zero = torch.stack([w.scale.t(), w.offset.t()], dim=-1).to(act_dtype).contiguous()
+    return [packed, scale_and_zero]
+
+
+def _int4pack_run(x, packed, bias, spec):
+    y = aten._weight_int4pack_mm_for_cpu(x, packed[0], spec.group_size, packed[1])
+    return y if bias is None else y + bias
+
+
+def _int8pack_supports(spec: LinearSpec) -> Optional[str]:
+    if spec.bits > 8:
+        return Unsuited("not for dense weights")
+    if spec.group_size != spec.k:
+        return f"per-group scales (group size {spec.group_size}); kernel is per-channel only"
+    if not spec.symmetric:
+        return "zero points; kernel is symmetric only"
+    if spec.act_dtype not in (torch.bfloat16, torch.float32):
+        return f"{spec.act_dtype} activations"
+    return None
+
+
+def _int8pack_prepack(w: QuantWeight, act_dtype):
+    return [w.codes.contiguous(), w.scale[:, 0].to(act_dtype).contiguous()]
+
+
+def _int8pack_run(x, packed, bias, spec):
+    y = aten._weight_int8pack_mm(x, packed[0], packed[1])
+    return y if bias is None else y + bias
+
+
+def _int_mm_da8_supports(spec: LinearSpec) -> Optional[str]:
+    if not spec.dynamic_activation or spec.bits > 8:
+        return Unsuited("not for weight-only linears")
+    if spec.group_size != spec.k or not spec.symmetric:
+        return "per-channel symmetric weights only"
+    if spec.act_dtype not in (torch.bfloat16, torch.float32):
+        return f"{spec.act_dtype} activations"
+    return None
+
+
+def _int_mm_da8_prepack(w: QuantWeight, act_dtype):
+    return [w.codes.t().contiguous(), w.scale[:, 0].contiguous()]
+
+
+def _int_mm_da8_run(x, packed, bias, spec):
+    # per-row symmetric int8 activations (as torchao's Int8DynamicActivation), int32 accumulate
+    codes_kn, w_scale = packed
+    xf = x.to(torch.float32)
+    x_scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-7) / 127.0
+    xq = torch.round(xf / x_scale).clamp_(-127, 127).to(torch.int8)
+    y = torch._int_mm(xq, codes_kn).to(torch.float32).mul_(x_scale).mul_(w_scale)
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype)
+
+
+
+KERNELS = (
+    # behind zen_w4_avx2 wherever both serve (benchmarks/results/families-kernels-flags.md); its
+    # packing and verification cost ~1.7 s of a cold int4 compile
+    Kernel("aten_int4pack_mm", "aten", _int4pack_supports, _int4pack_prepack, _int4pack_run,
+           dominated_by=("zen_w4_avx2", "zen_w4_avx512"), rank=(6, 26)),
+    # behind zen_w8_avx512 at M <= 16 and the bf16 copy's GEMM from M=64: it won no int8 bin
+    # (linears-llama1b-4l.md), and its verification took ~1.2 s of a cold int8 compile
+    Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run,
+           dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),), rank=(6, 26)),
+    Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run, rank=(2, 22),
+           fast_with="int8_gemm"),
+)
