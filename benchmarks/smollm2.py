@@ -1,0 +1,226 @@
+"""The real model against llama.cpp: SmolLM2-135M-Instruct from its GGUF file, every system on the
+same blocks.
+
+    python benchmarks/smollm2.py [--systems eager,inductor,zen,llamacpp] [--prompts 128,512] [--new 64]
+                                 [--reps 3] [--file Q4_1|path.gguf] [--out benchmarks/results]
+
+Every (prompt, system) runs in its own process (compile time and peak RSS are its own). The torch
+systems load the file with ``zen_inductor.load_gguf`` (their linears compute with the file's
+blocks) and generate greedily through a StaticCache, as transformers' ``generate`` does with
+``cache_implementation="static"``; llama.cpp (``llama-cpp-python``, where installed) runs the same
+file with the same prompt tokens and thread count, in a process without torch (llama.cpp's
+decode crashed with torch loaded beside it). The prompt is the start of the committed
+public-domain text ``benchmarks/data/prose.txt``, tokenized once by the parent. Stock Inductor runs
+with its global freezing flag on (PyTorch's CPU recipe for inference); zen as a user would call it.
+``--merge`` re-runs the given systems and keeps the other rows of the last results.
+ZEN_BENCH_LLAMACPP_EXTRA_BUFTS=0 turns llama.cpp's extra buffer types off (see llamacpp_run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SYSTEMS = ("eager", "inductor", "zen", "llamacpp")
+
+
+def prose_ids(path: str) -> list:
+    """The committed text in the model's tokens (its tokenizer is in the GGUF file)."""
+    import transformers
+
+    folder, name = os.path.split(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with open(os.path.join(HERE, "data", "prose.txt")) as f:
+        return tokenizer(f.read()).input_ids
+
+
+def torch_run(system: str, path: str, prompt: list, new: int, reps: int) -> dict:
+    import torch
+    from transformers import StaticCache
+
+    import zen_inductor
+
+    t0 = time.perf_counter()
+    model, _ = zen_inductor.load_gguf(path)
+    load_s = time.perf_counter() - t0
+    ids, length = torch.tensor([prompt]), len(prompt)
+    forward = model.forward
+    if system == "inductor":
+        torch._inductor.config.freezing = True
+        forward = torch.compile(model.forward, backend="inductor")
+    elif system == "zen":
+        forward = torch.compile(model.forward, backend="zen")
+
+    @torch.no_grad()
+    def generate(steps: int):
+        cache = StaticCache(config=model.config, max_cache_len=length + new)
+        t = time.perf_counter()
+        out = forward(input_ids=ids, past_key_values=cache, cache_position=torch.arange(length), use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1:].argmax(-1)
+        ttft = time.perf_counter() - t
+        tokens, times = [int(token)], []
+        for i in range(steps - 1):
+            t = time.perf_counter()
+            out = forward(input_ids=token, past_key_values=cache, cache_position=torch.tensor([length + i]), use_cache=True,
+                          logits_to_keep=1)
+            token = out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t)
+            tokens.append(int(token))
+        return tokens, ttft, times
+
+    t0 = time.perf_counter()
+    generate(3)  # compiles prefill and decode
+    first_s = time.perf_counter() - t0
+    runs = [generate(new) for _ in range(reps)]
+    return dict(load_s=load_s, first_s=first_s, tokens=runs[-1][0], ttft_ms=statistics.median(r[1] for r in runs) * 1e3,
+                tpot_ms=statistics.median(statistics.median(r[2]) for r in runs) * 1e3)
+
+
+def llamacpp_run(path: str, prompt: list, new: int, reps: int, threads: int) -> dict:
+    import llama_cpp
+    import llama_cpp.llama
+
+    # On the AVX-512/AMX Xeon VM here llama.cpp's decode crashed (SIGSEGV in llama_decode) with
+    # its extra buffer types (weights repacked for the CPU, AMX); llama-cpp-python does not expose
+    # the switch, so it is set on the default parameters it starts from. Elsewhere they stay on.
+    if os.environ.get("ZEN_BENCH_LLAMACPP_EXTRA_BUFTS", "1") == "0":
+        defaults = llama_cpp.llama.llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_bufts
+    ids, length = prompt, len(prompt)
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=path, n_ctx=length + new + 8, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                          verbose=False)
+    load_s = time.perf_counter() - t0
+
+    def generate(steps: int):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        token = llm.sample(temp=0.0)
+        ttft = time.perf_counter() - t
+        tokens, times = [token], []
+        for _ in range(steps - 1):
+            t = time.perf_counter()
+            llm.eval([token])
+            token = llm.sample(temp=0.0)
+            times.append(time.perf_counter() - t)
+            tokens.append(token)
+        return tokens, ttft, times
+
+    t0 = time.perf_counter()
+    generate(3)
+    first_s = time.perf_counter() - t0
+    runs = [generate(new) for _ in range(reps)]
+    return dict(load_s=load_s, first_s=first_s, tokens=runs[-1][0], ttft_ms=statistics.median(r[1] for r in runs) * 1e3,
+                tpot_ms=statistics.median(statistics.median(r[2]) for r in runs) * 1e3, version=llama_cpp.__version__,
+                extra_bufts=os.environ.get("ZEN_BENCH_LLAMACPP_EXTRA_BUFTS", "1") != "0")
+
+
+def child(args) -> None:
+    with open(args.ids) as f:
+        prompt = json.load(f)
+    if args.system == "llamacpp":
+        result = llamacpp_run(args.file, prompt, args.new, args.reps, args.threads)
+    else:
+        result = torch_run(args.system, args.file, prompt, args.new, args.reps)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def cpu() -> str:
+    with open("/proc/cpuinfo") as f:
+        text = f.read()
+    name = next(l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name"))
+    return f"{name} ({'AVX-512' if 'avx512f' in text else 'AVX2'})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--prompts", default="128,512")
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--file", default="Q4_1", help="Q4_1 (the wheel's file) or a path to a GGUF file")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--merge", action="store_true", help="keep the last results' rows of the systems not run")
+    p.add_argument("--system", help=argparse.SUPPRESS)
+    p.add_argument("--ids", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.file == "Q4_1":
+        from zen_inductor.smollm2 import gguf_path
+
+        args.file = gguf_path()
+    if args.system:
+        return child(args)
+    import importlib.util
+
+    import torch
+
+    systems = [s for s in args.systems.split(",") if s and (s != "llamacpp" or importlib.util.find_spec("llama_cpp"))]
+    name = os.path.basename(args.file)
+    stem = os.path.join(args.out, "smollm2" if name.endswith("Q4_1.gguf") else f"smollm2-{name}")
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    if args.merge and os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            rows = [r for r in json.load(f) if r["system"] not in systems]
+    text = prose_ids(args.file)
+    for length in (int(x) for x in args.prompts.split(",")):
+        if len(text) < length:
+            raise SystemExit(f"prose.txt has {len(text)} tokens, fewer than the prompt's {length}")
+        ids_file = os.path.join(args.out, f".prompt-{length}.json")
+        with open(ids_file, "w") as f:
+            json.dump(text[:length], f)
+        for system in systems:
+            print(f"[prompt {length}] {system} ...", flush=True)
+            cmd = [sys.executable, __file__, "--system", system, "--ids", ids_file, "--new", str(args.new),
+                   "--reps", str(1 if system == "eager" else args.reps), "--file", args.file,
+                   "--threads", str(torch.get_num_threads())]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                print(f"  failed (exit {out.returncode}):", out.stdout[-2000:], out.stderr[-4000:])
+                continue
+            row = dict(json.loads(line[7:]), system=system, prompt=length)
+            print(f"  TTFT {row['ttft_ms']:.1f} ms, TPOT {row['tpot_ms']:.2f} ms, first generate {row['first_s']:.1f} s, "
+                  f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+            rows.append(row)
+        os.remove(ids_file)
+    lines = [f"# SmolLM2-135M-Instruct, {name}: zen against llama.cpp and PyTorch ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {cpu()}, {torch.get_num_threads()} threads. Batch 1, greedy, {args.new} new tokens, StaticCache; "
+             f"medians of {args.reps} runs (eager: 1). One process per row. Every system computes with the file's blocks.", "",
+             "| prompt | system | TTFT ms | TPOT ms | tokens/s | first generate s (compile) | peak RSS MB | tokens = llama.cpp's | TPOT / zen's |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = {s: i for i, s in enumerate(SYSTEMS)}
+    for length in sorted({r["prompt"] for r in rows}):
+        group = sorted((r for r in rows if r["prompt"] == length), key=lambda r: order.get(r["system"], len(order)))
+        ref = next((r["tokens"] for r in group if r["system"] == "llamacpp"), None)
+        zen = next((r["tpot_ms"] for r in group if r["system"] == "zen"), None)
+        for r in group:
+            same = "?" if ref is None else ("yes" if r["tokens"] == ref else f"{sum(a == b for a, b in zip(r['tokens'], ref))}/{len(ref)}")
+            ratio = f"{r['tpot_ms'] / zen:.2f}x" if zen else ""
+            system = r["system"] + (" (no extra buffer types)" if r.get("extra_bufts") is False else "")
+            lines.append(f"| {length} | {system} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {1e3 / r['tpot_ms']:.1f} | "
+                         f"{r['first_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | {ratio} |")
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(stem + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
