@@ -33,7 +33,9 @@ from zen_inductor.autotune import sqnr_db
 from zen_inductor.cpu import zentorch_unavailable
 from zen_inductor.record import PatternMiss
 
-from .family import CONVERTS, Family, fake_value
+from zen_inductor.graph_facts import CONVERTS, fake_value
+
+from .family import Family
 
 aten = torch.ops.aten
 

@@ -27,8 +27,10 @@ from zen_inductor.record import NoKernel
 from zen_inductor.graph_pass import LazyWeight, PendingLinear
 from zen_inductor.kernels import LinearSpec, QuantWeight, quant_linear
 
-from .family import VIEWS, Family, fake_value
-from .dequant_matmul import find_codes
+from zen_inductor.graph_facts import VIEWS, fake_value
+
+from .family import Family
+from zen_inductor.weight_reading import find_codes
 
 aten = torch.ops.aten
 

@@ -36,7 +36,9 @@ import torch.fx as fx
 
 from zen_inductor.graph_pass import emit_op
 
-from .family import Family, call_arg, fake_value, rewrite_each
+from zen_inductor.graph_facts import call_arg, fake_value
+
+from .family import Family, rewrite_each
 
 aten = torch.ops.aten
 prims = torch.ops.prims

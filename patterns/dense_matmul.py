@@ -18,8 +18,10 @@ import torch
 from zen_inductor.record import NoKernel
 from zen_inductor.kernels import DenseWeight, LinearSpec
 
-from .family import Family, fake_value
-from .dequant_matmul import find_codes
+from zen_inductor.graph_facts import fake_value
+
+from .family import Family
+from zen_inductor.weight_reading import find_codes
 
 aten = torch.ops.aten
 

@@ -27,10 +27,13 @@ import torch
 import torch.fx as fx
 
 from zen_inductor.autotune import sqnr_db
+from zen_inductor.graph_facts import CONVERTS, VIEWS, fake_value, is_call
+from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, Unsuited, candidates
 from zen_inductor.record import PatternMiss
-from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, Unsuited, candidates, fp32_row_blocks
+from zen_inductor.weight_reading import (AFFINE_OPS, LAYOUT_OPS, check_chain, describe_quantized, find_codes, is_int_to_float,
+                                         read_weight)
 
-from .family import CONVERTS, VIEWS, Family, fake_value, is_call
+from .family import Family
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -40,63 +43,10 @@ PATTERN = "dequant_matmul"
 # matmul op -> (activation arg, weight arg, bias arg)
 _MATMULS = {aten.mm.default: (0, 1, None), aten.addmm.default: (1, 2, 0)}
 
-_LAYOUT_OPS = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
-    aten.t.default, aten.transpose.int, aten.clone.default, aten.alias.default,
-    aten.squeeze.dim, aten.unsqueeze.default, aten.expand.default,
-    prims.convert_element_type.default, aten._to_copy.default,
-}
-_AFFINE_OPS = {aten.sub.Tensor, aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default, aten.rsub.Scalar}
 _ACT_DTYPES = (torch.bfloat16, torch.float32)
-_MIN_GROUP = 8
 
 
 # --- search -----------------------------------------------------------------------------------
-
-
-def _is_int_to_float(node: fx.Node) -> bool:
-    if node.op != "call_function" or node.target not in CONVERTS:
-        return False
-    src, out = fake_value(node.args[0]) if node.args else None, fake_value(node)
-    return src is not None and out is not None and not src.dtype.is_floating_point and src.dtype != torch.bool and out.dtype.is_floating_point
-
-
-def find_codes(weight: fx.Node) -> fx.Node | None:
-    """The integer node holding the raw codes: one value per weight element.
-
-    Found as the int->float convert of the chain, moved up past integer zero-point arithmetic
-    (GPTQ code subtracts int zeros before converting: ``convert(q - zeros)``).
-    """
-    convert = _find_convert(weight)
-    if convert is None:
-        return None
-    codes, numel = convert.args[0], fake_value(weight).numel()
-    while (
-        isinstance(codes, fx.Node)
-        and codes.target in (aten.sub.Tensor, aten.add.Tensor)
-        and isinstance(codes.args[0], fx.Node)
-        and fake_value(codes.args[0]) is not None
-        and fake_value(codes.args[0]).numel() == numel
-        and not (isinstance(codes.args[1], fx.Node) and fake_value(codes.args[1]).numel() == numel)
-    ):
-        codes = codes.args[0]
-    return codes
-
-
-def _find_convert(weight: fx.Node) -> fx.Node | None:
-    """The int->float convert that produces one value per weight element."""
-    numel = fake_value(weight).numel()
-    found, stack, seen = [], [weight], set()
-    while stack:
-        node = stack.pop()
-        if node in seen or not isinstance(node, fx.Node):
-            continue
-        seen.add(node)
-        if _is_int_to_float(node) and fake_value(node).numel() == numel:
-            found.append(node)
-            continue
-        stack.extend(node.all_input_nodes)
-    return found[0] if len(found) == 1 else None
 
 
 def search(ctx):
@@ -107,204 +57,6 @@ def search(ctx):
             if fake_value(w) is None or find_codes(w) is None:
                 continue
             yield mm, x, w, (mm.args[bi] if bi is not None else None)
-
-
-# --- reading the weight -------------------------------------------------------------------------
-
-
-def _path(codes: fx.Node, weight: fx.Node) -> list[fx.Node]:
-    """Nodes from ``codes`` (exclusive) to ``weight`` (inclusive), in graph order."""
-    below, stack = set(), [weight]
-    while stack:
-        node = stack.pop()
-        if node in below or node is codes:
-            continue
-        below.add(node)
-        stack.extend(node.all_input_nodes)
-    above, stack = set(), [codes]
-    while stack:
-        node = stack.pop()
-        for user in node.users:
-            if user not in above and user in below:
-                above.add(user)
-                stack.append(user)
-    order = {n: i for i, n in enumerate(weight.graph.nodes)}
-    return sorted(above, key=order.__getitem__)
-
-
-def _along_path(ctx, codes: fx.Node, path: list[fx.Node], value: torch.Tensor, affine: bool) -> torch.Tensor:
-    """``value`` in the codes' place, moved along the chain to the weight.
-
-    ``affine=False``: layout ops only (affine ops and conversions pass the value through), so
-    integer codes keep their one byte per element. ``affine=True``: an fp32 probe goes through
-    the affine ops too, in fp32, where products of small codes and bf16 scales are exact, so the
-    chain's scale and offset can be read off (f(1) - f(0) and f(0)). The path's other inputs
-    (scales, zero points) are what the model computes, widened to fp32.
-
-    Elementwise ops update the probe in place when their result has its shape: each new
-    full-size fp32 tensor of a big weight costs ~0.5 s a GB in page faults on this VM, and the
-    ops themselves ~0.1 s (an 8192 x 32000 weight read in 2.7 s instead of 9.7).
-    """
-    values = {codes: value}
-    for node in path:
-        (src,) = [a for a in node.all_input_nodes if a in values]  # check_chain: exactly one
-        v = values[src]
-        if node.target in CONVERTS or (node.target in _AFFINE_OPS and not affine):
-            values[node] = v
-            continue
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: v if n is src else _fp32(ctx.evaluate(n)))
-        updated = _in_place(node.target, v, args, kwargs) if affine else None
-        values[node] = updated if updated is not None else node.target(*args, **kwargs)
-    return values[path[-1]] if path else value
-
-
-_IN_PLACE = {aten.sub.Tensor: "sub_", aten.add.Tensor: "add_", aten.mul.Tensor: "mul_", aten.div.Tensor: "div_"}
-_COMMUTATIVE = (aten.add.Tensor, aten.mul.Tensor)
-
-
-def _in_place(target, v: torch.Tensor, args, kwargs) -> torch.Tensor | None:
-    """``target(*args)`` as an in-place update of ``v``, or None where that would not be the same."""
-    if target not in _IN_PLACE or len(args) != 2 or kwargs or v.dtype != torch.float32:
-        return None
-    if args[0] is v:
-        other = args[1]
-    elif args[1] is v and target in _COMMUTATIVE:
-        other = args[0]
-    else:
-        return None
-    shape = other.shape if isinstance(other, torch.Tensor) else ()
-    # v must own every element it shows (no expand) and keep its shape under broadcasting
-    if torch.broadcast_shapes(v.shape, shape) != v.shape or v.numel() * 4 != v.untyped_storage().nbytes():
-        return None
-    return getattr(v, _IN_PLACE[target])(other)
-
-
-def _fp32(value):
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64:
-        return value.to(torch.float32)
-    return value
-
-
-def check_chain(ctx, weight: fx.Node) -> None:
-    """What can be told of the dequant chain without running it (raises ``PatternMiss``).
-
-    Checked on every graph, also when an earlier graph of the model already read this weight.
-    """
-    codes = find_codes(weight)
-    if any(n not in ctx.constants for n in (weight, codes)):
-        raise PatternMiss("the weight is a graph input, not a constant: compile under torch.no_grad() with freezing on")
-    path = _path(codes, weight)
-    for node in path:
-        if node.target not in _LAYOUT_OPS and node.target not in _AFFINE_OPS:
-            raise PatternMiss(f"{node.target} between the integer codes and the matmul is not a dequant op")
-        if sum(a in path or a is codes for a in node.all_input_nodes) != 1:
-            raise PatternMiss("the dequant chain combines the codes with themselves")
-
-
-def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight:
-    """Scale, offset and codes of a chain that passed ``check_chain``.
-
-    May run after later families (a linear merged by concat is read when the merged weight is
-    packed): ``PatternContext.weight`` keeps the chain's nodes in the graph until then.
-    """
-    codes = find_codes(weight)
-    path = _path(codes, weight)
-    raw = ctx.evaluate(codes)
-    bits, shift = code_range(*torch.aminmax(_dense(raw)))
-    # signed one-byte codes; the shift moves into the offset: q * s + b == (q - shift) * s + (b + shift * s)
-    signed = (raw.to(torch.int16) - shift).to(torch.int8) if shift else raw.to(torch.int8)
-    q = _along_path(ctx, codes, path, signed, affine=False)
-    # mm sees the weight as [K, N]; the canonical form is [N, K]. The probes take the codes'
-    # strides: codes seen transposed (Int8WeightOnly's t() before the convert) then give
-    # [N, K]-contiguous results, and the transposes below copy nothing (they were 5 s of a
-    # 328 M-parameter read here).
-    offset = _along_path(ctx, codes, path, torch.zeros_like(raw, dtype=torch.float32), affine=True).t().contiguous()
-    scale = _along_path(ctx, codes, path, torch.ones_like(raw, dtype=torch.float32), affine=True).t().contiguous()
-    scale -= offset
-    q = q.t().contiguous()
-    if shift:
-        offset.add_(scale, alpha=shift)
-    # the chain on the real codes, in fp32 as the probes: in the model's bf16 it took 1.7 s of a
-    # 327 M-parameter read here (bf16 elementwise ops and three fresh full-size results)
-    _prove(q, scale, offset, _along_path(ctx, codes, path, raw.to(torch.float32), affine=True).t())
-    if post_scale is not None:  # Int8WeightOnly: y = mm(x, convert(codes^T)) * scale[N], exact in fp32 here
-        column = ctx.evaluate(post_scale).to(torch.float32).reshape(-1, 1)
-        scale *= column
-        offset *= column
-    return _quantize_description(q, scale, offset, group_hint(codes, q.shape[1]))
-
-
-def _prove(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, real: torch.Tensor) -> None:
-    """The chain itself, evaluated in fp32 on the real codes, gives ``q * scale + offset`` (to
-    45 dB, the weight read as signal): a chain that is not affine in the codes (a code as a
-    divisor, a clamp, a cast to integers) fails. ``q * scale + offset`` is made a block of rows at
-    a time in one small buffer: one more full-size fp32 tensor cost ~0.5 s a GB of page faults
-    here, and int8 times fp32 takes a slow mixed-dtype path."""
-    signal = noise = 0.0
-    for w, start, end in fp32_row_blocks(*q.shape):
-        w.copy_(q[start:end]).mul_(scale[start:end]).add_(offset[start:end])
-        signal += float(torch.linalg.vector_norm(w)) ** 2
-        noise += float(torch.linalg.vector_norm(w.sub_(real[start:end]))) ** 2
-    if not noise <= signal * 10 ** (-45 / 10):  # NaN or inf fail too
-        raise PatternMiss("the dequant chain is not affine in the integer codes")
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s elements in memory order (a reduction over all of them need not stride)."""
-    return t.permute(*sorted(range(t.dim()), key=lambda d: -t.stride(d)))
-
-
-def group_hint(codes: fx.Node, k: int) -> int:
-    shape = tuple(fake_value(codes).shape)
-    return shape[-1] if len(shape) == 3 and shape[-2] * shape[-1] == k else k
-
-
-def _constant_in_groups(t: torch.Tensor, g: int) -> bool:
-    n, k = t.shape
-    blocks = t.view(n, k // g, g)
-    return torch.equal(blocks.amin(-1), blocks.amax(-1))  # aminmax(dim=) is 4x slower here
-
-
-def code_range(qmin, qmax) -> tuple[int, int]:
-    """(bits, shift) of integer codes in [qmin, qmax]; ``codes - shift`` is signed."""
-    qmin, qmax = int(qmin), int(qmax)
-    if qmin >= -8 and qmax <= 7:
-        return 4, 0
-    if qmin >= 0 and qmax <= 15:
-        return 4, 8
-    if qmin >= -128 and qmax <= 127:
-        return 8, 0
-    if qmin >= 0 and qmax <= 255:
-        return 8, 128
-    raise PatternMiss(f"integer codes span [{qmin}, {qmax}], wider than 8 bits")
-
-
-def _quantize_description(q, scale, offset, hint: int) -> QuantWeight:
-    """The QuantWeight of ``w = q * scale + offset`` (all [N, K]; q holds integer values)."""
-    n, k = q.shape
-    bits, shift = code_range(*torch.aminmax(q))
-    if shift:
-        q = (q if q.is_floating_point() else q.to(torch.int16)) - shift
-        offset = offset + shift * scale
-    group = None
-    for g in [hint] + sorted((d for d in range(1, k + 1) if k % d == 0), reverse=True):
-        if k % g == 0 and _constant_in_groups(scale, g) and _constant_in_groups(offset, g):
-            group = g
-            break
-    if group < _MIN_GROUP:
-        raise PatternMiss(f"scales change every {group} elements along K; no kernel takes groups that small")
-    s = scale.view(n, k // group, group)[..., 0]
-    b = offset.view(n, k // group, group)[..., 0]
-    zp = None
-    nonzero = s != 0
-    z = torch.where(nonzero, -b / torch.where(nonzero, s, 1), 0)
-    if torch.equal(z, z.round()) and bool((b[~nonzero] == 0).all()):
-        zp = z.round().to(torch.int32)
-    codes = q.round().to(torch.int8) if q.is_floating_point() else q.to(torch.int8)
-    return QuantWeight(
-        codes=codes.contiguous(), scale=s.to(torch.float32), offset=b.to(torch.float32),
-        zero_point=zp, group_size=group, bits=bits,
-    )
 
 
 def variant_name(spec: LinearSpec) -> str:
@@ -400,8 +152,8 @@ def int8_fake_quant_source(ctx, x: fx.Node) -> fx.Node | None:
         return ins[0] if len(ins) == 1 else None
 
     node = x
-    while not _is_int_to_float(node):  # the dequantize half
-        if node.op != "call_function" or node.target not in _LAYOUT_OPS | _AFFINE_OPS:
+    while not is_int_to_float(node):  # the dequantize half
+        if node.op != "call_function" or node.target not in LAYOUT_OPS | AFFINE_OPS:
             return None
         node = carried(node)
         if node is None:
@@ -410,7 +162,7 @@ def int8_fake_quant_source(ctx, x: fx.Node) -> fx.Node | None:
         return None
     node = node.args[0]
     while node.target is not aten.round.default:  # the quantize half
-        if node.op != "call_function" or node.target not in _LAYOUT_OPS | _AFFINE_OPS | _CLAMPS:
+        if node.op != "call_function" or node.target not in LAYOUT_OPS | AFFINE_OPS | _CLAMPS:
             return None
         node = carried(node)
         if node is None:
@@ -531,7 +283,7 @@ def rewrite_dynamic(ctx, mm) -> None:
     def read():
         w_scale = ctx.evaluate(scale_node).to(torch.float32).reshape(n, 1)
         q = ctx.evaluate(b).t()
-        return _quantize_description(q, w_scale.expand(n, k), torch.zeros(n, 1).expand(n, k), k)
+        return describe_quantized(q, w_scale.expand(n, k), torch.zeros(n, 1).expand(n, k), k)
 
     weight = ctx.weight([b, scale_node], ("read_da8",), read)
     spec = LinearSpec(n=n, k=k, group_size=k, bits=weight.bits, symmetric=weight.symmetric,
@@ -578,7 +330,7 @@ def _read_int4pack(ctx, packed_node, group, sz_node) -> QuantWeight:
     real = aten._weight_int4pack_mm_for_cpu(eye, packed, group, sz).t().to(torch.float32)
     if sqnr_db(q * scale + offset, real) < 40:
         raise PatternMiss("could not read the packed int4 weight")
-    return _quantize_description(q, scale, offset, group)
+    return describe_quantized(q, scale, offset, group)
 
 
 FAMILY = Family(PATTERN, "dequant_matmul", apply)

@@ -32,7 +32,9 @@ from zen_inductor.record import NoKernel
 from zen_inductor.graph_pass import LazyWeight, PendingLinear
 from zen_inductor.kernels import SWIGLU_BLOCK, DenseWeight, QuantWeight, quant_linear, swiglu_row_order
 
-from .family import VIEWS, Family, is_call
+from zen_inductor.graph_facts import VIEWS, is_call
+
+from .family import Family
 
 aten = torch.ops.aten
 prims = torch.ops.prims

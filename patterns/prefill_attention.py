@@ -28,7 +28,9 @@ import torch.fx as fx
 
 from zen_inductor.cpu import zentorch_unavailable
 
-from .family import Family, call_arg, fake_value, rewrite_each
+from zen_inductor.graph_facts import call_arg, fake_value
+
+from .family import Family, rewrite_each
 
 PATTERN = "prefill_attention"
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default

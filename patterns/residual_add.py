@@ -31,7 +31,9 @@ import torch.fx as fx
 
 from zen_inductor.kernels import quant_linear
 
-from .family import CONVERTS, VIEWS, Family, fake_value, is_call
+from zen_inductor.graph_facts import CONVERTS, VIEWS, fake_value, is_call
+
+from .family import Family
 
 aten = torch.ops.aten
 prims = torch.ops.prims

@@ -18,7 +18,7 @@ from zen_inductor.autotune import ShapeBin, TuningCache, shape_bins
 from zen_inductor.kernels import KERNELS, Plan
 
 from conftest import compile_zen, sqnr
-from test_dequant_matmul import HandDequant, K, N
+from quantized import HandDequant, K, N, a8w4_spec, int4_weight
 
 
 @pytest.fixture(autouse=True)
@@ -506,11 +506,10 @@ def test_packed_weights_are_kept_on_huge_pages_but_the_models_own_weight_is_not_
     from zen_inductor.autotune import Tuner
     from zen_inductor.kernels import DenseWeight, LinearSpec
 
-    from test_native_kernels import _spec, _weight
 
-    w = _weight(4096, 2048, 128)  # 4 MB once packed: two huge pages
+    w = int4_weight(4096, 2048, 128)  # 4 MB once packed: two huge pages
     with config.patch(kernel_allow=("aten_int4pack_mm",), autotune=False):
-        packed = Tuner().plan(_spec(w, torch.bfloat16, dynamic=False), w, None).packed["aten_int4pack_mm"]
+        packed = Tuner().plan(a8w4_spec(w, torch.bfloat16, dynamic=False), w, None).packed["aten_int4pack_mm"]
     reference = KERNELS["aten_int4pack_mm"].prepack(w, torch.bfloat16)
     assert torch.equal(packed[0], reference[0]) and torch.equal(packed[1], reference[1])
     if _transparent_huge_pages() in ("always", "madvise"):  # where the kernel offers none, it stays put
@@ -530,13 +529,12 @@ def test_only_packings_serving_memory_bound_bins_are_copied_to_huge_pages(monkey
     from zen_inductor import autotune
     from zen_inductor.autotune import HUGE_PAGE_MAX_M, Tuner
 
-    from test_native_kernels import _spec, _weight
 
     copied = []
     monkeypatch.setattr(autotune, "on_huge_pages", lambda t: copied.append(t.data_ptr()) or t)
-    w = _weight(4096, 2048, 128)
+    w = int4_weight(4096, 2048, 128)
     with config.patch(kernel_allow=("aten_int4pack_mm", "int4_tiles_sgemm"), autotune=False):  # ATen and ours: no zentorch needed
-        tuning = Tuner().plan(_spec(w, torch.bfloat16, dynamic=False), w, None)
+        tuning = Tuner().plan(a8w4_spec(w, torch.bfloat16, dynamic=False), w, None)
     decode, prefill = tuning.plan.kernel_for(HUGE_PAGE_MAX_M), tuning.plan.kernel_for(512)
     assert decode != prefill, tuning.plan.bin_kernels  # the static rule splits them; else the test says nothing
     assert sorted(copied) == sorted(t.data_ptr() for t in tuning.packed[decode])

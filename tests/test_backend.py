@@ -15,7 +15,7 @@ from zen_inductor.patterns import FAMILIES
 from zen_inductor.record import CompileRecord
 
 from conftest import compile_zen, sqnr
-from test_dequant_matmul import HandDequant, K
+from quantized import HandDequant, K
 
 PYTHON = sys.executable
 
@@ -110,12 +110,12 @@ def test_global_freezing_flag_parameters_come_as_attributes(caplog):
     import logging
 
     from conftest import quantize
-    from test_dequant_matmul import TORCHAO, _linear, _reference
+    from quantized import TORCHAO, plain_linear, reference_output
 
     make_config, _ = TORCHAO["int8_weight_only"]
-    m = quantize(_linear(), make_config())  # leaves Inductor's global settings alone
+    m = quantize(plain_linear(), make_config())  # leaves Inductor's global settings alone
     x = torch.randn(3, K, dtype=torch.bfloat16)
-    ref = _reference(x, m[0].weight.dequantize(), m[0].bias)
+    ref = reference_output(x, m[0].weight.dequantize(), m[0].bias)
     for global_flag in (True, False):
         torch._dynamo.reset()
         caplog.clear()

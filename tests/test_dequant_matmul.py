@@ -1,7 +1,6 @@
 """dequant -> matmul: every CPU-quantized linear form is matched, runs fused, and is accurate."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import zen_inductor
 import zen_inductor.dumps
@@ -10,50 +9,25 @@ from zen_inductor.cpu import zentorch_unavailable
 from zen_inductor.kernels import KERNELS, Kernel
 
 from conftest import compile_zen, quantize, sqnr
-
-K, N = 256, 192
-
-
-def _linear(bias=True, dtype=torch.bfloat16, seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(K, N, bias=bias)).to(dtype).eval()
+from quantized import GPTQPacked, HandDequant, K, N, TORCHAO, plain_linear, reference_output
 
 
-def _reference(x, weight, bias):
-    y = x.float() @ weight.float().t()
-    return y + bias.float() if bias is not None else y
 
 
-def _torchao_configs():
-    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_primitives import MappingType
-
-    cases = {}
-    for g in (32, 64, 128, 256):
-        for mt in (MappingType.SYMMETRIC, MappingType.ASYMMETRIC):
-            cases[f"intx_int4_g{g}_{mt.name.lower()}"] = (
-                lambda g=g, mt=mt: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(g), mapping_type=mt),
-                f"int4_{'sym' if mt == MappingType.SYMMETRIC else 'asym'}_group{g}" if g != K else None,
-            )
-    cases["intx_int4_per_axis"] = (lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerAxis(0)), "int4_sym_per_channel")
-    cases["intx_int8_per_axis"] = (lambda: IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)), "int8_sym_per_channel")
-    cases["int8_weight_only"] = (lambda: Int8WeightOnlyConfig(), "int8_sym_per_channel")
-    return cases
 
 
-TORCHAO = _torchao_configs()
+
 
 
 @pytest.mark.parametrize("name", sorted(TORCHAO))
 def test_torchao_weight_only(name):
     make_config, variant = TORCHAO[name]
-    m = quantize(_linear(), make_config())
+    m = quantize(plain_linear(), make_config())
     x = torch.randn(2, 7, K, dtype=torch.bfloat16)
     with torch.no_grad():
         eager = m(x)
         y = compile_zen(m)(x)
-    ref = _reference(x, m[0].weight.dequantize(), m[0].bias)
+    ref = reference_output(x, m[0].weight.dequantize(), m[0].bias)
     assert zen_inductor.counters["dequant_matmul"] == 1
     if variant:  # a 256-wide group on K=256 is per-channel by another name
         assert zen_inductor.counters[f"dequant_matmul.{variant}"] == 1
@@ -68,13 +42,13 @@ def test_fp32_activations_and_dynamic_rows():
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 
-    m = quantize(_linear(dtype=torch.float32), IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)))
+    m = quantize(plain_linear(dtype=torch.float32), IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)))
     compiled = compile_zen(m)
     w = m[0].weight.dequantize()
     with torch.no_grad():
         for rows in (1, 5, 33, 300):  # decode and prefill sizes through one graph
             x = torch.randn(rows, K)
-            assert sqnr(compiled(x), _reference(x, w, m[0].bias)) >= 40
+            assert sqnr(compiled(x), reference_output(x, w, m[0].bias)) >= 40
     assert zen_inductor.counters["dequant_matmul.int4_sym_group64"] >= 1
 
 
@@ -83,40 +57,16 @@ def test_dynamic_batch_and_sequence():
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 
-    m = quantize(_linear(), IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)))
+    m = quantize(plain_linear(), IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)))
     compiled = torch.compile(m, backend="zen", dynamic=True)
     w = m[0].weight.dequantize()
     with torch.no_grad():
         for shape in ((2, 7), (1, 1), (3, 5)):
             x = torch.randn(*shape, K, dtype=torch.bfloat16)
-            assert sqnr(compiled(x), _reference(x, w, m[0].bias)) >= 40
+            assert sqnr(compiled(x), reference_output(x, w, m[0].bias)) >= 40
     assert zen_inductor.counters["dequant_matmul.int4_sym_group64"] >= 1
 
 
-class HandDequant(torch.nn.Module):
-    """How quantized checkpoints run from plain PyTorch: int8 codes, scale, zero point."""
-
-    def __init__(self, group=None, zero_point=True, bits=4, bias=False):
-        super().__init__()
-        lo, hi = (-8, 8) if bits == 4 else (-128, 128)
-        self.group = group or K
-        ng = K // self.group
-        self.register_buffer("q", torch.randint(lo, hi, (N, K), dtype=torch.int8))
-        self.register_buffer("scale", (torch.rand(N, ng, 1) * 0.02 + 0.005).to(torch.bfloat16))
-        zp = torch.randint(-2, 3, (N, ng, 1)).to(torch.bfloat16) if zero_point else torch.zeros(N, ng, 1, dtype=torch.bfloat16)
-        self.register_buffer("zp", zp)
-        self.bias = torch.nn.Parameter(torch.randn(N, dtype=torch.bfloat16)) if bias else None
-
-    def weight(self):
-        q = self.q.view(N, K // self.group, self.group)
-        return ((q.to(torch.bfloat16) - self.zp) * self.scale).view(N, K)
-
-    def forward(self, x):
-        return F.linear(x, self.weight(), self.bias)
-
-    def reference_weight(self):
-        q = self.q.view(N, K // self.group, self.group).float()
-        return ((q - self.zp.float()) * self.scale.float()).view(N, K)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +85,7 @@ def test_hand_written_dequant(group, zero_point, bits, bias, variant):
     with torch.no_grad():
         y = compile_zen(m)(x)
     assert zen_inductor.counters[f"dequant_matmul.{variant}"] == 1
-    assert sqnr(y, _reference(x, m.reference_weight(), m.bias)) >= 40
+    assert sqnr(y, reference_output(x, m.reference_weight(), m.bias)) >= 40
 
 
 class OtherSpelling(HandDequant):
@@ -153,11 +103,11 @@ def test_another_spelling_reads_the_same_weight():
     with torch.no_grad():
         y = compile_zen(m)(x)
     assert zen_inductor.counters["dequant_matmul.int4_asym_group64"] == 1
-    assert sqnr(y, _reference(x, m.reference_weight(), None)) >= 40
+    assert sqnr(y, reference_output(x, m.reference_weight(), None)) >= 40
 
 
 def test_the_probe_is_updated_in_place_only_where_that_computes_the_same():
-    from zen_inductor.patterns.dequant_matmul import _in_place
+    from zen_inductor.weight_reading import _in_place
 
     aten = torch.ops.aten
     v, s = torch.randn(4, 3, 8), torch.randn(4, 3, 1)
@@ -172,32 +122,6 @@ def test_the_probe_is_updated_in_place_only_where_that_computes_the_same():
     assert _in_place(aten.mul.Tensor, w.bfloat16(), (w.bfloat16(), 2.0), {}) is None  # only fp32 probes
 
 
-class GPTQPacked(torch.nn.Module):
-    """int4 packed eight per int32 along K (GPTQ / compressed-tensors), unpacked in the graph."""
-
-    def __init__(self, group=64, zero_point=True):
-        super().__init__()
-        self.group = group
-        codes = torch.randint(0, 16, (N, K), dtype=torch.int32)
-        packed = torch.zeros(N, K // 8, dtype=torch.int32)
-        for i in range(8):
-            packed |= codes[:, i::8] << (4 * i)
-        self.codes = codes
-        self.register_buffer("qweight", packed)
-        self.register_buffer("scales", (torch.rand(N, K // group) * 0.02 + 0.005).to(torch.bfloat16))
-        zeros = torch.randint(6, 10, (N, K // group)) if zero_point else torch.full((N, K // group), 8)
-        self.register_buffer("zeros", zeros.to(torch.int32))
-        self.register_buffer("shifts", torch.arange(0, 32, 4, dtype=torch.int32))
-
-    def forward(self, x):
-        unpacked = (self.qweight.unsqueeze(-1) >> self.shifts) & 0xF  # [N, K/8, 8]
-        q = unpacked.reshape(N, K // self.group, self.group)
-        w = (q - self.zeros.unsqueeze(-1)).to(torch.bfloat16) * self.scales.unsqueeze(-1)
-        return x @ w.reshape(N, K).t()
-
-    def reference_weight(self):
-        q = self.codes.view(N, K // self.group, self.group).float()
-        return ((q - self.zeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)).view(N, K)
 
 
 @pytest.mark.parametrize("zero_point", [True, False])
@@ -208,7 +132,7 @@ def test_gptq_packed_int4(zero_point):
     with torch.no_grad():
         y = compile_zen(m)(x)
     assert zen_inductor.counters["dequant_matmul.int4_" + ("asym" if zero_point else "sym") + "_group64"] == 1
-    assert sqnr(y, _reference(x, m.reference_weight(), None)) >= 40
+    assert sqnr(y, reference_output(x, m.reference_weight(), None)) >= 40
 
 
 def test_outlier_heavy_weights():
@@ -220,7 +144,7 @@ def test_outlier_heavy_weights():
     with torch.no_grad():
         y = compile_zen(m)(x)
     assert zen_inductor.counters["dequant_matmul"] == 1
-    assert sqnr(y, _reference(x, m.reference_weight(), None)) >= 40
+    assert sqnr(y, reference_output(x, m.reference_weight(), None)) >= 40
 
 
 # --- bad input: left to Inductor, reported, never wrong ------------------------------------------
@@ -275,7 +199,7 @@ def test_fp16_activations_are_a_near_miss():
     with torch.no_grad():
         y = compile_zen(m)(x)
     assert "float16 activations" in _only_near_miss()
-    assert sqnr(y, _reference(x.float(), m.reference_weight(), None)) >= 30
+    assert sqnr(y, reference_output(x.float(), m.reference_weight(), None)) >= 30
 
 
 def test_codes_wider_than_8_bits_are_a_near_miss():
@@ -312,7 +236,7 @@ def test_grad_mode_leaves_weights_to_inductor_with_a_warning():
     with pytest.warns(UserWarning, match="grad mode is on"):
         y = compile_zen(m)(x)
     assert "not a constant" in _only_near_miss()
-    assert sqnr(y.detach(), _reference(x, m.reference_weight(), None)) >= 40
+    assert sqnr(y.detach(), reference_output(x, m.reference_weight(), None)) >= 40
 
 
 def test_without_zentorch_the_aten_candidates_serve(monkeypatch):
@@ -324,7 +248,7 @@ def test_without_zentorch_the_aten_candidates_serve(monkeypatch):
     assert "disabled by config.use_zentorch" in tuned["excluded"]["zentorch_woq_linear"]
     chosen = set(zen_inductor.last_report()["matches"][0]["kernels"].values())
     assert chosen and all(KERNELS[name].source != "zentorch" and "zentorch" not in name for name in chosen)
-    assert sqnr(y, _reference(x, m.reference_weight(), None)) >= 40
+    assert sqnr(y, reference_output(x, m.reference_weight(), None)) >= 40
 
 
 def test_a_fast_wrong_kernel_never_wins(monkeypatch):
@@ -341,7 +265,7 @@ def test_a_fast_wrong_kernel_never_wins(monkeypatch):
     assert "fast_but_wrong" not in report["matches"][0]["kernels"].values()
     for b in report["autotune"][0]["bins"]:
         assert "SQNR" in b["excluded"]["fast_but_wrong"]
-    assert sqnr(y, _reference(x, m.reference_weight(), None)) >= 40
+    assert sqnr(y, reference_output(x, m.reference_weight(), None)) >= 40
 
 
 # --- dynamic int8 activations, and ATen's packed int4 op -----------------------------------------
@@ -350,12 +274,12 @@ def test_a_fast_wrong_kernel_never_wins(monkeypatch):
 def test_int8_dynamic_activation_int8_weight():
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
-    m = quantize(_linear(), Int8DynamicActivationInt8WeightConfig())
+    m = quantize(plain_linear(), Int8DynamicActivationInt8WeightConfig())
     x = torch.randn(2, 9, K, dtype=torch.bfloat16)
     with torch.no_grad():
         y = compile_zen(m)(x)
     assert zen_inductor.counters["dequant_matmul.da8w8_per_channel"] == 1
-    assert sqnr(y, _reference(x, m[0].weight.dequantize(), m[0].bias)) >= 30
+    assert sqnr(y, reference_output(x, m[0].weight.dequantize(), m[0].bias)) >= 30
     # the activation quantization went with the span it replaced
     report = zen_inductor.last_report()
     assert report["autotune"][0]["kind"].startswith("da8_")
@@ -368,7 +292,7 @@ def test_int8_dynamic_activation_u8s8_form(monkeypatch, dumped):
 
     monkeypatch.setattr(intmm, "_cpu_is_vnni_supported", lambda: True)
     monkeypatch.setattr(intmm, "_cpu_is_amx_tile_supported", lambda: False)
-    m = quantize(_linear(), Int8DynamicActivationInt8WeightConfig())
+    m = quantize(plain_linear(), Int8DynamicActivationInt8WeightConfig())
     x = torch.randn(2, 9, K, dtype=torch.bfloat16)
     with torch.no_grad():
         eager = m(x)
@@ -376,7 +300,7 @@ def test_int8_dynamic_activation_u8s8_form(monkeypatch, dumped):
     before = dumped("before.py")
     assert "torch.uint8" in before and "aten.sub.Tensor" in before  # really the u8s8 form
     assert zen_inductor.counters["dequant_matmul.da8w8_per_channel"] == 1
-    ref = _reference(x, m[0].weight.dequantize(), m[0].bias)
+    ref = reference_output(x, m[0].weight.dequantize(), m[0].bias)
     assert sqnr(y, ref) >= 30
     assert sqnr(y, ref) >= sqnr(eager, ref) - 3.0
 
@@ -385,19 +309,19 @@ def test_da8_kernel_alone_meets_its_bar():
     """The int8 x int8 kernel itself, without weight-only kernels to fall back on."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
-    m = quantize(_linear(), Int8DynamicActivationInt8WeightConfig())
+    m = quantize(plain_linear(), Int8DynamicActivationInt8WeightConfig())
     x = torch.randn(6, K, dtype=torch.bfloat16)
     with config.patch(kernel_allow=("aten_int_mm_da8",)), torch.no_grad():
         y = compile_zen(m)(x)
     assert set(zen_inductor.last_report()["matches"][0]["kernels"].values()) == {"aten_int_mm_da8"}
-    assert sqnr(y, _reference(x, m[0].weight.dequantize(), m[0].bias)) >= 30
+    assert sqnr(y, reference_output(x, m[0].weight.dequantize(), m[0].bias)) >= 30
 
 
 @pytest.mark.parametrize("group", [32, 128])
 def test_prototype_int4_weight_only(group):
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
 
-    m = quantize(_linear(), PrototypeInt4WeightOnlyConfig(group_size=group))
+    m = quantize(plain_linear(), PrototypeInt4WeightOnlyConfig(group_size=group))
     x = torch.randn(3, 5, K, dtype=torch.bfloat16)
     with torch.no_grad():
         eager = m(x)

@@ -13,7 +13,7 @@ from zen_inductor import config
 from zen_inductor.dumps import format_report
 
 from conftest import compile_zen
-from test_dequant_matmul import GPTQPacked, HandDequant, K, N
+from quantized import GPTQPacked, HandDequant, K, N
 
 
 class TwoLinears(torch.nn.Module):

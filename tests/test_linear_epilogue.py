@@ -9,16 +9,11 @@ from zen_inductor import autotune, native
 from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates, run_kernel, swiglu_row_order
 
 from conftest import compile_zen, eager_and_zen, quantize, sqnr
+from quantized import quant_weight
 
 K, I = 256, 96  # I: a multiple of 8, not of 16 (gate and up tiles pair up inside one block of 16)
 
 
-def _quant_weight(n, k, bits, group, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
-    return QuantWeight(codes=torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int8),
-                       scale=torch.rand(n, k // group, generator=g) * 0.02 + 0.001,
-                       offset=torch.randn(n, k // group, generator=g) * 0.01, zero_point=None, group_size=group, bits=bits)
 
 
 def _swiglu_reference(x, w_gate_up, bias):
@@ -43,7 +38,7 @@ def test_every_candidate_computes_the_epilogue(fmt):
         spec = LinearSpec(n=2 * I, k=K, group_size=K, bits=16, symmetric=True, act_dtype=torch.bfloat16)
         reference_w = plain.weight
     else:
-        plain = _quant_weight(2 * I, K, 8 if fmt == "int8" else 4, 128)
+        plain = quant_weight(2 * I, K, 8 if fmt == "int8" else 4, 128)
         spec = LinearSpec(n=2 * I, k=K, group_size=128, bits=plain.bits, symmetric=False, act_dtype=torch.bfloat16,
                           dynamic_activation=fmt == "da8w4")
         reference_w = plain.dequantize()

@@ -12,24 +12,14 @@ from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, apply_epilogu
 from zen_inductor.cpu import zentorch_unavailable
 
 from conftest import compile_zen, quantize, sqnr
+from quantized import HandDequant, a8w4_spec, int4_weight
 
 K, N = 512, 192
 A8W4 = KERNELS["zen_a8w4_avx2"]
 
 
-def _weight(n, k, group, outliers=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
-    scale = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
-    if outliers:  # a few groups two orders of magnitude louder, as real checkpoints have
-        scale.view(-1)[torch.randperm(scale.numel(), generator=g)[: scale.numel() // 50]] *= 100
-    offset = torch.randn(n, k // group, generator=g) * 0.01
-    return QuantWeight(codes=codes, scale=scale, offset=offset, zero_point=None, group_size=group, bits=4)
 
 
-def _spec(w, act_dtype, dynamic=True):
-    return LinearSpec(n=w.n, k=w.k, group_size=w.group_size, bits=4, symmetric=w.symmetric,
-                      act_dtype=act_dtype, dynamic_activation=dynamic)
 
 
 def _needs(library, what):
@@ -43,8 +33,8 @@ def test_kernel_against_fp32_reference(group, act_dtype):
     torch.manual_seed(0)
     n, k = 264, 1024  # N not a multiple of the 64-row blocks other kernels use; big groups are split
     for outliers in (False, True):
-        w = _weight(n, k, group, outliers)
-        spec = _spec(w, act_dtype)
+        w = int4_weight(n, k, group, outliers)
+        spec = a8w4_spec(w, act_dtype)
         packed = A8W4.prepack(w, act_dtype)
         bias = torch.randn(n).to(act_dtype)
         for m, loud_channel in ((1, False), (5, True), (64, False), (64, True)):
@@ -65,14 +55,14 @@ def test_kernel_against_fp32_reference(group, act_dtype):
 
 
 def test_kernel_constraints_are_reasons():
-    w = _weight(N, K, 128)
-    assert A8W4.supports(_spec(w, torch.bfloat16)) is None and A8W4.native == "a8w4_avx2"
-    assert "multiples of 64" in A8W4.supports(_spec(_weight(N, K, 32), torch.bfloat16))
-    assert "not a multiple of 8" in A8W4.supports(_spec(_weight(100, K, 128), torch.bfloat16))
-    assert A8W4.supports(_spec(w, torch.float16)) == "torch.float16 activations"
-    assert A8W4.supports(_spec(w, torch.bfloat16, dynamic=False)).startswith("not for weight-only")
+    w = int4_weight(N, K, 128)
+    assert A8W4.supports(a8w4_spec(w, torch.bfloat16)) is None and A8W4.native == "a8w4_avx2"
+    assert "multiples of 64" in A8W4.supports(a8w4_spec(int4_weight(N, K, 32), torch.bfloat16))
+    assert "not a multiple of 8" in A8W4.supports(a8w4_spec(int4_weight(100, K, 128), torch.bfloat16))
+    assert A8W4.supports(a8w4_spec(w, torch.float16)) == "torch.float16 activations"
+    assert A8W4.supports(a8w4_spec(w, torch.bfloat16, dynamic=False)).startswith("not for weight-only")
     with config.patch(native_kernels=False):  # the library's availability is candidates()' to check
-        assert "disabled" in candidates(_spec(w, torch.bfloat16))[1]["zen_a8w4_avx2"]
+        assert "disabled" in candidates(a8w4_spec(w, torch.bfloat16))[1]["zen_a8w4_avx2"]
 
 
 def _da8w4(group=128, mapping="SYMMETRIC", bias=True):
@@ -87,7 +77,7 @@ def _da8w4(group=128, mapping="SYMMETRIC", bias=True):
     return quantize(m, cfg)
 
 
-def _reference(m, x):
+def reference_output(m, x):
     y = x.float() @ m[0].weight.dequantize().float().t()
     return y + m[0].bias.float() if m[0].bias is not None else y
 
@@ -109,12 +99,12 @@ def test_torchao_da8w4_runs_on_the_int8_int4_kernel(mapping, dumped):
     # torchao's activation fake-quant went with the span: the kernel quantizes x itself
     after = dumped("after.py")
     assert "zen.quant_linear" in after and "aten.round" not in after
-    ref = _reference(m, x)
+    ref = reference_output(m, x)
     assert sqnr(y, ref) >= 30
     assert sqnr(y, ref) >= sqnr(eager, ref)  # per-group int8 is finer than torchao's per-row grid
     with torch.no_grad():
         y1 = compiled(x[:1, :1])  # a decode-sized call (Dynamo recompiles with a dynamic M)
-    assert sqnr(y1, _reference(m, x[:1, :1])) >= 30
+    assert sqnr(y1, reference_output(m, x[:1, :1])) >= 30
 
 
 @pytest.mark.parametrize("group,native_kernels,why", [(128, False, "disabled"), (32, True, "multiples of 64")])
@@ -129,7 +119,7 @@ def test_da8w4_without_the_native_kernel_stays_correct(group, native_kernels, wh
     report = zen_inductor.last_report()
     assert "zen_a8w4_avx2" not in report["matches"][0]["kernels"].values()
     assert why in report["autotune"][0]["excluded"]["zen_a8w4_avx2"]
-    assert sqnr(y, _reference(m, x)) >= 30
+    assert sqnr(y, reference_output(m, x)) >= 30
 
 
 def test_a_native_kernel_that_does_not_build_is_unavailable(monkeypatch):
@@ -139,8 +129,8 @@ def test_a_native_kernel_that_does_not_build_is_unavailable(monkeypatch):
     try:
         reason = native.unavailable("a8w4_avx2")
         assert reason is not None and reason.startswith("could not build a8w4_avx2.cpp")
-        w = _weight(N, K, 128)
-        _, excluded = candidates(_spec(w, torch.bfloat16))
+        w = int4_weight(N, K, 128)
+        _, excluded = candidates(a8w4_spec(w, torch.bfloat16))
         assert excluded["zen_a8w4_avx2"] == reason
     finally:
         native._build.cache_clear()
@@ -188,7 +178,7 @@ def test_weight_only_linears_may_opt_in_to_int8_activations():
         y = compile_zen(m)(x)
     assert zen_inductor.counters["dequant_matmul.int4_sym_group128"] == 1
     assert set(zen_inductor.last_report()["matches"][0]["kernels"].values()) == {"zen_a8w4_avx2"}
-    assert sqnr(y, _reference(m, x)) >= 40  # held to the weight-only bar
+    assert sqnr(y, reference_output(m, x)) >= 40  # held to the weight-only bar
 
 
 @pytest.mark.parametrize("name", [
@@ -214,7 +204,7 @@ def test_native_kernels_add_the_residual_as_they_store(name):
         w = DenseWeight((torch.randn(n, k) * 0.05).to(torch.bfloat16))
         spec, ref_w = LinearSpec(n, k, k, 16, True, torch.bfloat16), w.weight.float()
     else:
-        w = _weight(n, k, 128)
+        w = int4_weight(n, k, 128)
         if "_w8_" in name:
             w = dataclasses.replace(w, codes=torch.randint(-128, 128, (n, k), dtype=torch.int8), bits=8)
         spec = LinearSpec(n, k, 128, w.bits, False, torch.bfloat16, dynamic_activation=name == "zen_a8w4_avx2")
@@ -249,8 +239,8 @@ def test_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight(monkeypatch):
     from zen_inductor.autotune import Tuner
 
     torch.manual_seed(0)
-    w = _weight(72, 512, 256, outliers=True)
-    spec = _spec(w, torch.bfloat16, dynamic=False)
+    w = int4_weight(72, 512, 256, outliers=True)
+    spec = a8w4_spec(w, torch.bfloat16, dynamic=False)
     tiles = KERNELS["int4_tiles_sgemm"]
     packed = tiles.prepack(w, torch.bfloat16)
     x = torch.randn(70, 512, dtype=torch.bfloat16)
@@ -263,7 +253,7 @@ def test_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight(monkeypatch):
         k = KERNELS[name]
         monkeypatch.setitem(KERNELS, name, dataclasses.replace(k, prepack=lambda w, dt, k=k: packs.append(k.name) or k.prepack(w, dt)))
     with config.patch(kernel_allow=("zen_a8w4_avx2", "int4_tiles_sgemm"), shape_bin_edges=(16,), autotune=False):
-        tuning = Tuner().plan(_spec(w, torch.bfloat16), w, None)
+        tuning = Tuner().plan(a8w4_spec(w, torch.bfloat16), w, None)
     assert packs == ["zen_a8w4_avx2"]
     assert tuning.plan.bin_kernels == ("zen_a8w4_avx2", "zen_a8w4_avx2")  # the static rule for int8 activations
 
@@ -282,7 +272,7 @@ def test_per_call_fp32_weights_are_made_in_blocks_of_rows(monkeypatch):
         return real(x, n, k, lambda out, start, end: made.append((start, end)) or make_rows(out, start, end), bias)
 
     monkeypatch.setattr(weights, "sgemm_by_row_blocks", spy)
-    w = _weight(n, k, 64)
+    w = int4_weight(n, k, 64)
     dense = torch.randn(n, k, dtype=torch.bfloat16)
     bias = torch.randn(n, dtype=torch.bfloat16)
     for name, weight, ref_w in (("int4_tiles_sgemm", w, w.dequantize()), ("dense_sgemm", DenseWeight(dense), dense.float())):
@@ -308,8 +298,8 @@ def test_weight_only_kernel_against_fp32_reference(group, act_dtype, name):
     w4 = KERNELS[name]
     n, k = 136, 1024  # avx512: 16-row blocks, the last one half padding
     for outliers in (False, True):
-        w = _weight(n, k, group, outliers)
-        spec = _spec(w, act_dtype, dynamic=False)
+        w = int4_weight(n, k, group, outliers)
+        spec = a8w4_spec(w, act_dtype, dynamic=False)
         assert w4.supports(spec) is None
         packed = w4.prepack(w, act_dtype)
         bias = torch.randn(n).to(act_dtype)
@@ -342,7 +332,7 @@ def test_int4_weight_only_model_runs_on_the_weight_only_kernel():
         y = compile_zen(m)(x)
     assert zen_inductor.counters["dequant_matmul.int4_asym_group64"] == 1
     assert set(zen_inductor.last_report()["matches"][0]["kernels"].values()) == {"zen_w4_avx2"}
-    ref = _reference(m, x)
+    ref = reference_output(m, x)
     assert sqnr(y, ref) >= 45 and sqnr(y, ref) >= sqnr(eager, ref) - 6
 
 
@@ -432,7 +422,7 @@ def test_int8_tiles_sgemm_is_exact_in_x_and_shares_the_packed_weight():
 def test_a_compile_builds_only_the_libraries_its_linears_need(monkeypatch):
     """A bf16 model needs the bf16 GEMV at most; an int4 weight-only one the int4 GEMV and the tile
     dequantizer, not the int8-activation kernel (all four were built at every compile before)."""
-    from test_dequant_matmul import HandDequant, K as HK
+    from quantized import K as HK
 
     started = []
     real = native.start

@@ -9,7 +9,7 @@ from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, 
 from zen_inductor.cpu import zentorch_unavailable
 
 from conftest import compile_zen, sqnr
-from test_linear_epilogue import _quant_weight as quant_weight
+from quantized import quant_weight
 
 pytestmark = pytest.mark.skipif(zentorch_unavailable() is not None, reason="zentorch needs AVX512-BF16 and VNNI")
 
