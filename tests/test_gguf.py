@@ -80,3 +80,25 @@ def test_a_block_format_it_does_not_keep_is_dequantized_with_a_warning(monkeypat
         model, _ = gguf_model.load_gguf(gguf_path())
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32  # the default dtype
     assert any("token_embd.weight" in r.message and "Q8_0" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("kind,variant", [("Q8_0", "int8_sym_group32"), ("Q4_0", "int4_sym_group32")])
+def test_files_of_the_other_block_formats(kind, variant):
+    """Q8_0 and Q4_0 files written from the real model with the gguf package: read exactly, and
+    compiled by zen on their own blocks."""
+    import gguf
+
+    path = gguf_path(kind)
+    model, tokenizer = gguf_model.load_gguf(path)
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.3.ffn_up.weight")
+    assert tensor.tensor_type.name == kind and model.model.layers[3].mlp.up_proj.kind == kind
+    want = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy())
+    assert torch.equal(model.model.layers[3].mlp.up_proj.weight_fp32(), want)
+    model = _two_layers(model)
+    ids = chat_prompt(tokenizer)
+    with torch.no_grad():
+        eager = model(ids).logits
+        zen = compile_zen(model)(ids).logits
+    assert zen_inductor.counters[f"dequant_matmul.{variant}"] >= 7 * 2
+    assert sqnr(zen, eager) >= 40  # eager is the fp32 computation with these weights
+

@@ -180,3 +180,36 @@ def _materialize_rest(model) -> None:
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise ValueError(f"the GGUF file holds no values for {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")
+
+
+def requantize(source: str, target: str, kind: str) -> None:
+    """Write ``source``'s model to ``target`` with its block-quantized 2-D weights in ``kind``
+    (Q4_0, Q4_1 or Q8_0), by the ``gguf`` package: dequantized, then quantized by its reference
+    quantizer. Metadata (tokenizer, chat template) is copied; other tensors are kept as stored."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    reader = gguf.GGUFReader(source)
+    arch = str(reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(target, arch)
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # written by the writer itself
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        value = field.contents()
+        if field.name == "general.file_type":
+            value = {"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
+        writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
+    for tensor in reader.tensors:  # quantized data goes in as its bytes, [rows, bytes a row]
+        if tensor.tensor_type.name in SUPPORTED and len(tensor.shape) == 2:
+            values = gguf.dequantize(tensor.data, tensor.tensor_type)
+            writer.add_tensor(tensor.name, gguf.quantize(values, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+

