@@ -69,15 +69,17 @@ class GGUFLinear(torch.nn.Module):
 
 
 def _blocks(kind: str, raw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(qs, d, m) of a tensor's bytes [N, K/32 * block bytes] in ``kind``."""
+    """(qs, d, m) of a tensor's bytes [N, K/32 * block bytes] in ``kind``: a block is its float16
+    scale d (and Q4_1's minimum m), then its codes."""
+    import gguf
     import numpy as np
 
-    size = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[kind]
+    weights, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    codes = weights * (8 if kind == "Q8_0" else 4) // 8  # bytes of codes a block
     blocks = np.asarray(raw).reshape(raw.shape[0], -1, size)
     d = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0])
     m = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]) if kind == "Q4_1" else None
-    start = {"Q4_0": 2, "Q4_1": 4, "Q8_0": 2}[kind]
-    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., start:]))
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., size - codes:]))
     return (qs.view(torch.int8) if kind == "Q8_0" else qs), d, m
 
 
@@ -111,7 +113,9 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, quantized: bool = T
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     reader = gguf.GGUFReader(path)
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == config.model_type)
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == config.model_type), None)
+    if arch is None:
+        raise ValueError(f"{path}: architecture {config.model_type!r} is not one the gguf package names")
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     to_hf = {}
     for hf_name in model.state_dict():
