@@ -1,5 +1,7 @@
 """Quantized test modules and weights shared by the test files (hand-written dequant, GPTQ packing,
 torchao configs, random QuantWeights)."""
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -114,3 +116,17 @@ def quant_weight(n, k, bits, group, seed=0):
     return QuantWeight(codes=torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int8),
                        scale=torch.rand(n, k // group, generator=g) * 0.02 + 0.001,
                        offset=torch.randn(n, k // group, generator=g) * 0.01, zero_point=None, group_size=group, bits=bits)
+
+
+def quant_linear_calls(graph_text: str, kind: str = "") -> list:
+    """The lines of a dumped graph that call zen.quant_linear: its plan (``.default``) or one of our
+    C++ entries directly (``.native``, where the rows are fixed); ``kind`` is the fake value's
+    start (e.g. ``f32[24, 128]``) to keep only those."""
+    pattern = re.escape(kind) + r'[^\n]*= torch\.ops\.zen\.quant_linear\.(default|native)\(' if kind else \
+        r"torch\.ops\.zen\.quant_linear\.(default|native)\("
+    return [line for line in graph_text.splitlines() if re.search(pattern, line)]
+
+
+def fuses_swiglu(call: str) -> bool:
+    """Whether a zen.quant_linear call line (``quant_linear_calls``) computes the swiglu epilogue."""
+    return "epi=swiglu" in call or call.split(";")[0].endswith(", True)") or ", True, residual = " in call

@@ -13,7 +13,7 @@ from zen_inductor import config
 from zen_inductor.dumps import format_report
 
 from conftest import compile_zen
-from quantized import GPTQPacked, HandDequant, K, N
+from quantized import GPTQPacked, HandDequant, K, N, quant_linear_calls
 
 
 class TwoLinears(torch.nn.Module):
@@ -65,8 +65,7 @@ class TestDumps(expecttest.TestCase):
             with open(os.path.join(folder, "report.json")) as f:
                 self.assertEqual(json.load(f)["matches"], report["matches"])
         # the fused kernel is in the dumped graph, the dequant chain it replaced is not
-        self.assertIn("torch.ops.zen.quant_linear.default", after)
-        self.assertEqual(after.count("torch.ops.zen.quant_linear.default"), 1)
+        self.assertEqual(len(quant_linear_calls(after)), 1)
         self.assertNotIn("quant_linear", before)
         # every node keeps the model line it came from
         self.assertIn("test_dumps.py", after)

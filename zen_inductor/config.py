@@ -87,6 +87,9 @@ prune_dominated_kernels: bool = _env("prune_dominated_kernels", True)
 use_zentorch: bool = _env("use_zentorch", True)
 # use zen_inductor's own C++ kernels (built on first use with Inductor's C++ toolchain)
 native_kernels: bool = _env("native_kernels", True)
+# where a linear's rows are fixed when compiling (a decode step) and their kernel is one of our C++
+# entries, the graph calls it directly (zen.quant_linear.native), with no Python dispatch between
+native_direct_calls: bool = _env("native_direct_calls", True)
 # let the prefill bins of a quantized linear choose a bf16 copy of its weight, dequantized once at
 # compile time, for a vendor bf16 GEMM (zentorch on AVX512-BF16): held only while it wins a bin,
 # at 2 bytes a weight. Measured on Zen 4 at M=128: zentorch's int4 GEMM ran ~180 GFLOP/s, its

@@ -21,7 +21,7 @@ from torch._inductor.freezing_utils import record_has_frozen_params
 from . import config, native
 from .autotune import Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
-from .kernels import Plan, candidates, quant_linear, swiglu_row_order
+from .kernels import KERNELS, NativeLinear, Plan, candidates, native_linear, quant_linear, swiglu_row_order
 from .record import CompileRecord, NoKernel
 
 
@@ -150,12 +150,8 @@ class PatternContext:
             except NoKernel as e:
                 self._run_dequantized(node, pending, str(e))
                 continue
-            plan = tuning.plan
-            packed = [t for name in plan.kernels for t in tuning.packed[name]]
-            counts = [len(tuning.packed[name]) for name in plan.kernels]
-            shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
-            nodes = [shared.get(id(t)) or shared.setdefault(id(t), self.add_constant(t, node, "quant_linear")) for t in packed]
-            node.args = (node.args[0], nodes, counts, bias, plan.encode())
+            if not self._call_native_directly(node, tuning, bias_value):
+                self._call_plan(node, tuning)
             pending.match.kernels.update({r.bin: r.winner for r in tuning.bins})  # a dict matches may share
             self.record.autotune.append({
                 "source": pending.match.source, "kind": spec.kind, "n": spec.n, "k": spec.k,
@@ -163,6 +159,46 @@ class PatternContext:
                 "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded,
                           "cached": r.from_cache, "note": r.note, "seconds": r.seconds} for r in tuning.bins],
             })
+
+    def _call_plan(self, node: fx.Node, tuning) -> None:
+        """``zen.quant_linear`` with the packed weights of every kernel of its plan: it picks one by
+        the rows of x at run time."""
+        plan = tuning.plan
+        packed = [t for name in plan.kernels for t in tuning.packed[name]]
+        counts = [len(tuning.packed[name]) for name in plan.kernels]
+        shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
+        nodes = [shared.get(id(t)) or shared.setdefault(id(t), self.add_constant(t, node, "quant_linear")) for t in packed]
+        node.args = (node.args[0], nodes, counts, node.args[3], plan.encode())
+
+    def _call_native_directly(self, node: fx.Node, tuning, bias_value) -> bool:
+        """Where the rows of x are fixed (Dynamo specializes a decode step's M = 1) and their bin's
+        kernel is one of our C++ entries, replace ``zen.quant_linear`` by that entry's direct call:
+        no plan lookup and no Python between Inductor's wrapper and the kernel."""
+        x = node.args[0]
+        rows = x.meta["val"].shape[0] if "val" in x.meta else None
+        spec, name = tuning.plan.spec, tuning.plan.kernel_for(rows) if isinstance(rows, int) else ""
+        kernel = KERNELS.get(name)
+        if (not config.native_direct_calls or kernel is None or not isinstance(kernel.run, NativeLinear)
+                or spec.epilogue not in ("",) + kernel.epilogues or native.unavailable(kernel.native)):
+            return False
+        call = kernel.run.call(tuning.packed[name], spec)
+        weight = [self.add_constant(t, node, "native_linear") for t in call.weight]
+        bias = node.args[3]
+        if bias_value is not None and (bias_value.dtype != torch.float32 or not bias_value.is_contiguous()):
+            bias = self.add_constant(bias_value.to(torch.float32).contiguous(), node, "native_bias")
+        residual = node.kwargs.get("residual")
+        fuse_residual = residual is not None and not spec.epilogue and tuple(residual.meta["val"].shape) == (rows, spec.out_n)
+        with self.graph.inserting_before(node):
+            direct = self.graph.call_function(
+                native_linear, (x, weight, bias, call.library, spec.n, list(call.dims), list(call.extra),
+                                spec.epilogue == "swiglu"), {"residual": residual} if fuse_residual else {})
+            direct.meta.update(node.meta)
+            direct.meta["val"] = x.meta["val"].new_empty((rows, spec.out_n), dtype=torch.float32 if fuse_residual else
+                                                         x.meta["val"].dtype)
+            out = direct if residual is None or fuse_residual else emit_op(self.graph, torch.ops.aten.add.Tensor, residual, direct)
+        node.replace_all_uses_with(out)
+        self.graph.erase_node(node)
+        return True
 
     def _run_dequantized(self, node: fx.Node, pending: "PendingLinear", reason: str) -> None:
         """Every candidate failed verification: a plain GEMM on the dequantized weight, correct."""

@@ -7,6 +7,7 @@ built is unavailable, with the reason, and the autotuner uses the other candidat
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import re
@@ -21,6 +22,8 @@ log = logging.getLogger("zen_inductor")
 _AVX512 = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
 
 # name -> (source file in zen_inductor/csrc, argument types of its ``kernel`` entry, CPU flags)
+# A linear entry's argument list follows one convention (csrc/linear_op.cpp); its types here say
+# how many words zen::quant_linear.native passes it.
 SOURCES = {
     "a8w4_avx2": (
         "a8w4_avx2.cpp",
@@ -64,6 +67,10 @@ SOURCES = {
         ("avx2", "fma"),
     ),
 }
+
+# entries called by zen::quant_linear.native (csrc/linear_op.cpp), loaded without Python bindings;
+# the others are called from Python through Inductor's bindings of their argument types
+LINEAR_ENTRIES = frozenset({"a8w4_avx2", "woq_avx2", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512"})
 
 
 @functools.lru_cache(None)
@@ -151,29 +158,65 @@ def _toolchain_checked() -> None:
 
 
 def _submit(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
-    from torch._inductor.codecache import CppPythonBindingsCodeCache
-
     filename, argtypes, flags = SOURCES[name]
     lacking = cpu.missing(flags)
     if lacking:
         return lambda: (None, lacking)
+    if name in LINEAR_ENTRIES:
+        return _submit_linear_entry(name)
+    from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-    def failed(e: Exception):
-        reason = f"could not build {filename} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        log.warning("zen_inductor: %s; its kernels are skipped", reason)
-        return None, reason
+    return _waiter(filename, _builders().submit(_build_with_toolchain, CppPythonBindingsCodeCache.load_pybinding_async,
+                                                argtypes, _source(filename)))
 
-    def build():
-        _toolchain_checked()  # every build needs it; a second check beside it would repeat its probes
-        return CppPythonBindingsCodeCache.load_pybinding_async(argtypes, _source(filename))()
 
-    future = _builders().submit(build)
+def _submit_linear_entry(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
+    """Build the entry as a plain library and bind its address in zen::quant_linear.native's table.
+    The binding waits on the caller's thread: a builder waiting for the op's library could wait for
+    a build queued behind itself."""
+    filename, argtypes, _ = SOURCES[name]
+    library = _waiter(filename, _builders().submit(_build_with_toolchain, _code_caches()[0].load_async, _source(filename)))
+    op_library = _op_library()
 
+    def wait():
+        loaded, reason = library()
+        if loaded is None:
+            return None, reason
+        op, reason = op_library()
+        if op is None:
+            return None, reason
+        address = ctypes.cast(loaded.kernel, ctypes.c_void_p).value
+        op.zen_bind_native(name.encode(), ctypes.c_void_p(address), ctypes.c_int64(len(argtypes)))
+        return loaded, None
+
+    return functools.lru_cache(None)(wait)
+
+
+def _op_library() -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
+    """zen::quant_linear.native's implementation (csrc/linear_op.cpp), built against torch's
+    headers once (~30 s on two cores; Inductor's cache keeps it) and loaded, which registers it."""
+    if OP_LIBRARY not in _BUILDS:
+        _BUILDS[OP_LIBRARY] = _waiter("linear_op.cpp", _builders().submit(
+            _build_with_toolchain, _code_caches()[1].load_async, _source("linear_op.cpp"), needs_vec_isa=False))
+    return _BUILDS[OP_LIBRARY]
+
+
+OP_LIBRARY = "linear_op"  # its key among the builds
+
+
+def _build_with_toolchain(load_async, *args, **kwargs):
+    _toolchain_checked()  # every build needs it; a second check beside it would repeat its probes
+    return load_async(*args, **kwargs)()
+
+
+def _waiter(filename: str, future) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
     def wait():
         try:
             return future.result(), None
         except Exception as e:  # a compiler error, no compiler, a read-only cache: not available
-            return failed(e)
+            reason = f"could not build {filename} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            log.warning("zen_inductor: %s; its kernels are skipped", reason)
+            return None, reason
 
     return wait
 
@@ -183,6 +226,21 @@ def _builders():
     from concurrent.futures import ThreadPoolExecutor
 
     return ThreadPoolExecutor(max_workers=2, thread_name_prefix="zen-build")  # each runs a compiler process
+
+
+@functools.lru_cache(None)
+def _code_caches():
+    from torch._inductor.codecache import CppCodeCache
+
+    class PlainLibraries(CppCodeCache):
+        cache: dict = {}
+        cpp_compile_command_flags = {"include_pytorch": False, "shared": True}
+
+    class TorchLibraries(CppCodeCache):
+        cache: dict = {}
+        cpp_compile_command_flags = {"include_pytorch": True, "shared": True}
+
+    return PlainLibraries, TorchLibraries
 
 
 def _source(filename: str) -> str:

@@ -12,18 +12,19 @@ Where things are:
     tiles.py         our C++ kernels on packed quantized tiles (csrc/)
     dense.py         bf16 weights: GEMMs and our C++ GEMVs
     dequantize.py    dequantize per call, then a GEMM
-  native_entry.py  how our C++ entries are called
+  native_entry.py  how our C++ linear entries are called (NativeLinear, zen::quant_linear.native)
 
 A new kernel goes in its family's table (or a new family module added to registry's list).
 Pattern code never names a kernel or a vendor.
 """
 from .contract import Kernel, Unsuited, run_kernel
 from .epilogues import SWIGLU_BLOCK, apply_epilogue, epilogue_reference, swiglu_row_order
-from .op import LAZY, Plan, on_lazy_choice, quant_linear
+from .native_entry import NativeLinear
+from .op import LAZY, Plan, native_linear, on_lazy_choice, quant_linear
 from .registry import KERNELS, candidates
 from .weights import DenseWeight, LinearSpec, QuantWeight, fp32_row_blocks
 
 __all__ = [
-    "DenseWeight", "KERNELS", "Kernel", "LAZY", "LinearSpec", "Plan", "QuantWeight", "SWIGLU_BLOCK", "Unsuited", "apply_epilogue",
-    "candidates", "epilogue_reference", "fp32_row_blocks", "on_lazy_choice", "quant_linear", "run_kernel", "swiglu_row_order",
+    "DenseWeight", "KERNELS", "Kernel", "LAZY", "LinearSpec", "NativeLinear", "Plan", "QuantWeight", "SWIGLU_BLOCK", "Unsuited", "apply_epilogue",
+    "candidates", "epilogue_reference", "fp32_row_blocks", "native_linear", "on_lazy_choice", "quant_linear", "run_kernel", "swiglu_row_order",
 ]

@@ -18,6 +18,7 @@ import torch
 
 from ..cpu import native_bf16_gemm
 from .epilogues import apply_epilogue
+from .native_entry import NativeLinear
 from .weights import LinearSpec, QuantWeight
 
 class Unsuited(str):
@@ -43,9 +44,10 @@ class Kernel:
     # together (one for small M, one for large): see candidates()
     dominated_by: tuple = ()
     max_m: Optional[int] = None  # bins whose smallest M is above this do not offer the kernel
-    native: str = ""  # our C++ library (native.SOURCES) it runs, built once a spec needs it
+    # our C++ library (native.SOURCES) it needs, built once a spec needs it; a NativeLinear run's own
+    native: str = ""
     # ``run`` also takes ``residual=`` (fp32 [M, N], patterns/residual_add.py) and returns
-    # ``residual + y`` in fp32, the add done as it stores y (with no epilogue only)
+    # ``residual + y`` in fp32, the add done as it stores y (with no epilogue only): every NativeLinear does
     residual: bool = False
 
     # the static rule's order (lower first) while the GEMM is memory-bound (decode), and once it
@@ -54,6 +56,11 @@ class Kernel:
     # a hardware unit without which the kernel runs, slowly: "bf16_gemm" (AVX512-BF16 or AMX),
     # "int8_gemm" (VNNI or AMX); the static rule puts such kernels last on CPUs without it
     fast_with: str = ""
+
+    def __post_init__(self):
+        if isinstance(self.run, NativeLinear):
+            object.__setattr__(self, "native", self.run.library)
+            object.__setattr__(self, "residual", True)
 
     def serves(self, lo: int) -> Optional[str]:
         """Why the kernel is not offered for M from ``lo`` up, or None."""

@@ -11,7 +11,7 @@ import torch
 from ..allocator import empty_for_packing
 from ..cpu import native_bf16_gemm
 from .contract import BF16_GEMM, Kernel, Unsuited
-from .native_entry import run_native
+from .native_entry import NativeLinear
 from . import weights
 from .weights import DenseWeight, LinearSpec
 
@@ -40,10 +40,10 @@ def _bf16_blocks_prepack(w: DenseWeight, act_dtype):
     return [padded.view(-1, 8, w.k // 8, 8).permute(0, 2, 1, 3).contiguous()]
 
 
-def _bf16_gemv_run(x, packed, bias, spec, residual=None, blocks: bool = False):
+def _bf16_gemv_arguments(packed, spec, blocks: bool = False):
     # without native bf16 (AVX2) ATen's bf16 GEMV is far from the memory roofline; this one
     # widens bf16 by a shift and streams 8 weight rows at a time
-    return run_native("bf16_gemv_avx2", x, packed[:1], bias, spec, (spec.k,), (int(blocks),), residual)
+    return packed[:1], (spec.k,), (int(blocks),)
 
 
 def _bf16_vnni_supports(spec: LinearSpec) -> Optional[str]:
@@ -59,8 +59,8 @@ def _bf16_vnni_prepack(w: DenseWeight, act_dtype):
     return [out.view(torch.bfloat16).view(-1, w.k // 2, 16, 2)]
 
 
-def _bf16_vnni_run(x, packed, bias, spec, residual=None):
-    return run_native("bf16_gemv_avx512", x, packed[:1], bias, spec, (spec.k,), residual=residual)
+def _bf16_vnni_arguments(packed, spec):
+    return packed[:1], (spec.k,), ()
 
 
 def _dense_mm_run(x, packed, bias, spec):
@@ -86,14 +86,14 @@ KERNELS = (
     # one row of x at a time against each block of W: past M=64 a GEMM is ahead (dense_sgemm
     # 1.2-2.1x at M=256 on the llama1b shapes); where zentorch's AVX512-BF16 GEMM serves it is
     # behind from M=2 and a bf16 decode ran faster without both GEMVs, so they are left out there
-    Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, _bf16_gemv_run, layout="dense",
-           epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2", dominated_by=BF16_GEMM, residual=True, rank=(3, 23)),
+    Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, NativeLinear("bf16_gemv_avx2", _bf16_gemv_arguments), layout="dense",
+           epilogues=("swiglu",), max_m=64, dominated_by=BF16_GEMM, rank=(3, 23)),
     # AVX512-BF16: 16 rows of W as one stream, 4 streams a thread; 0.82-0.85x zentorch's GEMM on
     # the llama1b-4l decode linears. At M=16 four passes over each block make it compute-bound
-    Kernel("zen_bf16_gemv_avx512", "dense", _bf16_vnni_supports, _bf16_vnni_prepack, _bf16_vnni_run,
-           layout="bf16_vnni", epilogues=("swiglu",), max_m=4, native="bf16_gemv_avx512", residual=True, rank=(0, 20)),
+    Kernel("zen_bf16_gemv_avx512", "dense", _bf16_vnni_supports, _bf16_vnni_prepack, NativeLinear("bf16_gemv_avx512", _bf16_vnni_arguments),
+           layout="bf16_vnni", epilogues=("swiglu",), max_m=4, rank=(0, 20)),
     # the AVX2 GEMV on a blocked copy: ahead where rows of W are short (K ~ 1024)
     Kernel("zen_bf16_blocks_avx2", "dense", _bf16_gemv_supports, _bf16_blocks_prepack,
-           functools.partial(_bf16_gemv_run, blocks=True), layout="bf16_blocks",
-           epilogues=("swiglu",), max_m=64, native="bf16_gemv_avx2", dominated_by=BF16_GEMM, residual=True, rank=(2, 22)),
+           NativeLinear("bf16_gemv_avx2", functools.partial(_bf16_gemv_arguments, blocks=True)), layout="bf16_blocks",
+           epilogues=("swiglu",), max_m=64, dominated_by=BF16_GEMM, rank=(2, 22)),
 )

@@ -1,28 +1,46 @@
-"""How our C++ kernels are called: one calling convention for every native entry."""
+"""How our C++ linear entries are called: ``zen::quant_linear.native`` (csrc/linear_op.cpp).
+
+Each entry takes ``(x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra, swiglu,
+residual, has_residual)``; the op lays that out in C++ and checks it against the argument count
+the library declares (native.SOURCES). A kernel of ours says only which entry it runs and what
+its packed weight gives it (``NativeLinear``): the Python path of ``zen::quant_linear`` and the
+graph's direct call (graph_pass, where a linear's rows are known) share that description.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from .. import native
+from .weights import LinearSpec
 
 
-def run_native(name: str, x, weight: list, bias, spec, dims: tuple, extra: tuple = (), residual=None):
-    """``y = x @ W^T (+ bias)``, then the epilogue, by the native kernel ``name``, whose entry
-    takes ``(x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra, swiglu, residual,
-    has_residual)``; with a residual y is ``residual + y`` in fp32 (no epilogue then)."""
-    if not x.is_contiguous():
-        x = x.contiguous()
-    bias, residual = fp32_contiguous(bias), fp32_contiguous(residual)
-    y = torch.empty((x.shape[0], spec.out_n), dtype=x.dtype if residual is None else torch.float32)
-    if x.shape[0]:
-        native.load(name)(
-            x, *weight, weight[0] if bias is None else bias, y, x.shape[0], spec.n, *dims,
-            int(x.dtype == torch.bfloat16), int(y.dtype == torch.bfloat16), int(bias is not None), *extra,
-            int(spec.epilogue == "swiglu"), *((weight[0], 0) if residual is None else (residual, 1)),
-        )
-    return y
+@dataclass(frozen=True)
+class NativeCall:
+    """One entry's arguments for one weight, besides x, bias and residual."""
+
+    library: str
+    weight: tuple  # packed tensors, in the entry's order
+    dims: tuple  # ints after M and N
+    extra: tuple = ()  # ints after the flags
 
 
-def fp32_contiguous(t):
-    """``t`` as the kernels read it (fp32, rows packed), or None."""
-    return t if t is None or (t.dtype == torch.float32 and t.is_contiguous()) else t.to(torch.float32).contiguous()
+@dataclass(frozen=True)
+class NativeLinear:
+    """A kernel's ``run`` that is one of our C++ linear entries. ``arguments(packed, spec)``
+    describes its call; the run takes ``residual=`` (an fp32 [M, N_out] added as y is stored)."""
+
+    library: str
+    arguments: Callable[[list, LinearSpec], tuple]  # -> (weight tensors, dims, extra)
+
+    def call(self, packed, spec: LinearSpec) -> NativeCall:
+        weight, dims, extra = self.arguments(packed, spec)
+        return NativeCall(self.library, tuple(weight), tuple(dims), tuple(extra))
+
+    def __call__(self, x, packed, bias, spec: LinearSpec, residual=None):
+        native.load(self.library)  # built and bound once; a memo after that
+        call = self.call(packed, spec)
+        return torch.ops.zen.quant_linear.native(x, list(call.weight), bias, call.library, spec.n, list(call.dims),
+                                                 list(call.extra), spec.epilogue == "swiglu", residual=residual)

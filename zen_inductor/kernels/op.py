@@ -87,6 +87,10 @@ def _packed_slices(text: str, counts: tuple) -> dict:
 _LIB = torch.library.Library("zen", "DEF")
 # residual (patterns/residual_add.py): an fp32 [M, N] the op returns ``residual + y`` with, in fp32
 _LIB.define("quant_linear(Tensor x, Tensor[] packed, int[] counts, Tensor? bias, str plan, *, Tensor? residual=None) -> Tensor")
+# One of our C++ linear entries called from C++ (csrc/linear_op.cpp, native_entry.py): the graph
+# calls it directly where a linear's rows are known when compiling and its kernel is one of ours
+_LIB.define("quant_linear.native(Tensor x, Tensor[] weight, Tensor? bias, str entry, int n, int[] dims, int[] extra, "
+            "bool swiglu, *, Tensor? residual=None) -> Tensor")
 
 
 
@@ -167,6 +171,13 @@ def _quant_linear_fake(x, packed, counts, bias, plan, *, residual=None):
     return (x if residual is None else residual).new_empty((x.shape[0], Plan.decode(plan).spec.out_n))
 
 
+def _native_fake(x, weight, bias, entry, n, dims, extra, swiglu, *, residual=None):
+    out_n = n // 2 if swiglu else n
+    return x.new_empty((x.shape[0], out_n), dtype=torch.float32 if residual is not None else x.dtype)
+
+
 _LIB.impl("quant_linear", _quant_linear_cpu, "CPU")
 torch.library.register_fake("zen::quant_linear", _quant_linear_fake, lib=_LIB)
+torch.library.register_fake("zen::quant_linear.native", _native_fake, lib=_LIB)
 quant_linear = torch.ops.zen.quant_linear.default
+native_linear = torch.ops.zen.quant_linear.native

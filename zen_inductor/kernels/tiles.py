@@ -18,7 +18,7 @@ import torch
 from .. import config, native
 from ..allocator import empty_for_packing
 from .contract import BF16_GEMM_COPY, Kernel, Unsuited
-from .native_entry import run_native
+from .native_entry import NativeLinear
 from . import weights
 from .weights import LinearSpec, QuantWeight
 
@@ -90,11 +90,11 @@ def _tile_group(packed, spec) -> int:
     return spec.k // packed[1].shape[1]  # scales are [N/8, K/G, 8]; G as packed, after any split
 
 
-def _a8w4_run(x, packed, bias, spec, residual=None):
+def _a8w4_arguments(packed, spec):
     group = _tile_group(packed, spec)
     if group == 32:  # two groups a block: not the layout a8w4_avx2.cpp reads
         raise ValueError("zen_a8w4_avx2 does not take weights in groups of 32")
-    return run_native("a8w4_avx2", x, packed[:4], bias, spec, (spec.k, group), (), residual)
+    return packed[:4], (spec.k, group), ()
 
 
 def _w4_supports(spec: LinearSpec) -> Optional[str]:
@@ -142,15 +142,13 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
     return [torch.cat(records, dim=2, out=out), *params]
 
 
-def _blocks16_run(x, packed, bias, spec, residual=None):
+def _blocks16_arguments(packed, spec):
     records, scale = packed[0], packed[1]
-    return run_native("woq_avx512", x, packed[:3], bias, spec, (spec.k, spec.k // records.shape[1]),
-                       (spec.bits, int(scale.numel() == 0)), residual)
+    return packed[:3], (spec.k, spec.k // records.shape[1]), (spec.bits, int(scale.numel() == 0))
 
 
-def _woq_run(x, packed, bias, spec, residual=None):
-    return run_native("woq_avx2", x, packed[:3], bias, spec, (spec.k, _tile_group(packed, spec)), (spec.bits,),
-                       residual)
+def _woq_arguments(packed, spec):
+    return packed[:3], (spec.k, _tile_group(packed, spec)), (spec.bits,)
 
 
 def _tiles_supports(spec: LinearSpec, bits: int) -> Optional[str]:
@@ -170,21 +168,23 @@ def _tiles_sgemm_run(x, packed, bias, spec):
     return weights.sgemm_by_row_blocks(x, spec.n, spec.k, make_rows, bias)
 
 
+_WOQ_AVX2 = NativeLinear("woq_avx2", _woq_arguments)
+_WOQ_AVX512 = NativeLinear("woq_avx512", _blocks16_arguments)
 
 KERNELS = (
-    Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, _a8w4_run, layout="int4_tiles", epilogues=("swiglu",),
-           native="a8w4_avx2", residual=True, rank=(-1, -1)),
+    Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, NativeLinear("a8w4_avx2", _a8w4_arguments), layout="int4_tiles",
+           epilogues=("swiglu",), rank=(-1, -1)),
     # where the AVX-512 siblings and the bf16 copy's GEMM serve, these win no bin: even or behind
     # at M=1-4, 1.3-2.5x behind the copy from M=16 (linears-llama1b-4l.md)
-    Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _woq_run, layout="int4_tiles", epilogues=("swiglu",),
-           native="woq_avx2", dominated_by=(("zen_w4_avx512", "zentorch_linear_dequantized"),), residual=True, rank=(4, 24)),
-    Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _woq_run, layout="int8_tiles", epilogues=("swiglu",),
-           native="woq_avx2", dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),), residual=True, rank=(4, 24)),
+    Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _WOQ_AVX2, layout="int4_tiles", epilogues=("swiglu",),
+           dominated_by=(("zen_w4_avx512", "zentorch_linear_dequantized"),), rank=(4, 24)),
+    Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _WOQ_AVX2, layout="int8_tiles", epilogues=("swiglu",),
+           dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),), rank=(4, 24)),
     # AVX512-VNNI, 16-row blocks in 4 streams a thread, as zen_bf16_gemv_avx512
-    Kernel("zen_w4_avx512", "zen", _w4_supports, _blocks16_prepack, _blocks16_run, layout="int4_blocks16",
-           epilogues=("swiglu",), max_m=4, native="woq_avx512", residual=True, rank=(0, 20)),
-    Kernel("zen_w8_avx512", "zen", _w8_supports, _blocks16_prepack, _blocks16_run, layout="int8_blocks16",
-           epilogues=("swiglu",), max_m=4, native="woq_avx512", residual=True, rank=(0, 20)),
+    Kernel("zen_w4_avx512", "zen", _w4_supports, _blocks16_prepack, _WOQ_AVX512, layout="int4_blocks16",
+           epilogues=("swiglu",), max_m=4, rank=(0, 20)),
+    Kernel("zen_w8_avx512", "zen", _w8_supports, _blocks16_prepack, _WOQ_AVX512, layout="int8_blocks16",
+           epilogues=("swiglu",), max_m=4, rank=(0, 20)),
     # with a native bf16 GEMM the bf16 copy's GEMM is 2-10x ahead of these fp32 GEMMs on weights
     # dequantized per call, in all 30 (shape, M) cells of the int4 and int8 llama1b linears on Zen 4
     Kernel("int4_tiles_sgemm", "torch", functools.partial(_tiles_supports, bits=4), _a8w4_prepack, _tiles_sgemm_run,
