@@ -22,8 +22,8 @@ log = logging.getLogger("zen_inductor")
 _AVX512 = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
 
 # name -> (source file in zen_inductor/csrc, argument types of its ``kernel`` entry, CPU flags)
-# A linear entry's argument list follows one convention (csrc/linear_op.cpp); its types here say
-# how many words zen::quant_linear.native passes it.
+# An entry the C++ ops call (csrc/ops.cpp) is bound by address; its types here say how many
+# words the op passes it (a linear entry's list follows the one convention of quant_linear.native).
 SOURCES = {
     "a8w4_avx2": (
         "a8w4_avx2.cpp",
@@ -61,6 +61,11 @@ SOURCES = {
         ("const void*", "void*", "int64_t", "int64_t", "int64_t", "int64_t"),
         ("avx2", "fma"),
     ),
+    "decode_attention": (
+        "decode_attention.cpp",
+        ("const float*", "const void*", "const void*", "const float*", "float*", *("int64_t",) * 16),
+        (),
+    ),
     "tiles_dequant": (
         "tiles_dequant.cpp",
         ("const uint8_t*", "const float*", "const float*", "float*", "int64_t", "int64_t", "int64_t", "int64_t"),
@@ -68,9 +73,9 @@ SOURCES = {
     ),
 }
 
-# entries called by zen::quant_linear.native (csrc/linear_op.cpp), loaded without Python bindings;
-# the others are called from Python through Inductor's bindings of their argument types
-LINEAR_ENTRIES = frozenset({"a8w4_avx2", "woq_avx2", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512"})
+# entries called by the C++ ops (csrc/ops.cpp), loaded without Python bindings; the others are
+# called from Python through Inductor's bindings of their argument types
+BOUND_ENTRIES = frozenset({"a8w4_avx2", "woq_avx2", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention"})
 
 
 @functools.lru_cache(None)
@@ -162,16 +167,16 @@ def _submit(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]
     lacking = cpu.missing(flags)
     if lacking:
         return lambda: (None, lacking)
-    if name in LINEAR_ENTRIES:
-        return _submit_linear_entry(name)
+    if name in BOUND_ENTRIES:
+        return _submit_bound_entry(name)
     from torch._inductor.codecache import CppPythonBindingsCodeCache
 
     return _waiter(filename, _builders().submit(_build_with_toolchain, CppPythonBindingsCodeCache.load_pybinding_async,
                                                 argtypes, _source(filename)))
 
 
-def _submit_linear_entry(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
-    """Build the entry as a plain library and bind its address in zen::quant_linear.native's table.
+def _submit_bound_entry(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
+    """Build the entry as a plain library and bind its address in the C++ ops' table.
     The binding waits on the caller's thread: a builder waiting for the op's library could wait for
     a build queued behind itself."""
     filename, argtypes, _ = SOURCES[name]
@@ -193,15 +198,15 @@ def _submit_linear_entry(name: str) -> Callable[[], tuple[Optional[Callable], Op
 
 
 def _op_library() -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
-    """zen::quant_linear.native's implementation (csrc/linear_op.cpp), built against torch's
-    headers once (~30 s on two cores; Inductor's cache keeps it) and loaded, which registers it."""
+    """The C++ ops' implementations (csrc/ops.cpp), built against torch's headers once (~30 s on
+    two cores; Inductor's cache keeps it) and loaded, which registers them."""
     if OP_LIBRARY not in _BUILDS:
-        _BUILDS[OP_LIBRARY] = _waiter("linear_op.cpp", _builders().submit(
-            _build_with_toolchain, _code_caches()[1].load_async, _source("linear_op.cpp"), needs_vec_isa=False))
+        _BUILDS[OP_LIBRARY] = _waiter("ops.cpp", _builders().submit(
+            _build_with_toolchain, _code_caches()[1].load_async, _source("ops.cpp"), needs_vec_isa=False))
     return _BUILDS[OP_LIBRARY]
 
 
-OP_LIBRARY = "linear_op"  # its key among the builds
+OP_LIBRARY = "ops"  # its key among the builds
 
 
 def _build_with_toolchain(load_async, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""How our C++ linear entries are called: ``zen::quant_linear.native`` (csrc/linear_op.cpp).
+"""How our C++ linear entries are called: ``zen::quant_linear.native`` (csrc/ops.cpp).
 
 Each entry takes ``(x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra, swiglu,
 residual, has_residual)``; the op lays that out in C++ and checks it against the argument count

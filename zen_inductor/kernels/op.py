@@ -87,7 +87,7 @@ def _packed_slices(text: str, counts: tuple) -> dict:
 _LIB = torch.library.Library("zen", "DEF")
 # residual (patterns/residual_add.py): an fp32 [M, N] the op returns ``residual + y`` with, in fp32
 _LIB.define("quant_linear(Tensor x, Tensor[] packed, int[] counts, Tensor? bias, str plan, *, Tensor? residual=None) -> Tensor")
-# One of our C++ linear entries called from C++ (csrc/linear_op.cpp, native_entry.py): the graph
+# One of our C++ linear entries called from C++ (csrc/ops.cpp, native_entry.py): the graph
 # calls it directly where a linear's rows are known when compiling and its kernel is one of ours
 _LIB.define("quant_linear.native(Tensor x, Tensor[] weight, Tensor? bias, str entry, int n, int[] dims, int[] extra, "
             "bool swiglu, *, Tensor? residual=None) -> Tensor")

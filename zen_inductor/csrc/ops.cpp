@@ -1,6 +1,9 @@
-// zen::quant_linear.native: the compiled graph's call of one of our C++ linear entries, with no
-// Python between Inductor's wrapper and the kernel. At decode a linear's kernel runs 10-40 us;
-// the Python op around it cost ~30 us a call, as much again.
+// The ops the compiled graph calls in C++, with no Python between Inductor's wrapper and our
+// kernels (at decode a linear's kernel runs 10-40 us; a Python op around it costs ~10 us more):
+//   zen::quant_linear.native  one of our C++ linear entries, on a weight packed for it
+//   zen::decode_attention     one query position over a KV cache (decode_attention.cpp)
+// Their schemas and fake implementations are Python's (kernels/op.py, attention.py); the kernels
+// are plain libraries whose entry addresses Python binds here once they are loaded.
 //
 // Every linear entry (woq_avx2.cpp, woq_avx512.cpp, a8w4_avx2.cpp, bf16_gemv_*.cpp) takes
 //   (x, *weight, bias, y, M, N, *dims, x_bf16, y_bf16, has_bias, *extra, swiglu, residual, has_residual)
@@ -117,6 +120,41 @@ at::Tensor native_linear(const at::Tensor& x_in, at::TensorList weight, const st
   return y;
 }
 
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const std::optional<at::Tensor>& mask_in, double scale) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k_in.dim() == 4 && v_in.dim() == 4,
+              "zen: decode_attention takes q [B, H, 1, D] and k, v [B, Hkv, L, D]");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k_in.size(1), L = k_in.size(2);
+  TORCH_CHECK(k_in.size(0) == B && v_in.size(0) == B && v_in.size(1) == Hkv && v_in.size(2) == L &&
+                  k_in.size(3) == D && v_in.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "zen: decode_attention: the shapes of q, k and v do not match");
+  TORCH_CHECK(D <= 512 && H / Hkv <= 64, "zen: decode_attention takes D <= 512 and up to 64 query heads a KV head");
+  TORCH_CHECK(k_in.scalar_type() == v_in.scalar_type() &&
+                  (k_in.scalar_type() == at::kFloat || k_in.scalar_type() == at::kBFloat16),
+              "zen: decode_attention takes fp32 or bf16 k and v of one dtype");
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+  const at::Tensor qs = q.to(at::kFloat).mul(scale).contiguous();
+  at::Tensor mask;
+  if (mask_in.has_value()) {
+    TORCH_CHECK(at::isFloatingType(mask_in->scalar_type()) && mask_in->dim() <= 4,
+                "zen: decode_attention takes an additive floating mask");
+    mask = mask_in->to(at::kFloat).expand({B, H, 1, L});
+  }
+  at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
+  const Entry entry = find_entry("decode_attention");
+  const bool has_mask = mask.defined();
+  const std::vector<int64_t> words{
+      word(qs), word(k), word(v), has_mask ? word(mask) : word(qs), word(out), B, H, Hkv, L, D,
+      k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+      has_mask ? mask.stride(0) : 0, has_mask ? mask.stride(1) : 0, has_mask ? mask.stride(3) : 0,
+      has_mask, k.scalar_type() == at::kBFloat16};
+  TORCH_CHECK(words.size() == entry.words, "zen: the native entry 'decode_attention' takes ", entry.words,
+              " arguments, this call has ", words.size());
+  call_entry(entry, words, std::make_index_sequence<kMostWords + 1>{});
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
 }  // namespace
 
 extern "C" void zen_bind_native(const char* name, void* address, int64_t words) {
@@ -127,4 +165,5 @@ extern "C" void zen_bind_native(const char* name, void* address, int64_t words) 
 
 TORCH_LIBRARY_IMPL(zen, CPU, m) {
   m.impl("quant_linear.native", &native_linear);
+  m.impl("decode_attention", &decode_attention);
 }
