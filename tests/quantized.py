@@ -129,4 +129,4 @@ def quant_linear_calls(graph_text: str, kind: str = "") -> list:
 
 def fuses_swiglu(call: str) -> bool:
     """Whether a zen.quant_linear call line (``quant_linear_calls``) computes the swiglu epilogue."""
-    return "epi=swiglu" in call or call.split(";")[0].endswith(", True)") or ", True, residual = " in call
+    return "epi=swiglu" in call or call.split(";")[0].endswith(", True)")

@@ -190,7 +190,7 @@ class PatternContext:
         fuse_residual = residual is not None and not spec.epilogue and tuple(residual.meta["val"].shape) == (rows, spec.out_n)
         with self.graph.inserting_before(node):
             direct = self.graph.call_function(
-                native_linear, (x, weight, bias, call.library, spec.n, list(call.dims), list(call.extra),
+                native_linear, (x, weight, bias, kernel.native, spec.n, list(call.dims), list(call.extra),
                                 spec.epilogue == "swiglu"), {"residual": residual} if fuse_residual else {})
             direct.meta.update(node.meta)
             direct.meta["val"] = x.meta["val"].new_empty((rows, spec.out_n), dtype=torch.float32 if fuse_residual else

@@ -21,7 +21,6 @@ from .weights import LinearSpec
 class NativeCall:
     """One entry's arguments for one weight, besides x, bias and residual."""
 
-    library: str
     weight: tuple  # packed tensors, in the entry's order
     dims: tuple  # ints after M and N
     extra: tuple = ()  # ints after the flags
@@ -37,10 +36,10 @@ class NativeLinear:
 
     def call(self, packed, spec: LinearSpec) -> NativeCall:
         weight, dims, extra = self.arguments(packed, spec)
-        return NativeCall(self.library, tuple(weight), tuple(dims), tuple(extra))
+        return NativeCall(tuple(weight), tuple(dims), tuple(extra))
 
     def __call__(self, x, packed, bias, spec: LinearSpec, residual=None):
         native.load(self.library)  # built and bound once; a memo after that
         call = self.call(packed, spec)
-        return torch.ops.zen.quant_linear.native(x, list(call.weight), bias, call.library, spec.n, list(call.dims),
+        return torch.ops.zen.quant_linear.native(x, list(call.weight), bias, self.library, spec.n, list(call.dims),
                                                  list(call.extra), spec.epilogue == "swiglu", residual=residual)
