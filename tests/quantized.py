@@ -20,6 +20,15 @@ def reference_output(x, weight, bias):
     return y + bias.float() if bias is not None else y
 
 
+def fp32_weight(weight) -> torch.Tensor:
+    """A torchao intx weight dequantized in fp32: its own ``dequantize()`` rounds the weight to the
+    scale's dtype (bf16), which puts the reference on eager's side of every comparison."""
+    rows, cols = weight.block_size
+    def expand(t):
+        return t.float().repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+    return (weight.qdata.float() - expand(weight.zero_point)) * expand(weight.scale)
+
+
 def torchao_configs():
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup

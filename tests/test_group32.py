@@ -14,6 +14,7 @@ from zen_inductor import config, native
 from zen_inductor.kernels import KERNELS, LinearSpec, Plan, QuantWeight, epilogue_reference, quant_linear, run_kernel
 
 from conftest import compile_zen, quantize, sqnr
+from quantized import fp32_weight
 
 K = 576
 ROWS_OF_X = (1, 2, 3, 4, 5, 17, 64, 130)  # 1: the nibble path; 4-row blocks and each remainder; prefill
@@ -181,7 +182,7 @@ def test_torchao_group32_model_decodes_on_a_zen_kernel():
     report = zen_inductor.last_report()
     excluded = report["autotune"][0]["excluded"]
     assert not any("multiples of 64" in excluded.get(name, "") for name in ("zen_w4_avx2", "zen_w4_avx512"))
-    ref = x.float() @ m[0].weight.dequantize().float().t() + m[0].bias.float()
+    ref = x.float() @ fp32_weight(m[0].weight).t() + m[0].bias.float()
     assert sqnr(y, ref) >= 40 and sqnr(y, ref) >= sqnr(eager, ref) - 6
     # restricted to the native kernels and ATen's int4pack (which served groups of 32 before):
     # a zen kernel decodes

@@ -9,7 +9,7 @@ from zen_inductor import autotune, native
 from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates, run_kernel, swiglu_row_order
 
 from conftest import compile_zen, eager_and_zen, quantize, sqnr
-from quantized import fuses_swiglu, quant_linear_calls, quant_weight
+from quantized import fp32_weight, fuses_swiglu, quant_linear_calls, quant_weight
 
 K, I = 256, 96  # I: a multiple of 8, not of 16 (gate and up tiles pair up inside one block of 16)
 
@@ -116,7 +116,7 @@ def _int4_mlp(**kw):
 
 def _fp32_reference(model, x):
     with torch.no_grad():
-        w = {name: getattr(model, name).weight.dequantize().float() for name in ("gate", "up", "down")}
+        w = {name: fp32_weight(getattr(model, name).weight) for name in ("gate", "up", "down")}
         xf = x.float()
         return (torch.nn.functional.silu(xf @ w["gate"].t()) * (xf @ w["up"].t())) @ w["down"].t()
 
