@@ -1,4 +1,4 @@
-"""decode_attention: attention of one new token over the KV cache, as two small GEMMs.
+"""decode_attention: attention of one new token over the KV cache, in our C++ or as two small GEMMs.
 
 Matches (joint graph)::
 
@@ -21,9 +21,13 @@ attention does (its max is clamped to a finite value and the softmax's sum kept 
 0 / tiny = 0),
 where a plain softmax would give NaN.
 
-Replacement: per KV head, the group of H/Hkv query heads that share it as one [G, D] x [D, L]
-GEMM in fp32 (flash attention accumulates in fp32 too), the mask added, a max-subtracted softmax
-over L, one [G, L] x [L, D] GEMM, rounded once to the query's dtype.
+Replacement: ``zen.decode_attention`` (zen_inductor/attention.py) where it builds: K and V read
+once per KV head for its group of query heads, only up to the last position the mask lets a query
+see (a static cache's unwritten tail is never read), fp32 throughout. Elsewhere (no AVX2 or no
+compiler, K and V of other dtypes, a mask that is not additive), per KV head the group of H/Hkv
+query heads as one [G, D] x [D, L] GEMM in fp32 (flash attention accumulates in fp32 too), the
+mask added, a max-subtracted softmax over L, one [G, L] x [L, D] GEMM, rounded once to the
+query's dtype.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import operator
 import torch
 import torch.fx as fx
 
+from zen_inductor import attention
 from zen_inductor.graph_pass import emit_op
 
 from zen_inductor.graph_facts import call_arg, fake_value
@@ -83,12 +88,34 @@ def why_not(node: fx.Node) -> str | None:
 # --- rewrite ------------------------------------------------------------------------------------
 
 
+def why_not_native(node: fx.Node) -> str | None:
+    """Why zen.decode_attention cannot take this call (the GEMMs do), or None."""
+    q, k, v = (fake_value(a) for a in node.args[:3])
+    mask = node.kwargs.get("attn_mask")
+    if k.dtype != v.dtype or k.dtype not in (torch.float32, torch.bfloat16):
+        return f"{k.dtype} keys, {v.dtype} values"
+    if mask is not None and not fake_value(mask).is_floating_point():
+        return f"a {fake_value(mask).dtype} mask"
+    if q.shape[3] > 512 or q.shape[1] // k.shape[1] > 64:
+        return "head size over 512 or more than 64 query heads a KV head"
+    return attention.unavailable()
+
+
 def rewrite(ctx, node: fx.Node) -> None:
     q, k, v = node.args[:3]
     b, h, _, d = fake_value(q).shape
     hkv = fake_value(k).shape[1]
     scale = call_arg(node, 5, "scale", None)
     scale = scale if scale is not None else 1 / math.sqrt(d)
+    mask = node.kwargs.get("attn_mask")
+    variant = ("gqa" if h != hkv else "mha") + ("_masked" if mask is not None else "")
+    if why_not_native(node) is None:
+        with ctx.graph.inserting_before(node):
+            out = emit_op(ctx.graph, attention.decode_attention, q, k, v, mask, float(scale))
+        for user in list(node.users):
+            user.replace_all_uses_with(out)
+        ctx.record.match(PATTERN, variant, node, "zen.decode_attention (C++)")
+        return
     op = functools.partial(emit_op, ctx.graph)
     with ctx.graph.inserting_before(node):
         f32 = prims.convert_element_type.default
@@ -96,7 +123,6 @@ def rewrite(ctx, node: fx.Node) -> None:
         kt = op(aten.permute.default, op(aten.reshape.default, op(f32, k, torch.float32), [b * hkv, -1, d]), [0, 2, 1])
         vv = op(aten.reshape.default, op(f32, v, torch.float32), [b * hkv, -1, d])
         scores = op(aten.mul.Tensor, op(aten.bmm.default, qg, kt), scale)
-        mask = node.kwargs.get("attn_mask")
         if mask is not None:  # broadcast to [B, H, 1, L] (or 1 for L), then grouped as the scores
             mask = op(aten.expand.default, op(f32, mask, torch.float32), [b, h, 1, -1])
             scores = op(aten.add.Tensor, scores, op(aten.reshape.default, mask, [b * hkv, h // hkv, -1]))
@@ -112,8 +138,7 @@ def rewrite(ctx, node: fx.Node) -> None:
         out = op(f32, out, fake_value(q).dtype)
     for user in list(node.users):
         user.replace_all_uses_with(out)
-    variant = ("gqa" if h != hkv else "mha") + ("_masked" if mask is not None else "")
-    ctx.record.match(PATTERN, variant, node, "bmm + softmax + bmm (fp32)")
+    ctx.record.match(PATTERN, variant, node, f"bmm + softmax + bmm (fp32): {why_not_native(node)}")
 
 
 apply = rewrite_each(PATTERN, search, why_not, rewrite, "decode attention left to flash attention")

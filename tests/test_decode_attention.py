@@ -1,9 +1,11 @@
-"""decode_attention: one query position over the KV cache, as bmm + softmax + bmm."""
+"""decode_attention: one query position over the KV cache, by zen.decode_attention (C++) where it
+builds, as bmm + softmax + bmm elsewhere."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import zen_inductor
+from zen_inductor import attention
 
 from conftest import compile_zen, sqnr
 
@@ -23,11 +25,23 @@ def _fp32(q, k, v):
     return torch.softmax(q.float() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v * 2
 
 
+def _replacement(after: str) -> str:
+    """Which replacement the graph holds: "native" (our C++ op) or "gemms" (two bmm), or "" if neither."""
+    if "zen.decode_attention" in after and "aten.bmm" not in after:
+        return "native"
+    return "gemms" if after.count("aten.bmm") == 2 else ""
+
+
+# the C++ op where it builds, and the GEMMs that stand in where it does not
+PATHS = [pytest.param(True, marks=pytest.mark.skipif(attention.unavailable() is not None, reason="needs AVX2 and a C++ compiler")), False]
+
+
+@pytest.mark.parametrize("native", PATHS)
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4)])
-def test_decode_attention_replaces_flash_attention(tmp_path, heads, kv_heads):
+def test_decode_attention_replaces_flash_attention(tmp_path, heads, kv_heads, native):
     fast = compile_zen(Attend())
     compiles_before = len(zen_inductor.reports())
-    with torch.no_grad(), zen_inductor.config.patch(debug_dir=str(tmp_path)):
+    with torch.no_grad(), zen_inductor.config.patch(debug_dir=str(tmp_path), native_kernels=native):
         for length in (5, 37, 160):  # one graph: the cache length is dynamic, heads and head size are not
             q = torch.randn(1, heads, 1, 64).to(torch.bfloat16)
             k, v = (torch.randn(1, kv_heads, length, 64).to(torch.bfloat16) for _ in range(2))
@@ -38,7 +52,7 @@ def test_decode_attention_replaces_flash_attention(tmp_path, heads, kv_heads):
     assert zen_inductor.counters["decode_attention." + ("gqa" if heads != kv_heads else "mha")] >= 1
     with open(tmp_path / "LATEST") as f, open(f.read().strip() + "/after.py") as g:
         after = g.read()
-    assert "flash_attention" not in after and after.count("aten.bmm") == 2
+    assert "flash_attention" not in after and _replacement(after) == ("native" if native else "gemms")
     assert len(zen_inductor.reports()) == compiles_before + 1  # no recompiles across lengths
 
 
@@ -69,12 +83,13 @@ def _fp32_masked(q, k, v, mask):
     return F.scaled_dot_product_attention(q.float(), k, v, attn_mask=mask if mask.dtype == torch.bool else mask.float()) * 2
 
 
+@pytest.mark.parametrize("native", PATHS)
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
-def test_decode_attention_with_the_mask_of_a_static_cache(mask_kind, dumped):
+def test_decode_attention_with_the_mask_of_a_static_cache(mask_kind, dumped, native):
     """transformers passes a mask with every StaticCache: the positions not written yet are masked.
     A fully masked row gives 0, as flash attention does (not the NaN of a plain softmax)."""
     fast = compile_zen(AttendMasked())
-    with torch.no_grad():
+    with torch.no_grad(), zen_inductor.config.patch(native_kernels=native):
         for filled in (3, 50):  # one graph: the cache is preallocated, the mask moves
             q = torch.randn(2, 8, 1, 64).to(torch.bfloat16)
             k, v = (torch.randn(2, 2, 64, 64).to(torch.bfloat16) for _ in range(2))
@@ -88,4 +103,4 @@ def test_decode_attention_with_the_mask_of_a_static_cache(mask_kind, dumped):
             assert sqnr(out[0], ref[0]) >= sqnr(eager[0], ref[0]) - 0.5, filled
             assert torch.equal(out[1], eager[1]) and not out[1].any()  # zeros, as flash attention gives
     assert zen_inductor.counters["decode_attention.gqa_masked"] == 1
-    assert "flash_attention" not in dumped("after.py")
+    assert "flash_attention" not in dumped("after.py") and _replacement(dumped("after.py")) == ("native" if native else "gemms")

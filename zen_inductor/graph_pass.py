@@ -234,7 +234,7 @@ def emit_op(graph: fx.Graph, target, *args) -> fx.Node:
     symbolic ones included) computed from its inputs' for Inductor."""
     node = graph.call_function(target, args)
     vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
-    if all(v is not None for v in vals):
+    if all(v is not None for a, v in zip(args, vals) if isinstance(a, fx.Node)):
         node.meta["val"] = target(*vals)
     return node
 

@@ -64,7 +64,7 @@ SOURCES = {
     "decode_attention": (
         "decode_attention.cpp",
         ("const float*", "const void*", "const void*", "const float*", "float*", *("int64_t",) * 16),
-        (),
+        ("avx2", "fma"),
     ),
     "tiles_dequant": (
         "tiles_dequant.cpp",
