@@ -1,5 +1,5 @@
-"""decode_attention: one query position over the KV cache, by zen.decode_attention (C++) where it
-builds, as bmm + softmax + bmm elsewhere."""
+"""decode_attention: one query position over the KV cache, as bmm + softmax + bmm, or by
+zen.decode_attention (C++) with config.native_decode_attention."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ def _replacement(after: str) -> str:
     return "gemms" if after.count("aten.bmm") == 2 else ""
 
 
-# the C++ op where it builds, and the GEMMs that stand in where it does not
+# the GEMMs (the default), and the C++ op where it builds
 PATHS = [pytest.param(True, marks=pytest.mark.skipif(attention.unavailable() is not None, reason="needs AVX2 and a C++ compiler")), False]
 
 
@@ -41,7 +41,7 @@ PATHS = [pytest.param(True, marks=pytest.mark.skipif(attention.unavailable() is 
 def test_decode_attention_replaces_flash_attention(tmp_path, heads, kv_heads, native):
     fast = compile_zen(Attend())
     compiles_before = len(zen_inductor.reports())
-    with torch.no_grad(), zen_inductor.config.patch(debug_dir=str(tmp_path), native_kernels=native):
+    with torch.no_grad(), zen_inductor.config.patch(debug_dir=str(tmp_path), native_decode_attention=native):
         for length in (5, 37, 160):  # one graph: the cache length is dynamic, heads and head size are not
             q = torch.randn(1, heads, 1, 64).to(torch.bfloat16)
             k, v = (torch.randn(1, kv_heads, length, 64).to(torch.bfloat16) for _ in range(2))
@@ -89,7 +89,7 @@ def test_decode_attention_with_the_mask_of_a_static_cache(mask_kind, dumped, nat
     """transformers passes a mask with every StaticCache: the positions not written yet are masked.
     A fully masked row gives 0, as flash attention does (not the NaN of a plain softmax)."""
     fast = compile_zen(AttendMasked())
-    with torch.no_grad(), zen_inductor.config.patch(native_kernels=native):
+    with torch.no_grad(), zen_inductor.config.patch(native_decode_attention=native):
         for filled in (3, 50):  # one graph: the cache is preallocated, the mask moves
             q = torch.randn(2, 8, 1, 64).to(torch.bfloat16)
             k, v = (torch.randn(2, 2, 64, 64).to(torch.bfloat16) for _ in range(2))

@@ -52,6 +52,9 @@ residual_add: bool = _env("residual_add", True)
 decode_attention: bool = _env("decode_attention", True)
 # attention over a prompt by zentorch's SDPA kernel (about 2x ATen's flash attention here)
 prefill_attention: bool = _env("prefill_attention", True)
+# decode attention by our C++ kernel rather than the GEMMs Inductor fuses: off, it is behind them
+# inside a real decode step (patterns/decode_attention.py)
+native_decode_attention: bool = _env("native_decode_attention", False)
 
 # --- compilation ------------------------------------------------------------------------
 # freeze weights into constants under torch.no_grad(); needed to prepack weights once

@@ -63,7 +63,7 @@ SOURCES = {
     ),
     "decode_attention": (
         "decode_attention.cpp",
-        ("const float*", "const void*", "const void*", "const float*", "float*", *("int64_t",) * 16),
+        ("const float*", "const void*", "const void*", "const float*", "float*", "const float*", *("int64_t",) * 16),
         ("avx2", "fma"),
     ),
     "tiles_dequant": (

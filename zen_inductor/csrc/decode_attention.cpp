@@ -1,5 +1,5 @@
 // Attention of one query position over a KV cache (decode), called by zen::decode_attention
-// (ops.cpp), which hands it q already scaled, in fp32, and takes its fp32 output.
+// (ops.cpp), which hands it q in fp32 with the scale, and takes its fp32 output.
 //
 // Reads K and V once per KV head for the whole group of query heads that share it (GQA), and only
 // at positions some query of the group may see: a position whose additive mask is -inf for every
@@ -144,7 +144,11 @@ void attend_chunk(const float* q, const void* k, const void* v, bool kv_bf16, co
   }
 }
 
-void attend(const float* q, const void* k, const void* v, bool kv_bf16, const float* mask, float* out, const Shape& s) {
+void attend(const float* q_unscaled, float scale, const void* k, const void* v, bool kv_bf16, const float* mask, float* out,
+            const Shape& s) {
+  std::vector<float> q_scaled(s.B * s.H * s.D);
+  for (size_t i = 0; i < q_scaled.size(); ++i) q_scaled[i] = q_unscaled[i] * scale;
+  const float* q = q_scaled.data();
   const int64_t group = s.H / s.Hkv, D = s.D, stride = D + 2;
   // work items: (b, kv head, chunk of the visible positions)
   std::vector<int64_t> ends(s.B * s.Hkv), first_item(s.B * s.Hkv + 1, 0);
@@ -187,13 +191,13 @@ void attend(const float* q, const void* k, const void* v, bool kv_bf16, const fl
 
 }  // namespace
 
-// q: fp32 [B, H, D], scaled; k, v: [B, Hkv, L, D] (fp32, or bf16 when kv_bf16) with the strides
+// q: fp32 [B, H, D], multiplied by *scale as read; k, v: [B, Hkv, L, D] (fp32, or bf16 when kv_bf16) with the strides
 // given and D contiguous; mask: additive fp32, read at b * m_sb + h * m_sh + l * m_sl (0 strides
 // broadcast), only if has_mask; out: fp32 [B, H, D].
-extern "C" void kernel(const float* q, const void* k, const void* v, const float* mask, float* out, int64_t B,
+extern "C" void kernel(const float* q, const void* k, const void* v, const float* mask, float* out, const float* scale, int64_t B,
                        int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t k_sb, int64_t k_sh, int64_t k_sl,
                        int64_t v_sb, int64_t v_sh, int64_t v_sl, int64_t m_sb, int64_t m_sh, int64_t m_sl,
                        int64_t has_mask, int64_t kv_bf16) {
   const Shape s{B, H, Hkv, L, D, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, m_sb, m_sh, m_sl, has_mask != 0};
-  attend(q, k, v, kv_bf16 != 0, mask, out, s);
+  attend(q, *scale, k, v, kv_bf16 != 0, mask, out, s);
 }

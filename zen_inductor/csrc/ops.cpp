@@ -134,21 +134,30 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_in, const a
               "zen: decode_attention takes fp32 or bf16 k and v of one dtype");
   const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
   const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
-  const at::Tensor qs = q.to(at::kFloat).mul(scale).contiguous();
+  // q is scaled as the kernel reads it; a copy only where q is not fp32 with rows packed
+  const at::Tensor qf = q.scalar_type() == at::kFloat && q.is_contiguous() ? q : q.to(at::kFloat).contiguous();
+  const float scale_f = static_cast<float>(scale);
   at::Tensor mask;
+  int64_t m_strides[4] = {0, 0, 0, 0};  // [B, H, 1, L] broadcast: 0 where the mask has size 1 or no dim
   if (mask_in.has_value()) {
     TORCH_CHECK(at::isFloatingType(mask_in->scalar_type()) && mask_in->dim() <= 4,
                 "zen: decode_attention takes an additive floating mask");
-    mask = mask_in->to(at::kFloat).expand({B, H, 1, L});
+    mask = mask_in->scalar_type() == at::kFloat ? *mask_in : mask_in->to(at::kFloat);
+    const int64_t lead = 4 - mask.dim();
+    const int64_t wanted[4] = {B, H, 1, L};
+    for (int64_t d = 0; d < mask.dim(); ++d) {
+      TORCH_CHECK(mask.size(d) == 1 || mask.size(d) == wanted[lead + d],
+                  "zen: decode_attention: a mask of shape ", mask.sizes(), " does not broadcast to [B, H, 1, L]");
+      m_strides[lead + d] = mask.size(d) == 1 ? 0 : mask.stride(d);
+    }
   }
   at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
   const Entry entry = find_entry("decode_attention");
   const bool has_mask = mask.defined();
   const std::vector<int64_t> words{
-      word(qs), word(k), word(v), has_mask ? word(mask) : word(qs), word(out), B, H, Hkv, L, D,
-      k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-      has_mask ? mask.stride(0) : 0, has_mask ? mask.stride(1) : 0, has_mask ? mask.stride(3) : 0,
-      has_mask, k.scalar_type() == at::kBFloat16};
+      word(qf), word(k), word(v), has_mask ? word(mask) : word(qf), word(out), reinterpret_cast<int64_t>(&scale_f),
+      B, H, Hkv, L, D, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+      m_strides[0], m_strides[1], m_strides[3], has_mask, k.scalar_type() == at::kBFloat16};
   TORCH_CHECK(words.size() == entry.words, "zen: the native entry 'decode_attention' takes ", entry.words,
               " arguments, this call has ", words.size());
   call_entry(entry, words, std::make_index_sequence<kMostWords + 1>{});
