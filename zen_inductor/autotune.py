@@ -38,7 +38,8 @@ from .kernels import (KERNELS, LAZY, Kernel, LinearSpec, Plan, QuantWeight, cand
 log = logging.getLogger("zen_inductor")
 
 # 6: rankings timed while a C++ build ran beside them (before native.settle) are not kept
-CACHE_VERSION = 6
+# 7: nor those from a single sample a contender (_second_samples)
+CACHE_VERSION = 7
 SQNR_WEIGHT_ONLY_DB = 40.0
 SQNR_DYNAMIC_DB = 30.0
 
@@ -339,6 +340,7 @@ class Tuner:
                 m = timing_m(b, tspec)
                 x = torch.randn(m, spec.k, dtype=spec.act_dtype)
                 deadline = time.perf_counter() + self.timing_left_s
+                samplers = {}  # kernel -> its timing with copies and repeats, for a second sample
                 for name in static_order(b, passing, spec):  # likely winners first: they set the bar
                     if time.perf_counter() > deadline:
                         break
@@ -358,10 +360,16 @@ class Tuner:
                         continue
                     if (name, rows) not in copies:  # made at the smallest M, which needs the most
                         copies[name, rows] = weight_copies(tpacked[name], m)
-                    # a prefix: the copies of M=1 at M=476 made each sample 8 calls of ~60 ms
-                    cycle = copies[name, rows][:copies_needed(tpacked[name], m)]
-                    took = time_kernel(KERNELS[name], x, cycle, tbias, tspec, config.autotune_reps, first_us / per_rows)
-                    result.times_us[name] = round(took * per_rows, 1)
+
+                    def sample(name, first_us=first_us):
+                        # a prefix: the copies of M=1 at M=476 made each sample 8 calls of ~60 ms
+                        cycle = copies[name, rows][:copies_needed(tpacked[name], m)]
+                        took = time_kernel(KERNELS[name], x, cycle, tbias, tspec, config.autotune_reps, first_us / per_rows)
+                        return round(took * per_rows, 1)
+
+                    result.times_us[name] = sample(name)
+                    samplers[name] = sample
+                _second_samples(result.times_us, samplers, deadline)
                 self.timing_left_s = deadline - time.perf_counter()
                 if rows < spec.n:
                     result.note = f"timed on the first {rows} of {spec.n} rows at M={m}, times x{per_rows:.3g}"
@@ -383,6 +391,29 @@ class Tuner:
             results.append(result)
         plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))
         return Tuning(plan, results, excluded, _kept(packed, plan))
+
+
+# contenders this far behind the best get a second sample: the disturbance below put the fastest
+# kernel 2.2x behind; 10x (fp32 GEMMs on weights dequantized per call, at M=1) is not noise
+SECOND_SAMPLE_RATIO = 4
+
+
+def _second_samples(times_us: dict, samplers: dict, deadline: float) -> None:
+    """Time the contenders again, in reverse order, and keep each one's better time.
+
+    One sequence of samples a kernel lets a disturbance that falls on one kernel's turn (the other
+    core busy, page faults on a fresh packing) decide the bin: a SmolLM2 compile ranked
+    zen_w4_avx512 at 164.9 us against zen_w4_avx2's 75.7 for gate/up at M=1, where every other
+    compile measured 46-49 against 62-83, and that choice cost 1.5 ms of a 9 ms decode step.
+    """
+    if len(samplers) < 2:
+        return
+    best = min(times_us[name] for name in samplers)
+    for name in reversed(list(samplers)):
+        if time.perf_counter() > deadline:
+            return
+        if times_us[name] <= SECOND_SAMPLE_RATIO * best:
+            times_us[name] = min(times_us[name], samplers[name](name))
 
 
 # Bins up to this M read each weight once for a handful of rows: bound by memory, where the
