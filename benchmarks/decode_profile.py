@@ -1,7 +1,11 @@
 """Where a decode step of the real model goes: torch.profiler over steps of SmolLM2 (GGUF Q4_1
 blocks, StaticCache), by self CPU time, for stock Inductor and zen.
 
-    python benchmarks/decode_profile.py [--systems inductor,zen] [--steps 16] [--prompt 128]
+    python benchmarks/decode_profile.py [--systems inductor,zen] [--steps 16] [--prompt 128] [--skip-module-guards]
+
+--skip-module-guards compiles with torch.compile's guard_filter_fn
+``torch.compiler.skip_guard_on_all_nn_modules_unsafe`` (Dynamo stops checking the model's modules
+each step: right when nothing reassigns them, as in generation), for every system alike.
 
 Prints, per system, the median step time unprofiled and the profiled steps' top ops; the step
 breakdown the overhead work of the llama.cpp issue is measured against.
@@ -20,6 +24,7 @@ def main() -> None:
     p.add_argument("--systems", default="inductor,zen")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--skip-module-guards", action="store_true")
     args = p.parse_args()
     from transformers import StaticCache
 
@@ -31,7 +36,8 @@ def main() -> None:
         model, _ = zen_inductor.load_gguf(gguf_path())
         if system == "inductor":
             torch._inductor.config.freezing = True
-        forward = torch.compile(model.forward, backend=system)
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe} if args.skip_module_guards else {}
+        forward = torch.compile(model.forward, backend=system, options=options)
         length, total = args.prompt, args.prompt + 3 * args.steps + 8
         ids = torch.randint(0, 1000, (1, length))
         cache = StaticCache(config=model.config, max_cache_len=total)
