@@ -77,7 +77,7 @@ class Kernel:
 
 
 def run_kernel(kernel: Kernel, x, packed, bias, spec):
-    if x.stride(-1) != 1:  # every kernel here reads rows of x contiguously
+    if not x.is_contiguous():  # every kernel here reads x as rows packed one after another
         x = x.contiguous()
     return kernel.runner(spec)(x, packed, bias, spec)
 

@@ -158,7 +158,7 @@ def _dispatch_table(plan: str, counts: tuple):
 def _quant_linear_cpu(x, packed, counts, bias, plan, *, residual=None):
     edges, spec, per_bin = _dispatch_table(plan, tuple(counts))
     run, part, adds_residual = per_bin[bisect.bisect_left(edges, x.shape[0])]
-    if x.stride(-1) != 1:
+    if not x.is_contiguous():  # a view with rows apart (a slice of a wider tensor) or transposed
         x = x.contiguous()
     if residual is None:
         return run(x, packed[part], bias, spec)
