@@ -211,3 +211,40 @@ def test_environment_overrides():
         env={"ZEN_INDUCTOR_AUTOTUNE": "0", "ZEN_INDUCTOR_AUTOTUNE_BUDGET_S": "2.5", "ZEN_INDUCTOR_SHAPE_BIN_EDGES": "1,8,64", "ZEN_INDUCTOR_DEBUG_DIR": "/tmp/x"},
     )
     assert out.split() == ["False", "2.5", "(1,", "8,", "64)", "/tmp/x"]
+
+
+_CONFIGS_AROUND_A_COMPILE = """
+import sys
+import torch, torch._dynamo.config, torch._inductor.config
+sys.path.insert(0, {tests!r})
+from conftest import quantize
+from torchao.quantization import IntxWeightOnlyConfig
+from torchao.quantization.granularity import PerGroup
+
+configs = (torch._inductor.config, torch._dynamo.config)
+before = [c.get_config_copy() for c in configs]
+torch.manual_seed(0)
+m = quantize(torch.nn.Sequential(torch.nn.Linear(256, 128)).to(torch.bfloat16).eval(),
+             IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+with torch.no_grad():
+    torch.compile(m, backend="zen")(torch.randn(3, 256, dtype=torch.bfloat16))
+import zen_inductor
+assert zen_inductor.counters["dequant_matmul"] == 1, dict(zen_inductor.counters)
+after = [c.get_config_copy() for c in configs]
+print("zentorch imported:", "zentorch" in sys.modules)
+print("changed:", sorted(k for b, a in zip(before, after) for k in set(b) | set(a) if b.get(k) != a.get(k)))
+"""
+
+
+def test_a_compile_leaves_inductor_and_dynamo_config_as_it_found_them(tmp_path):
+    """In a fresh process (zentorch imported by zen during the compile where the CPU runs it, whose
+    import writes into Inductor's config): every entry of both configs is the same after."""
+    import os
+    import subprocess
+    import sys
+
+    script = _CONFIGS_AROUND_A_COMPILE.format(tests=os.path.dirname(__file__))
+    env = dict(os.environ, ZEN_INDUCTOR_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "changed: []", out.stdout

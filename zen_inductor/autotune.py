@@ -126,12 +126,7 @@ def static_order(bin: ShapeBin, usable: list[str], spec: LinearSpec) -> list[str
 
 def _machine_key() -> str:
     flags = sorted(f for f in cpu.flags() if f.startswith(("avx", "amx", "fma", "f16c")))
-    try:
-        import zentorch
-
-        zentorch_version = zentorch.__version__
-    except Exception:
-        zentorch_version = "none"
+    zentorch_version = cpu.zentorch_version()
     try:
         import torchao
 

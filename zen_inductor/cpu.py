@@ -58,11 +58,32 @@ def native_bf16_gemm() -> bool:
 
 @functools.lru_cache(None)
 def _zentorch_import_error() -> Optional[str]:
+    """zen's one import of zentorch. Its import writes into Inductor's config
+    (``aot_inductor.custom_ops_to_c_shims``, ``_cache_config_ignore_prefix``): what it changed is
+    put back, so a later compile by another backend in this process runs under the config it
+    would have had (zen calls zentorch's ops from Inductor's Python wrapper, which reads neither)."""
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    configs = (torch._inductor.config, torch._dynamo.config)
+    before = [c.get_config_copy() for c in configs]
     try:
         import zentorch  # noqa: F401
     except Exception as e:  # any import failure means: not available
         return f"zentorch does not import ({type(e).__name__}: {e})"
+    finally:
+        for c, old in zip(configs, before):
+            changed = {key: value for key, value in old.items() if c.get_config_copy().get(key) != value}
+            if changed:
+                c.load_config(changed)
     return None
+
+
+def zentorch_version() -> str:
+    """zentorch's version where it imports (through zen's one import of it), else "none"."""
+    import sys
+
+    return sys.modules["zentorch"].__version__ if _zentorch_import_error() is None else "none"
 
 
 def zentorch_unavailable() -> Optional[str]:
