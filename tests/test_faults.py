@@ -87,3 +87,17 @@ def test_one_compiled_model_called_from_two_threads_at_once():
     assert not errors, errors
     for i, x in enumerate(inputs):
         assert sqnr(results[i], _reference(model, x)) >= 40, i
+
+
+def test_a_cache_directory_that_cannot_be_written(tmp_path, caplog):
+    """The tuning cache cannot be created (its path runs through a file; permissions would not
+    stop root): the compile tunes, warns, and computes right."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    model = _int4_model()
+    x = torch.randn(3, K).to(torch.bfloat16)
+    with zen_inductor.config.patch(cache_dir=str(blocker / "zen")), torch.no_grad(), caplog.at_level("WARNING", "zen_inductor"):
+        y = compile_zen(model)(x)
+    assert zen_inductor.counters["dequant_matmul"] == 1
+    assert sqnr(y, _reference(model, x)) >= 40
+    assert any("could not write autotune cache" in r.getMessage() for r in caplog.records)
