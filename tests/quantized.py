@@ -139,3 +139,21 @@ def quant_linear_calls(graph_text: str, kind: str = "") -> list:
 def fuses_swiglu(call: str) -> bool:
     """Whether a zen.quant_linear call line (``quant_linear_calls``) computes the swiglu epilogue."""
     return "epi=swiglu" in call or call.split(";")[0].endswith(", True)")
+
+
+def every_kernel_packed(spec, weight):
+    """(kernel, its packing of ``weight``) for every kernel that may run ``spec``, those a faster
+    one prunes too; zentorch's WOQ kernel, which takes integer zero points only (the tuner
+    excludes it so), is left out where it refuses the weight."""
+    import zen_inductor
+    from zen_inductor.kernels import candidates
+
+    with zen_inductor.config.patch(prune_dominated_kernels=False):
+        kernels, _ = candidates(spec)
+    out = []
+    for kernel in kernels:
+        try:
+            out.append((kernel, kernel.prepack(weight, spec.act_dtype)))
+        except ValueError as e:
+            assert kernel.name == "zentorch_woq_linear", e
+    return out

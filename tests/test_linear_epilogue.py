@@ -6,10 +6,10 @@ import torch
 
 import zen_inductor
 from zen_inductor import autotune, native
-from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates, run_kernel, swiglu_row_order
+from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, run_kernel, swiglu_row_order
 
 from conftest import compile_zen, eager_and_zen, quantize, sqnr
-from quantized import fp32_weight, fuses_swiglu, quant_linear_calls, quant_weight
+from quantized import every_kernel_packed, fp32_weight, fuses_swiglu, quant_linear_calls, quant_weight
 
 K, I = 256, 96  # I: a multiple of 8, not of 16 (gate and up tiles pair up inside one block of 16)
 
@@ -45,17 +45,11 @@ def test_every_candidate_computes_the_epilogue(fmt):
     spec = dataclasses.replace(spec, epilogue="swiglu")
     rows = swiglu_row_order(I)
     weight = _interleaved(plain, rows)
-    with zen_inductor.config.patch(prune_dominated_kernels=False):  # every kernel, those a faster one prunes too
-        kernels, _ = candidates(spec)
-    fused = [k.name for k in kernels if "swiglu" in k.epilogues]
-    assert fused and len(fused) < len(kernels)  # both kinds are exercised
+    packed_kernels = every_kernel_packed(spec, weight)
+    fused = [k.name for k, _ in packed_kernels if "swiglu" in k.epilogues]
+    assert fused and len(fused) < len(packed_kernels)  # both kinds are exercised
     bias = torch.randn(2 * I).to(torch.bfloat16)
-    for kernel in kernels:
-        try:
-            packed = kernel.prepack(weight, spec.act_dtype)
-        except ValueError as e:  # zentorch takes integer zero points only: the tuner excludes it so
-            assert kernel.name == "zentorch_woq_linear", e
-            continue
+    for kernel, packed in packed_kernels:
         for m in (1, 5, 33):
             x = torch.randn(m, K).to(torch.bfloat16)
             for b in (None, bias):
