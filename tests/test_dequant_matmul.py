@@ -317,6 +317,28 @@ def test_da8_kernel_alone_meets_its_bar():
     assert sqnr(y, reference_output(x, m[0].weight.dequantize(), m[0].bias)) >= 30
 
 
+def test_model_activation_quantization_keeps_the_models_grid():
+    """By default kernels that take the activations as given compete for an int8 dynamic linear,
+    and the report says what each bin's kernel does to them; with the flag only kernels that
+    quantize them as the model does (int8 per row) run, and the result is eager's within rounding."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    m = quantize(plain_linear(), Int8DynamicActivationInt8WeightConfig())
+    x = torch.randn(1, 5, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = m(x)
+        compile_zen(m)(x)
+    bins = zen_inductor.last_report()["autotune"][0]["bins"]
+    assert all(b["activations"].endswith("(the model: int8 per row)") for b in bins)
+    torch._dynamo.reset()
+    with config.patch(model_activation_quantization=True), torch.no_grad():
+        y = compile_zen(m)(x)
+    report = zen_inductor.last_report()["autotune"][0]
+    assert {b["activations"] for b in report["bins"]} == {"int8 per row (the model: int8 per row)"}
+    assert "config.model_activation_quantization" in report["excluded"]["zen_w8_avx2"]
+    assert sqnr(y, eager) >= 40  # the same grid: only rounding apart
+
+
 @pytest.mark.parametrize("group", [32, 128])
 def test_prototype_int4_weight_only(group):
     from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig

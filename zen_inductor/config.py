@@ -104,6 +104,10 @@ huge_page_weights: bool = _env("huge_page_weights", True)
 # let kernels that quantize activations to int8 serve weight-only matches too (they must still
 # reach the weight-only accuracy bar against the fp32 reference to be chosen)
 int8_activations_for_weight_only: bool = _env("int8_activations_for_weight_only", False)
+# where the model quantizes a linear's activations dynamically (torchao's int8, per row), run it
+# only on kernels that quantize them the same way, for eager's numbers; otherwise kernels that
+# compute with the activations as given compete too (closer to fp32: the report's "activations")
+model_activation_quantization: bool = _env("model_activation_quantization", False)
 
 # treat the CPU as having only these vector extensions, named as ATEN_CPU_CAPABILITY names them
 # ("avx2", "default"; empty: all it has): a testing aid, see zen_inductor/cpu.py

@@ -21,7 +21,7 @@ from torch._inductor.freezing_utils import record_has_frozen_params
 from . import config, native
 from .autotune import Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
-from .kernels import KERNELS, NativeLinear, Plan, candidates, native_linear, quant_linear, swiglu_row_order
+from .kernels import KERNELS, LAZY, NativeLinear, Plan, candidates, native_linear, quant_linear, swiglu_row_order
 from .record import CompileRecord, NoKernel
 
 
@@ -157,7 +157,8 @@ class PatternContext:
                 "source": pending.match.source, "kind": spec.kind, "n": spec.n, "k": spec.k,
                 "excluded": tuning.excluded,
                 "bins": [{"bin": r.bin, "winner": r.winner, "times_us": r.times_us, "excluded": r.excluded,
-                          "cached": r.from_cache, "note": r.note, "seconds": r.seconds} for r in tuning.bins],
+                          "cached": r.from_cache, "note": r.note, "seconds": r.seconds,
+                          "activations": _activations(r.winner, spec)} for r in tuning.bins],
             })
 
     def _call_plan(self, node: fx.Node, tuning) -> None:
@@ -227,6 +228,13 @@ class PatternContext:
         self.graph.erase_node(node)
         self.record.unmatch(pending.match)
         self.record.near_miss(pending.match.pattern, mm, f"{reason}; runs as a GEMM on the dequantized weight")
+
+
+def _activations(winner: str, spec) -> str:
+    """What the bin's kernel does to the activations, said against what the model does."""
+    kernels = [KERNELS[name].activations for name in winner.removeprefix(LAZY).split("+") if name in KERNELS]
+    done = " or ".join(sorted(set(kernels))) or "?"
+    return f"{done} (the model: int8 per row)" if spec.dynamic_activation else done
 
 
 def emit_op(graph: fx.Graph, target, *args) -> fx.Node:

@@ -97,5 +97,5 @@ KERNELS = (
     Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run,
            dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),), rank=(6, 26)),
     Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run, rank=(2, 22),
-           fast_with="int8_gemm"),
+           fast_with="int8_gemm", activations="int8 per row"),
 )

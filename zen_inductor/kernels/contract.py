@@ -56,6 +56,9 @@ class Kernel:
     # a hardware unit without which the kernel runs, slowly: "bf16_gemm" (AVX512-BF16 or AMX),
     # "int8_gemm" (VNNI or AMX); the static rule puts such kernels last on CPUs without it
     fast_with: str = ""
+    # what the kernel does to x: "as given" (computes in fp32 from x's own values), "int8 per row"
+    # (symmetric, torchao's dynamic grid), "int8 per group" (finer than torchao's)
+    activations: str = "as given"
 
     def __post_init__(self):
         if isinstance(self.run, NativeLinear):

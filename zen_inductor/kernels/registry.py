@@ -23,6 +23,8 @@ def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
             reasons[kernel] = "not in config.kernel_allow"
         elif kernel.name in config.kernel_deny:
             reasons[kernel] = "in config.kernel_deny"
+        elif spec.dynamic_activation and config.model_activation_quantization and kernel.activations != "int8 per row":
+            reasons[kernel] = f"activations {kernel.activations}, not the model's int8 per row (config.model_activation_quantization)"
         else:  # a library this CPU cannot run is never built: its kernels are out before any start
             reasons[kernel] = kernel.supports(spec) or (native.missing_isa(kernel.native) if kernel.native else None)
     if config.prune_dominated_kernels:  # first by kernels that need no build: none is built for a kernel left out

@@ -173,7 +173,7 @@ _WOQ_AVX512 = NativeLinear("woq_avx512", _blocks16_arguments)
 
 KERNELS = (
     Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, NativeLinear("a8w4_avx2", _a8w4_arguments), layout="int4_tiles",
-           epilogues=("swiglu",), rank=(-1, -1)),
+           epilogues=("swiglu",), rank=(-1, -1), activations="int8 per group"),
     # where the AVX-512 siblings and the bf16 copy's GEMM serve, these win no bin: even or behind
     # at M=1-4, 1.3-2.5x behind the copy from M=16 (linears-llama1b-4l.md)
     Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _WOQ_AVX2, layout="int4_tiles", epilogues=("swiglu",),
