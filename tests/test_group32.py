@@ -192,3 +192,33 @@ def test_torchao_group32_model_decodes_on_a_zen_kernel():
     assert report is not zen_inductor.last_report()
     assert zen_inductor.last_report()["matches"][0]["kernels"]["1"].startswith("zen_w4_")
     assert sqnr(y, ref) >= 40
+
+
+def _float16_exact_weight(n, bits, seed=0):
+    """Scales and offsets that float16 holds exactly, as GGUF's block d and m are (few mantissa
+    bits, so the packing's offset - z * scale is exact too); int8 symmetric, as Q8_0."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    codes = torch.randint(lo, hi, (n, K), generator=g, dtype=torch.int8)
+    scale = torch.randint(8, 32, (n, K // 32), generator=g).float() / 1024
+    offset = torch.randint(-64, 64, (n, K // 32), generator=g).float() / 1024 if bits == 4 else torch.zeros(n, K // 32)
+    return QuantWeight(codes, scale, offset, None, 32, bits)
+
+
+@_needs("woq_avx512")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float16_exact_scales_are_packed_as_float16(bits):
+    """Where every scale and offset is a float16 exactly, a record's tail is 64 bytes (fp16) rather
+    than 128, and the kernel's answer holds the bar; elsewhere the tail stays fp32."""
+    kernel = KERNELS[f"zen_w{bits}_avx512"]
+    code_bytes = 32 * 16 * bits // 8
+    n = 48
+    spec = LinearSpec(n=n, k=K, group_size=32, bits=bits, symmetric=bits == 8, act_dtype=torch.bfloat16)
+    exact, inexact = _float16_exact_weight(n, bits), _weight(n, bits, symmetric=bits == 8)
+    assert kernel.prepack(exact, spec.act_dtype)[0].shape[2] == code_bytes + 64
+    assert kernel.prepack(inexact, spec.act_dtype)[0].shape[2] == code_bytes + 128
+    packed = kernel.prepack(exact, spec.act_dtype)
+    for m in (1, 3, 5):
+        x = torch.randn(m, K).to(torch.bfloat16)
+        y = run_kernel(kernel, x, packed, None, spec)
+        assert sqnr(y, x.float() @ exact.dequantize().float().t()) >= 45, m

@@ -13,7 +13,9 @@
 //     codes: 64-byte lines of 16 rows; int8: 4 bytes a row, k .. k + 3; int4: byte j of a row
 //            holds k + j (low nibble) and k + 4 + j (high), so one AND and one shift make the
 //            bytes of k .. k + 3 and of k + 4 .. k + 7;
-//     grouped weights only: scale and offset' per row, [16] fp32 each.
+//     grouped weights only: scale and offset' per row, [16] each, fp32 or (where every value is a
+//     float16 exactly, as GGUF's block scales are) float16: 64 bytes a record instead of 128, 0.625
+//     instead of 0.75 bytes a weight at G = 32.
 // Per-channel weights keep theirs apart, [ceil(N/16), 16], applied once at the end. One stream a
 // block: scales in arrays of their own were more streams a block and cost the 17 llama1b-4l
 // decode linears a quarter of their bandwidth on Zen 4 (int8: 21-25 against 27-30 GB/s).
@@ -31,12 +33,21 @@ constexpr int64_t line_codes() {  // codes of a row in one 64-byte line
   return BITS == 4 ? 8 : 4;
 }
 
+// a record's [16] scales or offsets: TAIL bytes a value (4: fp32, 2: float16)
+template <int TAIL>
+ZEN_AVX512 inline __m512 load_tail(const uint8_t* p) {
+  if constexpr (TAIL == 2) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+}
+
 // Blocks b0 .. b0 + S - 1 against rows m0 .. m0 + R - 1 of x, bias added, epilogue applied, stored.
-template <int BITS, int R, int S, bool GROUPED>
+// TAIL: bytes of a grouped record's scale or offset value (4 or 2), 0 for per-channel weights.
+template <int BITS, int R, int S, int TAIL>
 ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float* xsum, const uint8_t* w,
                        const float* scale, const float* offset, const float* b, void* y, int64_t m0, int64_t b0,
                        int64_t N, int64_t K, int64_t G, bool y_bf16, bool swiglu, const float* res) {
-  const int64_t groups = K / G, record = G * ROWS * BITS / 8 + (GROUPED ? 128 : 0);
+  constexpr bool GROUPED = TAIL != 0;
+  const int64_t groups = K / G, record = G * ROWS * BITS / 8 + 2 * ROWS * TAIL;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[R][S];
   for (int s = 0; s < S; ++s)
@@ -80,7 +91,7 @@ ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, cons
         const int64_t mg = (m0 + r) * groups + g;
         const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[r][s], _mm512_slli_epi32(hi[r][s], 8)));
         if (GROUPED) {
-          const __m512 sv = _mm512_loadu_ps(tail), ov = _mm512_loadu_ps(tail + 64);
+          const __m512 sv = load_tail<TAIL>(tail), ov = load_tail<TAIL>(tail + ROWS * TAIL);
           acc[r][s] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(xs[mg])), acc[r][s]);
           acc[r][s] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xsum[mg]), acc[r][s]);
         } else {
@@ -105,14 +116,14 @@ ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, cons
   }
 }
 
-template <int BITS, bool GROUPED>
+template <int BITS, int TAIL>
 void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float* xsum, const uint8_t* w,
                 const float* scale, const float* offset, const float* b, void* y, int64_t M, int64_t N, int64_t K,
                 int64_t G, bool y_bf16, bool swiglu, const float* res) {
   for_block_groups(N, [&](auto streams, int64_t b0) {
     // two rows of x at a time: with four, the lo and hi sums of 4 blocks would not fit the registers
     for_row_blocks<2>(M, [&](auto rows, int64_t m0) {
-      blocks<BITS, decltype(rows)::value, decltype(streams)::value, GROUPED>(xl, xh, xs, xsum, w, scale, offset, b, y,
+      blocks<BITS, decltype(rows)::value, decltype(streams)::value, TAIL>(xl, xh, xs, xsum, w, scale, offset, b, y,
                                                                              m0, b0, N, K, G, y_bf16, swiglu, res);
     });
   });
@@ -121,7 +132,7 @@ void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float
 }  // namespace
 
 // w: ceil(N/16) blocks of K/G records as above; scale, offset': per-channel ones (unread if
-// grouped); y: [M, N] (swiglu: [M, N / 2]), bf16 or fp32. G is 32, 64 or 128 and divides K.
+// grouped); grouped: 0 per-channel, 1 records with fp32 scales and offsets, 2 with float16 ones; y: [M, N] (swiglu: [M, N / 2]), bf16 or fp32. G is 32, 64 or 128 and divides K.
 // residual: fp32 [M, N] added to y (fp32 then), read only if has_residual.
 extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset, const float* bias,
                        void* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t x_bf16, int64_t y_bf16,
@@ -155,11 +166,23 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
         xhp[k] = static_cast<int8_t>((xqp[k] - low) / 256);
       }
     }
-    if (bits == 4)
-      grouped ? all_blocks<4, true>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res)
-              : all_blocks<4, false>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res);
-    else
-      grouped ? all_blocks<8, true>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res)
-              : all_blocks<8, false>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res);
+    auto run = [&](auto bits_c, auto tail_c) {
+      all_blocks<decltype(bits_c)::value, decltype(tail_c)::value>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N,
+                                                                   K, G, y_bf16, swiglu, res);
+    };
+    using Four = std::integral_constant<int, 4>;
+    using Eight = std::integral_constant<int, 8>;
+    using PerChannel = std::integral_constant<int, 0>;
+    using Fp32 = std::integral_constant<int, 4>;
+    using Fp16 = std::integral_constant<int, 2>;
+    if (bits == 4) {
+      if (grouped == 2) run(Four{}, Fp16{});
+      else if (grouped) run(Four{}, Fp32{});
+      else run(Four{}, PerChannel{});
+    } else {
+      if (grouped == 2) run(Eight{}, Fp16{});
+      else if (grouped) run(Eight{}, Fp32{});
+      else run(Eight{}, PerChannel{});
+    }
   }
 }

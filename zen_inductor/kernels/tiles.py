@@ -133,7 +133,12 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
     scale = torch.nn.functional.pad(w.scale.to(torch.float32), (0, 0, 0, pad))
     offset = torch.nn.functional.pad(w.offset.to(torch.float32), (0, 0, 0, pad)) - z * scale
     if w.group_size < k:
-        for t in (scale, offset):  # [N + pad, K/Gw] -> [ceil(N/16), K/G, 64 bytes]
+        # float16 where it holds every value exactly (GGUF's d and m, Q4_0's -8 d): a sixth fewer
+        # bytes to read at G = 32, the same arithmetic
+        tails = [t.to(torch.float16) for t in (scale, offset)]
+        if not all(torch.equal(t16.to(torch.float32), t) for t16, t in zip(tails, (scale, offset))):
+            tails = [scale, offset]
+        for t in tails:  # [N + pad, K/Gw] -> [ceil(N/16), K/G, 64 or 32 bytes]
             records.append(_per_tile(t.repeat_interleave(w.group_size // g, dim=1), rows=16).view(torch.uint8))
         params = [torch.empty(0)] * 2  # (the kernel reads the records' own)
     else:
@@ -144,7 +149,12 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
 
 def _blocks16_arguments(packed, spec):
     records, scale = packed[0], packed[1]
-    return packed[:3], (spec.k, spec.k // records.shape[1]), (spec.bits, int(scale.numel() == 0))
+    group = spec.k // records.shape[1]
+    if scale.numel():
+        tails = 0  # per channel
+    else:  # a record's codes, then its [16] scales and offsets: fp32 (1) or float16 (2)
+        tails = 1 if records.shape[2] - group * 16 * spec.bits // 8 == 128 else 2
+    return packed[:3], (spec.k, group), (spec.bits, tails)
 
 
 def _woq_arguments(packed, spec):
