@@ -70,9 +70,10 @@ def test_zen_computes_with_the_files_blocks(smollm2, dumped):
     assert len(quant_linear_calls(dumped("after.py"))) == 2 * 4 + 1
     decode = [m["kernels"]["1"] for m in zen_inductor.last_report()["matches"] if "1" in m["kernels"]]
     assert decode and all(name.startswith("zen_w") for name in decode), decode
-    # fp32 activations (the default, as llama.cpp): eager is the fp32 reference itself; our kernels
-    # round x to int16 per group, far below the weight-only bar
-    assert torch.equal(eager, reference) and sqnr(zen, reference) >= 40
+    # fp32 activations (the default, as llama.cpp): eager is the fp32 reference up to the order the
+    # BLAS sums in (it was bit-equal in most runs, not all); our kernels round x to int16 per group,
+    # far below the weight-only bar
+    assert sqnr(eager, reference) >= 100 and sqnr(zen, reference) >= 40
 
 
 def test_a_block_format_it_does_not_keep_is_dequantized_with_a_warning(monkeypatch, caplog):
