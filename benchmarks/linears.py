@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from zen_inductor.autotune import (HOPELESS_RATIO, _Verifier, _first_call_us, shape_bins, static_order,  # noqa: E402
-                                   time_kernel, weight_copies)
+from zen_inductor.bins import shape_bins, static_order  # noqa: E402
+from zen_inductor.timing import HOPELESS_RATIO, first_call_us, time_kernel, weight_copies  # noqa: E402
+from zen_inductor.verification import Verifier  # noqa: E402
 from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates  # noqa: E402
 from benchmarks.e2e import MODELS  # noqa: E402
 
@@ -78,7 +79,7 @@ def main():
                               act_dtype=torch.bfloat16, dynamic_activation=dynamic)
             kernels, excluded = candidates(spec)
             packed = {kk.name: kk.prepack(w, spec.act_dtype) for kk in kernels}
-            verify = _Verifier(spec, w, None, packed)
+            verify = Verifier(spec, w, None, packed)
             names = [kk.name for kk in kernels]
             lines += [f"## {fmt} {name}: N={n} K={k}, weight {weight_bytes(w, bits) / 1e6:.1f} MB", "",
                       "| M | " + " | ".join(names) + " | winner | winner GB/s | roofline us |", "|---" * (len(names) + 4) + "|"]
@@ -90,7 +91,7 @@ def main():
                     if verify(kname, m):
                         cell[kname] = "x"
                         continue
-                    first = _first_call_us(KERNELS[kname], x, packed[kname], None, spec)
+                    first = first_call_us(KERNELS[kname], x, packed[kname], None, spec)
                     if best is not None and first > HOPELESS_RATIO * best[1]:  # hopeless: _int_mm without VNNI took minutes
                         cell[kname] = f">{first:.0f}"
                         continue

@@ -43,7 +43,7 @@ def quantize(model, cfg):
 
 
 def sqnr(y, ref) -> float:
-    from zen_inductor.autotune import sqnr_db
+    from zen_inductor.verification import sqnr_db
 
     return sqnr_db(y, ref)
 

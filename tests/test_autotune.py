@@ -7,15 +7,16 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
 import zen_inductor
-from zen_inductor import config
-from zen_inductor.autotune import ShapeBin, TuningCache, shape_bins
-from zen_inductor.kernels import KERNELS, Plan
+from zen_inductor import autotune, config, native, timing
+from zen_inductor.bins import STATIC_DENSE_FROM_M, shape_bins, static_order
+from zen_inductor.kernels import KERNELS, Plan, candidates
+from zen_inductor.tuning_cache import TuningCache
+from zen_inductor.verification import Verifier
 
 from conftest import compile_zen, sqnr
 from quantized import HandDequant, K, N, a8w4_spec, int4_weight
@@ -148,11 +149,11 @@ def test_cached_winner_must_pass_on_this_weight(tmp_path, monkeypatch):
 
 def test_changed_kernel_source_is_tuned_again(monkeypatch):
     """Times measured with other code of our kernels are stale: the cache key holds the sources."""
-    from zen_inductor import autotune, native
+    from zen_inductor import native, tuning_cache
 
-    before = autotune._machine_key()
+    before = tuning_cache.machine_key()
     monkeypatch.setattr(native, "source_digest", lambda: "other-source")
-    assert autotune._machine_key() != before
+    assert tuning_cache.machine_key() != before
 
 
 def _writer(directory, worker):
@@ -238,10 +239,9 @@ def test_dominated_kernels_are_left_out_with_the_reason():
 
 
 def test_compute_bound_bins_take_the_ranking_of_the_bin_below(monkeypatch):
-    from zen_inductor import autotune
 
     n_k = 192 * K  # HandDequant's weight
-    monkeypatch.setattr(autotune, "TIMING_MAX_FLOP", 2 * 20 * n_k)  # bins from M=21 up are "compute-bound"
+    monkeypatch.setattr(timing, "TIMING_MAX_FLOP", 2 * 20 * n_k)  # bins from M=21 up are "compute-bound"
     m = HandDequant(64, True, 4).eval()
     with torch.no_grad():
         compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
@@ -260,11 +260,10 @@ def test_budget_counts_kernel_timing_only(monkeypatch):
     the budget (a first compile that builds kernels and reads many weights still tunes)."""
     from types import SimpleNamespace
 
-    from zen_inductor import autotune
 
     clock, timings = [0.0], [0]
     monkeypatch.setattr(autotune, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    check = autotune._Verifier._check
+    check = Verifier.check
 
     def slow_check(self, name, m):  # each verification: 100 s of the fake clock
         clock[0] += 100.0
@@ -275,9 +274,9 @@ def test_budget_counts_kernel_timing_only(monkeypatch):
         timings[0] += 1
         return 10.0 + len(kernel.name)
 
-    monkeypatch.setattr(autotune._Verifier, "_check", slow_check)
-    monkeypatch.setattr(autotune, "time_kernel", timed)
-    monkeypatch.setattr(autotune, "_first_call_us", lambda *args: 1.0)
+    monkeypatch.setattr(Verifier, "check", slow_check)
+    monkeypatch.setattr(timing, "time_kernel", timed)
+    monkeypatch.setattr(timing, "first_call_us", lambda *args: 1.0)
     m = HandDequant(64, True, 4).eval()
     with config.patch(autotune_budget_s=2.0), torch.no_grad():
         compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
@@ -290,12 +289,11 @@ def test_budget_counts_kernel_timing_only(monkeypatch):
 def test_kernels_are_timed_only_once_every_started_build_is_done(monkeypatch):
     """A C++ build still running on one of two cores slowed timed candidates unevenly (2x) and
     turned the ranking of the int4 prefill bins around: the tuner waits for builds first."""
-    from zen_inductor import autotune
 
     events = []
-    time_kernel = autotune.time_kernel
-    monkeypatch.setattr(autotune.native, "settle", lambda: events.append("settle"))
-    monkeypatch.setattr(autotune, "time_kernel", lambda *a, **kw: events.append("time") or time_kernel(*a, **kw))
+    time_kernel = timing.time_kernel
+    monkeypatch.setattr(native, "settle", lambda: events.append("settle"))
+    monkeypatch.setattr(timing, "time_kernel", lambda *a, **kw: events.append("time") or time_kernel(*a, **kw))
     with torch.no_grad():
         compile_zen(HandDequant(64, True, 4).eval())(torch.randn(3, K, dtype=torch.bfloat16))
     assert "time" in events and events[0] == "settle"
@@ -306,7 +304,6 @@ def test_a_kernel_far_behind_is_not_timed_where_it_cannot_catch_up(monkeypatch):
     """A kernel r times slower than the best at M1 is at least r * M1 / M2 slower at M2 (its
     time does not fall with M, the best's grows at most in proportion): while that bound is over
     HOPELESS_RATIO the kernel is skipped, with the reason, and timed again once it is not."""
-    from zen_inductor import autotune
 
     timed = []
 
@@ -314,17 +311,17 @@ def test_a_kernel_far_behind_is_not_timed_where_it_cannot_catch_up(monkeypatch):
         timed.append(kernel.name)
         return 1200.0 if kernel.name == slow else 100.0
 
-    monkeypatch.setattr(autotune, "_first_call_us", lambda kernel, *args: fake_us(kernel))
-    monkeypatch.setattr(autotune, "time_kernel", lambda kernel, *args, **kw: fake_us(kernel))
+    monkeypatch.setattr(timing, "first_call_us", lambda kernel, *args: fake_us(kernel))
+    monkeypatch.setattr(timing, "time_kernel", lambda kernel, *args, **kw: fake_us(kernel))
     model = HandDequant(64, True, 4).eval()
-    usable = [k.name for k in autotune.candidates(_int4_g64_spec())[0]]
+    usable = [k.name for k in candidates(_int4_g64_spec())[0]]
     assert len(usable) > 1
-    slow = autotune.static_order(shape_bins()[0], usable, _int4_g64_spec())[-1]  # tried after the best
+    slow = static_order(shape_bins()[0], usable, _int4_g64_spec())[-1]  # tried after the best
     with torch.no_grad():
         compile_zen(model)(torch.randn(3, K, dtype=torch.bfloat16))
     bins = zen_inductor.last_report()["autotune"][0]["bins"]
     assert slow in bins[0]["times_us"]  # M=1: 12x behind
-    m2 = autotune.timing_m(shape_bins()[1], _int4_g64_spec())
+    m2 = timing.timing_m(shape_bins()[1], _int4_g64_spec())
     assert bins[1]["excluded"][slow] == f"not timed: 12.0x the best at M=1, so at least {12 / m2:.1f}x at M={m2}"
     assert slow not in bins[1]["times_us"] and bins[1]["winner"]
     assert any(slow in b["times_us"] for b in bins[2:])  # the bound fell under 2x: timed again
@@ -341,59 +338,56 @@ def _int4_g64_spec():
 def test_a_slow_candidate_is_timed_once_more_only(monkeypatch):
     """Past SLOW_CALL_US the call that found a candidate's first time also warmed it: one warm
     call gives its time; faster candidates get a warm-up and ``reps`` samples."""
-    from zen_inductor import autotune
 
     calls = []
-    monkeypatch.setattr(autotune, "run_kernel", lambda *args: calls.append(1))
-    autotune.time_kernel(None, None, [None], None, None, reps=5, first_us=2 * autotune.SLOW_CALL_US)
+    monkeypatch.setattr(timing, "run_kernel", lambda *args: calls.append(1))
+    timing.time_kernel(None, None, [None], None, None, reps=5, first_us=2 * timing.SLOW_CALL_US)
     assert len(calls) == 1
     calls.clear()
-    autotune.time_kernel(None, None, [None], None, None, reps=5, first_us=autotune.SLOW_CALL_US / 10)
+    timing.time_kernel(None, None, [None], None, None, reps=5, first_us=timing.SLOW_CALL_US / 10)
     assert len(calls) == 1 + 5
 
 
 def test_compute_bound_bins_time_one_copy_of_the_weight(monkeypatch):
     """Copies of a weight keep it out of cache for decode bins; from STATIC_DENSE_FROM_M rows
     a bin cycles one copy (the M=1 copies at M=476 made each sample 8 slow calls)."""
-    from zen_inductor import autotune
 
     cycled = {}
-    time_kernel = autotune.time_kernel
+    time_kernel = timing.time_kernel
 
     def recording(kernel, x, copies, bias, spec, reps, first_us=0.0):
         cycled[x.shape[0]] = max(cycled.get(x.shape[0], 0), len(copies))
         return time_kernel(kernel, x, copies, bias, spec, reps, first_us)
 
-    monkeypatch.setattr(autotune, "time_kernel", recording)
+    monkeypatch.setattr(timing, "time_kernel", recording)
     m = HandDequant(64, True, 4).eval()
     with config.patch(autotune_budget_s=60.0), torch.no_grad():  # the fixture gives an empty cache
         compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
     assert cycled[1] > 1  # a small weight: several copies at decode
-    assert all(n == 1 for rows, n in cycled.items() if rows >= autotune.STATIC_DENSE_FROM_M), cycled
+    assert all(n == 1 for rows, n in cycled.items() if rows >= STATIC_DENSE_FROM_M), cycled
 
 
 def test_compute_bound_bins_of_a_wide_weight_are_timed_on_its_first_rows(monkeypatch):
     """From STATIC_DENSE_FROM_M rows a GEMM's time grows in proportion to N: a wide weight is
     timed on its first TIMING_ROWS rows there, times scaled to the whole; decode bins time the
     whole weight. The plan still runs (and was verified on) the whole weight."""
-    from zen_inductor import autotune
 
     rows_at = {}
-    time_kernel = autotune.time_kernel
+    time_kernel = timing.time_kernel
 
     def recording(kernel, x, copies, bias, spec, reps, first_us=0.0):
         rows_at.setdefault(x.shape[0], set()).add(spec.n)
         return time_kernel(kernel, x, copies, bias, spec, reps, first_us)
 
-    monkeypatch.setattr(autotune, "time_kernel", recording)
-    monkeypatch.setattr(autotune, "TIMING_ROWS", 64)
+    monkeypatch.setattr(timing, "time_kernel", recording)
+    monkeypatch.setattr(timing, "TIMING_ROWS", 64)
     m = HandDequant(64, True, 4).eval()
     x = torch.randn(300, K, dtype=torch.bfloat16)
     with config.patch(autotune_budget_s=60.0), torch.no_grad():
         y = compile_zen(m)(x)
     assert sqnr(y, m(x)) >= 40
     assert N > 64 and rows_at[1] == {N}
-    assert all(n == {64} for rows, n in rows_at.items() if rows >= autotune.STATIC_DENSE_FROM_M), rows_at
+    assert all(n == {64} for rows, n in rows_at.items() if rows >= STATIC_DENSE_FROM_M), rows_at
     bins = {b["bin"]: b for b in zen_inductor.last_report()["autotune"][0]["bins"]}
     for label in ("17-64", "65-256", "257-1024"):
         assert bins[label]["note"].startswith(f"timed on the first 64 of {N} rows at M="), bins[label]
@@ -459,7 +453,6 @@ def test_gemv_kernels_are_offered_only_up_to_their_largest_m():
 def test_verification_reference_is_made_in_row_blocks(monkeypatch):
     """The verifier's reference (x @ W^T + bias in fp32, epilogue applied) for every row count
     comes from one pass over the weight a block of rows at a time; three blocks with a tail here."""
-    from zen_inductor.autotune import _Verifier
     from zen_inductor.kernels import LinearSpec, QuantWeight, apply_epilogue, weights
 
     monkeypatch.setattr(weights, "FP32_BLOCK_BYTES", 4 * 256 * 40)  # 40 rows a block: 112 = 40 + 40 + 32
@@ -469,7 +462,7 @@ def test_verification_reference_is_made_in_row_blocks(monkeypatch):
     bias = torch.randn(n)
     for epilogue in ("", "swiglu"):
         spec = LinearSpec(n, k, g, 4, False, torch.bfloat16, epilogue=epilogue)
-        refs = _Verifier(spec, w, bias, packed={}).references
+        refs = Verifier(spec, w, bias, packed={}).references
         assert sorted(refs) == [1, 16, 256]
         for m, (x, ref) in refs.items():
             full = x.float() @ w.dequantize().t() + bias
@@ -526,7 +519,6 @@ def test_packed_weights_are_kept_on_huge_pages_but_the_models_own_weight_is_not_
 def test_only_packings_serving_memory_bound_bins_are_copied_to_huge_pages(monkeypatch):
     # prefill GEMMs are bound by arithmetic: a copy of their packings (such as int4's bf16 copies)
     # would cost compile time and memory for nothing
-    from zen_inductor import autotune
     from zen_inductor.autotune import HUGE_PAGE_MAX_M, Tuner
 
 
@@ -544,7 +536,6 @@ def test_only_packings_serving_memory_bound_bins_are_copied_to_huge_pages(monkey
 def test_the_static_rule_puts_the_avx512_gemvs_first_at_decode():
     """With autotuning off (or bins the budget did not reach) each kernel's own rank decides: the
     AVX-512 GEMVs were named nowhere in the old rule and came last on the machines that have them."""
-    from zen_inductor.autotune import static_order
     from zen_inductor.kernels import LinearSpec
 
     decode, prefill = shape_bins()[0], shape_bins()[-1]
@@ -561,7 +552,6 @@ def test_the_static_rule_puts_the_avx512_gemvs_first_at_decode():
 def test_a_contender_disturbed_once_is_timed_again():
     """A single slow sequence of samples does not decide a bin: each contender gets a second one,
     in reverse order, and keeps its better time; a hopeless kernel is not timed again."""
-    from zen_inductor import autotune
 
     again = {"fast_but_disturbed": 46.0, "runner_up": 63.0, "hopeless": 900.0}
     asked = []
@@ -571,7 +561,7 @@ def test_a_contender_disturbed_once_is_timed_again():
         return again[name]
 
     times = {"fast_but_disturbed": 164.9, "runner_up": 75.7, "hopeless": 1200.0}
-    autotune._second_samples(times, {name: sampler for name in times}, deadline=float("inf"))
+    timing.second_samples(times, {name: sampler for name in times}, deadline=float("inf"))
     assert min(times, key=times.get) == "fast_but_disturbed"
     assert times == {"fast_but_disturbed": 46.0, "runner_up": 63.0, "hopeless": 1200.0}
     assert asked == ["runner_up", "fast_but_disturbed"]

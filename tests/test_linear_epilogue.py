@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import zen_inductor
-from zen_inductor import autotune, native
-from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, run_kernel, swiglu_row_order
+from zen_inductor import native, verification
+from zen_inductor.kernels import DenseWeight, LinearSpec, QuantWeight, run_kernel, swiglu_row_order
 
 from conftest import compile_zen, eager_and_zen, quantize, sqnr
 from quantized import every_kernel_packed, fp32_weight, fuses_swiglu, quant_linear_calls, quant_weight
@@ -193,7 +193,7 @@ def test_gate_used_elsewhere_is_a_near_miss_and_stays_correct():
 
 
 def test_no_verified_kernel_falls_back_to_a_gemm_with_the_epilogue_as_graph_ops(monkeypatch):
-    monkeypatch.setattr(autotune, "SQNR_WEIGHT_ONLY_DB", 1000.0)  # every candidate fails verification
+    monkeypatch.setattr(verification, "SQNR_WEIGHT_ONLY_DB", 1000.0)  # every candidate fails verification
     model = _int4_mlp()
     x = torch.randn(4, K).to(torch.bfloat16)
     with torch.no_grad():

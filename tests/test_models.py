@@ -7,7 +7,7 @@ import torch
 import zen_inductor
 from zen_inductor.cpu import zentorch_unavailable
 
-from conftest import compile_zen, quantize, sqnr
+from conftest import compile_zen, sqnr
 
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),

@@ -11,7 +11,6 @@ CI runs a fixed, seeded profile ("ci", a dozen examples); the long one runs on d
 """
 import os
 
-import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st

@@ -3,7 +3,7 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import zen_inductor
-from zen_inductor import autotune, config
+from zen_inductor import config, verification
 
 from conftest import compile_zen, eager_and_zen, sqnr
 from quantized import quant_linear_calls
@@ -99,7 +99,7 @@ def test_a_linear_output_used_elsewhere_is_a_near_miss_and_stays_correct():
 
 
 def test_no_verified_kernel_keeps_the_sum_in_fp32_as_graph_ops(monkeypatch):
-    monkeypatch.setattr(autotune, "SQNR_WEIGHT_ONLY_DB", 1000.0)  # every candidate fails verification
+    monkeypatch.setattr(verification, "SQNR_WEIGHT_ONLY_DB", 1000.0)  # every candidate fails verification
     model = Stack(2).eval()
     ids = _ids()
     with torch.no_grad():

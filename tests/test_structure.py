@@ -59,3 +59,20 @@ def test_every_kernel_has_a_static_rank():
     default = next(f.default for f in dataclasses.fields(Kernel) if f.name == "rank")
     unranked = [name for name, kernel in KERNELS.items() if kernel.rank == default]
     assert not unranked
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 80
+
+
+def test_modules_and_functions_stay_short_enough_to_read():
+    """A newcomer reads a module top to bottom and a function at a glance: the bounds of the
+    house issue (#24), held for every module of the package and its patterns."""
+    too_long = []
+    for module, path in _modules().items():
+        source = open(path).read()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{module}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= MAX_FUNCTION_LINES:
+                too_long.append(f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long

@@ -86,7 +86,7 @@ def test_the_prefill_bins_of_a_compiled_linear_run_the_bf16_copy(dumped):
 
 
 def test_zentorch_dynamic_int8_gemm_is_offered_up_to_k_2048_where_it_is_right():
-    from zen_inductor.autotune import sqnr_db
+    from zen_inductor.verification import sqnr_db
 
     kernel = KERNELS["zentorch_dynamic_qlinear"]
     for k, right in ((2048, True), (4096, False)):  # N=256: at N=64 it was right at K=4096 too

@@ -171,7 +171,7 @@ def answer(tokenizer, tokens) -> str:
 
 def run(args) -> int:
     import zen_inductor
-    from zen_inductor.autotune import sqnr_db
+    from zen_inductor.verification import sqnr_db
 
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     model, prompt, tokenizer, desc = load(args)
