@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from zen_inductor import config
-from zen_inductor.autotune import sqnr_db
+from zen_inductor.verification import sqnr_db
 from zen_inductor.cpu import zentorch_unavailable
 from zen_inductor.record import PatternMiss
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from zen_inductor.autotune import sqnr_db
+from zen_inductor.verification import sqnr_db
 from zen_inductor.graph_facts import CONVERTS, VIEWS, fake_value, is_call
 from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, Unsuited, candidates
 from zen_inductor.record import PatternMiss
