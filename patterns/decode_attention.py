@@ -21,16 +21,17 @@ attention does (its max is clamped to a finite value and the softmax's sum kept 
 0 / tiny = 0),
 where a plain softmax would give NaN.
 
-Replacement: per KV head, the group of H/Hkv query heads as one [G, D] x [D, L] GEMM in fp32
-(flash attention accumulates in fp32 too), the mask added, a max-subtracted softmax over L, one
-[G, L] x [L, D] GEMM, rounded once to the query's dtype. Inductor lowers these small GEMMs into
-its own fused loops beside the rope and cache update.
+Replacement: ``zen.decode_attention`` (zen_inductor/attention.py, C++), where it builds: K and V
+read once per KV head for its group of query heads, only up to the last position the mask lets a
+query see, fp32 throughout. Otherwise (or with ``config.native_decode_attention`` off): per KV head,
+the group of H/Hkv query heads as one [G, D] x [D, L] GEMM in fp32 (flash attention accumulates in
+fp32 too), the mask added, a max-subtracted softmax over L, one [G, L] x [L, D] GEMM, rounded
+once to the query's dtype.
 
-With ``config.native_decode_attention`` (off), ``zen.decode_attention`` (zen_inductor/attention.py)
-instead: K and V read once per KV head for its group of query heads, only up to the last position
-the mask lets a query see, fp32 throughout. It is 2-4x ahead of ATen's SDPA alone, but behind
-Inductor's fused loops inside a SmolLM2 decode step: 9.4 against 9.0 ms a step at prompt 128,
-16.7 against 11.0 at 512 (benchmarks/results/decode-step-smollm2.md).
+Either reads the cache itself when the K and V given are transformers' ``repeat_kv`` copies of it
+(``_before_repeat_kv``). In a SmolLM2 decode step at a 512-token prompt the C++ kernel took the
+step from 10.0-10.5 to 8.4 ms against the GEMMs; at 128 tokens they tie
+(benchmarks/results/decode-step-smollm2.md).
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from zen_inductor import attention, config
 from zen_inductor.graph_pass import emit_op
@@ -90,16 +92,58 @@ def why_not(node: fx.Node) -> str | None:
 
 # --- rewrite ------------------------------------------------------------------------------------
 
+# ops that change how a tensor is viewed, not its values (a clone is the copy repeat_kv's reshape
+# makes of its expanded input)
+_SAME_VALUES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default)
 
-def why_not_native(node: fx.Node) -> str | None:
-    """Why zen.decode_attention cannot take this call (the GEMMs do), or None."""
+
+def _full_slice(node) -> bool:
+    return (isinstance(node, fx.Node) and node.target is aten.slice.Tensor
+            and statically_known_true(fake_value(node).shape == fake_value(node.args[0]).shape))
+
+
+def _before_repeat_kv(node: fx.Node, heads: int) -> fx.Node:
+    """The [B, Hkv, L, D] cache tensor that transformers' ``repeat_kv`` expanded to ``heads`` heads
+    (``x[:, :, None].expand(B, Hkv, G, L, D).reshape(B, Hkv * G, L, D)``), or ``node`` itself.
+
+    Both replacements group the query heads by KV head, so they read the cache once per KV head:
+    given the expanded copy, the graph wrote G copies of every layer's K and V at every step
+    and the kernels read all of them (at 576 positions the C++ kernel took 61 us a call in the
+    step against 24 on the cache itself)."""
+    n = node
+    while isinstance(n, fx.Node) and (n.target in _SAME_VALUES or _full_slice(n)):
+        n = n.args[0]
+    if not (isinstance(n, fx.Node) and n.target is aten.expand.default):
+        return node
+    base = n.args[0]
+    while _full_slice(base):
+        base = base.args[0]
+    if not (isinstance(base, fx.Node) and base.target is aten.unsqueeze.default and base.args[1] == 2):
+        return node
+    base = base.args[0]
+    while _full_slice(base):
+        base = base.args[0]
+    expanded, source, given = fake_value(n), fake_value(base), fake_value(node)
+    if expanded is None or source is None or expanded.dim() != 5 or source.dim() != 4:
+        return node
+    b, hkv, group, length, d = expanded.shape
+    same = (source.shape[0] == b and source.shape[1] == hkv and source.shape[3] == d and isinstance(hkv, int)
+            and isinstance(group, int) and hkv * group == heads)
+    if not same or not statically_known_true(source.shape[2] == length) or not statically_known_true(given.shape[2] == length):
+        return node
+    return base
+
+
+
+def why_not_native(node: fx.Node, hkv: int) -> str | None:
+    """Why zen.decode_attention cannot take this call over ``hkv`` KV heads (the GEMMs do), or None."""
     q, k, v = (fake_value(a) for a in node.args[:3])
     mask = node.kwargs.get("attn_mask")
     if k.dtype != v.dtype or k.dtype not in (torch.float32, torch.bfloat16):
         return f"{k.dtype} keys, {v.dtype} values"
     if mask is not None and not fake_value(mask).is_floating_point():
         return f"a {fake_value(mask).dtype} mask"
-    if q.shape[3] > 512 or q.shape[1] // k.shape[1] > 64:
+    if q.shape[3] > 512 or q.shape[1] // hkv > 64:
         return "head size over 512 or more than 64 query heads a KV head"
     if not config.native_decode_attention:
         return "config.native_decode_attention is off"
@@ -107,14 +151,17 @@ def why_not_native(node: fx.Node) -> str | None:
 
 
 def rewrite(ctx, node: fx.Node) -> None:
-    q, k, v = node.args[:3]
+    q = node.args[0]
     b, h, _, d = fake_value(q).shape
+    k, v = (_before_repeat_kv(a, h) for a in node.args[1:3])
+    if fake_value(k).shape[1] != fake_value(v).shape[1]:  # one looked through, the other not
+        k, v = node.args[1:3]
     hkv = fake_value(k).shape[1]
     scale = call_arg(node, 5, "scale", None)
     scale = scale if scale is not None else 1 / math.sqrt(d)
     mask = node.kwargs.get("attn_mask")
     variant = ("gqa" if h != hkv else "mha") + ("_masked" if mask is not None else "")
-    if why_not_native(node) is None:
+    if why_not_native(node, hkv) is None:
         with ctx.graph.inserting_before(node):
             out = emit_op(ctx.graph, attention.decode_attention, q, k, v, mask, float(scale))
         for user in list(node.users):
@@ -143,7 +190,7 @@ def rewrite(ctx, node: fx.Node) -> None:
         out = op(f32, out, fake_value(q).dtype)
     for user in list(node.users):
         user.replace_all_uses_with(out)
-    ctx.record.match(PATTERN, variant, node, f"bmm + softmax + bmm (fp32): {why_not_native(node)}")
+    ctx.record.match(PATTERN, variant, node, f"bmm + softmax + bmm (fp32): {why_not_native(node, hkv)}")
 
 
 apply = rewrite_each(PATTERN, search, why_not, rewrite, "decode attention left to flash attention")

@@ -104,3 +104,31 @@ def test_decode_attention_with_the_mask_of_a_static_cache(mask_kind, dumped, nat
             assert torch.equal(out[1], eager[1]) and not out[1].any()  # zeros, as flash attention gives
     assert zen_inductor.counters["decode_attention.gqa_masked"] == 1
     assert "flash_attention" not in dumped("after.py") and _replacement(dumped("after.py")) == ("native" if native else "gemms")
+
+
+class RepeatThenAttend(torch.nn.Module):
+    """transformers' SDPA path when it passes a mask: K and V repeated over the query heads first."""
+
+    def forward(self, q, k, v, mask):
+        b, hkv, length, d = k.shape
+        group = q.shape[1] // hkv
+        k, v = (t[:, :, None, :, :].expand(b, hkv, group, length, d).reshape(b, hkv * group, length, d) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("native", PATHS)
+def test_the_cache_is_read_before_repeat_kv_copies_it(tmp_path, native):
+    """The replacement reads K and V per KV head from the cache itself: the G copies that
+    repeat_kv makes (written and read at every step, per layer) leave the graph."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 9, 1, 64), torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64)
+    mask = torch.zeros(1, 1, 1, 40)
+    mask[..., 30:] = float("-inf")  # a static cache's unwritten tail
+    with torch.no_grad(), zen_inductor.config.patch(debug_dir=str(tmp_path), native_decode_attention=native):
+        out = compile_zen(RepeatThenAttend())(q, k, v, mask)
+    assert zen_inductor.counters["decode_attention.gqa_masked"] == 1
+    with open(tmp_path / "LATEST") as f, open(f.read().strip() + "/after.py") as g:
+        after = g.read()
+    assert _replacement(after) == ("native" if native else "gemms")
+    assert "aten.clone" not in after and after.count("aten.expand") == (0 if native else 1)  # the mask's, for the GEMMs
+    assert sqnr(out, RepeatThenAttend()(q, k, v, mask)) >= 60

@@ -48,13 +48,13 @@ linear_epilogue: bool = _env("linear_epilogue", True)
 # a residual add after a linear done by the linear's op, the stream carried in fp32 between layers
 residual_add: bool = _env("residual_add", True)
 
-# attention of one query position over the KV cache as two small GEMMs instead of flash attention
+# attention of one query position over the KV cache by our C++ kernel, or as two small GEMMs,
+# instead of flash attention
 decode_attention: bool = _env("decode_attention", True)
 # attention over a prompt by zentorch's SDPA kernel (about 2x ATen's flash attention here)
 prefill_attention: bool = _env("prefill_attention", True)
-# decode attention by our C++ kernel rather than the GEMMs Inductor fuses: off, it is behind them
-# inside a real decode step (patterns/decode_attention.py)
-native_decode_attention: bool = _env("native_decode_attention", False)
+# decode attention by our C++ kernel where it builds (AVX2 and a compiler), else the GEMMs
+native_decode_attention: bool = _env("native_decode_attention", True)
 
 # --- compilation ------------------------------------------------------------------------
 # freeze weights into constants under torch.no_grad(); needed to prepack weights once

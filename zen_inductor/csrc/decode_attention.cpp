@@ -5,9 +5,10 @@
 // at positions some query of the group may see: a position whose additive mask is -inf for every
 // query of the group is never read, and neither is anything after the last visible one (a static
 // cache's unwritten tail). The positions are cut into chunks spread over the threads. A chunk is
-// three passes: the scores of every (query, position), then their exponentials eight positions
-// at a time against the chunk's max (a running max rescaled at each position put a scalar exp
-// on every position: 2.6x behind SDPA at 2048 positions), then the weighted sum of V. The chunks
+// three passes: the scores of every (query, position), eight positions at a time; their
+// exponentials, eight at a time against the chunk's max (a running max rescaled at each position
+// put a scalar exp on every position); then the weighted sum of V, per query, its sums held in
+// registers across the chunk's positions. The chunks
 // are combined per query head in fp32 at the end. A query head that sees no position gets 0, as
 // ATen's flash attention gives.
 #include "avx2_common.h"
@@ -48,38 +49,52 @@ int64_t visible_end(const float* mask, const Shape& s, int64_t b, int64_t kvh) {
   return 0;
 }
 
-// a row of K or V (D values, bf16 or fp32) as fp32
-inline void load_row(const void* src, bool bf16, int64_t D, float* row) {
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(row + d, load8(src, d, bf16));
-  for (; d < D; ++d) {
-    if (bf16) {
-      const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(src)[d]) << 16;
-      std::memcpy(row + d, &bits, sizeof(float));
-    } else {
-      row[d] = static_cast<const float*>(src)[d];
-    }
-  }
+// one value of a row of K or V (bf16 or fp32) as fp32
+inline float value_at(const void* row, int64_t d, bool bf16) {
+  if (!bf16) return static_cast<const float*>(row)[d];
+  const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(row)[d]) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(float));
+  return out;
 }
 
-inline float dot(const float* a, const float* b, int64_t D) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), acc1);
-  }
-  for (; d + 8 <= D; d += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc0);
-  float sum = hsum(_mm256_add_ps(acc0, acc1));
-  for (; d < D; ++d) sum += a[d] * b[d];
-  return sum;
+// [sum(a0), ..., sum(a7)]: eight dot products finished at once (one horizontal sum a position was
+// a chain of shuffles per score, and the scores pass ran at a third of its loads' pace)
+inline __m256 sums8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-inline void add_scaled(float* acc, float w, const float* row, int64_t D) {
-  const __m256 wv = _mm256_set1_ps(w);
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(wv, _mm256_loadu_ps(row + d), _mm256_loadu_ps(acc + d)));
-  for (; d < D; ++d) acc[d] += w * row[d];
+// scores[i] += q . K[l0 + i] for eight positions, rows of K `row_bytes` apart
+inline void scores8(const float* q, const char* k, int64_t row_bytes, bool bf16, int64_t D, float* scores) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  const int64_t D8 = D / 8 * 8;
+  for (int64_t d = 0; d < D8; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(k + j * row_bytes, d, bf16), acc[j]);
+  }
+  __m256 sums = _mm256_add_ps(_mm256_loadu_ps(scores), sums8(acc));
+  _mm256_storeu_ps(scores, sums);
+  for (int64_t d = D8; d < D; ++d)
+    for (int j = 0; j < 8; ++j) scores[j] += q[d] * value_at(k + j * row_bytes, d, bf16);
+}
+
+// out[0 .. 8 T) += sum_i w[i] V[l0 + i][d0 .. d0 + 8 T): T vectors of sums held in registers over
+// the positions (a sum kept in memory waited on its own store at every position)
+template <int T>
+inline void weighted_rows(const float* w, const bool* seen, int64_t n, const char* v, int64_t row_bytes, bool bf16,
+                          int64_t d0, float* out) {
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_loadu_ps(out + 8 * t);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!seen[i] || w[i] == 0.0f) continue;
+    const __m256 wv = _mm256_set1_ps(w[i]);
+    const char* row = v + i * row_bytes;
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, load8(row, d0 + 8 * t, bf16), acc[t]);
+  }
+  for (int t = 0; t < T; ++t) _mm256_storeu_ps(out + 8 * t, acc[t]);
 }
 
 // partial[g * (D + 2)]: the chunk's max score, sum of exp, then D weighted sums of V, for query g
@@ -87,24 +102,33 @@ inline void add_scaled(float* acc, float w, const float* row, int64_t D) {
 void attend_chunk(const float* q, const void* k, const void* v, bool kv_bf16, const float* mask, const Shape& s,
                   int64_t b, int64_t kvh, int64_t l0, int64_t l1, float* partial) {
   const int64_t group = s.H / s.Hkv, D = s.D, stride = D + 2, n = l1 - l0;
-  const int64_t width = kv_bf16 ? 2 : 4;
-  const char* kb = static_cast<const char*>(k) + (b * s.k_sb + kvh * s.k_sh) * width;
-  const char* vb = static_cast<const char*>(v) + (b * s.v_sb + kvh * s.v_sh) * width;
+  const int64_t width = kv_bf16 ? 2 : 4, k_row = s.k_sl * width, v_row = s.v_sl * width;
+  const char* kb = static_cast<const char*>(k) + (b * s.k_sb + kvh * s.k_sh + l0 * s.k_sl) * width;
+  const char* vb = static_cast<const char*>(v) + (b * s.v_sb + kvh * s.v_sh + l0 * s.v_sl) * width;
   // scores, then weights, of query g at position l0 + i: [g * kChunk + i]; group <= 64 (the op checks)
   alignas(32) float weights[64 * kChunk];
-  alignas(32) float row[512];  // D <= 512, checked by the op
   bool seen[kChunk] = {};  // some query of the group may see the position
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t l = l0 + i;
-    float* column = weights + i;
-    for (int64_t g = 0; g < group; ++g) {
-      column[g * kChunk] = mask_at(mask, s, b, kvh * group + g, l);
-      seen[i] = seen[i] || column[g * kChunk] != kNegInf;
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < n; ++i) {
+      weights[g * kChunk + i] = mask_at(mask, s, b, kvh * group + g, l0 + i);
+      seen[i] = seen[i] || weights[g * kChunk + i] != kNegInf;
     }
-    if (!seen[i]) continue;
-    load_row(kb + l * s.k_sl * width, kv_bf16, D, row);
+  for (int64_t i = 0; i < n; i += 8) {
+    const int64_t count = std::min<int64_t>(8, n - i);
+    if (std::none_of(seen + i, seen + i + count, [](bool x) { return x; })) continue;
     for (int64_t g = 0; g < group; ++g) {
-      if (column[g * kChunk] != kNegInf) column[g * kChunk] += dot(q + (b * s.H + kvh * group + g) * D, row, D);
+      const float* qg = q + (b * s.H + kvh * group + g) * D;
+      float* scores = weights + g * kChunk + i;
+      if (count == 8) {  // -inf + a finite dot stays -inf
+        scores8(qg, kb + i * k_row, k_row, kv_bf16, D, scores);
+        continue;
+      }
+      for (int64_t j = 0; j < count; ++j) {
+        if (scores[j] == kNegInf) continue;
+        float sum = 0.0f;
+        for (int64_t d = 0; d < D; ++d) sum += qg[d] * value_at(kb + (i + j) * k_row, d, kv_bf16);
+        scores[j] += sum;
+      }
     }
   }
   for (int64_t g = 0; g < group; ++g) {
@@ -133,14 +157,14 @@ void attend_chunk(const float* q, const void* k, const void* v, bool kv_bf16, co
       w[i] = w[i] == kNegInf ? 0.0f : std::exp(w[i] - top);
       p[1] += w[i];
     }
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    if (!seen[i]) continue;
-    load_row(vb + (l0 + i) * s.v_sl * width, kv_bf16, D, row);
-    for (int64_t g = 0; g < group; ++g) {
-      const float w = weights[g * kChunk + i];
-      if (w != 0.0f) add_scaled(partial + g * stride + 2, w, row, D);
-    }
+    float* out = p + 2;
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) weighted_rows<8>(w, seen, n, vb, v_row, kv_bf16, d, out + d);
+    for (; d + 16 <= D; d += 16) weighted_rows<2>(w, seen, n, vb, v_row, kv_bf16, d, out + d);
+    for (; d + 8 <= D; d += 8) weighted_rows<1>(w, seen, n, vb, v_row, kv_bf16, d, out + d);
+    for (; d < D; ++d)
+      for (int64_t i2 = 0; i2 < n; ++i2)
+        if (seen[i2]) out[d] += w[i2] * value_at(vb + i2 * v_row, d, kv_bf16);
   }
 }
 
