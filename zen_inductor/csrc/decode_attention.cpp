@@ -102,7 +102,8 @@ inline void weighted_rows(const float* w, const bool* seen, int64_t n, const cha
 void attend_chunk(const float* q, const void* k, const void* v, bool kv_bf16, const float* mask, const Shape& s,
                   int64_t b, int64_t kvh, int64_t l0, int64_t l1, float* partial) {
   const int64_t group = s.H / s.Hkv, D = s.D, stride = D + 2, n = l1 - l0;
-  const int64_t width = kv_bf16 ? 2 : 4, k_row = s.k_sl * width, v_row = s.v_sl * width;
+  const int64_t width = kv_bf16 ? 2 : 4;
+  int64_t k_row = s.k_sl * width, v_row = s.v_sl * width;
   const char* kb = static_cast<const char*>(k) + (b * s.k_sb + kvh * s.k_sh + l0 * s.k_sl) * width;
   const char* vb = static_cast<const char*>(v) + (b * s.v_sb + kvh * s.v_sh + l0 * s.v_sl) * width;
   // scores, then weights, of query g at position l0 + i: [g * kChunk + i]; group <= 64 (the op checks)
@@ -113,9 +114,36 @@ void attend_chunk(const float* q, const void* k, const void* v, bool kv_bf16, co
       weights[g * kChunk + i] = mask_at(mask, s, b, kvh * group + g, l0 + i);
       seen[i] = seen[i] || weights[g * kChunk + i] != kNegInf;
     }
+  // bf16 K and V widened once a chunk, not once per query of the group (the passes below read each
+  // row group times: widening there made bf16 slower than fp32 at half the bytes)
+  static thread_local std::vector<float> k32, v32;
+  const bool widened = kv_bf16;
+  if (widened) {
+    k32.resize(n * D);
+    v32.resize(n * D);
+    for (int64_t i = 0; i < n; ++i) {
+      if (!seen[i]) continue;
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8) {
+        _mm256_storeu_ps(&k32[i * D + d], load8(kb + i * k_row, d, true));
+        _mm256_storeu_ps(&v32[i * D + d], load8(vb + i * v_row, d, true));
+      }
+      for (; d < D; ++d) {
+        k32[i * D + d] = value_at(kb + i * k_row, d, true);
+        v32[i * D + d] = value_at(vb + i * v_row, d, true);
+      }
+    }
+    kb = reinterpret_cast<const char*>(k32.data());
+    vb = reinterpret_cast<const char*>(v32.data());
+    k_row = v_row = D * 4;
+    kv_bf16 = false;
+  }
   for (int64_t i = 0; i < n; i += 8) {
     const int64_t count = std::min<int64_t>(8, n - i);
     if (std::none_of(seen + i, seen + i + count, [](bool x) { return x; })) continue;
+    // V's rows are read after every score of the chunk: asked for now, they arrive meanwhile
+    for (int64_t j = 0; j < count && !widened; ++j)
+      for (int64_t byte = 0; byte < D * width; byte += 64) _mm_prefetch(vb + (i + j) * v_row + byte, _MM_HINT_T0);
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = q + (b * s.H + kvh * group + g) * D;
       float* scores = weights + g * kChunk + i;
