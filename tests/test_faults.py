@@ -101,3 +101,70 @@ def test_a_cache_directory_that_cannot_be_written(tmp_path, caplog):
     assert zen_inductor.counters["dequant_matmul"] == 1
     assert sqnr(y, _reference(model, x)) >= 40
     assert any("could not write autotune cache" in r.getMessage() for r in caplog.records)
+
+
+def test_a_model_moved_to_another_dtype_is_compiled_again():
+    """``model.to(dtype)`` after compiling: Dynamo sees the parameters' new dtype and compiles
+    again, on the weights as they are now; the answer is the moved model's."""
+    model = _int4_model()
+    fast = compile_zen(model)
+    compiles = len(zen_inductor.reports())
+    with torch.no_grad():
+        x = torch.randn(3, K).to(torch.bfloat16)
+        assert fast(x).dtype == torch.bfloat16
+        model.to(torch.float32)
+        y = fast(x.float())
+    assert y.dtype == torch.float32 and len(zen_inductor.reports()) == compiles + 2
+    assert sqnr(y, model(x.float())) >= 40
+
+
+def test_weights_replaced_in_place_after_compiling_are_not_seen():
+    """Documented (README, Limits): weights are frozen, so a compiled model keeps computing with
+    the weights it was compiled on after they are overwritten in place; ``torch._dynamo.reset()``
+    and a new compile take the new ones. This test holds zen to what the README says."""
+    model = _int4_model()
+    fast = compile_zen(model)
+    x = torch.randn(3, K).to(torch.bfloat16)
+    with torch.no_grad():
+        before = fast(x)
+        model[0].bias.add_(1.0)  # in place: the same tensor, new values
+        assert torch.equal(fast(x), before)
+        torch._dynamo.reset()
+        assert sqnr(compile_zen(model)(x), _reference(model, x)) >= 40
+
+
+_WITHOUT_A_COMPILER = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import zen_inductor
+from conftest import sqnr
+from quantized import HandDequant, K
+m = HandDequant(64, True, 4).eval()
+x = torch.randn(3, K, dtype=torch.bfloat16)
+with torch.no_grad():
+    y = torch.compile(m, backend="zen")(x)
+    print("kernels:", sorted(set(zen_inductor.last_report()["matches"][0]["kernels"].values())))
+    print("sqnr:", sqnr(y, m(x)))
+"""
+
+
+def test_no_cpp_compiler_is_a_logged_fallback(tmp_path):
+    """No C++ compiler (CXX names none): each of our libraries warns once that it could not be
+    built and its kernels are skipped; the linear runs on ATen's or zentorch's kernels, right. (A
+    graph that needs Inductor's own C++ kernels meets Inductor's error naming the compiler, as
+    stock Inductor does.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), ZEN_INDUCTOR_CACHE_DIR=str(tmp_path / "zen"),
+               TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_A_COMPILER.format(tests=os.path.dirname(__file__))],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kernels = next(line for line in out.stdout.splitlines() if line.startswith("kernels:"))
+    assert "zen_" not in kernels and "tiles" not in kernels, kernels
+    assert float(out.stdout.strip().splitlines()[-1].split()[-1]) >= 40
+    warnings = [line for line in out.stderr.splitlines() if "could not build" in line]
+    assert warnings and all("its kernels are skipped" in w for w in warnings), out.stderr[-3000:]
+    assert len(warnings) == len(set(warnings)), warnings  # once a library

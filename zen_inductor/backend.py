@@ -135,6 +135,10 @@ def _lift_parameters(gm: fx.GraphModule, example_inputs) -> list[int]:
             gm._param_name_to_source[name] = getattr(node, "_dynamo_source", None)
         with gm.graph.inserting_before(node):
             attr = gm.graph.get_attr(name)
+        # without Dynamo's GraphArg: it holds a weak reference to the parameter, a tensor with one
+        # cannot be swapped, and swapping is how ``model.to(dtype)`` moves a torchao weight (the
+        # graph's name table keeps even an erased node, so the placeholder drops it too)
+        node.meta.pop("grapharg", None)
         attr.meta.update(node.meta)
         node.replace_all_uses_with(attr)
         gm.graph.erase_node(node)

@@ -215,6 +215,7 @@ def _build_with_toolchain(load_async, *args, **kwargs):
 
 
 def _waiter(filename: str, future) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
+    @functools.lru_cache(None)  # one answer, and one warning, a build: every waiter asks again
     def wait():
         try:
             return future.result(), None
