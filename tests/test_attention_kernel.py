@@ -29,3 +29,41 @@ def test_a_head_that_sees_nothing_gets_zero():
     q, k, v = torch.randn(1, 2, 1, 32), torch.randn(1, 1, 10, 32), torch.randn(1, 1, 10, 32)
     mask = torch.full((1, 1, 1, 10), float("-inf"))
     assert torch.equal(decode_attention(q, k, v, mask, 0.1), torch.zeros(1, 2, 1, 32))
+
+
+def _call_build(library, q, k, v, mask, scale):
+    """One build's C entry, called as zen::decode_attention calls it (the op takes the AVX-512 build
+    wherever it is bound, so the AVX2 one is reached here only)."""
+    import ctypes
+
+    from zen_inductor import native
+
+    entry = native.load(library).kernel
+    out = torch.empty(q.shape[0], q.shape[1], q.shape[3])
+    qf = q.float().contiguous()
+    scale_c = ctypes.c_float(scale)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    words = [ptr(qf), ptr(k), ptr(v), ptr(mask), ptr(out), ctypes.cast(ctypes.pointer(scale_c), ctypes.c_void_p),
+             *(ctypes.c_int64(w) for w in (q.shape[0], q.shape[1], k.shape[1], k.shape[2], q.shape[3], *k.stride()[:3],
+                                            *v.stride()[:3], 0, 0, mask.stride(3), 1, k.dtype == torch.bfloat16))]
+    entry.argtypes = None
+    entry(*words)
+    return out
+
+
+@pytest.mark.parametrize("library", ["decode_attention", "decode_attention_avx512"])
+@pytest.mark.parametrize("d,dtype", [(64, torch.float32), (64, torch.bfloat16), (80, torch.float32), (36, torch.bfloat16)])
+def test_each_build_matches_sdpa(library, d, dtype):
+    """Both lane widths (8 and 16) against SDPA, head sizes whose tails each width handles apart."""
+    from zen_inductor import native
+
+    if native.unavailable(library) is not None:
+        pytest.skip(native.unavailable(library))
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 1, d, dtype=dtype)
+    k, v = (torch.randn(1, 2, 301, d, dtype=dtype) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, 301)
+    mask[..., 250:] = float("-inf")
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    out = _call_build(library, q, k, v, mask, 1 / math.sqrt(d))
+    assert (out - ref[:, :, 0]).norm() / ref.norm() < 1e-5

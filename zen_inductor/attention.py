@@ -27,5 +27,9 @@ decode_attention = torch.ops.zen.decode_attention.default
 
 
 def unavailable() -> Optional[str]:
-    """Why the kernel cannot run here (it is built and bound on the first ask), or None."""
-    return native.unavailable("decode_attention")
+    """Why the kernel cannot run here (it is built and bound on the first ask), or None. Where the
+    CPU has AVX-512 its 16-lane build is bound too, and the op calls that one."""
+    reason = native.unavailable("decode_attention")
+    if reason is None and native.missing_isa("decode_attention_avx512") is None:
+        native.unavailable("decode_attention_avx512")  # a build that fails leaves the AVX2 one, with a warning
+    return reason

@@ -20,6 +20,9 @@ log = logging.getLogger("zen_inductor")
 
 # what csrc/avx512_common.h targets
 _AVX512 = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
+# csrc/decode_attention.h's entry: q, k, v, mask, out, scale, then B, H, Hkv, L, D, 9 strides, has_mask, kv_bf16
+_DECODE_ATTENTION_ARGS = ("const float*", "const void*", "const void*", "const float*", "float*", "const float*",
+                          *("int64_t",) * 16)
 
 # name -> (source file in zen_inductor/csrc, argument types of its ``kernel`` entry, CPU flags)
 # An entry the C++ ops call (csrc/ops.cpp) is bound by address; its types here say how many
@@ -63,8 +66,13 @@ SOURCES = {
     ),
     "decode_attention": (
         "decode_attention.cpp",
-        ("const float*", "const void*", "const void*", "const float*", "float*", "const float*", *("int64_t",) * 16),
+        _DECODE_ATTENTION_ARGS,
         ("avx2", "fma"),
+    ),
+    "decode_attention_avx512": (  # the same entry with 16 lanes: zen::decode_attention prefers it where bound
+        "decode_attention_avx512.cpp",
+        _DECODE_ATTENTION_ARGS,
+        _AVX512,
     ),
     "tiles_dequant": (
         "tiles_dequant.cpp",
@@ -75,7 +83,8 @@ SOURCES = {
 
 # entries called by the C++ ops (csrc/ops.cpp), loaded without Python bindings; the others are
 # called from Python through Inductor's bindings of their argument types
-BOUND_ENTRIES = frozenset({"a8w4_avx2", "woq_avx2", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention"})
+BOUND_ENTRIES = frozenset({"a8w4_avx2", "woq_avx2", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention",
+                           "decode_attention_avx512"})
 
 
 @functools.lru_cache(None)

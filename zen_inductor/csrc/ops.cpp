@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -36,6 +37,16 @@ std::mutex entries_mutex;
 std::unordered_map<std::string, Entry>& entries() {
   static std::unordered_map<std::string, Entry> table;
   return table;
+}
+
+// the first of ``names`` that is bound, or an error naming the last
+Entry find_first_entry(std::initializer_list<const char*> names) {
+  std::lock_guard<std::mutex> lock(entries_mutex);
+  for (const char* name : names) {
+    auto it = entries().find(name);
+    if (it != entries().end()) return it->second;
+  }
+  TORCH_CHECK(false, "zen: the native entry '", *(names.end() - 1), "' is not loaded in this process (zen_inductor.native.load binds it)");
 }
 
 Entry find_entry(const std::string& name) {
@@ -152,7 +163,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_in, const a
     }
   }
   at::Tensor out = at::empty({B, H, 1, D}, q.options().dtype(at::kFloat));
-  const Entry entry = find_entry("decode_attention");
+  // the AVX-512 build where this CPU has it and Python bound it (attention.unavailable), else AVX2's
+  const Entry entry = find_first_entry({"decode_attention_avx512", "decode_attention"});
   const bool has_mask = mask.defined();
   const std::vector<int64_t> words{
       word(qf), word(k), word(v), has_mask ? word(mask) : word(qf), word(out), reinterpret_cast<int64_t>(&scale_f),

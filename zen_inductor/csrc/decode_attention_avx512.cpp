@@ -1,0 +1,31 @@
+// Decode attention with AVX-512 (16 fp32 lanes): the algorithm is decode_attention.h's. Twice the
+// lanes of the AVX2 build for the same loads: with bf16 K and V that build was bound by its FMAs
+// (9-12 GB/s, behind ATen's SDPA; benchmarks/results/decode-attention.md).
+#include "avx512_common.h"
+
+namespace {
+
+struct Lanes16 {
+  using V = __m512;
+  static constexpr int64_t W = 16;
+  static constexpr bool kWidenOnce = false;
+  ZEN_AVX512 static V zero() { return _mm512_setzero_ps(); }
+  ZEN_AVX512 static V set1(float x) { return _mm512_set1_ps(x); }
+  ZEN_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
+  ZEN_AVX512 static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  ZEN_AVX512 static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  ZEN_AVX512 static V load_kv(const void* row, int64_t d, bool bf16) {
+    if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(row) + d);
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + d));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  ZEN_AVX512 static __m256 fold8(V v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  }
+};
+
+}  // namespace
+
+#define ZEN_ATTENTION_TARGET ZEN_AVX512
+#define ZEN_ATTENTION_LANES Lanes16
+#include "decode_attention.h"
