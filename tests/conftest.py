@@ -56,3 +56,13 @@ def eager_and_zen(model, *inputs):
     """``model(*inputs)`` eager and compiled by zen, under no_grad (so zen freezes the weights)."""
     with torch.no_grad():
         return model(*inputs), compile_zen(model)(*inputs)
+
+
+def reports_since(before: set) -> list:
+    """The reports of the graphs compiled since ``before`` (``compiled_graphs()``): zen keeps the
+    last 64, so counting them does not tell new compiles once a session has made that many."""
+    return [r for r in zen_inductor.reports() if r["graph"] not in before]
+
+
+def compiled_graphs() -> set:
+    return {r["graph"] for r in zen_inductor.reports()}

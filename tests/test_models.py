@@ -7,7 +7,7 @@ import torch
 import zen_inductor
 from zen_inductor.cpu import zentorch_unavailable
 
-from conftest import compile_zen, sqnr
+from conftest import compile_zen, compiled_graphs, reports_since, sqnr
 
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -118,7 +118,7 @@ def test_generate_with_a_static_cache_keeps_decode_attention():
     aside on any mask before, so real generation never used it)."""
     model = int4(build("llama"))
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(3))
-    compiles_before = len(zen_inductor.reports())
+    compiles_before = compiled_graphs()
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
         model.forward = compile_zen(model.forward)
@@ -127,7 +127,7 @@ def test_generate_with_a_static_cache_keeps_decode_attention():
     # transformers repeats K and V over the query heads when it passes a mask: the pattern reads
     # the cache through that copy, per KV head ("gqa", not "mha")
     assert zen_inductor.counters["decode_attention.gqa_masked"] >= LAYERS
-    reports = zen_inductor.reports()[compiles_before:]
+    reports = reports_since(compiles_before)
     assert not [m for r in reports for m in r["near_misses"] if m["pattern"] == "decode_attention"]
     print("static-cache generate: tokens equal to eager:", bool(torch.equal(zen, eager)))
 
