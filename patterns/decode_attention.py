@@ -102,6 +102,12 @@ def _full_slice(node) -> bool:
             and statically_known_true(fake_value(node).shape == fake_value(node.args[0]).shape))
 
 
+def _under_full_slices(node):
+    while _full_slice(node):
+        node = node.args[0]
+    return node
+
+
 def _before_repeat_kv(node: fx.Node, heads: int) -> fx.Node:
     """The [B, Hkv, L, D] cache tensor that transformers' ``repeat_kv`` expanded to ``heads`` heads
     (``x[:, :, None].expand(B, Hkv, G, L, D).reshape(B, Hkv * G, L, D)``), or ``node`` itself.
@@ -115,14 +121,10 @@ def _before_repeat_kv(node: fx.Node, heads: int) -> fx.Node:
         n = n.args[0]
     if not (isinstance(n, fx.Node) and n.target is aten.expand.default):
         return node
-    base = n.args[0]
-    while _full_slice(base):
-        base = base.args[0]
+    base = _under_full_slices(n.args[0])
     if not (isinstance(base, fx.Node) and base.target is aten.unsqueeze.default and base.args[1] == 2):
         return node
-    base = base.args[0]
-    while _full_slice(base):
-        base = base.args[0]
+    base = _under_full_slices(base.args[0])
     expanded, source, given = fake_value(n), fake_value(base), fake_value(node)
     if expanded is None or source is None or expanded.dim() != 5 or source.dim() != 4:
         return node
@@ -132,7 +134,6 @@ def _before_repeat_kv(node: fx.Node, heads: int) -> fx.Node:
     if not same or not statically_known_true(source.shape[2] == length) or not statically_known_true(given.shape[2] == length):
         return node
     return base
-
 
 
 def why_not_native(node: fx.Node, hkv: int) -> str | None:

@@ -46,7 +46,6 @@ def _call_build(library, q, k, v, mask, scale):
     words = [ptr(qf), ptr(k), ptr(v), ptr(mask), ptr(out), ctypes.cast(ctypes.pointer(scale_c), ctypes.c_void_p),
              *(ctypes.c_int64(w) for w in (q.shape[0], q.shape[1], k.shape[1], k.shape[2], q.shape[3], *k.stride()[:3],
                                             *v.stride()[:3], 0, 0, mask.stride(3), 1, k.dtype == torch.bfloat16))]
-    entry.argtypes = None
     entry(*words)
     return out
 

@@ -149,7 +149,7 @@ def test_cached_winner_must_pass_on_this_weight(tmp_path, monkeypatch):
 
 def test_changed_kernel_source_is_tuned_again(monkeypatch):
     """Times measured with other code of our kernels are stale: the cache key holds the sources."""
-    from zen_inductor import native, tuning_cache
+    from zen_inductor import tuning_cache
 
     before = tuning_cache.machine_key()
     monkeypatch.setattr(native, "source_digest", lambda: "other-source")
@@ -239,7 +239,6 @@ def test_dominated_kernels_are_left_out_with_the_reason():
 
 
 def test_compute_bound_bins_take_the_ranking_of_the_bin_below(monkeypatch):
-
     n_k = 192 * K  # HandDequant's weight
     monkeypatch.setattr(timing, "TIMING_MAX_FLOP", 2 * 20 * n_k)  # bins from M=21 up are "compute-bound"
     m = HandDequant(64, True, 4).eval()
@@ -259,7 +258,6 @@ def test_budget_counts_kernel_timing_only(monkeypatch):
     """Reading, packing and verifying weights happen with or without tuning: they do not spend
     the budget (a first compile that builds kernels and reads many weights still tunes)."""
     from types import SimpleNamespace
-
 
     clock, timings = [0.0], [0]
     monkeypatch.setattr(autotune, "time", SimpleNamespace(perf_counter=lambda: clock[0]))

@@ -106,6 +106,19 @@ ZEN_ATTENTION_TARGET inline void weighted_rows(const float* w, const bool* seen,
   for (int t = 0; t < T; ++t) L::store(out + L::W * t, acc[t]);
 }
 
+// the seen rows of n bf16 rows (`row_bytes` apart, D values each) as fp32 rows of D in out
+template <class L>
+ZEN_ATTENTION_TARGET void widen_rows(const char* rows, int64_t row_bytes, const bool* seen, int64_t n, int64_t D,
+                                     std::vector<float>& out) {
+  out.resize(n * D);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!seen[i]) continue;
+    int64_t d = 0;
+    for (; d + L::W <= D; d += L::W) L::store(&out[i * D + d], L::load_kv(rows + i * row_bytes, d, true));
+    for (; d < D; ++d) out[i * D + d] = value_at(rows + i * row_bytes, d, true);
+  }
+}
+
 // partial[g * (D + 2)]: the chunk's max score, sum of exp, then D weighted sums of V, for query g
 // of the group; positions [l0, l1) of (b, kv head)
 template <class L>
@@ -134,20 +147,8 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   static thread_local std::vector<float> k32, v32;
   const bool widened = kv_bf16 && L::kWidenOnce;
   if (widened) {
-    k32.resize(n * D);
-    v32.resize(n * D);
-    for (int64_t i = 0; i < n; ++i) {
-      if (!seen[i]) continue;
-      int64_t d = 0;
-      for (; d + L::W <= D; d += L::W) {
-        L::store(&k32[i * D + d], L::load_kv(kb + i * k_row, d, true));
-        L::store(&v32[i * D + d], L::load_kv(vb + i * v_row, d, true));
-      }
-      for (; d < D; ++d) {
-        k32[i * D + d] = value_at(kb + i * k_row, d, true);
-        v32[i * D + d] = value_at(vb + i * v_row, d, true);
-      }
-    }
+    widen_rows<L>(kb, k_row, seen, n, D, k32);
+    widen_rows<L>(vb, v_row, seen, n, D, v32);
     kb = reinterpret_cast<const char*>(k32.data());
     vb = reinterpret_cast<const char*>(v32.data());
     k_row = v_row = D * 4;

@@ -49,13 +49,7 @@ Entry find_first_entry(std::initializer_list<const char*> names) {
   TORCH_CHECK(false, "zen: the native entry '", *(names.end() - 1), "' is not loaded in this process (zen_inductor.native.load binds it)");
 }
 
-Entry find_entry(const std::string& name) {
-  std::lock_guard<std::mutex> lock(entries_mutex);
-  auto it = entries().find(name);
-  TORCH_CHECK(it != entries().end(), "zen: the native entry '", name,
-              "' is not loaded in this process (zen_inductor.native.load binds it)");
-  return it->second;
-}
+Entry find_entry(const std::string& name) { return find_first_entry({name.c_str()}); }
 
 template <size_t>
 using Word = int64_t;
