@@ -122,6 +122,20 @@ def test_the_probe_is_updated_in_place_only_where_that_computes_the_same():
     assert _in_place(aten.mul.Tensor, w.bfloat16(), (w.bfloat16(), 2.0), {}) is None  # only fp32 probes
 
 
+def test_a_reading_holds_its_codes_and_one_scale_and_offset_a_group():
+    # a compile holds every reading until its weights are packed: scales kept as views of the
+    # probes' full-size fp32 tensors held 8 bytes a weight (1.1 GB for SmolLM2-135M)
+    from zen_inductor.weight_reading import describe_quantized
+
+    n, k, g = 16, 256, 32
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    scale = torch.rand(n, k // g).repeat_interleave(g, dim=1)
+    offset = torch.randn(n, k // g).repeat_interleave(g, dim=1)
+    w = describe_quantized(q, scale, offset, g)
+    assert w.group_size == g
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (w.codes, w.scale, w.offset)}
+    assert sum(held.values()) == n * k + 2 * n * (k // g) * 4
+    assert torch.equal(w.dequantize(), q.float() * scale + offset)
 
 
 @pytest.mark.parametrize("zero_point", [True, False])
