@@ -82,22 +82,31 @@ def torch_run(system: str, path: str, prompt: list, new: int, reps: int) -> dict
                 tpot_ms=statistics.median(statistics.median(r[2]) for r in runs) * 1e3)
 
 
-def llamacpp_run(path: str, prompt: list, new: int, reps: int, threads: int) -> dict:
-    import llama_cpp
+def llamacpp_extra_bufts() -> bool:
+    """Whether llama.cpp's extra buffer types stay on; ZEN_BENCH_LLAMACPP_EXTRA_BUFTS=0 turns them off.
+
+    On the AVX-512/AMX Xeon VM here llama.cpp's decode crashed (SIGSEGV in llama_decode) with
+    its extra buffer types (weights repacked for the CPU, AMX); llama-cpp-python does not expose
+    the switch, so it is set on the default parameters it starts from. Elsewhere they stay on."""
     import llama_cpp.llama
 
-    # On the AVX-512/AMX Xeon VM here llama.cpp's decode crashed (SIGSEGV in llama_decode) with
-    # its extra buffer types (weights repacked for the CPU, AMX); llama-cpp-python does not expose
-    # the switch, so it is set on the default parameters it starts from. Elsewhere they stay on.
-    if os.environ.get("ZEN_BENCH_LLAMACPP_EXTRA_BUFTS", "1") == "0":
-        defaults = llama_cpp.llama.llama_cpp.llama_model_default_params
+    if os.environ.get("ZEN_BENCH_LLAMACPP_EXTRA_BUFTS", "1") != "0":
+        return True
+    defaults = llama_cpp.llama.llama_cpp.llama_model_default_params
 
-        def without_extra_bufts():
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
+    def without_extra_bufts():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
 
-        llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_bufts
+    llama_cpp.llama.llama_cpp.llama_model_default_params = without_extra_bufts
+    return False
+
+
+def llamacpp_run(path: str, prompt: list, new: int, reps: int, threads: int) -> dict:
+    import llama_cpp
+
+    extra_bufts = llamacpp_extra_bufts()
     ids, length = prompt, len(prompt)
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, n_ctx=length + new + 8, n_threads=threads, n_threads_batch=threads, n_batch=512,
@@ -125,7 +134,7 @@ def llamacpp_run(path: str, prompt: list, new: int, reps: int, threads: int) -> 
     runs = [generate(new) for _ in range(reps)]
     return dict(load_s=load_s, first_s=first_s, tokens=runs[-1][0], ttft_ms=statistics.median(r[1] for r in runs) * 1e3,
                 tpot_ms=statistics.median(statistics.median(r[2]) for r in runs) * 1e3, version=llama_cpp.__version__,
-                extra_bufts=os.environ.get("ZEN_BENCH_LLAMACPP_EXTRA_BUFTS", "1") != "0")
+                extra_bufts=extra_bufts)
 
 
 def child(args) -> None:

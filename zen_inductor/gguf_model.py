@@ -13,10 +13,11 @@ of a linear in a supported block format becomes a ``GGUFLinear`` that keeps the 
 
 zen's ``dequant_matmul`` reads that chain at compile time and packs the same codes straight
 into its kernels: nothing is requantized. Eager and stock Inductor run the same chain, so every
-system computes with the same weights. Other tensors (norms, the embedding table) are
-dequantized to the model's dtype; a linear whose weight is in a block format we do not take is
-dequantized too, with a warning naming it. Llama's q and k rows are stored permuted for
-llama.cpp's rotary layout; the permutation moves whole rows, so it is undone on the blocks.
+system computes with the same weights. The token embedding table stays in its blocks too (a
+``GGUFEmbedding`` dequantizes the rows a lookup gathers); other tensors (norms) are dequantized
+to the model's dtype, and so is a linear or table in a block format we do not take, with a
+warning naming it. Llama's q and k rows are stored permuted for llama.cpp's rotary layout; the
+permutation moves whole rows, so it is undone on the blocks.
 """
 from __future__ import annotations
 
@@ -29,6 +30,21 @@ import torch.nn.functional as F
 log = logging.getLogger("zen_inductor")
 
 BLOCK = 32  # weights per block of Q4_0, Q4_1 and Q8_0
+
+
+def dequantize_blocks(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    """fp32 weights of blocks ``qs [..., B, 16 or 32]``, ``d`` and ``m`` ``[..., B]``: ``[..., B * 32]``."""
+    if kind == "Q8_0":
+        q = qs
+    else:
+        q = torch.cat([qs & 15, qs >> 4], dim=-1)  # [..., B, 32] in element order
+    w = q.to(torch.float32)
+    if kind == "Q4_0":
+        w = w - 8
+    w = w * d.to(torch.float32)[..., None]
+    if kind == "Q4_1":
+        w = w + m.to(torch.float32)[..., None]
+    return w.flatten(-2)
 
 
 class GGUFLinear(torch.nn.Module):
@@ -49,23 +65,37 @@ class GGUFLinear(torch.nn.Module):
         self.bias = bias
 
     def weight_fp32(self) -> torch.Tensor:
-        if self.kind == "Q8_0":
-            q = self.qs
-        else:
-            q = torch.cat([self.qs & 15, self.qs >> 4], dim=-1)  # [N, K/32, 32] in element order
-        w = q.to(torch.float32)
-        if self.kind == "Q4_0":
-            w = w - 8
-        w = w * self.d.to(torch.float32)[..., None]
-        if self.kind == "Q4_1":
-            w = w + self.m.to(torch.float32)[..., None]
-        return w.view(self.out_features, self.in_features)
+        return dequantize_blocks(self.kind, self.qs, self.d, self.m)
 
     def forward(self, x):
         return F.linear(x, self.weight_fp32().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class GGUFEmbedding(torch.nn.Module):
+    """A token embedding table kept in its GGUF blocks: a lookup dequantizes the rows it gathers.
+
+    The table is the largest tensor of a small model (SmolLM2-135M: 49152 x 576, 108 MB in fp32
+    against 29 MB of Q8_0 blocks), and a tied output layer computes from the same blocks, so
+    both share one copy. Buffers as ``GGUFLinear``'s, a row a token.
+    """
+
+    def __init__(self, kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.kind, self.dtype = kind, dtype
+        self.num_embeddings, self.embedding_dim = qs.shape[0], qs.shape[1] * BLOCK
+        self.register_buffer("qs", qs)
+        self.register_buffer("d", d)
+        self.register_buffer("m", m)
+
+    def forward(self, ids):
+        m = self.m[ids] if self.m is not None else None
+        return dequantize_blocks(self.kind, self.qs[ids], self.d[ids], m).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.num_embeddings}, {self.embedding_dim}"
 
 
 def _blocks(kind: str, raw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -95,9 +125,10 @@ SUPPORTED = ("Q4_0", "Q4_1", "Q8_0")
 
 def load_gguf(path: str, dtype: torch.dtype = torch.float32, quantized: bool = True):
     """``(model, tokenizer)`` of a GGUF file: a transformers causal LM whose linears in Q4_0, Q4_1
-    or Q8_0 are ``GGUFLinear``s on the file's blocks. Where the output layer is the embedding
-    table (tied), lm_head gets its own ``GGUFLinear`` on the table's blocks, so the largest linear
-    is quantized too (llama.cpp computes it from the same blocks). ``quantized=False``: every
+    or Q8_0 are ``GGUFLinear``s on the file's blocks, and whose token embedding table in one of
+    them is a ``GGUFEmbedding`` on its blocks. Where the output layer is that table (tied),
+    lm_head is a ``GGUFLinear`` on the same blocks, so the largest linear is quantized too and
+    no float copy of the table exists (llama.cpp computes both from them). ``quantized=False``: every
     tensor dequantized to ``dtype``, plain ``nn.Linear``s (for torchao's formats, or a float twin).
 
     ``dtype`` is that of the activations and the unquantized tensors: fp32 by default, as llama.cpp
@@ -125,41 +156,49 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, quantized: bool = T
             to_hf[f"{gguf_name}.{suffix}"] = hf_name
     tied = getattr(config, "tie_word_embeddings", False)
     modules = dict(model.named_modules())
-    state = {}
+    state, untied = {}, False
     for tensor in reader.tensors:
         hf_name = to_hf.get(tensor.name)
         if hf_name is None:
             continue
         kind = tensor.tensor_type.name
-        targets = [hf_name]
-        if tied and hf_name == "model.embed_tokens.weight" and quantized:
-            targets.append("lm_head.weight")
-        for target in targets:
-            module_name, _, param = target.rpartition(".")
-            module = modules[module_name]
+        module_name, _, param = hf_name.rpartition(".")
+        module = modules[module_name]
+        is_table = isinstance(module, torch.nn.Embedding)
+        if quantized and param == "weight" and kind in SUPPORTED and (is_table or isinstance(module, torch.nn.Linear)):
+            qs, d, m = _blocks(kind, tensor.data)
             heads = _rotary_heads(config, module_name)
-            if quantized and isinstance(module, torch.nn.Linear) and param == "weight" and kind in SUPPORTED:
-                qs, d, m = _blocks(kind, tensor.data)
-                if heads:
-                    qs, d = _unpermute_rows(qs, heads), _unpermute_rows(d, heads)
-                    m = _unpermute_rows(m, heads) if m is not None else None
-                parent, _, child = module_name.rpartition(".")
-                setattr(modules[parent] if parent else model, child, GGUFLinear(kind, qs, d, m, module.bias))
-                continue
-            if quantized and isinstance(module, torch.nn.Linear) and param == "weight":
-                log.warning("zen_inductor: %s (%s) is in %s, which load_gguf does not keep quantized: "
-                            "dequantized to %s", tensor.name, module_name, kind, dtype)
-            values = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy())
             if heads:
-                values = _unpermute_rows(values, heads)
-            state[target] = values.to(dtype)
-    if quantized and tied:
+                qs, d = _unpermute_rows(qs, heads), _unpermute_rows(d, heads)
+                m = _unpermute_rows(m, heads) if m is not None else None
+            if is_table:
+                _replace(model, module_name, GGUFEmbedding(kind, qs, d, m, dtype))
+                if tied:  # llama.cpp computes the output layer from the table's blocks too
+                    _replace(model, "lm_head", GGUFLinear(kind, qs, d, m))
+                    untied = True
+            else:
+                _replace(model, module_name, GGUFLinear(kind, qs, d, m, module.bias))
+            continue
+        if quantized and param == "weight" and (is_table or isinstance(module, torch.nn.Linear)):
+            log.warning("zen_inductor: %s (%s) is in %s, which load_gguf does not keep quantized: "
+                        "dequantized to %s", tensor.name, module_name, kind, dtype)
+        values = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy())
+        heads = _rotary_heads(config, module_name)
+        if heads:
+            values = _unpermute_rows(values, heads)
+        state[hf_name] = values.to(dtype)
+    if untied:
         model.config.tie_word_embeddings = False
     model.load_state_dict(state, strict=False, assign=True)
-    if tied and not quantized:
+    if tied and not untied:
         model.tie_weights()
     _materialize_rest(model)
     return model.eval(), tokenizer
+
+
+def _replace(model, name: str, module: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _rotary_heads(config, module_name: str) -> int:
