@@ -169,3 +169,28 @@ def test_no_cpp_compiler_is_a_logged_fallback(tmp_path):
     warnings = [line for line in out.stderr.splitlines() if "could not build" in line]
     assert warnings and all("its kernels are skipped" in w for w in warnings), out.stderr[-3000:]
     assert len(warnings) == len(set(warnings)), warnings  # once a library
+
+
+def test_no_bf16_copy_where_it_would_leave_too_little_memory(monkeypatch):
+    """A bf16 copy of a weight (for a prefill GEMM) is made only while the machine keeps
+    config.memory_reserve of its memory available; past that the linear keeps its int4 kernels."""
+    from zen_inductor import allocator, config
+    from zen_inductor.cpu import native_bf16_gemm, zentorch_unavailable
+
+    total_kb = 24 << 20
+    monkeypatch.setattr(allocator, "_meminfo_kb", lambda: {"MemTotal": total_kb, "MemAvailable": total_kb // 4 + 1024})
+    assert allocator.memory_short_of(512 << 10) is None  # 0.5 MB: still above a quarter
+    assert "config.memory_reserve (25%)" in allocator.memory_short_of(2 << 20)
+    with config.patch(memory_reserve=0.0):
+        assert allocator.memory_short_of(2 << 20) is None
+    model = _int4_model()
+    x = torch.randn(300, K).to(torch.bfloat16)  # a prefill bin, where a copy's GEMM would compete
+    monkeypatch.setattr(allocator, "_meminfo_kb", lambda: {"MemTotal": total_kb, "MemAvailable": total_kb // 4})
+    with torch.no_grad():
+        y = compile_zen(model)(x)
+    report = zen_inductor.last_report()
+    reason = report["autotune"][0]["excluded"]["zentorch_linear_dequantized"]
+    if native_bf16_gemm() and not zentorch_unavailable():  # else zentorch's own reason comes first
+        assert "config.memory_reserve" in reason, reason
+    assert "zentorch_linear_dequantized" not in report["matches"][0]["kernels"].values()
+    assert sqnr(y, _reference(model, x)) >= 40

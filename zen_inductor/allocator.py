@@ -58,6 +58,28 @@ def reuse_freed_memory():
         libc.malloc_trim(0)
 
 
+def _meminfo_kb() -> dict:
+    try:
+        with open("/proc/meminfo") as f:
+            return {line.split(":")[0]: int(line.split()[1]) for line in f if line.split()[-1] == "kB"}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+def memory_short_of(nbytes: int) -> Optional[str]:
+    """Why ``nbytes`` more resident memory would leave less available than ``config.memory_reserve``
+    of the machine's, or None (also where /proc/meminfo cannot tell)."""
+    info = _meminfo_kb()
+    if "MemAvailable" not in info or "MemTotal" not in info:
+        return None
+    available, total = info["MemAvailable"] << 10, info["MemTotal"] << 10
+    left = available - nbytes
+    if left >= config.memory_reserve * total:
+        return None
+    return (f"{nbytes / 2**20:.0f} MB more would leave {max(left, 0) / 2**30:.1f} of {total / 2**30:.1f} GB available, "
+            f"under config.memory_reserve ({config.memory_reserve:.0%})")
+
+
 # Packed weights are read once per token; with 4 KB pages a 1B model's decode walks ~150k page
 # translations (nested, under a VM) per token. On 2 MB pages the same GEMVs ran 7% faster here
 # (17 llama1b decode linears, zentorch's bf16 GEMM: 22.3 against 20.6 ms, 10 alternating rounds),

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from .. import config
+from ..allocator import memory_short_of
 from ..cpu import zentorch_unavailable
 from .contract import Kernel, Unsuited
 from .weights import LinearSpec, QuantWeight
@@ -63,7 +64,7 @@ def _zentorch_dequantized_supports(spec: LinearSpec) -> Optional[str]:
         return Unsuited("not for dense weights: see zentorch_linear")
     if not config.dequantized_copies:
         return "config.dequantized_copies is off"
-    return _zentorch_gemm_reason(spec)
+    return _zentorch_gemm_reason(spec) or memory_short_of(2 * spec.n * spec.k)
 
 
 def _zentorch_linear_prepack(w, act_dtype):
