@@ -9,6 +9,8 @@ Constraints that fail raise ``PatternMiss`` with the reason.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 
@@ -186,25 +188,28 @@ def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight
     q = q.t().contiguous()
     if shift:
         offset.add_(scale, alpha=shift)
+    # read off a scale and offset a group before the proof's full-size fp32 chain exists: three
+    # full-size fp32 tensors at once were 12 bytes a weight (3 GB for a 1B model's lm_head)
+    weight = describe_quantized(q, scale, offset, group_hint(codes, q.shape[1]))
+    del q, scale, offset
     # the chain on the real codes, in fp32 as the probes: in the model's bf16 it took 1.7 s of a
     # 327 M-parameter read here (bf16 elementwise ops and three fresh full-size results)
-    _prove(q, scale, offset, _along_path(ctx, codes, path, raw.to(torch.float32), affine=True).t())
-    if post_scale is not None:  # Int8WeightOnly: y = mm(x, convert(codes^T)) * scale[N], exact in fp32 here
-        column = ctx.evaluate(post_scale).to(torch.float32).reshape(-1, 1)
-        scale *= column
-        offset *= column
-    return describe_quantized(q, scale, offset, group_hint(codes, q.shape[1]))
+    _prove(weight, _along_path(ctx, codes, path, raw.to(torch.float32), affine=True).t())
+    if post_scale is None:
+        return weight
+    # Int8WeightOnly: y = mm(x, convert(codes^T)) * scale[N], exact in fp32 here
+    column = ctx.evaluate(post_scale).to(torch.float32).reshape(-1, 1)
+    return dataclasses.replace(weight, scale=weight.scale * column, offset=weight.offset * column)
 
 
-def _prove(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, real: torch.Tensor) -> None:
-    """The chain itself, evaluated in fp32 on the real codes, gives ``q * scale + offset`` (to
-    45 dB, the weight read as signal): a chain that is not affine in the codes (a code as a
-    divisor, a clamp, a cast to integers) fails. ``q * scale + offset`` is made a block of rows at
-    a time in one small buffer: one more full-size fp32 tensor cost ~0.5 s a GB of page faults
-    here, and int8 times fp32 takes a slow mixed-dtype path."""
+def _prove(weight: QuantWeight, real: torch.Tensor) -> None:
+    """The chain itself, evaluated in fp32 on the real codes, gives the weight as read (to 45 dB,
+    the weight read as signal): a chain that is not affine in the codes (a code as a divisor, a
+    clamp, a cast to integers) fails. The reading is dequantized a block of rows at a time in one
+    small buffer: one more full-size fp32 tensor cost ~0.5 s a GB of page faults here."""
     signal = noise = 0.0
-    for w, start, end in fp32_row_blocks(*q.shape):
-        w.copy_(q[start:end]).mul_(scale[start:end]).add_(offset[start:end])
+    for w, start, end in fp32_row_blocks(weight.n, weight.k):
+        weight.dequantize_rows(w, start, end)
         signal += float(torch.linalg.vector_norm(w)) ** 2
         noise += float(torch.linalg.vector_norm(w.sub_(real[start:end]))) ** 2
     if not noise <= signal * 10 ** (-45 / 10):  # NaN or inf fail too
@@ -253,6 +258,8 @@ def describe_quantized(q, scale, offset, hint: int) -> QuantWeight:
         if k % g == 0 and _constant_in_groups(scale, g) and _constant_in_groups(offset, g):
             group = g
             break
+    if group is None:  # not even single elements compare equal: NaN, as a code for a divisor makes
+        raise PatternMiss("the dequant chain is not affine in the integer codes (its probes gave NaN)")
     if group < _MIN_GROUP:
         raise PatternMiss(f"scales change every {group} elements along K; no kernel takes groups that small")
     s = scale.view(n, k // group, group)[..., 0]
