@@ -56,6 +56,11 @@ def native_bf16_gemm() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags())
 
 
+def amx_bf16() -> bool:
+    """Whether the CPU has AMX tiles for bf16, which ATen's oneDNN GEMM uses and zentorch's does not."""
+    return "amx_bf16" in flags()
+
+
 @functools.lru_cache(None)
 def _zentorch_import_error() -> Optional[str]:
     """zen's one import of zentorch. Its import writes into Inductor's config

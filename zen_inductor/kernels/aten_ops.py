@@ -1,11 +1,14 @@
 """ATen's quantized GEMMs: int4 packed weights, int8 per-channel weights, int8 x int8 with
-dynamic activations."""
+dynamic activations; and ATen's bf16 GEMM (oneDNN's) on a bf16 copy of a quantized weight."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
+from .. import config
+from ..allocator import memory_short_of
+from ..cpu import amx_bf16, native_bf16_gemm
 from .contract import Kernel, Unsuited
 from .weights import LinearSpec, QuantWeight
 
@@ -87,6 +90,26 @@ def _int_mm_da8_run(x, packed, bias, spec):
 
 
 
+def _bf16_copy_supports(spec: LinearSpec) -> Optional[str]:
+    if spec.bits > 8:
+        return Unsuited("not for dense weights: see dense_mm")
+    if spec.act_dtype != torch.bfloat16:
+        return f"{spec.act_dtype} activations: the copy is for a bf16 GEMM"
+    if not config.dequantized_copies:
+        return "config.dequantized_copies is off"
+    if not native_bf16_gemm():
+        return "no native bf16 GEMM on this CPU (AVX512-BF16 or AMX)"
+    return memory_short_of(2 * spec.n * spec.k)
+
+
+def _bf16_copy_prepack(w: QuantWeight, act_dtype):
+    return [w.dequantize(torch.bfloat16)]
+
+
+def _bf16_copy_run(x, packed, bias, spec):
+    return torch.nn.functional.linear(x, packed[0], bias)
+
+
 KERNELS = (
     # behind zen_w4_avx2 wherever both serve (benchmarks/results/families-kernels-flags.md); its
     # packing and verification cost ~1.7 s of a cold int4 compile
@@ -98,4 +121,8 @@ KERNELS = (
            dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),), rank=(6, 26)),
     Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run, rank=(2, 22),
            fast_with="int8_gemm", activations="int8 per row"),
+    # on a Xeon with AMX, oneDNN's bf16 GEMM ran 2.2-2.4x zentorch's at M=16 and 5-10x from M=64
+    # (llama1b and SmolLM2 shapes; zentorch 1.1-1.8x ahead at M <= 4, where our GEMVs serve)
+    Kernel("aten_linear_dequantized", "torch", _bf16_copy_supports, _bf16_copy_prepack, _bf16_copy_run,
+           layout="bf16_rows", rank=(21, -1) if amx_bf16() else (21, 1), fast_with="bf16_gemm"),
 )

@@ -62,7 +62,7 @@ KERNELS = (
     # measured on Zen 4, 1.7-2x behind the bf16 copy's GEMM in every bin of the llama1b shapes, and
     # verifying it cost ~3 s of a cold compile
     Kernel("dequant_gemm", "torch", _dequant_bf16_supports, _dequant_prepack, _dequant_gemm_run,
-           dominated_by=("zentorch_linear_dequantized",), rank=(21, 1), fast_with="bf16_gemm"),
+           dominated_by=("zentorch_linear_dequantized", "aten_linear_dequantized"), rank=(21, 1), fast_with="bf16_gemm"),
     # int4/int8_tiles_sgemm: the same fp32 GEMM, the weight dequantized by C++ ~10x faster
     Kernel("dequant_sgemm", "torch", _dequant_supports, _dequant_prepack, _dequant_sgemm_run,
            dominated_by=("int4_tiles_sgemm", "int8_tiles_sgemm") + BF16_GEMM_COPY, rank=(23, 3)),
