@@ -194,3 +194,26 @@ def test_no_bf16_copy_where_it_would_leave_too_little_memory(monkeypatch):
         assert "config.memory_reserve" in reason, reason
     assert "zentorch_linear_dequantized" not in report["matches"][0]["kernels"].values()
     assert sqnr(y, _reference(model, x)) >= 40
+
+
+@pytest.mark.parametrize("available_fraction,reads", [(0.9, 1), (1 / 3, 2)])
+def test_readings_are_kept_for_packing_only_while_memory_is_plentiful(monkeypatch, available_fraction, reads):
+    """A weight's reading is kept from the pattern to its packing while half the machine's memory
+    is available; below that it is read again for packing and the freed heap handed back."""
+    import importlib
+
+    from zen_inductor import allocator, graph_pass
+
+    dequant_matmul = importlib.import_module("zen_inductor.patterns.dequant_matmul")
+    total_kb = 24 << 20
+    monkeypatch.setattr(allocator, "_meminfo_kb", lambda: {"MemTotal": total_kb, "MemAvailable": int(total_kb * available_fraction)})
+    calls, trims = [], []
+    read = dequant_matmul.read_weight
+    monkeypatch.setattr(dequant_matmul, "read_weight", lambda *a: calls.append(1) or read(*a))
+    monkeypatch.setattr(graph_pass, "release_freed_memory", lambda: trims.append(1))
+    model = _int4_model()
+    x = torch.randn(5, K).to(torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(model)(x)
+    assert len(calls) == reads and bool(trims) == (reads == 2)
+    assert sqnr(y, _reference(model, x)) >= 40

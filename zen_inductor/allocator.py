@@ -58,6 +58,13 @@ def reuse_freed_memory():
         libc.malloc_trim(0)
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS now (during a compile they are kept for reuse)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _meminfo_kb() -> dict:
     try:
         with open("/proc/meminfo") as f:
@@ -66,18 +73,19 @@ def _meminfo_kb() -> dict:
         return {}
 
 
-def memory_short_of(nbytes: int) -> Optional[str]:
-    """Why ``nbytes`` more resident memory would leave less available than ``config.memory_reserve``
-    of the machine's, or None (also where /proc/meminfo cannot tell)."""
+def memory_short_of(nbytes: int, reserve: Optional[float] = None) -> Optional[str]:
+    """Why ``nbytes`` more resident memory would leave less available than ``reserve`` (by default
+    ``config.memory_reserve``) of the machine's, or None (also where /proc/meminfo cannot tell)."""
+    reserve = config.memory_reserve if reserve is None else reserve
     info = _meminfo_kb()
     if "MemAvailable" not in info or "MemTotal" not in info:
         return None
     available, total = info["MemAvailable"] << 10, info["MemTotal"] << 10
     left = available - nbytes
-    if left >= config.memory_reserve * total:
+    if left >= reserve * total:
         return None
     return (f"{nbytes / 2**20:.0f} MB more would leave {max(left, 0) / 2**30:.1f} of {total / 2**30:.1f} GB available, "
-            f"under config.memory_reserve ({config.memory_reserve:.0%})")
+            f"under config.memory_reserve ({reserve:.0%})")
 
 
 # Packed weights are read once per token; with 4 KB pages a 1B model's decode walks ~150k page

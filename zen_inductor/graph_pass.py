@@ -19,6 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.freezing_utils import record_has_frozen_params
 
 from . import config, native
+from .allocator import memory_short_of, release_freed_memory
 from .autotune import Tuner
 from .const_eval import ConstEvaluator, constant_nodes, param_values
 from .kernels import KERNELS, LAZY, NativeLinear, Plan, candidates, native_linear, quant_linear, swiglu_row_order
@@ -99,17 +100,26 @@ class PatternContext:
     def weight(self, nodes: list, key: tuple, read) -> "LazyWeight":
         """The weight behind ``nodes``: described now, its values read only if a kernel is packed.
 
-        ``read()`` (a QuantWeight or DenseWeight) runs at most once per compile. Only its
-        description is memoized on the model, so later graphs of the model, whose tunings are
-        memoized too, never read or hold the codes again.
+        ``read()`` (a QuantWeight or DenseWeight) runs once per compile while the machine has
+        memory to spare: the reading is kept for packing. Past ``KEEP_READINGS_RESERVE`` it is
+        not kept (packing reads it again, one weight at a time) and the heap the reading freed
+        goes back to the OS: a 3B model's readings, one byte a weight and the heap their fp32
+        temporaries left, were 9.5 GB before its first weight was packed. Only the description is
+        memoized on the model, so later graphs of the model, whose tunings are memoized too,
+        never read or hold the codes again.
         """
         read_key = (key, tuple(id(n) for n in nodes))
         self.keep.update(n for n in nodes if isinstance(n, fx.Node))  # readable until materialize
 
         def value():
-            if read_key not in self._reads:
-                self._reads[read_key] = read()
-            return self._reads[read_key]
+            if read_key in self._reads:
+                return self._reads[read_key]
+            weight = read()
+            if memory_short_of(0, KEEP_READINGS_RESERVE) is None:
+                self._reads[read_key] = weight
+            else:
+                release_freed_memory()
+            return weight
 
         shape = self.memo(nodes, ("describe",) + key, lambda: _describe(value()))
         return LazyWeight(*shape, read=value)
@@ -152,6 +162,9 @@ class PatternContext:
                 continue
             if not self._call_native_directly(node, tuning, bias_value):
                 self._call_plan(node, tuning)
+            if memory_short_of(0, KEEP_READINGS_RESERVE) is not None:  # what is packed no longer needs its reading
+                self._reads.clear()
+                release_freed_memory()
             pending.match.kernels.update({r.bin: r.winner for r in tuning.bins})  # a dict matches may share
             self.record.autotune.append({
                 "source": pending.match.source, "kind": spec.kind, "n": spec.n, "k": spec.k,
@@ -256,6 +269,10 @@ def _swiglu_ops(graph: fx.Graph, y: fx.Node, width: int) -> fx.Node:
     silu = call(aten.div.Tensor, gate, call(aten.add.Tensor, call(aten.exp.default, call(aten.neg.default, gate)), 1))
     return call(convert, call(aten.mul.Tensor, silu, up), y.meta["val"].dtype)
 
+
+# kept readings only save reading a weight twice: past half the machine's memory they are not kept,
+# which leaves room for the fp32 temporaries of the largest weight's reading and for the packings
+KEEP_READINGS_RESERVE = 0.5
 
 PENDING = "pending"  # the plan of a zen.quant_linear whose kernels are not chosen yet
 

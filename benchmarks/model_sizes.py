@@ -1,0 +1,203 @@
+"""How compile time and memory grow with the model: Llama-shaped models of 1B, 3B and 8B.
+
+    python benchmarks/model_sizes.py [--sizes 1b,3b,8b] [--formats int4wo,int8dq] [--systems recipe,inductor,zen]
+                                     [--prompt 128] [--new 8] [--cold] [--out benchmarks/results]
+
+Random weights in Llama 3.2 1B / 3B and Llama 3.1 8B shapes (vocab 128256; tied embeddings for 1B
+and 3B). The whole bf16 model is never held: it is built on the meta device, then each part is
+materialized, filled and quantized with torchao before the next (as a user with a big model
+can do with ``quantize_`` per module). Every (size, format, system) runs in its own process;
+each reports the RSS of the quantized model before compiling, the first generate() call (prefill
+and decode graphs compiled: the compile time), the peak RSS of the whole process (``ru_maxrss``),
+the RSS after compiling (``malloc_trim`` first), and TTFT and TPOT over ``--new`` tokens.
+Systems as in e2e.py: stock Inductor and PyTorch's CPU recipe (both with the global freezing flag),
+zen. ``--cold`` gives every process empty Inductor and zen caches.
+Writes ``model-sizes.md`` and ``.json`` (rows of earlier runs that were not re-run are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from e2e import _cpu, _versions, cold_caches, compiled_forward, quant_config  # noqa: E402
+
+SIZES = {
+    "1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, tied=True),
+    "3b": dict(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, head_dim=128, tied=True),
+    "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, tied=False),
+}
+VOCAB = 128256
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def build_quantized(size: str, fmt: str):
+    """The model, quantized, one part at a time from the meta device."""
+    import torch
+    import transformers
+    from torchao.quantization import quantize_
+
+    spec = SIZES[size]
+    cfg = transformers.LlamaConfig(
+        hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+        num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"], head_dim=spec["head_dim"],
+        vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=spec["tied"])
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    quant = quant_config(fmt)
+    generator = torch.Generator().manual_seed(0)
+
+    def materialize(module, quantized: bool):
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if p.dim() == 1:  # RMSNorm weights
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=generator)
+        if quantized and quant is not None:
+            quantize_(module, quant)
+
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # its buffers are computed, not weights
+    materialize(model.model.embed_tokens, quantized=False)
+    for layer in model.model.layers:
+        materialize(layer, quantized=True)
+    materialize(model.model.norm, quantized=False)
+    if spec["tied"]:  # quantize_ unties it, as on a whole model: the table stays bf16
+        model.lm_head.weight = model.model.embed_tokens.weight
+        if quant is not None:
+            quantize_(model.lm_head, quant)
+    else:
+        materialize(model.lm_head, quantized=True)
+    return model.eval()
+
+
+def one_run(args) -> dict:
+    import torch
+
+    sys.path.insert(0, os.path.dirname(HERE))
+    from zen_inductor.demo import generate
+
+    t0 = time.perf_counter()
+    model = build_quantized(args.size, args.format)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    out = {"size": args.size, "format": args.format, "system": args.system, "build_s": time.perf_counter() - t0,
+           "model_rss_mb": rss_mb(), "build_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    torch.manual_seed(1)
+    prompt = torch.randint(0, VOCAB, (1, args.prompt))
+    with torch.no_grad():
+        forward = compiled_forward(model, args.system)
+        t0 = time.perf_counter()
+        generate(forward, prompt, 3)
+        out["compile_s"] = time.perf_counter() - t0
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        out["compiled_rss_mb"] = rss_mb()
+        tokens, ttft, steps = generate(forward, prompt, args.new)
+    out.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, ttft_ms=ttft * 1e3,
+               tpot_ms=statistics.median(steps) * 1e3, tokens=tokens.tolist()[0])
+    return out
+
+
+def run_child(args, size: str, fmt: str, system: str, env) -> dict:
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--prompt", str(args.prompt), "--new", str(args.new),
+           "--child", size, fmt, system]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1][:300]
+        return {"size": size, "format": fmt, "system": system, "error": f"exit {done.returncode}: {tail}"}
+    return json.loads(line[len("RESULT "):])
+
+
+def write(rows: list, args) -> None:
+    path = os.path.join(args.out, "model-sizes.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)["rows"]
+        fresh = {(r["size"], r["format"], r["system"]) for r in rows}
+        rows = [r for r in old if (r["size"], r["format"], r["system"]) not in fresh] + rows
+    order = {s: i for i, s in enumerate(SIZES)}
+    rows.sort(key=lambda r: (order[r["size"]], r["format"], r["system"]))
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "threads": os.cpu_count(), "versions": _versions(),
+            "prompt": args.prompt, "new": args.new, "cold": args.cold}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"# Model sizes: compile time and memory against the model ({meta['date']})", "",
+             f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}. Prompt {args.prompt}, "
+             f"{args.new} new tokens, batch 1. {'Empty caches for every process.' if args.cold else 'Caches as found.'}", "",
+             "MB of RSS; model: the quantized model before compiling; compiled: after the first generate() (prefill and "
+             "decode compiled) and `malloc_trim`; peak: the process's. In brackets: zen against the best peer of the row's "
+             "size and format.", "",
+             "| size | format | system | compile s | model MB | compiled MB | peak MB | TTFT ms | TPOT ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | | | | | |")
+            continue
+        peers = [p for p in rows if p["size"] == r["size"] and p["format"] == r["format"] and p["system"] != "zen"
+                 and "error" not in p]
+
+        def cell(key, fmt="{:.0f}"):
+            text = fmt.format(r[key])
+            if r["system"] == "zen" and peers:
+                text += f" ({r[key] / min(p[key] for p in peers):.2f}x)"
+            return text
+
+        lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {cell('compile_s', '{:.1f}')} | {r['model_rss_mb']:.0f} | "
+                     f"{cell('compiled_rss_mb')} | {cell('peak_rss_mb')} | {cell('ttft_ms', '{:.0f}')} | {cell('tpot_ms', '{:.1f}')} |")
+    with open(os.path.join(args.out, "model-sizes.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines[-len(rows) - 2:]), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sizes", default=",".join(SIZES))
+    p.add_argument("--formats", default="int4wo,int8dq")
+    p.add_argument("--systems", default="recipe,inductor,zen")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=8)
+    p.add_argument("--cold", action="store_true")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--child", nargs=3, metavar=("SIZE", "FORMAT", "SYSTEM"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        args.size, args.format, args.system = args.child
+        print("RESULT " + json.dumps(one_run(args)), flush=True)
+        return
+    rows = []
+    for size in args.sizes.split(","):
+        for fmt in args.formats.split(","):
+            for system in args.systems.split(","):
+                print(f"[{size} / {fmt} / {system}] running...", flush=True)
+                if args.cold:
+                    with tempfile.TemporaryDirectory(prefix="zen-sizes-") as root:
+                        row = run_child(args, size, fmt, system, cold_caches(root))
+                else:
+                    row = run_child(args, size, fmt, system, None)
+                rows.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
+                write(rows, args)
+
+
+if __name__ == "__main__":
+    main()
