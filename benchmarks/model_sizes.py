@@ -123,8 +123,11 @@ def run_child(args, size: str, fmt: str, system: str, env) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
-        tail = (done.stderr.strip().splitlines() or ["?"])[-1][:300]
-        return {"size": size, "format": fmt, "system": system, "error": f"exit {done.returncode}: {tail}"}
+        if done.returncode == -9:  # SIGKILL: the kernel's OOM killer on these machines
+            error = "killed (out of memory)"
+        else:
+            error = f"exit {done.returncode}: " + (done.stderr.strip().splitlines() or ["?"])[-1][:300]
+        return {"size": size, "format": fmt, "system": system, "error": error}
     return json.loads(line[len("RESULT "):])
 
 
@@ -151,7 +154,7 @@ def write(rows: list, args) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | {r.get('model_rss_mb', '')} | | | | |")
             continue
         peers = [p for p in rows if p["size"] == r["size"] and p["format"] == r["format"] and p["system"] != "zen"
                  and "error" not in p]

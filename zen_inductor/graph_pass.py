@@ -147,11 +147,20 @@ class PatternContext:
         return fused
 
     def materialize(self) -> None:
-        """Tune and pack every pending ``zen.quant_linear``; the graph then holds only packed weights."""
-        for node in list(self.graph.find_nodes(op="call_function", target=quant_linear)):
-            pending = node.meta.get("zen_quant")
-            if not isinstance(pending, PendingLinear) or node.args[1]:
-                continue
+        """Tune and pack every pending ``zen.quant_linear``; the graph then holds only packed weights.
+
+        The largest weights first: reading, verifying and packing one makes full-size fp32
+        temporaries (4.2 GB each for an 8B model's output layer), best met while the packings and
+        copies of the others do not exist yet; the bf16 copies, bounded by memory_reserve, come
+        after them."""
+        nodes = [node for node in self.graph.find_nodes(op="call_function", target=quant_linear)
+                 if isinstance(node.meta.get("zen_quant"), PendingLinear) and not node.args[1]]
+        nodes.sort(key=lambda node: -node.meta["zen_quant"].spec.n * node.meta["zen_quant"].spec.k)
+        if memory_short_of(0, KEEP_READINGS_RESERVE) is not None:
+            self._reads.clear()
+            release_freed_memory()
+        for node in nodes:
+            pending = node.meta["zen_quant"]
             spec, bias = pending.spec, pending.bias
             bias_value = self.evaluate(bias) if bias is not None and bias in self.constants else None
             try:
