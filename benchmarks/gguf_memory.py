@@ -53,6 +53,7 @@ def torch_child(system: str, path: str, prompt: list, new: int) -> dict:
     import torch
 
     out = {"bare_mb": rss_mb()}
+    from smollm2 import compiled_forward
     from transformers import AutoModelForCausalLM, StaticCache
 
     import zen_inductor
@@ -65,12 +66,7 @@ def torch_child(system: str, path: str, prompt: list, new: int) -> dict:
         model, _ = zen_inductor.load_gguf(path)
     gc.collect()
     out.update(load_s=time.perf_counter() - t0, loaded_mb=rss_mb(), load_peak_mb=peak_mb())
-    forward = model.forward
-    if system == "inductor":
-        torch._inductor.config.freezing = True
-        forward = torch.compile(model.forward, backend="inductor")
-    elif system == "zen":
-        forward = torch.compile(model.forward, backend="zen")
+    forward = compiled_forward(model, system if system != "transformers" else "eager")
     ids, length = torch.tensor([prompt]), len(prompt)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -40,6 +40,19 @@ def prose_ids(path: str) -> list:
         return tokenizer(f.read()).input_ids
 
 
+def compiled_forward(model, system: str):
+    """``model.forward`` as ``system`` runs it: eager, stock Inductor with its global freezing flag
+    on (PyTorch's CPU recipe for inference), or zen as a user calls it."""
+    import torch
+
+    if system == "inductor":
+        torch._inductor.config.freezing = True
+        return torch.compile(model.forward, backend="inductor")
+    if system == "zen":
+        return torch.compile(model.forward, backend="zen")
+    return model.forward
+
+
 def torch_run(system: str, path: str, prompt: list, new: int, reps: int) -> dict:
     import torch
     from transformers import StaticCache
@@ -50,12 +63,7 @@ def torch_run(system: str, path: str, prompt: list, new: int, reps: int) -> dict
     model, _ = zen_inductor.load_gguf(path)
     load_s = time.perf_counter() - t0
     ids, length = torch.tensor([prompt]), len(prompt)
-    forward = model.forward
-    if system == "inductor":
-        torch._inductor.config.freezing = True
-        forward = torch.compile(model.forward, backend="inductor")
-    elif system == "zen":
-        forward = torch.compile(model.forward, backend="zen")
+    forward = compiled_forward(model, system)
 
     @torch.no_grad()
     def generate(steps: int):
