@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 import zen_inductor
 from zen_inductor import config
-from zen_inductor.cpu import zentorch_unavailable
+from zen_inductor.cpu import amx_bf16, zentorch_unavailable
+from zen_inductor.patterns.prefill_attention import AMX_REASON
 
 from conftest import compile_zen, sqnr
 
@@ -30,14 +31,18 @@ def _qkv(length, heads=8, kv_heads=2, dtype=torch.bfloat16):
     return q, k, v
 
 
-def test_prefill_attention_runs_zentorch_sdpa(dumped):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_attention_runs_zentorch_sdpa(dumped, dtype):
+    """zentorch_sdpa where it is ahead; ATen's flash attention, with the reason, where zentorch
+    cannot run or the CPU runs bf16 attention on AMX."""
     fast = compile_zen(CausalAttend())
     with torch.no_grad():
         for length in (5, 37, 128):  # one graph: the prompt length is dynamic
-            q, k, v = _qkv(length)
+            q, k, v = _qkv(length, dtype=dtype)
             ref = _fp32(q, k, v)
-            assert sqnr(fast(q, k, v), ref) >= sqnr(CausalAttend()(q, k, v), ref) - 0.5, length
-    unavailable = zentorch_unavailable()
+            # fp32 eager is the reference itself (inf dB): 100 dB is as close as a kernel must be
+            assert sqnr(fast(q, k, v), ref) >= min(sqnr(CausalAttend()(q, k, v), ref), 100) - 0.5, length
+    unavailable = zentorch_unavailable() or (AMX_REASON if dtype == torch.bfloat16 and amx_bf16() else None)
     if unavailable:  # the flash attention stays, and the dump says why
         (miss,) = zen_inductor.last_report()["near_misses"]
         assert unavailable in miss["reason"] and "flash_attention" in dumped("after.py")
