@@ -165,9 +165,9 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, quantized: bool = T
         module_name, _, param = hf_name.rpartition(".")
         module = modules[module_name]
         is_table = isinstance(module, torch.nn.Embedding)
+        heads = _rotary_heads(config, module_name)
         if quantized and param == "weight" and kind in SUPPORTED and (is_table or isinstance(module, torch.nn.Linear)):
             qs, d, m = _blocks(kind, tensor.data)
-            heads = _rotary_heads(config, module_name)
             if heads:
                 qs, d = _unpermute_rows(qs, heads), _unpermute_rows(d, heads)
                 m = _unpermute_rows(m, heads) if m is not None else None
@@ -183,7 +183,6 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, quantized: bool = T
             log.warning("zen_inductor: %s (%s) is in %s, which load_gguf does not keep quantized: "
                         "dequantized to %s", tensor.name, module_name, kind, dtype)
         values = torch.from_numpy(gguf.dequantize(tensor.data, tensor.tensor_type).copy())
-        heads = _rotary_heads(config, module_name)
         if heads:
             values = _unpermute_rows(values, heads)
         state[hf_name] = values.to(dtype)
@@ -218,8 +217,7 @@ def _materialize_rest(model) -> None:
     for name, module in list(model.named_modules()):
         on_meta = any(b.device.type == "meta" for b in module.buffers(recurse=False))
         if on_meta and not list(module.parameters(recurse=False)) and hasattr(module, "config"):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, type(module)(module.config))
+            _replace(model, name, type(module)(module.config))
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise ValueError(f"the GGUF file holds no values for {', '.join(left[:5])}{' ...' if len(left) > 5 else ''}")

@@ -156,9 +156,7 @@ class PatternContext:
         nodes = [node for node in self.graph.find_nodes(op="call_function", target=quant_linear)
                  if isinstance(node.meta.get("zen_quant"), PendingLinear) and not node.args[1]]
         nodes.sort(key=lambda node: -node.meta["zen_quant"].spec.n * node.meta["zen_quant"].spec.k)
-        if memory_short_of(0, KEEP_READINGS_RESERVE) is not None:
-            self._reads.clear()
-            release_freed_memory()
+        self._drop_readings_if_short()
         for node in nodes:
             pending = node.meta["zen_quant"]
             spec, bias = pending.spec, pending.bias
@@ -171,9 +169,7 @@ class PatternContext:
                 continue
             if not self._call_native_directly(node, tuning, bias_value):
                 self._call_plan(node, tuning)
-            if memory_short_of(0, KEEP_READINGS_RESERVE) is not None:  # what is packed no longer needs its reading
-                self._reads.clear()
-                release_freed_memory()
+            self._drop_readings_if_short()  # what is packed no longer needs its reading
             pending.match.kernels.update({r.bin: r.winner for r in tuning.bins})  # a dict matches may share
             self.record.autotune.append({
                 "source": pending.match.source, "kind": spec.kind, "n": spec.n, "k": spec.k,
@@ -182,6 +178,12 @@ class PatternContext:
                           "cached": r.from_cache, "note": r.note, "seconds": r.seconds,
                           "activations": _activations(r.winner, spec)} for r in tuning.bins],
             })
+
+    def _drop_readings_if_short(self) -> None:
+        """Below KEEP_READINGS_RESERVE, the readings kept for packing go, and the heap with them."""
+        if memory_short_of(0, KEEP_READINGS_RESERVE) is not None:
+            self._reads.clear()
+            release_freed_memory()
 
     def _call_plan(self, node: fx.Node, tuning) -> None:
         """``zen.quant_linear`` with the packed weights of every kernel of its plan: it picks one by
