@@ -161,14 +161,16 @@ class PatternContext:
             pending = node.meta["zen_quant"]
             spec, bias = pending.spec, pending.bias
             bias_value = self.evaluate(bias) if bias is not None and bias in self.constants else None
+            if bias_value is not None:  # frozen as the packed weight is: its value now, whatever the model's becomes
+                bias_value = bias_value.clone()
             try:
                 tuning = self.memo(pending.sources, ("tune", spec),
                                    lambda: self.tuner.plan(spec, pending.weight.get(), bias_value))
             except NoKernel as e:
-                self._run_dequantized(node, pending, str(e))
+                self._run_dequantized(node, pending, bias_value, str(e))
                 continue
             if not self._call_native_directly(node, tuning, bias_value):
-                self._call_plan(node, tuning)
+                self._call_plan(node, tuning, bias_value)
             self._drop_readings_if_short()  # what is packed no longer needs its reading
             pending.match.kernels.update({r.bin: r.winner for r in tuning.bins})  # a dict matches may share
             self.record.autotune.append({
@@ -185,7 +187,7 @@ class PatternContext:
             self._reads.clear()
             release_freed_memory()
 
-    def _call_plan(self, node: fx.Node, tuning) -> None:
+    def _call_plan(self, node: fx.Node, tuning, bias_value) -> None:
         """``zen.quant_linear`` with the packed weights of every kernel of its plan: it picks one by
         the rows of x at run time."""
         plan = tuning.plan
@@ -193,7 +195,8 @@ class PatternContext:
         counts = [len(tuning.packed[name]) for name in plan.kernels]
         shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
         nodes = [shared.get(id(t)) or shared.setdefault(id(t), self.add_constant(t, node, "quant_linear")) for t in packed]
-        node.args = (node.args[0], nodes, counts, node.args[3], plan.encode())
+        bias = self.add_constant(bias_value, node, "quant_linear_bias") if bias_value is not None else node.args[3]
+        node.args = (node.args[0], nodes, counts, bias, plan.encode())
 
     def _call_native_directly(self, node: fx.Node, tuning, bias_value) -> bool:
         """Where the rows of x are fixed (Dynamo specializes a decode step's M = 1) and their bin's
@@ -209,7 +212,7 @@ class PatternContext:
         call = kernel.run.call(tuning.packed[name], spec)
         weight = [self.add_constant(t, node, "native_linear") for t in call.weight]
         bias = node.args[3]
-        if bias_value is not None and (bias_value.dtype != torch.float32 or not bias_value.is_contiguous()):
+        if bias_value is not None:
             bias = self.add_constant(bias_value.to(torch.float32).contiguous(), node, "native_bias")
         residual = node.kwargs.get("residual")
         fuse_residual = residual is not None and not spec.epilogue and tuple(residual.meta["val"].shape) == (rows, spec.out_n)
@@ -225,7 +228,7 @@ class PatternContext:
         self.graph.erase_node(node)
         return True
 
-    def _run_dequantized(self, node: fx.Node, pending: "PendingLinear", reason: str) -> None:
+    def _run_dequantized(self, node: fx.Node, pending: "PendingLinear", bias_value, reason: str) -> None:
         """Every candidate failed verification: a plain GEMM on the dequantized weight, correct."""
         spec = pending.spec
         w = pending.weight.get().dequantize(spec.act_dtype)
@@ -233,8 +236,9 @@ class PatternContext:
         if spec.epilogue == "swiglu":  # back to [gate; up] rows, and the epilogue as graph ops
             plain = swiglu_row_order(spec.out_n).argsort()
             w = w[plain]
-            if bias is not None:
-                bias = self.add_constant(self.evaluate(bias)[plain].contiguous(), node, "dequantized_bias")
+            bias_value = bias_value[plain] if bias_value is not None else None
+        if bias_value is not None:
+            bias = self.add_constant(bias_value.contiguous(), node, "dequantized_bias")
         weight = self.add_constant(w.t().contiguous(), node, "dequantized")
         x = node.args[0]
         with self.graph.inserting_before(node):
