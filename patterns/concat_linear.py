@@ -17,7 +17,6 @@ One count per merged group, whatever its width (q/k/v is one, gate/up is one).
 from __future__ import annotations
 
 import collections
-import functools
 import operator
 
 import torch
@@ -123,7 +122,7 @@ def merge_quant(ctx, nodes: list[fx.Node]) -> None:
     first = parts[0].weight
     weight = LazyWeight(n=sum(p.weight.n for p in parts), k=first.k, group_size=first.group_size,
                         bits=max(p.weight.bits for p in parts), symmetric=all(p.weight.symmetric for p in parts),
-                        read=functools.lru_cache(None)(read))
+                        read=read, parts=tuple(p.weight for p in parts))
     s0 = parts[0].spec
     spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.group_size, bits=weight.bits,
                       symmetric=weight.symmetric, act_dtype=s0.act_dtype, dynamic_activation=s0.dynamic_activation)

@@ -22,7 +22,6 @@ come as blocks of 8 gate rows and 8 up rows in turn (``kernels.swiglu_row_order`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import operator
 
 import torch
@@ -152,7 +151,7 @@ def fuse_swiglu(ctx, m: SwiGLU) -> None:
         rows = (rows + width) % (2 * width)
     old = pending.weight
     weight = LazyWeight(old.n, old.k, old.group_size, old.bits, old.symmetric,
-                        read=functools.lru_cache(None)(lambda: _reorder_rows(old.get(), rows)))
+                        read=lambda: _reorder_rows(old.get(), rows), parts=(old,))
     spec = dataclasses.replace(pending.spec, epilogue="swiglu")
     bias = pending.bias
     if bias is not None:

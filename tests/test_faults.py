@@ -12,13 +12,17 @@ from quantized import fp32_weight
 K, N = 256, 192
 
 
-def _int4_model(group=32):
+def _int4_config(group=32):
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
 
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group))
+
+
+def _int4_model(group=32):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(K, N)).to(torch.bfloat16).eval()
-    return quantize(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group)))
+    return quantize(model, _int4_config(group))
 
 
 def _reference(model, x):
@@ -198,6 +202,31 @@ def test_no_bf16_copy_where_it_would_leave_too_little_memory(monkeypatch):
         assert "config.memory_reserve" in reason, reason
     assert "zentorch_linear_dequantized" not in report["matches"][0]["kernels"].values()
     assert sqnr(y, _reference(model, x)) >= 40
+
+
+def test_a_bf16_copy_leaves_room_for_the_packings_still_to_come(monkeypatch):
+    """A copy that fits now but would leave the compile's remaining packings short is not made:
+    checked against memory_reserve alone, an 8B model's copies left 1 GB of 24 for the rest.
+    materialize tells the tuner what the linears after this one still need."""
+    from zen_inductor import allocator, autotune
+    from zen_inductor.kernels import LinearSpec, candidates
+
+    spec = LinearSpec(n=N, k=K, group_size=32, bits=4, symmetric=True, act_dtype=torch.bfloat16)
+    total_kb, copy = 24 << 20, 2 * N * K
+    monkeypatch.setattr(allocator, "_meminfo_kb", lambda: {"MemTotal": total_kb, "MemAvailable": total_kb // 4 + 2 * copy // 1024})
+    copies = {k.name for k in candidates(spec)[0] if k.copy_bytes_per_weight}
+    _, excluded = candidates(spec, packings_ahead=2 * copy)
+    assert all("config.memory_reserve" in excluded[name] for name in copies), excluded
+    # the ahead materialize passes: the largest linear first, with what the smaller one will need
+    aheads = []
+    plan = autotune.Tuner.plan
+    monkeypatch.setattr(autotune.Tuner, "plan", lambda self, spec, w, b, ahead=0: aheads.append((spec.n, ahead)) or plan(self, spec, w, b, ahead))
+    model = quantize(torch.nn.Sequential(torch.nn.Linear(K, 2 * K), torch.nn.Linear(2 * K, K)).to(torch.bfloat16).eval(),
+                     _int4_config())
+    with torch.no_grad():
+        compile_zen(model)(torch.randn(3, K).to(torch.bfloat16))
+    assert [n for n, _ in aheads] == [2 * K, K] and aheads[1][1] == 0
+    assert K * 2 * K // 2 <= aheads[0][1] <= K * 2 * K  # the second's codes at 4 bits and its scales, about
 
 
 @pytest.mark.parametrize("available_fraction,reads", [(0.9, 1), (1 / 3, 2)])

@@ -139,6 +139,38 @@ def test_swiglu_is_fused_into_the_merged_linear(tmp_path):
     assert sqnr(zen, ref) >= sqnr(eager, ref) - 0.5
 
 
+def test_a_merged_weight_is_held_only_until_it_is_packed(monkeypatch):
+    """concat's merged weight and swiglu's reordered rows are copies of the codes, a byte a
+    weight: held from one linear's packing to the end of the compile they were an 8B model's
+    gate/up codes twice over (7.5 GB). When the second MLP's gate/up is tuned, no reading of the
+    first one's merged shape may be alive, however plentiful memory is."""
+    import gc
+
+    WIDTH = 192
+
+    from zen_inductor import allocator, autotune
+
+    total_kb = 24 << 20
+    monkeypatch.setattr(allocator, "_meminfo_kb", lambda: {"MemTotal": total_kb, "MemAvailable": total_kb})
+    plan, alive = autotune.Tuner.plan, []
+
+    def counting_plan(self, spec, weight, bias):
+        if spec.n == 2 * WIDTH:
+            gc.collect()
+            merged = [o for o in gc.get_objects() if isinstance(o, QuantWeight) and o.codes.shape[0] == 2 * WIDTH]
+            alive.append(sum(o.codes.untyped_storage().data_ptr() != weight.codes.untyped_storage().data_ptr() for o in merged))
+        return plan(self, spec, weight, bias)
+
+    monkeypatch.setattr(autotune.Tuner, "plan", counting_plan)
+    model = torch.nn.Sequential(_int4_mlp(width=WIDTH), _int4_mlp(width=WIDTH))
+    x = torch.randn(3, K).to(torch.bfloat16)
+    with torch.no_grad():
+        zen = compile_zen(model)(x)
+    assert zen_inductor.counters["linear_epilogue.swiglu"] == 2
+    assert len(alive) == 2 and alive[1] <= 1, alive  # the merged rows the reordered ones were made of, at most
+    assert sqnr(zen, model(x)) >= 30
+
+
 def test_swiglu_with_dynamic_batch_and_sequence():
     model = _int4_mlp()
     fast = torch.compile(model, backend="zen", dynamic=True)

@@ -58,8 +58,8 @@ class Tuner:
         self.cache = TuningCache()
         self.timing_left_s = config.autotune_budget_s
 
-    def plan(self, spec: LinearSpec, weight: QuantWeight, bias: Optional[torch.Tensor]) -> Tuning:
-        kernels, excluded = candidates(spec)
+    def plan(self, spec: LinearSpec, weight: QuantWeight, bias: Optional[torch.Tensor], packings_ahead: int = 0) -> Tuning:
+        kernels, excluded = candidates(spec, packings_ahead)
         if not kernels:
             raise NoKernel("; ".join(f"{k}: {r}" for k, r in excluded.items()))
         linear = _LinearTuning(self, spec, weight, bias, [k.name for k in kernels], excluded)

@@ -38,7 +38,6 @@ class PatternContext:
     record: CompileRecord
     tuner: Tuner = field(default_factory=Tuner)
     _attr_count: int = 0
-    _reads: dict = field(default_factory=dict)  # this compile's weight readings
     keep: set = field(default_factory=set)  # weight nodes dead code elimination must leave until materialize
 
     @property
@@ -100,29 +99,24 @@ class PatternContext:
     def weight(self, nodes: list, key: tuple, read) -> "LazyWeight":
         """The weight behind ``nodes``: described now, its values read only if a kernel is packed.
 
-        ``read()`` (a QuantWeight or DenseWeight) runs once per compile while the machine has
-        memory to spare: the reading is kept for packing. Past ``KEEP_READINGS_RESERVE`` it is
-        not kept (packing reads it again, one weight at a time) and the heap the reading freed
-        goes back to the OS: a 3B model's readings, one byte a weight and the heap their fp32
-        temporaries left, were 9.5 GB before its first weight was packed. Only the description is
-        memoized on the model, so later graphs of the model, whose tunings are memoized too,
-        never read or hold the codes again.
+        ``read()`` gives a QuantWeight or DenseWeight. The reading that describes the weight is
+        kept for packing while the machine has memory to spare (``LazyWeight.get``). Only the
+        description is memoized on the model, so later graphs of the model, whose tunings are
+        memoized too, never read or hold the codes again.
         """
-        read_key = (key, tuple(id(n) for n in nodes))
         self.keep.update(n for n in nodes if isinstance(n, fx.Node))  # readable until materialize
+        kept = []
 
-        def value():
-            if read_key in self._reads:
-                return self._reads[read_key]
+        def describe():
             weight = read()
             if memory_short_of(0, KEEP_READINGS_RESERVE) is None:
-                self._reads[read_key] = weight
+                kept.append(weight)
             else:
                 release_freed_memory()
-            return weight
+            return _describe(weight)
 
-        shape = self.memo(nodes, ("describe",) + key, lambda: _describe(value()))
-        return LazyWeight(*shape, read=value)
+        shape = self.memo(nodes, ("describe",) + key, describe)
+        return LazyWeight(*shape, read=read, value=kept[0] if kept else None)
 
     def emit_quant_linear(self, before: fx.Node, x: fx.Node, weight: "LazyWeight", spec, bias: fx.Node | None,
                           sources: list, pattern: str, variant: str, anchor: fx.Node) -> fx.Node:
@@ -156,22 +150,28 @@ class PatternContext:
         nodes = [node for node in self.graph.find_nodes(op="call_function", target=quant_linear)
                  if isinstance(node.meta.get("zen_quant"), PendingLinear) and not node.args[1]]
         nodes.sort(key=lambda node: -node.meta["zen_quant"].spec.n * node.meta["zen_quant"].spec.k)
-        self._drop_readings_if_short()
-        for node in nodes:
-            pending = node.meta["zen_quant"]
+        pendings = [node.meta["zen_quant"] for node in nodes]
+        _drop_readings_if_short(pendings)
+        # a bf16 copy must leave room for the packings still to come: copies checked against
+        # memory_reserve alone took an 8B model's compile to 1 GB short of the machine's 24
+        ahead = sum(_least_packing_bytes(p.spec) for p in pendings)
+        for node, pending in zip(nodes, pendings):
             spec, bias = pending.spec, pending.bias
+            ahead -= _least_packing_bytes(spec)
             bias_value = self.evaluate(bias) if bias is not None and bias in self.constants else None
             if bias_value is not None:  # frozen as the packed weight is: its value now, whatever the model's becomes
                 bias_value = bias_value.clone()
             try:
                 tuning = self.memo(pending.sources, ("tune", spec),
-                                   lambda: self.tuner.plan(spec, pending.weight.get(), bias_value))
+                                   lambda: self.tuner.plan(spec, pending.weight.get(), bias_value, ahead))
             except NoKernel as e:
                 self._run_dequantized(node, pending, bias_value, str(e))
+                pending.weight.release()
                 continue
             if not self._call_native_directly(node, tuning, bias_value):
                 self._call_plan(node, tuning, bias_value)
-            self._drop_readings_if_short()  # what is packed no longer needs its reading
+            pending.weight.release()  # packed: its reading, and the readings it was made of, are needed no more
+            _drop_readings_if_short(pendings)
             pending.match.kernels.update({r.bin: r.winner for r in tuning.bins})  # a dict matches may share
             self.record.autotune.append({
                 "source": pending.match.source, "kind": spec.kind, "n": spec.n, "k": spec.k,
@@ -180,12 +180,6 @@ class PatternContext:
                           "cached": r.from_cache, "note": r.note, "seconds": r.seconds,
                           "activations": _activations(r.winner, spec)} for r in tuning.bins],
             })
-
-    def _drop_readings_if_short(self) -> None:
-        """Below KEEP_READINGS_RESERVE, the readings kept for packing go, and the heap with them."""
-        if memory_short_of(0, KEEP_READINGS_RESERVE) is not None:
-            self._reads.clear()
-            release_freed_memory()
 
     def _call_plan(self, node: fx.Node, tuning, bias_value) -> None:
         """``zen.quant_linear`` with the packed weights of every kernel of its plan: it picks one by
@@ -258,6 +252,19 @@ class PatternContext:
         self.record.near_miss(pending.match.pattern, mm, f"{reason}; runs as a GEMM on the dequantized weight")
 
 
+def _least_packing_bytes(spec) -> int:
+    """About the smallest packing a linear gets: its codes at their bits, a scale and an offset a group."""
+    return spec.n * spec.k * min(spec.bits, 16) // 8 + spec.n * (spec.k // max(spec.group_size, 1)) * 8
+
+
+def _drop_readings_if_short(pendings: list) -> None:
+    """Below KEEP_READINGS_RESERVE, the readings kept for packing go, and the heap with them."""
+    if memory_short_of(0, KEEP_READINGS_RESERVE) is not None:
+        for pending in pendings:
+            pending.weight.release()
+        release_freed_memory()
+
+
 def _activations(winner: str, spec) -> str:
     """What the bin's kernel does to the activations, said against what the model does."""
     kernels = [KERNELS[name].activations for name in winner.removeprefix(LAZY).split("+") if name in KERNELS]
@@ -292,9 +299,16 @@ KEEP_READINGS_RESERVE = 0.5
 PENDING = "pending"  # the plan of a zen.quant_linear whose kernels are not chosen yet
 
 
-@dataclass
+@dataclass(eq=False)
 class LazyWeight:
-    """What a spec needs to know of a weight, and how to get its values."""
+    """What a spec needs to know of a weight, and how to get its values.
+
+    Values read are kept until ``release()`` (once the weight is packed) while the machine has
+    memory to spare; past ``KEEP_READINGS_RESERVE`` they are read again at each use, one weight
+    at a time, and the heap the reading freed goes back to the OS. Weights made of others
+    (concat's merged weight, swiglu's reordered rows) are copies, one byte a weight: kept until
+    the compile ended, an 8B model's were 7.5 GB, twice the int8 codes of its gate/up linears.
+    """
 
     n: int
     k: int
@@ -302,9 +316,23 @@ class LazyWeight:
     bits: int
     symmetric: bool
     read: Callable = field(repr=False)
+    parts: tuple = field(default=(), repr=False)  # the weights this one is made of
+    value: object = field(default=None, repr=False)
 
     def get(self):
-        return self.read()
+        if self.value is not None:
+            return self.value
+        value = self.read()
+        if memory_short_of(0, KEEP_READINGS_RESERVE) is None:
+            self.value = value
+        else:
+            release_freed_memory()
+        return value
+
+    def release(self) -> None:
+        self.value = None
+        for part in self.parts:
+            part.release()
 
 
 def _describe(w) -> tuple:

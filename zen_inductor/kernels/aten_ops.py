@@ -7,7 +7,6 @@ from typing import Optional
 import torch
 
 from .. import config
-from ..allocator import memory_short_of
 from ..cpu import amx_bf16, native_bf16_gemm
 from .contract import Kernel, Unsuited
 from .weights import LinearSpec, QuantWeight
@@ -99,7 +98,7 @@ def _bf16_copy_supports(spec: LinearSpec) -> Optional[str]:
         return "config.dequantized_copies is off"
     if not native_bf16_gemm():
         return "no native bf16 GEMM on this CPU (AVX512-BF16 or AMX)"
-    return memory_short_of(2 * spec.n * spec.k)
+    return None
 
 
 def _bf16_copy_prepack(w: QuantWeight, act_dtype):
@@ -124,5 +123,5 @@ KERNELS = (
     # on a Xeon with AMX, oneDNN's bf16 GEMM ran 2.2-2.4x zentorch's at M=16 and 5-10x from M=64
     # (llama1b and SmolLM2 shapes; zentorch 1.1-1.8x ahead at M <= 4, where our GEMVs serve)
     Kernel("aten_linear_dequantized", "torch", _bf16_copy_supports, _bf16_copy_prepack, _bf16_copy_run,
-           layout="bf16_rows", rank=(21, -1) if amx_bf16() else (21, 1), fast_with="bf16_gemm"),
+           layout="bf16_rows", rank=(21, -1) if amx_bf16() else (21, 1), fast_with="bf16_gemm", copy_bytes_per_weight=2),
 )

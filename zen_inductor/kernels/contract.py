@@ -59,6 +59,9 @@ class Kernel:
     # what the kernel does to x: "as given" (computes in fp32 from x's own values), "int8 per row"
     # (symmetric, torchao's dynamic grid), "int8 per group" (finer than torchao's)
     activations: str = "as given"
+    # bytes a weight of a float copy the packing is (the dequantized copies, 2 for bf16): such a
+    # kernel is a candidate only where memory holds the copy beside the packings still to come
+    copy_bytes_per_weight: int = 0
 
     def __post_init__(self):
         if isinstance(self.run, NativeLinear):

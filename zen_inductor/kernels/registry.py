@@ -1,13 +1,15 @@
 """Every kernel of every family, and which of them may run a linear.
 
 ``candidates(spec)`` is the one place availability is decided: config's allow and deny lists,
-the kernel's own ``supports``, the CPU's vector extensions for a native library (checked before
-any build starts), whether that library built, and dominance (a kernel that others available here
-beat by construction is left out, with the reason).
+the kernel's own ``supports``, memory for a kernel whose packing is a float copy of the weight,
+the CPU's vector extensions for a native library (checked before any build starts), whether that
+library built, and dominance (a kernel that others available here beat by construction is left
+out, with the reason).
 """
 from __future__ import annotations
 
 from .. import config, native
+from ..allocator import memory_short_of
 from . import aten_ops, dense, dequantize, tiles, zentorch_ops
 from .contract import Kernel
 from .weights import LinearSpec
@@ -15,8 +17,9 @@ from .weights import LinearSpec
 KERNELS: dict[str, Kernel] = {k.name: k for family in (zentorch_ops, aten_ops, tiles, dequantize, dense) for k in family.KERNELS}
 
 
-def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
-    """Kernels that may run ``spec``, and the reason each other kernel may not."""
+def candidates(spec: LinearSpec, packings_ahead: int = 0) -> tuple[list[Kernel], dict[str, str]]:
+    """Kernels that may run ``spec``, and the reason each other kernel may not. ``packings_ahead``:
+    bytes the compile's other linears still need for their packings, which a copy must leave."""
     reasons = {}
     for kernel in KERNELS.values():
         if config.kernel_allow and kernel.name not in config.kernel_allow:
@@ -27,6 +30,8 @@ def candidates(spec: LinearSpec) -> tuple[list[Kernel], dict[str, str]]:
             reasons[kernel] = f"activations {kernel.activations}, not the model's int8 per row (config.model_activation_quantization)"
         else:  # a library this CPU cannot run is never built: its kernels are out before any start
             reasons[kernel] = kernel.supports(spec) or (native.missing_isa(kernel.native) if kernel.native else None)
+            if not reasons[kernel] and kernel.copy_bytes_per_weight:
+                reasons[kernel] = memory_short_of(kernel.copy_bytes_per_weight * spec.n * spec.k + packings_ahead)
     if config.prune_dominated_kernels:  # first by kernels that need no build: none is built for a kernel left out
         reasons.update(_dominated([k for k, r in reasons.items() if not r], lambda k: not k.native))
     for kernel, reason in reasons.items():

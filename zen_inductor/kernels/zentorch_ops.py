@@ -9,7 +9,6 @@ from typing import Optional
 import torch
 
 from .. import config
-from ..allocator import memory_short_of
 from ..cpu import zentorch_unavailable
 from .contract import Kernel, Unsuited
 from .weights import LinearSpec, QuantWeight
@@ -64,7 +63,7 @@ def _zentorch_dequantized_supports(spec: LinearSpec) -> Optional[str]:
         return Unsuited("not for dense weights: see zentorch_linear")
     if not config.dequantized_copies:
         return "config.dequantized_copies is off"
-    return _zentorch_gemm_reason(spec) or memory_short_of(2 * spec.n * spec.k)
+    return _zentorch_gemm_reason(spec)
 
 
 def _zentorch_linear_prepack(w, act_dtype):
@@ -112,7 +111,7 @@ KERNELS = (
            _zentorch_dqlinear_run, rank=(1, 21), fast_with="int8_gemm", activations="int8 per row"),
     # a bf16 copy of the quantized weight for a bf16 GEMM: dequantized once, at compile time
     Kernel("zentorch_linear_dequantized", "torch", _zentorch_dequantized_supports, _zentorch_linear_prepack,
-           _zentorch_linear_run, layout="zentorch_dense", rank=(20, 0)),
+           _zentorch_linear_run, layout="zentorch_dense", rank=(20, 0), copy_bytes_per_weight=2),
     # five llama1b shapes summed on Zen 4: M=1 7.5 ms against 12.5 for torch.mm, M=128 74 against 80
     Kernel("zentorch_linear", "dense", _zentorch_linear_supports, _zentorch_linear_prepack, _zentorch_linear_run,
            layout="zentorch_dense", rank=(1, 0)),
