@@ -22,6 +22,7 @@ from zen_inductor.graph_facts import fake_value
 
 from .family import Family
 from zen_inductor.weight_reading import find_codes
+from .dequant_matmul import MATMULS, operands
 
 aten = torch.ops.aten
 
@@ -29,18 +30,18 @@ PATTERN = "dense_matmul"
 
 
 def search(ctx):
-    for target, (xi, wi, bi) in {aten.mm.default: (0, 1, None), aten.addmm.default: (1, 2, 0)}.items():
+    for target in MATMULS:
         for mm in ctx.graph.find_nodes(op="call_function", target=target):
-            x, w = mm.args[xi], mm.args[wi]
-            bias = mm.args[bi] if bi is not None else None
+            x, w, bias = operands(mm)
             if (w in ctx.constants and x not in ctx.constants and fake_value(w) is not None
                     and fake_value(w).dtype == torch.bfloat16 and fake_value(x).dtype == torch.bfloat16
                     and find_codes(w) is None and (bias is None or bias in ctx.constants)):
-                yield mm, x, w, bias
+                yield mm
 
 
 def apply(ctx) -> None:
-    for mm, x, w, bias in list(search(ctx)):
+    for mm in list(search(ctx)):
+        x, w, bias = operands(mm)  # now: the linear before may have been replaced
         weight = ctx.weight([w], ("dense",), lambda w=w: _dense_weight(ctx.evaluate(w)))
         spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.k, bits=16, symmetric=True, act_dtype=torch.bfloat16)
         try:

@@ -41,7 +41,7 @@ prims = torch.ops.prims
 PATTERN = "dequant_matmul"
 
 # matmul op -> (activation arg, weight arg, bias arg)
-_MATMULS = {aten.mm.default: (0, 1, None), aten.addmm.default: (1, 2, 0)}
+MATMULS = {aten.mm.default: (0, 1, None), aten.addmm.default: (1, 2, 0)}
 
 _ACT_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -50,13 +50,19 @@ _ACT_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def search(ctx):
-    """Yield (matmul node, activation, weight, bias) for matmuls with a dequantized weight."""
-    for target, (xi, wi, bi) in _MATMULS.items():
+    """Yield the matmuls with a dequantized weight."""
+    for target in MATMULS:
         for mm in ctx.graph.find_nodes(op="call_function", target=target):
-            x, w = mm.args[xi], mm.args[wi]
-            if fake_value(w) is None or find_codes(w) is None:
-                continue
-            yield mm, x, w, (mm.args[bi] if bi is not None else None)
+            w = operands(mm)[1]
+            if fake_value(w) is not None and find_codes(w) is not None:
+                yield mm
+
+
+def operands(mm: fx.Node) -> tuple:
+    """(activation, weight, bias) of a matmul, read when it is rewritten: the rewrite of the
+    linear before it may have replaced its activation (two linears back to back)."""
+    xi, wi, bi = MATMULS[mm.target]
+    return mm.args[xi], mm.args[wi], (mm.args[bi] if bi is not None else None)
 
 
 def variant_name(spec: LinearSpec) -> str:
@@ -81,9 +87,9 @@ def _post_scale(ctx, mm: fx.Node, n: int) -> fx.Node | None:
 
 
 def apply(ctx) -> None:
-    for mm, x, w, bias in list(search(ctx)):
+    for mm in list(search(ctx)):
         try:
-            rewrite(ctx, mm, x, w, bias)
+            rewrite(ctx, mm, *operands(mm))
         except PatternMiss as miss:
             ctx.record.near_miss(PATTERN, mm, str(miss))
     for search_fn, rewrite_fn in ((search_dynamic, rewrite_dynamic), (search_int4pack, rewrite_int4pack)):

@@ -19,6 +19,30 @@ from quantized import GPTQPacked, HandDequant, K, N, TORCHAO, plain_linear, refe
 
 
 
+@pytest.mark.parametrize("dtype", ["int4", "bf16"])
+def test_linears_back_to_back_are_each_replaced(dtype, dumped):
+    """The second linear reads the first one's output directly: when the first is rewritten, the
+    second's activation is the new op. Read before any rewrite, the second kept the first's old
+    matmul alive and the first's op died unused (reported as matched, computed by Inductor)."""
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    from quantized import quant_linear_calls
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(K, 2 * K), torch.nn.Linear(2 * K, K)).to(torch.bfloat16).eval()
+    if dtype == "int4":
+        model = quantize(model, IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = model(x)
+        y = compile_zen(model)(x)
+    after = dumped("after.py")
+    assert len(quant_linear_calls(after)) == 2 and "aten.addmm" not in after and "aten.mm" not in after, after
+    assert all(m["kernels"] for m in zen_inductor.last_report()["matches"])
+    assert sqnr(y, eager) >= 30
+
+
 @pytest.mark.parametrize("name", sorted(TORCHAO))
 def test_torchao_weight_only(name):
     make_config, variant = TORCHAO[name]
