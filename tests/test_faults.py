@@ -229,6 +229,25 @@ def test_a_bf16_copy_leaves_room_for_the_packings_still_to_come(monkeypatch):
     assert K * 2 * K // 2 <= aheads[0][1] <= K * 2 * K  # the second's codes at 4 bits and its scales, about
 
 
+def test_the_forecast_of_packings_to_come_learns_from_those_made():
+    """Two layouts a linear (decode and prefill bins) took twice the least packing's bytes: the
+    forecast for the linears after scales by what was seen, copies aside."""
+    from types import SimpleNamespace
+
+    from zen_inductor.graph_pass import _least_packing_bytes, _PackingForecast
+    from zen_inductor.kernels import LinearSpec
+
+    specs = [LinearSpec(n=n, k=K, group_size=32, bits=4, symmetric=True, act_dtype=torch.bfloat16) for n in (4 * N, 2 * N, N)]
+    least = [_least_packing_bytes(s) for s in specs]
+    forecast = _PackingForecast(specs)
+    assert forecast.after(specs[0]) == least[1] + least[2]  # nothing seen yet: the least
+    two_layouts = [torch.empty(least[0], dtype=torch.uint8), torch.empty(least[0], dtype=torch.uint8)]
+    copy = [torch.empty(2 * specs[0].n * K, dtype=torch.uint8)]
+    forecast.packed(specs[0], SimpleNamespace(packed={"zen_w4_avx512": two_layouts[:1], "zen_w4_avx2": two_layouts[1:],
+                                                      "aten_linear_dequantized": copy}))
+    assert forecast.after(specs[1]) == 2 * least[2]
+
+
 @pytest.mark.parametrize("available_fraction,reads", [(0.9, 1), (1 / 3, 2)])
 def test_readings_are_kept_for_packing_only_while_memory_is_plentiful(monkeypatch, available_fraction, reads):
     """A weight's reading is kept from the pattern to its packing while half the machine's memory

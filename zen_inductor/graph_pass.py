@@ -154,10 +154,10 @@ class PatternContext:
         _drop_readings_if_short(pendings)
         # a bf16 copy must leave room for the packings still to come: copies checked against
         # memory_reserve alone took an 8B model's compile to 1 GB short of the machine's 24
-        ahead = sum(_least_packing_bytes(p.spec) for p in pendings)
+        forecast = _PackingForecast([p.spec for p in pendings])
         for node, pending in zip(nodes, pendings):
             spec, bias = pending.spec, pending.bias
-            ahead -= _least_packing_bytes(spec)
+            ahead = forecast.after(spec)
             bias_value = self.evaluate(bias) if bias is not None and bias in self.constants else None
             if bias_value is not None:  # frozen as the packed weight is: its value now, whatever the model's becomes
                 bias_value = bias_value.clone()
@@ -168,6 +168,7 @@ class PatternContext:
                 self._run_dequantized(node, pending, bias_value, str(e))
                 pending.weight.release()
                 continue
+            forecast.packed(spec, tuning)
             if not self._call_native_directly(node, tuning, bias_value):
                 self._call_plan(node, tuning, bias_value)
             pending.weight.release()  # packed: its reading, and the readings it was made of, are needed no more
@@ -252,8 +253,31 @@ class PatternContext:
         self.record.near_miss(pending.match.pattern, mm, f"{reason}; runs as a GEMM on the dequantized weight")
 
 
+class _PackingForecast:
+    """Bytes the packings of the linears not yet packed will take: at least their codes at their
+    bits with a scale and an offset a group, scaled by what the packings so far took against that
+    (the bins of one linear often choose two layouts: an 8B model's int4 linears took ~1.1 bytes
+    a weight, not the 0.56 of one layout). bf16 copies are not packings: they are what is bounded."""
+
+    def __init__(self, specs: list):
+        self.least_ahead = sum(map(_least_packing_bytes, specs))
+        self.least_done = self.bytes_done = 0
+
+    def after(self, spec) -> int:
+        """The forecast for the linears after ``spec``, the next to be packed."""
+        self.least_ahead -= _least_packing_bytes(spec)
+        ratio = max(1.0, self.bytes_done / self.least_done) if self.least_done else 1.0
+        return int(self.least_ahead * ratio)
+
+    def packed(self, spec, tuning) -> None:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for name, tensors in tuning.packed.items() if not KERNELS[name].copy_bytes_per_weight
+                    for t in tensors if isinstance(t, torch.Tensor)}
+        self.least_done += _least_packing_bytes(spec)
+        self.bytes_done += sum(storages.values())
+
+
 def _least_packing_bytes(spec) -> int:
-    """About the smallest packing a linear gets: its codes at their bits, a scale and an offset a group."""
     return spec.n * spec.k * min(spec.bits, 16) // 8 + spec.n * (spec.k // max(spec.group_size, 1)) * 8
 
 
