@@ -226,12 +226,13 @@ def test_a_bf16_copy_leaves_room_for_the_packings_still_to_come(monkeypatch):
     with torch.no_grad():
         compile_zen(model)(torch.randn(3, K).to(torch.bfloat16))
     assert [n for n, _ in aheads] == [2 * K, K] and aheads[1][1] == 0
-    assert K * 2 * K // 2 <= aheads[0][1] <= K * 2 * K  # the second's codes at 4 bits and its scales, about
+    assert K * 2 * K <= aheads[0][1] <= 2 * K * 2 * K  # two layouts of the second: its codes at 4 bits and its scales
 
 
 def test_the_forecast_of_packings_to_come_learns_from_those_made():
-    """Two layouts a linear (decode and prefill bins) took twice the least packing's bytes: the
-    forecast for the linears after scales by what was seen, copies aside."""
+    """A linear keeps two layouts at least (decode and prefill bins); where the packings so far
+    took more than that against the least packing's bytes, the forecast for the linears after
+    scales by what was seen, copies aside."""
     from types import SimpleNamespace
 
     from zen_inductor.graph_pass import _least_packing_bytes, _PackingForecast
@@ -240,12 +241,12 @@ def test_the_forecast_of_packings_to_come_learns_from_those_made():
     specs = [LinearSpec(n=n, k=K, group_size=32, bits=4, symmetric=True, act_dtype=torch.bfloat16) for n in (4 * N, 2 * N, N)]
     least = [_least_packing_bytes(s) for s in specs]
     forecast = _PackingForecast(specs)
-    assert forecast.after(specs[0]) == least[1] + least[2]  # nothing seen yet: the least
-    two_layouts = [torch.empty(least[0], dtype=torch.uint8), torch.empty(least[0], dtype=torch.uint8)]
+    assert forecast.after(specs[0]) == 2 * (least[1] + least[2])  # nothing seen yet: two layouts
+    three_layouts = [torch.empty(least[0], dtype=torch.uint8) for _ in range(3)]
     copy = [torch.empty(2 * specs[0].n * K, dtype=torch.uint8)]
-    forecast.packed(specs[0], SimpleNamespace(packed={"zen_w4_avx512": two_layouts[:1], "zen_w4_avx2": two_layouts[1:],
-                                                      "aten_linear_dequantized": copy}))
-    assert forecast.after(specs[1]) == 2 * least[2]
+    forecast.packed(specs[0], SimpleNamespace(packed={"zen_w4_avx512": three_layouts[:1], "zen_w4_avx2": three_layouts[1:2],
+                                                      "zentorch_woq_linear": three_layouts[2:], "aten_linear_dequantized": copy}))
+    assert forecast.after(specs[1]) == 3 * least[2]
 
 
 @pytest.mark.parametrize("available_fraction,reads", [(0.9, 1), (1 / 3, 2)])

@@ -254,10 +254,11 @@ class PatternContext:
 
 
 class _PackingForecast:
-    """Bytes the packings of the linears not yet packed will take: at least their codes at their
-    bits with a scale and an offset a group, scaled by what the packings so far took against that
-    (the bins of one linear often choose two layouts: an 8B model's int4 linears took ~1.1 bytes
-    a weight, not the 0.56 of one layout). bf16 copies are not packings: they are what is bounded."""
+    """Bytes the packings of the linears not yet packed will take: their codes at their bits with
+    a scale and an offset a group, times the layouts a linear keeps: at least two (a linear without
+    a copy keeps its decode GEMV's and a prefill kernel's), more where the packings so far took
+    more (an 8B model's int4 gate/up linears kept three: 1.66 bytes a weight). bf16 copies are not
+    packings: they are what the forecast bounds."""
 
     def __init__(self, specs: list):
         self.least_ahead = sum(map(_least_packing_bytes, specs))
@@ -266,7 +267,7 @@ class _PackingForecast:
     def after(self, spec) -> int:
         """The forecast for the linears after ``spec``, the next to be packed."""
         self.least_ahead -= _least_packing_bytes(spec)
-        ratio = max(1.0, self.bytes_done / self.least_done) if self.least_done else 1.0
+        ratio = max(LAYOUTS_A_LINEAR, self.bytes_done / self.least_done if self.least_done else 0.0)
         return int(self.least_ahead * ratio)
 
     def packed(self, spec, tuning) -> None:
@@ -275,6 +276,9 @@ class _PackingForecast:
                     for t in tensors if isinstance(t, torch.Tensor)}
         self.least_done += _least_packing_bytes(spec)
         self.bytes_done += sum(storages.values())
+
+
+LAYOUTS_A_LINEAR = 2
 
 
 def _least_packing_bytes(spec) -> int:
