@@ -99,8 +99,9 @@ native_direct_calls: bool = _env("native_direct_calls", True)
 # bf16 GEMM ~420 (Inductor's own recipe folds int4 weights to bf16 for the same reason)
 dequantized_copies: bool = _env("dequantized_copies", True)
 # a bf16 copy is made only where the machine keeps at least this fraction of its memory available
-# after it: copies of every linear of an 8B int4 model are 16 GB, which with the model and its
-# packings did not fit in 24 GB. The linears past the line keep their quantized kernels
+# after it and after the packings of the linears still to come: copies of every linear of an 8B
+# int4 model are 16 GB, which with the model and its packings did not fit in 24 GB. The linears
+# past the line keep their quantized kernels
 memory_reserve: float = _env("memory_reserve", 0.25)
 # copy packed weights to transparent huge pages (where the kernel offers them): decode reads every
 # weight once per token, and on 4 KB pages address translation costs ~7% of it here
