@@ -26,7 +26,7 @@ from zen_inductor.record import NoKernel
 from zen_inductor.graph_pass import LazyWeight, PendingLinear
 from zen_inductor.kernels import LinearSpec, QuantWeight, quant_linear
 
-from zen_inductor.graph_facts import VIEWS, fake_value
+from zen_inductor.graph_facts import MATMULS, VIEWS, fake_value, matmul_operands
 
 from .family import Family
 from zen_inductor.weight_reading import find_codes
@@ -55,10 +55,9 @@ def search(ctx):
     for node in ctx.graph.find_nodes(op="call_function", target=quant_linear):
         if isinstance(node.meta.get("zen_quant"), PendingLinear):
             groups["quant", _root(node.args[0])].append(node)
-    dense = ctx.graph.find_nodes(op="call_function", target=aten.mm.default) + ctx.graph.find_nodes(
-        op="call_function", target=aten.addmm.default)
+    dense = [node for target in MATMULS for node in ctx.graph.find_nodes(op="call_function", target=target)]
     for node in dense:
-        x, w, _ = _dense_args(node)
+        x, w, _ = matmul_operands(node)
         if (w in ctx.constants and x not in ctx.constants and fake_value(w) is not None and fake_value(w).dtype.is_floating_point
                 and find_codes(w) is None):  # a dequant chain dequant_matmul left must stay quantized
             groups["dense", _root(x)].append(node)
@@ -66,13 +65,6 @@ def search(ctx):
     for (kind, _), nodes in groups.items():
         if len(nodes) > 1:
             yield kind, sorted(nodes, key=order.__getitem__)
-
-
-def _dense_args(node: fx.Node):
-    """(x, weight [K, N], bias or None) of an mm/addmm."""
-    if node.target is aten.addmm.default:
-        return node.args[1], node.args[2], node.args[0]
-    return node.args[0], node.args[1], None
 
 
 # --- constraints --------------------------------------------------------------------------------
@@ -139,7 +131,7 @@ def merge_quant(ctx, nodes: list[fx.Node]) -> None:
 
 
 def merge_dense(ctx, nodes: list[fx.Node]) -> None:
-    args = [_dense_args(n) for n in nodes]
+    args = [matmul_operands(n) for n in nodes]
     weights = [ctx.evaluate(w) for _, w, _ in args]  # each [K, N_i] as mm sees it
     if len({(w.dtype, w.shape[0]) for w in weights}) != 1:
         ctx.record.near_miss(PATTERN, nodes[0], "linears read the same input but their weights differ in dtype or K; left apart")

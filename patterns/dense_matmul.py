@@ -18,11 +18,10 @@ import torch
 from zen_inductor.record import NoKernel
 from zen_inductor.kernels import DenseWeight, LinearSpec
 
-from zen_inductor.graph_facts import fake_value
+from zen_inductor.graph_facts import MATMULS, fake_value, matmul_operands
 
 from .family import Family
 from zen_inductor.weight_reading import find_codes
-from .dequant_matmul import MATMULS, operands
 
 aten = torch.ops.aten
 
@@ -32,7 +31,7 @@ PATTERN = "dense_matmul"
 def search(ctx):
     for target in MATMULS:
         for mm in ctx.graph.find_nodes(op="call_function", target=target):
-            x, w, bias = operands(mm)
+            x, w, bias = matmul_operands(mm)
             if (w in ctx.constants and x not in ctx.constants and fake_value(w) is not None
                     and fake_value(w).dtype == torch.bfloat16 and fake_value(x).dtype == torch.bfloat16
                     and find_codes(w) is None and (bias is None or bias in ctx.constants)):
@@ -41,7 +40,7 @@ def search(ctx):
 
 def apply(ctx) -> None:
     for mm in list(search(ctx)):
-        x, w, bias = operands(mm)  # now: the linear before may have been replaced
+        x, w, bias = matmul_operands(mm)
         weight = ctx.weight([w], ("dense",), lambda w=w: _dense_weight(ctx.evaluate(w)))
         spec = LinearSpec(n=weight.n, k=weight.k, group_size=weight.k, bits=16, symmetric=True, act_dtype=torch.bfloat16)
         try:

@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from zen_inductor.verification import sqnr_db
-from zen_inductor.graph_facts import CONVERTS, VIEWS, fake_value, is_call
+from zen_inductor.graph_facts import CONVERTS, MATMULS, VIEWS, fake_value, is_call, matmul_operands
 from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, Unsuited, candidates
 from zen_inductor.record import PatternMiss
 from zen_inductor.weight_reading import (AFFINE_OPS, LAYOUT_OPS, check_chain, describe_quantized, find_codes, is_int_to_float,
@@ -40,8 +40,6 @@ prims = torch.ops.prims
 
 PATTERN = "dequant_matmul"
 
-# matmul op -> (activation arg, weight arg, bias arg)
-MATMULS = {aten.mm.default: (0, 1, None), aten.addmm.default: (1, 2, 0)}
 
 _ACT_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -53,16 +51,9 @@ def search(ctx):
     """Yield the matmuls with a dequantized weight."""
     for target in MATMULS:
         for mm in ctx.graph.find_nodes(op="call_function", target=target):
-            w = operands(mm)[1]
+            w = matmul_operands(mm)[1]
             if fake_value(w) is not None and find_codes(w) is not None:
                 yield mm
-
-
-def operands(mm: fx.Node) -> tuple:
-    """(activation, weight, bias) of a matmul, read when it is rewritten: the rewrite of the
-    linear before it may have replaced its activation (two linears back to back)."""
-    xi, wi, bi = MATMULS[mm.target]
-    return mm.args[xi], mm.args[wi], (mm.args[bi] if bi is not None else None)
 
 
 def variant_name(spec: LinearSpec) -> str:
@@ -89,7 +80,7 @@ def _post_scale(ctx, mm: fx.Node, n: int) -> fx.Node | None:
 def apply(ctx) -> None:
     for mm in list(search(ctx)):
         try:
-            rewrite(ctx, mm, *operands(mm))
+            rewrite(ctx, mm, *matmul_operands(mm))
         except PatternMiss as miss:
             ctx.record.near_miss(PATTERN, mm, str(miss))
     for search_fn, rewrite_fn in ((search_dynamic, rewrite_dynamic), (search_int4pack, rewrite_int4pack)):

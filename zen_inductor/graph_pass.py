@@ -109,10 +109,8 @@ class PatternContext:
 
         def describe():
             weight = read()
-            if memory_short_of(0, KEEP_READINGS_RESERVE) is None:
+            if _worth_keeping():
                 kept.append(weight)
-            else:
-                release_freed_memory()
             return _describe(weight)
 
         shape = self.memo(nodes, ("describe",) + key, describe)
@@ -285,6 +283,15 @@ def _least_packing_bytes(spec) -> int:
     return spec.n * spec.k * min(spec.bits, 16) // 8 + spec.n * (spec.k // max(spec.group_size, 1)) * 8
 
 
+def _worth_keeping() -> bool:
+    """Whether a reading may be kept for packing (memory above KEEP_READINGS_RESERVE); where not,
+    the heap readings freed goes back to the OS now."""
+    if memory_short_of(0, KEEP_READINGS_RESERVE) is None:
+        return True
+    release_freed_memory()
+    return False
+
+
 def _drop_readings_if_short(pendings: list) -> None:
     """Below KEEP_READINGS_RESERVE, the readings kept for packing go, and the heap with them."""
     if memory_short_of(0, KEEP_READINGS_RESERVE) is not None:
@@ -351,10 +358,8 @@ class LazyWeight:
         if self.value is not None:
             return self.value
         value = self.read()
-        if memory_short_of(0, KEEP_READINGS_RESERVE) is None:
+        if _worth_keeping():
             self.value = value
-        else:
-            release_freed_memory()
         return value
 
     def release(self) -> None:
