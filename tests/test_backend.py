@@ -248,3 +248,21 @@ def test_a_compile_leaves_inductor_and_dynamo_config_as_it_found_them(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "changed: []", out.stdout
+
+
+def test_ahead_of_time_compile_accepts_zen_and_saving_says_why_not(tmp_path):
+    """Dynamo's ahead-of-time compile (vLLM's default way to call a backend) takes only a result that
+    says how it is saved. Zen's runs, fused; saving it raises with the reason, which vLLM logs and
+    goes on (a zen graph holds weights packed on this CPU, so each process compiles its own)."""
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._dynamo.config.patch(enable_aot_compile=True):
+        # as vLLM does: the class's forward, the module passed as its first argument
+        compiled = torch.compile(type(m).forward, fullgraph=True, backend="zen").aot_compile(((m, x), {}))
+        y = compiled(m, x)
+    assert zen_inductor.counters["dequant_matmul"] >= 1
+    assert "zen.quant_linear" in zen_inductor.last_report()["matches"][0]["replacement"]
+    assert sqnr(y, m(x)) >= 40
+    with pytest.raises(NotImplementedError, match="not saved"):
+        compiled.save_compiled_function(str(tmp_path / "graph"))

@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch._functorch.config
 import torch.fx as fx
+from torch._dynamo.aot_compile_types import SerializableCallable
 from torch._inductor.compile_fx import compile_fx
 
 from . import config, dumps, native
@@ -73,18 +74,43 @@ def _compile(gm, example_inputs, inductor_patches):
         compiled = compile_fx(gm, inputs, config_patches=patches)
     _forget_zentorch_reorders()
     dumps.finish(record)
-    if not lifted:
-        return compiled
-    # measured on qwen3-4l decode: guards 1.13 -> 0.61 ms a call, 9.7 -> 8.3 ms a token
-    log.info("zen: %d parameters came in as graph inputs (Inductor's global freezing flag was off while Dynamo "
-             "traced), so Dynamo checks each one's metadata on every call; torch._inductor.config.freezing = True "
-             "before compiling lets it guard them by identity", len(lifted))
-    keep = [i for i in range(len(example_inputs)) if i not in set(lifted)]
+    if lifted:
+        # measured on qwen3-4l decode: guards 1.13 -> 0.61 ms a call, 9.7 -> 8.3 ms a token
+        log.info("zen: %d parameters came in as graph inputs (Inductor's global freezing flag was off while "
+                 "Dynamo traced), so Dynamo checks each one's metadata on every call; "
+                 "torch._inductor.config.freezing = True before compiling lets it guard them by identity", len(lifted))
+    return ZenCompiled(compiled, keep=None if not lifted else [i for i in range(len(example_inputs)) if i not in set(lifted)])
 
-    def run(*args):
-        return compiled(*[args[i] for i in keep])
 
-    return run
+class ZenCompiled(SerializableCallable):
+    """A graph compiled by zen: Inductor's callable, given the graph's inputs less the parameters
+    zen froze into it.
+
+    Dynamo's ahead-of-time compile (``torch._dynamo.aot_compile``, which vLLM uses by default)
+    accepts only a backend result that says how it would be saved. Ours cannot be: its constants
+    are weights packed for this CPU at compile time, and its kernels were chosen by timing them
+    here. Saving raises, with the reason; callers that cache compiled graphs (vLLM does) log it and
+    compile again in the next process.
+    """
+
+    def __init__(self, compiled, keep: list[int] | None):
+        self.compiled = compiled
+        self.keep = keep  # positions of the inputs Inductor's graph still takes; None: all
+
+    def __call__(self, *args):
+        if self.keep is None:
+            return self.compiled(*args)
+        return self.compiled(*[args[i] for i in self.keep])
+
+    @classmethod
+    def serialize_compile_artifacts(cls, fn) -> bytes:
+        raise NotImplementedError(
+            "zen's compiled graphs are not saved: they hold weights packed for this CPU when they were compiled; "
+            "each process compiles its own")
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes):
+        raise NotImplementedError("zen's compiled graphs are not saved, so none can be loaded")
 
 
 def _constants_allowed(inputs):
