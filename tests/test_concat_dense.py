@@ -70,3 +70,38 @@ def test_dense_matmul_off_leaves_bf16_linears_to_inductor():
     with config.patch(dense_matmul=False, concat_linear=False):
         _check(m, torch.randn(3, K, dtype=torch.bfloat16))
     assert sum(zen_inductor.counters.values()) == 0
+
+
+@torch.library.custom_op("serving_engine::packed_linear", mutates_args=())
+def _engine_linear(x: torch.Tensor, packed: torch.Tensor, is_weight_prepacked: bool = True) -> torch.Tensor:
+    return x @ packed
+
+
+@_engine_linear.register_fake
+def _(x, packed, is_weight_prepacked=True):
+    return x.new_empty(x.shape[0], packed.shape[1])
+
+
+def test_a_linear_in_another_librarys_op_is_left_to_it_and_said():
+    """vLLM runs its linears in its own ops (zentorch's on prepacked weights on Zen 4): zen cannot
+    read such a weight, leaves the op as it is and says so, next to the bf16 linear it does take."""
+
+    class Engine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.packed = torch.nn.Parameter(torch.randn(128, 64, dtype=torch.bfloat16), requires_grad=False)
+            self.plain = torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
+
+        def forward(self, x):
+            return self.plain(torch.ops.serving_engine.packed_linear(x, self.packed, is_weight_prepacked=True))
+
+    m = Engine().eval()
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(m)(x)
+        ref = m(x)
+    report = zen_inductor.last_report()
+    assert [mt["pattern"] for mt in report["matches"]] == ["dense_matmul"]
+    (miss,) = [n for n in report["near_misses"] if n["pattern"] == "dense_matmul"]
+    assert "left to serving_engine.packed_linear on a weight it prepacked" in miss["reason"]
+    assert sqnr(y, ref) >= 40
