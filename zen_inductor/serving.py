@@ -1,0 +1,91 @@
+"""Zen as vLLM's compile backend: the real model as a folder vLLM loads, the formats vLLM
+quantizes it into, and the arguments that ask for zen.
+
+vLLM compiles its model with ``torch.compile``. In its modes 1 and 2 a backend name that torch's
+registry knows is passed on as it is, so ``compilation_config={"mode": 2, "backend": "zen"}``
+runs zen's passes on vLLM's graph (mode 3, vLLM's own piecewise compile, takes only "inductor";
+on CPU vLLM turns it into mode 2 with Inductor). What zen meets there:
+
+* bf16: on AMD CPUs with AVX-512 and zentorch installed (zen installs it) vLLM runs its linears in
+  zentorch's op on weights zentorch prepacked: zen leaves them to it (faster than ours on every M
+  we measured) and says so in its dumps; elsewhere they are ``F.linear`` and dense_matmul takes them.
+* torchao (``quantization="torchao"``): vLLM quantizes the bf16 weights when it loads them and
+  calls ``F.linear`` on torchao's tensors, which dequant_matmul matches: int8 weights with int8
+  dynamic activations (W8A8) and int4 weight-only in groups of 32.
+
+Everything is local: the folder is written from the GGUF file of the demo (no hub).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .smollm2 import cache_folder, gguf_path
+
+FORMATS = ("bf16", "int8dq", "int4wo")
+BACKENDS = ("default", "zen")  # vLLM's own choice on CPU (Inductor, mode 2) and zen
+
+
+def model_folder() -> str:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (bf16 safetensors, tokenizer, chat
+    template), written once from the demo's GGUF file: its Q4_1 blocks dequantized to bf16."""
+    path = os.path.join(cache_folder(), "SmolLM2-135M-Instruct-bf16")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import shutil
+    import tempfile
+
+    import torch
+
+    from .gguf_model import load_gguf
+
+    model, tokenizer = load_gguf(gguf_path(), dtype=torch.bfloat16, quantized=False)
+    partial = tempfile.mkdtemp(dir=cache_folder())
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, path)  # whole or not at all: a later call finds it complete
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
+
+
+def torchao_config(fmt: str):
+    """The torchao config vLLM quantizes the bf16 weights with; None for bf16."""
+    import torch
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    if fmt == "bf16":
+        return None
+    if fmt == "int8dq":
+        # torchao would otherwise set Inductor's global options in vLLM's worker
+        return Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
+    if fmt == "int4wo":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+    raise ValueError(f"format {fmt!r}: one of {FORMATS}")
+
+
+def engine_args(fmt: str, backend: str, max_model_len: int = 1024) -> dict:
+    """Keyword arguments of ``vllm.LLM`` (and, spelled as flags, of ``vllm serve``) for the model in
+    ``fmt`` compiled by ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: one of {BACKENDS}")
+    args = {"model": model_folder(), "max_model_len": max_model_len, "dtype": "bfloat16"}
+    config = torchao_config(fmt)
+    if config is not None:
+        from torchao.core.config import config_to_dict
+
+        args["quantization"] = "torchao"
+        args["hf_overrides"] = {"quantization_config_dict_json": json.dumps(config_to_dict(config))}
+    if backend == "zen":
+        args["compilation_config"] = {"mode": 2, "backend": "zen"}
+    return args
+
+
+def serve_flags(fmt: str, backend: str, max_model_len: int = 1024) -> list[str]:
+    """``engine_args`` as flags of vLLM's OpenAI-compatible server."""
+    flags = []
+    for key, value in engine_args(fmt, backend, max_model_len).items():
+        flags += [f"--{key.replace('_', '-')}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return flags
