@@ -50,6 +50,36 @@ def model_folder() -> str:
     return path
 
 
+def tiny_folder() -> str:
+    """A random-weight Llama (4 layers, 8 heads, 4 KV heads: SmolLM2's 9 and 3 split over no even
+    number of tensor-parallel workers) with SmolLM2's tokenizer, for tests of vLLM's tensor
+    parallelism. Weights drawn wider than transformers' init so that greedy choices are not ties."""
+    path = os.path.join(cache_folder(), "tiny-llama-tp-bf16")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import shutil
+    import tempfile
+
+    import torch
+    import transformers
+
+    source = model_folder()
+    config = transformers.LlamaConfig(
+        hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+        vocab_size=transformers.AutoConfig.from_pretrained(source).vocab_size, max_position_embeddings=2048,
+        initializer_range=0.08, tie_word_embeddings=True, dtype="bfloat16")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    partial = tempfile.mkdtemp(dir=cache_folder())
+    try:
+        model.save_pretrained(partial)
+        transformers.AutoTokenizer.from_pretrained(source).save_pretrained(partial)
+        os.replace(partial, path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return path
+
+
 def torchao_config(fmt: str):
     """The torchao config vLLM quantizes the bf16 weights with; None for bf16."""
     import torch
@@ -66,12 +96,12 @@ def torchao_config(fmt: str):
     raise ValueError(f"format {fmt!r}: one of {FORMATS}")
 
 
-def engine_args(fmt: str, backend: str, max_model_len: int = 1024) -> dict:
-    """Keyword arguments of ``vllm.LLM`` (and, spelled as flags, of ``vllm serve``) for the model in
-    ``fmt`` compiled by ``backend``."""
+def engine_args(fmt: str, backend: str, max_model_len: int = 1024, model: str | None = None) -> dict:
+    """Keyword arguments of ``vllm.LLM`` (and, spelled as flags, of vLLM's server) for ``model``
+    (default: ``model_folder()``) in ``fmt`` compiled by ``backend``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: one of {BACKENDS}")
-    args = {"model": model_folder(), "max_model_len": max_model_len, "dtype": "bfloat16"}
+    args = {"model": model or model_folder(), "max_model_len": max_model_len, "dtype": "bfloat16"}
     config = torchao_config(fmt)
     if config is not None:
         from torchao.core.config import config_to_dict
