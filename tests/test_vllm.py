@@ -18,6 +18,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+from conftest import sqnr
 
 pytestmark = pytest.mark.vllm
 
@@ -68,11 +71,6 @@ def _bf16_step(x: float) -> float:
     return 2.0 ** (math.floor(math.log2(abs(x))) - 7) if x else 0.0
 
 
-def _sqnr(ref: list[float], y: list[float]) -> float:
-    noise = sum((a - b) ** 2 for a, b in zip(ref, y))
-    return math.inf if noise == 0 else 10 * math.log10(sum(a * a for a in ref) / noise)
-
-
 @pytest.mark.parametrize("fmt", ["bf16", "int4wo"])
 def test_zen_in_vllm_matches_the_default_backend(engine, fmt):
     """Weight-only formats: both backends compute the same products of the same weights."""
@@ -120,7 +118,7 @@ def _text_sqnr(ref: dict, run: dict) -> float:
     tokens = ref["scored"]["tokens"]
     pairs = [(r[str(t)], y[str(t)]) for t, r, y in zip(tokens, ref["scored"]["positions"], run["scored"]["positions"]) if r]
     assert len(pairs) == len(tokens) - 1
-    return _sqnr([r for r, _ in pairs], [y for _, y in pairs])
+    return sqnr(torch.tensor([y for _, y in pairs]), torch.tensor([r for r, _ in pairs]))
 
 
 def _assert_close(ref: dict, run: dict, bar: float, what: str) -> None:

@@ -32,22 +32,12 @@ def model_folder() -> str:
     path = os.path.join(cache_folder(), "SmolLM2-135M-Instruct-bf16")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    import shutil
-    import tempfile
-
     import torch
 
     from .gguf_model import load_gguf
 
     model, tokenizer = load_gguf(gguf_path(), dtype=torch.bfloat16, quantized=False)
-    partial = tempfile.mkdtemp(dir=cache_folder())
-    try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        os.replace(partial, path)  # whole or not at all: a later call finds it complete
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return path
+    return _write_folder(path, model, tokenizer)
 
 
 def tiny_folder() -> str:
@@ -57,9 +47,6 @@ def tiny_folder() -> str:
     path = os.path.join(cache_folder(), "tiny-llama-tp-bf16")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
-    import shutil
-    import tempfile
-
     import torch
     import transformers
 
@@ -70,11 +57,18 @@ def tiny_folder() -> str:
         initializer_range=0.08, tie_word_embeddings=True, dtype="bfloat16")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
-    partial = tempfile.mkdtemp(dir=cache_folder())
+    return _write_folder(path, model, transformers.AutoTokenizer.from_pretrained(source))
+
+
+def _write_folder(path: str, model, tokenizer) -> str:
+    import shutil
+    import tempfile
+
+    partial = tempfile.mkdtemp(dir=os.path.dirname(path))
     try:
         model.save_pretrained(partial)
-        transformers.AutoTokenizer.from_pretrained(source).save_pretrained(partial)
-        os.replace(partial, path)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, path)  # whole or not at all: a later call finds it complete
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return path
