@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from zen_inductor.attention import decode_attention, unavailable
+from zen_inductor.kv_cache import dequantize, quantize
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason="decode_attention cannot be built here")
 
@@ -31,7 +32,25 @@ def test_a_head_that_sees_nothing_gets_zero():
     assert torch.equal(decode_attention(q, k, v, mask, 0.1), torch.zeros(1, 2, 1, 32))
 
 
-def _call_build(library, q, k, v, mask, scale):
+def test_int8_keys_and_values_read_with_their_scales():
+    """int8 codes with one scale a KV head and position (zen_inductor.kv_cache's layout) give SDPA's
+    answer on the values they stand for; scales as [B, Hkv, L, 1] or [B, Hkv, L] alike."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 1, 64)
+    (kc, ks), (vc, vs) = (quantize(torch.randn(2, 2, 300, 64) * torch.rand(2, 2, 300, 1) * 4) for _ in range(2))
+    mask = torch.zeros(2, 1, 1, 300)
+    mask[..., 200:] = float("-inf")
+    mask[1, ..., :5] = float("-inf")
+    ref = torch.nn.functional.scaled_dot_product_attention(q, dequantize(kc, ks, torch.float32), dequantize(vc, vs, torch.float32),
+                                                           attn_mask=mask, enable_gqa=True)
+    for scales in ((ks, vs), (ks[..., 0], vs[..., 0])):
+        out = decode_attention(q, kc, vc, mask, 0.125, *scales)
+        assert (out - ref).norm() / ref.norm() < 1e-5
+    with pytest.raises(RuntimeError, match="k_scale and v_scale"):
+        decode_attention(q, kc, vc, mask, 0.125)
+
+
+def _call_build(library, q, k, v, mask, scale, k_scale=None, v_scale=None):
     """One build's C entry, called as zen::decode_attention calls it (the op takes the AVX-512 build
     wherever it is bound, so the AVX2 one is reached here only)."""
     import ctypes
@@ -41,28 +60,39 @@ def _call_build(library, q, k, v, mask, scale):
     entry = native.load(library).kernel
     out = torch.empty(q.shape[0], q.shape[1], q.shape[3])
     qf = q.float().contiguous()
+    kind = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}[k.dtype]
+    k_scale, v_scale = (t.contiguous() if t is not None else qf for t in (k_scale, v_scale))
     scale_c = ctypes.c_float(scale)
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
     words = [ptr(qf), ptr(k), ptr(v), ptr(mask), ptr(out), ctypes.cast(ctypes.pointer(scale_c), ctypes.c_void_p),
              *(ctypes.c_int64(w) for w in (q.shape[0], q.shape[1], k.shape[1], k.shape[2], q.shape[3], *k.stride()[:3],
-                                            *v.stride()[:3], 0, 0, mask.stride(3), 1, k.dtype == torch.bfloat16))]
+                                            *v.stride()[:3], 0, 0, mask.stride(3), 1, kind)), ptr(k_scale), ptr(v_scale)]
     entry(*words)
     return out
 
 
 @pytest.mark.parametrize("library", ["decode_attention", "decode_attention_avx512"])
-@pytest.mark.parametrize("d,dtype", [(64, torch.float32), (64, torch.bfloat16), (80, torch.float32), (36, torch.bfloat16)])
+@pytest.mark.parametrize("d,dtype", [(64, torch.float32), (64, torch.bfloat16), (80, torch.float32), (36, torch.bfloat16),
+                                     (64, torch.int8), (36, torch.int8)])
 def test_each_build_matches_sdpa(library, d, dtype):
-    """Both lane widths (8 and 16) against SDPA, head sizes whose tails each width handles apart."""
+    """Both lane widths (8 and 16) against SDPA, head sizes whose tails each width handles apart;
+    int8 codes against SDPA on the values they stand for."""
     from zen_inductor import native
 
     if native.unavailable(library) is not None:
         pytest.skip(native.unavailable(library))
     torch.manual_seed(0)
-    q = torch.randn(1, 8, 1, d, dtype=dtype)
-    k, v = (torch.randn(1, 2, 301, d, dtype=dtype) for _ in range(2))
+    scales = {}
+    if dtype == torch.int8:
+        q = torch.randn(1, 8, 1, d)
+        (k, scales["k_scale"]), (v, scales["v_scale"]) = (quantize(torch.randn(1, 2, 301, d)) for _ in range(2))
+        k_values, v_values = dequantize(k, scales["k_scale"], torch.float32), dequantize(v, scales["v_scale"], torch.float32)
+    else:
+        q = torch.randn(1, 8, 1, d, dtype=dtype)
+        k, v = (torch.randn(1, 2, 301, d, dtype=dtype) for _ in range(2))
+        k_values, v_values = k.float(), v.float()
     mask = torch.zeros(1, 1, 1, 301)
     mask[..., 250:] = float("-inf")
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
-    out = _call_build(library, q, k, v, mask, 1 / math.sqrt(d))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k_values, v_values, attn_mask=mask, enable_gqa=True)
+    out = _call_build(library, q, k, v, mask, 1 / math.sqrt(d), **scales)
     assert (out - ref[:, :, 0]).norm() / ref.norm() < 1e-5

@@ -34,10 +34,18 @@ def load_gguf(path: str, **kwargs):
     return _load(path, **kwargs)
 
 
+def __getattr__(name: str):
+    if name == "Int8StaticCache":  # imports transformers: only when asked for
+        from .kv_cache import Int8StaticCache
+
+        return Int8StaticCache
+    raise AttributeError(f"module 'zen_inductor' has no attribute {name!r}")
+
+
 def zen(gm, example_inputs, **kwargs):
     from .backend import zen as _zen
 
     return _zen(gm, example_inputs, **kwargs)
 
 
-__all__ = ["config", "counters", "last_report", "load_gguf", "reports", "zen"]
+__all__ = ["Int8StaticCache", "config", "counters", "last_report", "load_gguf", "reports", "zen"]

@@ -1,9 +1,12 @@
 """``zen::decode_attention``: one query position over a KV cache, in C++ (csrc/decode_attention.cpp,
 called by csrc/ops.cpp), reading K and V only where the mask lets some query see them.
 
-    out = zen.decode_attention(q, k, v, mask, scale)
-        q: [B, H, 1, D]   k, v: [B, Hkv, L, D] (fp32 or bf16, D contiguous)   mask: additive, broadcast to
-        [B, H, 1, L], or None   out: [B, H, 1, D] in q's dtype; a head that sees no position gets 0
+    out = zen.decode_attention(q, k, v, mask, scale, k_scale=None, v_scale=None)
+        q: [B, H, 1, D]   k, v: [B, Hkv, L, D] (fp32, bf16, or int8 codes, D contiguous)
+        k_scale, v_scale: with int8 k and v only, fp32 [B, Hkv, L] or [B, Hkv, L, 1]: K = k * k_scale
+        (one scale a KV head and position, as zen_inductor.kv_cache stores them)
+        mask: additive, broadcast to [B, H, 1, L], or None
+        out: [B, H, 1, D] in q's dtype; a head that sees no position gets 0
 """
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ from . import native
 
 
 _LIB = torch.library.Library("zen", "FRAGMENT")  # the namespace is kernels/op.py's
-_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, Tensor? k_scale=None, "
+            "Tensor? v_scale=None) -> Tensor")
 
 
 @torch.library.register_fake("zen::decode_attention", lib=_LIB)
-def _fake(q, k, v, mask, scale):
+def _fake(q, k, v, mask, scale, k_scale=None, v_scale=None):
     return q.new_empty(q.shape)
 
 

@@ -20,9 +20,10 @@ log = logging.getLogger("zen_inductor")
 
 # what csrc/avx512_common.h targets
 _AVX512 = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
-# csrc/decode_attention.h's entry: q, k, v, mask, out, scale, then B, H, Hkv, L, D, 9 strides, has_mask, kv_bf16
+# csrc/decode_attention.h's entry: q, k, v, mask, out, scale, then B, H, Hkv, L, D, 9 strides, has_mask, kv_kind,
+# k_scale, v_scale
 _DECODE_ATTENTION_ARGS = ("const float*", "const void*", "const void*", "const float*", "float*", "const float*",
-                          *("int64_t",) * 16)
+                          *("int64_t",) * 16, "const float*", "const float*")
 
 # name -> (source file in zen_inductor/csrc, argument types of its ``kernel`` entry, CPU flags)
 # An entry the C++ ops call (csrc/ops.cpp) is bound by address; its types here say how many

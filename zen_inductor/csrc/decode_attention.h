@@ -5,6 +5,10 @@
 //   load_kv(row, d, bf16): W values of a row of K or V from d on, widened from bf16 if asked,
 //   fold8(V): a __m256 whose 8 lanes sum to the same as V's.
 //
+// K and V come as fp32, bf16, or int8 codes with one fp32 scale a (batch, KV head, position): an
+// int8 row is widened to fp32 once a chunk, its scale applied as it is widened, and the passes
+// below read the fp32 rows (the chunk's rows stay in L1/L2; memory gives one byte a value).
+//
 // Attention of one query position over a KV cache (decode), called by zen::decode_attention
 // (ops.cpp), which hands it q in fp32 with the scale, and takes its fp32 output.
 //
@@ -119,13 +123,35 @@ ZEN_ATTENTION_TARGET void widen_rows(const char* rows, int64_t row_bytes, const 
   }
 }
 
+enum class KvKind : int64_t { kFloat = 0, kBFloat16 = 1, kInt8 = 2 };
+
+// the seen rows of n int8 rows (`row_bytes` apart, D codes each, row i's scale scales[i]) as fp32
+// rows of D in out
+ZEN_ATTENTION_TARGET inline void widen_int8_rows(const char* rows, int64_t row_bytes, const float* scales, const bool* seen,
+                                                 int64_t n, int64_t D, std::vector<float>& out) {
+  out.resize(n * D);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!seen[i]) continue;
+    const int8_t* row = reinterpret_cast<const int8_t*>(rows + i * row_bytes);
+    const __m256 scale = _mm256_set1_ps(scales[i]);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      const __m256i codes = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d)));
+      _mm256_storeu_ps(&out[i * D + d], _mm256_mul_ps(_mm256_cvtepi32_ps(codes), scale));
+    }
+    for (; d < D; ++d) out[i * D + d] = static_cast<float>(row[d]) * scales[i];
+  }
+}
+
 // partial[g * (D + 2)]: the chunk's max score, sum of exp, then D weighted sums of V, for query g
 // of the group; positions [l0, l1) of (b, kv head)
 template <class L>
-ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void* v, bool kv_bf16, const float* mask,
-                                       const Shape& s, int64_t b, int64_t kvh, int64_t l0, int64_t l1, float* partial) {
+ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void* v, KvKind kind, const float* k_scale,
+                                       const float* v_scale, const float* mask, const Shape& s, int64_t b, int64_t kvh,
+                                       int64_t l0, int64_t l1, float* partial) {
   const int64_t group = s.H / s.Hkv, D = s.D, stride = D + 2, n = l1 - l0;
-  const int64_t width = kv_bf16 ? 2 : 4;
+  bool kv_bf16 = kind == KvKind::kBFloat16;
+  const int64_t width = kind == KvKind::kFloat ? 4 : kv_bf16 ? 2 : 1;
   int64_t k_row = s.k_sl * width, v_row = s.v_sl * width;
   const char* kb = static_cast<const char*>(k) + (b * s.k_sb + kvh * s.k_sh + l0 * s.k_sl) * width;
   const char* vb = static_cast<const char*>(v) + (b * s.v_sb + kvh * s.v_sh + l0 * s.v_sl) * width;
@@ -145,10 +171,16 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   // bf16 K and V widened once a chunk, not once per query of the group (the passes below read each
   // row group times: widening there made bf16 slower than fp32 at half the bytes)
   static thread_local std::vector<float> k32, v32;
-  const bool widened = kv_bf16 && L::kWidenOnce;
-  if (widened) {
+  const bool widened = (kv_bf16 && L::kWidenOnce) || kind == KvKind::kInt8;
+  if (kind == KvKind::kInt8) {  // scales: [B, Hkv, L], packed
+    const int64_t first = (b * s.Hkv + kvh) * s.L + l0;
+    widen_int8_rows(kb, k_row, k_scale + first, seen, n, D, k32);
+    widen_int8_rows(vb, v_row, v_scale + first, seen, n, D, v32);
+  } else if (widened) {
     widen_rows<L>(kb, k_row, seen, n, D, k32);
     widen_rows<L>(vb, v_row, seen, n, D, v32);
+  }
+  if (widened) {
     kb = reinterpret_cast<const char*>(k32.data());
     vb = reinterpret_cast<const char*>(v32.data());
     k_row = v_row = D * 4;
@@ -218,8 +250,8 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
 }
 
 template <class L>
-void attend(const float* q_unscaled, float scale, const void* k, const void* v, bool kv_bf16, const float* mask, float* out,
-            const Shape& s) {
+void attend(const float* q_unscaled, float scale, const void* k, const void* v, KvKind kind, const float* k_scale,
+            const float* v_scale, const float* mask, float* out, const Shape& s) {
   std::vector<float> q_scaled(s.B * s.H * s.D);
   for (size_t i = 0; i < q_scaled.size(); ++i) q_scaled[i] = q_unscaled[i] * scale;
   const float* q = q_scaled.data();
@@ -238,7 +270,8 @@ void attend(const float* q_unscaled, float scale, const void* k, const void* v, 
   for (int64_t item = 0; item < items; ++item) {
     const int64_t i = std::upper_bound(first_item.begin(), first_item.end(), item) - first_item.begin() - 1;
     const int64_t l0 = (item - first_item[i]) * kChunk, l1 = std::min(ends[i], l0 + kChunk);
-    attend_chunk<L>(q, k, v, kv_bf16, mask, s, i / s.Hkv, i % s.Hkv, l0, l1, partials.data() + item * group * stride);
+    attend_chunk<L>(q, k, v, kind, k_scale, v_scale, mask, s, i / s.Hkv, i % s.Hkv, l0, l1,
+                    partials.data() + item * group * stride);
   }
   for (int64_t i = 0; i < s.B * s.Hkv; ++i) {
     const int64_t b = i / s.Hkv, kvh = i % s.Hkv;
@@ -265,13 +298,15 @@ void attend(const float* q_unscaled, float scale, const void* k, const void* v, 
 
 }  // namespace
 
-// q: fp32 [B, H, D], multiplied by *scale as read; k, v: [B, Hkv, L, D] (fp32, or bf16 when kv_bf16) with the strides
-// given and D contiguous; mask: additive fp32, read at b * m_sb + h * m_sh + l * m_sl (0 strides
-// broadcast), only if has_mask; out: fp32 [B, H, D]. Computed with the including file's lanes.
+// q: fp32 [B, H, D], multiplied by *scale as read; k, v: [B, Hkv, L, D] with the strides given and D
+// contiguous, of kv_kind (0 fp32, 1 bf16, 2 int8 codes whose values are code * k_scale / v_scale,
+// fp32 [B, Hkv, L] packed; the scales are read only for int8); mask: additive fp32, read at
+// b * m_sb + h * m_sh + l * m_sl (0 strides broadcast), only if has_mask; out: fp32 [B, H, D].
+// Computed with the including file's lanes.
 extern "C" void kernel(const float* q, const void* k, const void* v, const float* mask, float* out, const float* scale, int64_t B,
                        int64_t H, int64_t Hkv, int64_t L, int64_t D, int64_t k_sb, int64_t k_sh, int64_t k_sl,
                        int64_t v_sb, int64_t v_sh, int64_t v_sl, int64_t m_sb, int64_t m_sh, int64_t m_sl,
-                       int64_t has_mask, int64_t kv_bf16) {
+                       int64_t has_mask, int64_t kv_kind, const float* k_scale, const float* v_scale) {
   const Shape s{B, H, Hkv, L, D, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, m_sb, m_sh, m_sl, has_mask != 0};
-  attend<ZEN_ATTENTION_LANES>(q, *scale, k, v, kv_bf16 != 0, mask, out, s);
+  attend<ZEN_ATTENTION_LANES>(q, *scale, k, v, static_cast<KvKind>(kv_kind), k_scale, v_scale, mask, out, s);
 }

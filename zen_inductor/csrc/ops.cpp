@@ -1,7 +1,7 @@
 // The ops the compiled graph calls in C++, with no Python between Inductor's wrapper and our
 // kernels (at decode a linear's kernel runs 10-40 us; a Python op around it costs ~10 us more):
 //   zen::quant_linear.native  one of our C++ linear entries, on a weight packed for it
-//   zen::decode_attention     one query position over a KV cache (decode_attention.cpp)
+//   zen::decode_attention     one query position over a KV cache, fp32, bf16 or int8 (decode_attention.cpp)
 // Their schemas and fake implementations are Python's (kernels/op.py, attention.py); the kernels
 // are plain libraries whose entry addresses Python binds here once they are loaded.
 //
@@ -126,7 +126,8 @@ at::Tensor native_linear(const at::Tensor& x_in, at::TensorList weight, const st
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
-                            const std::optional<at::Tensor>& mask_in, double scale) {
+                            const std::optional<at::Tensor>& mask_in, double scale,
+                            const std::optional<at::Tensor>& k_scale_in, const std::optional<at::Tensor>& v_scale_in) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k_in.dim() == 4 && v_in.dim() == 4,
               "zen: decode_attention takes q [B, H, 1, D] and k, v [B, Hkv, L, D]");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k_in.size(1), L = k_in.size(2);
@@ -134,13 +135,27 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_in, const a
                   k_in.size(3) == D && v_in.size(3) == D && Hkv > 0 && H % Hkv == 0,
               "zen: decode_attention: the shapes of q, k and v do not match");
   TORCH_CHECK(D <= 512 && H / Hkv <= 64, "zen: decode_attention takes D <= 512 and up to 64 query heads a KV head");
-  TORCH_CHECK(k_in.scalar_type() == v_in.scalar_type() &&
-                  (k_in.scalar_type() == at::kFloat || k_in.scalar_type() == at::kBFloat16),
-              "zen: decode_attention takes fp32 or bf16 k and v of one dtype");
+  const at::ScalarType kv_type = k_in.scalar_type();
+  TORCH_CHECK(kv_type == v_in.scalar_type() &&
+                  (kv_type == at::kFloat || kv_type == at::kBFloat16 || kv_type == at::kChar),
+              "zen: decode_attention takes fp32, bf16 or int8 k and v of one dtype");
+  const bool int8 = kv_type == at::kChar;
+  TORCH_CHECK(int8 == k_scale_in.has_value() && int8 == v_scale_in.has_value(),
+              "zen: decode_attention takes k_scale and v_scale with int8 k and v, and only then");
+  // int8: one scale a (batch, KV head, position), read as a packed [B, Hkv, L]
+  at::Tensor k_scale, v_scale;
+  if (int8) {
+    for (const at::Tensor* t : {&*k_scale_in, &*v_scale_in}) {
+      TORCH_CHECK(t->numel() == B * Hkv * L && t->size(0) == B && t->size(1) == Hkv && t->size(2) == L,
+                  "zen: decode_attention: int8 scales must be [B, Hkv, L] or [B, Hkv, L, 1], got ", t->sizes());
+    }
+    k_scale = fp32_contiguous(*k_scale_in);
+    v_scale = fp32_contiguous(*v_scale_in);
+  }
   const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
   const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
   // q is scaled as the kernel reads it; a copy only where q is not fp32 with rows packed
-  const at::Tensor qf = q.scalar_type() == at::kFloat && q.is_contiguous() ? q : q.to(at::kFloat).contiguous();
+  const at::Tensor qf = fp32_contiguous(q);
   const float scale_f = static_cast<float>(scale);
   at::Tensor mask;
   int64_t m_strides[4] = {0, 0, 0, 0};  // [B, H, 1, L] broadcast: 0 where the mask has size 1 or no dim
@@ -160,10 +175,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_in, const a
   // the AVX-512 build where this CPU has it and Python bound it (attention.unavailable), else AVX2's
   const Entry entry = find_first_entry({"decode_attention_avx512", "decode_attention"});
   const bool has_mask = mask.defined();
+  const int64_t kv_kind = kv_type == at::kFloat ? 0 : kv_type == at::kBFloat16 ? 1 : 2;
   const std::vector<int64_t> words{
       word(qf), word(k), word(v), has_mask ? word(mask) : word(qf), word(out), reinterpret_cast<int64_t>(&scale_f),
       B, H, Hkv, L, D, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-      m_strides[0], m_strides[1], m_strides[3], has_mask, k.scalar_type() == at::kBFloat16};
+      m_strides[0], m_strides[1], m_strides[3], has_mask, kv_kind, int8 ? word(k_scale) : word(qf),
+      int8 ? word(v_scale) : word(qf)};
   TORCH_CHECK(words.size() == entry.words, "zen: the native entry 'decode_attention' takes ", entry.words,
               " arguments, this call has ", words.size());
   call_entry(entry, words, std::make_index_sequence<kMostWords + 1>{});
