@@ -42,7 +42,8 @@ def main():
         times: dict = {s: {} for s in systems}
         for i, phase in enumerate(args.phases):
             for system in systems if i % 2 == 0 else reversed(systems):
-                r = run_child(args.model, fmt, system, prompt=128, new=4, reps=1, env=cold_caches(roots[system]))
+                child = argparse.Namespace(model=args.model, prompt=128, new=4, reps=1, cache="dynamic")
+                r = run_child(child, fmt, system, env=cold_caches(roots[system]))
                 times[system][phase] = r
                 shown = f"{r['compile_s']:.1f} s ({r['caches']})" if "compile_s" in r else f"failed: {r['error']}"
                 print(f"[{fmt} / {system} / {phase}] {shown}", flush=True)

@@ -6,7 +6,12 @@ Each call reads one of ``--layers`` caches in turn, as a decode step walks its l
 come from wherever a model's would (the whole set is over this VM's L2). A static cache is
 ``--context`` positions long with its last 64 unwritten (masked), as at a step of generate().
 
-    python benchmarks/decode_attention.py [--contexts 512,2048,4096] [--out benchmarks/results/decode-attention.md]
+    python benchmarks/decode_attention.py [--contexts 512,2048,4096] [--dtypes float32,bfloat16,int8]
+                                          [--out benchmarks/results/decode-attention.md]
+
+int8: the layout of ``zen_inductor.Int8StaticCache`` (codes and a fp32 scale a KV head and position),
+read by zen's kernel; ATen's SDPA and the GEMM form are timed on the same values in bf16, the cache
+a user would otherwise keep.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.linears import read_bandwidth_gbs  # noqa: E402
 from benchmarks.smollm2 import cpu  # noqa: E402
 from zen_inductor.attention import decode_attention, unavailable  # noqa: E402
+from zen_inductor.kv_cache import dequantize, quantize  # noqa: E402
 
 SHAPES = {"smollm2 (9 heads / 3 KV, D 64)": (9, 3, 64), "llama1b (32 heads / 8 KV, D 64)": (32, 8, 64)}
 UNWRITTEN = 64
@@ -49,10 +55,42 @@ def per_call_us(call, caches, reps: int) -> float:
     return statistics.median(samples)
 
 
+def one_case(h, hkv, d, dtype, context, compiled, args) -> dict:
+    """us a call of zen's kernel, ATen's SDPA and the GEMMs, and the bytes of K and V zen reads."""
+    torch.manual_seed(0)
+    int8 = dtype == torch.int8
+    values = torch.bfloat16 if int8 else dtype  # the peers' cache
+    mask = torch.zeros(1, 1, 1, context, dtype=values)
+    mask[..., context - UNWRITTEN:] = float("-inf")
+    caches, codes = [], []
+    for _ in range(args.layers):
+        q, k, v = torch.randn(1, h, 1, d, dtype=values), torch.randn(1, hkv, context, d), torch.randn(1, hkv, context, d)
+        if int8:
+            (kc, ks), (vc, vs) = quantize(k), quantize(v)
+            codes.append((q, kc, vc, mask, ks, vs))
+            k, v = dequantize(kc, ks, values), dequantize(vc, vs, values)
+        caches.append((q, k.to(values), v.to(values), mask))
+    scale = 1 / math.sqrt(d)
+    q, k, v, _ = caches[0]
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(), enable_gqa=True)
+    if int8:
+        assert (decode_attention(*codes[0][:4], scale, *codes[0][4:]).float() - ref).norm() / ref.norm() < 1e-2
+        zen = per_call_us(lambda q, k, v, m, ks, vs: decode_attention(q, k, v, m, scale, ks, vs), codes, args.reps)
+    else:
+        assert (decode_attention(q, k, v, mask, scale).float() - ref).norm() / ref.norm() < 1e-2
+        zen = per_call_us(lambda q, k, v, m: decode_attention(q, k, v, m, scale), caches, args.reps)
+    sdpa = per_call_us(lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=m, enable_gqa=True), caches, args.reps)
+    torch._dynamo.reset()
+    fused = per_call_us(lambda q, k, v, m: compiled(q, k, v, m, scale), caches, args.reps)
+    visible = 2 * hkv * (context - UNWRITTEN)  # rows of K and V
+    return dict(zen=zen, sdpa=sdpa, fused=fused, bytes=visible * (d + 4 if int8 else d * dtype.itemsize))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", default="512,2048,4096")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8")
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--out", default="")
@@ -65,34 +103,20 @@ def main() -> None:
              f"Machine: {cpu()}, {torch.get_num_threads()} threads; read bandwidth {bandwidth:.1f} GB/s (a 512 MB buffer "
              f"summed). Batch 1; each call reads the next of {args.layers} caches, as a decode step walks its layers; "
              f"the last {UNWRITTEN} positions of each cache unwritten (masked). `python benchmarks/decode_attention.py`, "
-             f"medians of {args.reps} passes. GB/s: bytes of K and V up to the last visible position over the time.", "",
+             f"medians of {args.reps} passes. GB/s: bytes of K and V up to the last visible position over the time "
+             f"(int8: codes and scales; SDPA and the GEMMs on the same values in bf16).", "",
              "| shape | KV dtype | context | zen C++ us | GB/s | of read bandwidth | ATen SDPA us | GEMMs (Inductor) us |",
              "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for label, (h, hkv, d) in SHAPES.items():
         for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
             for context in (int(c) for c in args.contexts.split(",")):
-                torch.manual_seed(0)
-                mask = torch.zeros(1, 1, 1, context, dtype=dtype)
-                mask[..., context - UNWRITTEN:] = float("-inf")
-                caches = [(torch.randn(1, h, 1, d, dtype=dtype), torch.randn(1, hkv, context, d, dtype=dtype),
-                           torch.randn(1, hkv, context, d, dtype=dtype), mask) for _ in range(args.layers)]
-                scale = 1 / math.sqrt(d)
-                q, k, v, _ = caches[0]
-                ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(),
-                                                                       enable_gqa=True)
-                assert (decode_attention(q, k, v, mask, scale).float() - ref).norm() / ref.norm() < 1e-2
-                zen = per_call_us(lambda q, k, v, m: decode_attention(q, k, v, m, scale), caches, args.reps)
-                sdpa = per_call_us(lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, attn_mask=m, enable_gqa=True), caches, args.reps)
-                torch._dynamo.reset()
-                fused = per_call_us(lambda q, k, v, m: compiled(q, k, v, m, scale), caches, args.reps)
-                read = 2 * hkv * (context - UNWRITTEN) * d * k.element_size()
-                gbs = read / zen / 1e3
-                row = (f"| {label} | {str(dtype).replace('torch.', '')} | {context} | {zen:.1f} | {gbs:.1f} | "
-                       f"{gbs / bandwidth:.0%} | {sdpa:.1f} | {fused:.1f} |")
-                print(row, flush=True)
-                lines.append(row)
+                row = one_case(h, hkv, d, dtype, context, compiled, args)
+                gbs = row["bytes"] / row["zen"] / 1e3
+                line = (f"| {label} | {str(dtype).replace('torch.', '')} | {context} | {row['zen']:.1f} | {gbs:.1f} | "
+                        f"{gbs / bandwidth:.0%} | {row['sdpa']:.1f} | {row['fused']:.1f} |")
+                print(line, flush=True)
+                lines.append(line)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

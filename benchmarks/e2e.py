@@ -2,12 +2,18 @@
 
     python benchmarks/e2e.py [--formats bf16,int4wo,...] [--systems eager,inductor,recipe,zentorch,zen]
                              [--model llama1b-4l|qwen3-4l|tiny] [--reps 3] [--out benchmarks/results]
+                             [--prompt 128] [--cache dynamic|static]
 
 Every (format, system) runs in its own process (compile time and peak RSS are its own), in an
 order that alternates systems so slow drift of the shared machine spreads over all of them.
 Each process: build the model (random weights, transformers), quantize with torchao, compile,
 warm up, then ``reps`` greedy generations; TTFT and TPOT are medians. Results: a JSON per run and
 a markdown table with ratios of zen to the best peer.
+
+The KV cache: transformers' DynamicCache (default), or with ``--cache static`` a StaticCache of the
+prompt plus the new tokens, as ``generate(cache_implementation="static")`` makes (results then in
+``e2e-MODEL-static-cache-pPROMPT``); system ``zen-kv8`` is zen generating through
+``zen_inductor.Int8StaticCache`` instead.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ def build(spec: dict):
     cfg = getattr(transformers, names[0])(
         hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
         num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"], vocab_size=spec["vocab"],
-        max_position_embeddings=512, tie_word_embeddings=True, **({"head_dim": spec["head_dim"]} if "head_dim" in spec else {}),
+        max_position_embeddings=8192, tie_word_embeddings=True, **({"head_dim": spec["head_dim"]} if "head_dim" in spec else {}),
     )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -77,7 +83,7 @@ def compiled_forward(model, system: str):
     # every compiled system gets Inductor's global freezing flag, as a user following its CPU
     # docs sets it: Dynamo then guards parameters by identity (zen freezes in any case)
     torch._inductor.config.freezing = True
-    if system == "zen":
+    if system in ("zen", "zen-kv8"):
         return torch.compile(model.forward, backend="zen")
     if system == "zen-a8":  # zen, letting int8-activation kernels serve weight-only linears too
         return torch.compile(model.forward, backend="zen", options={"int8_activations_for_weight_only": True})
@@ -113,14 +119,15 @@ def one_run(args) -> dict:
         quantize_(model, cfg)  # every Linear, lm_head included, as quantize_ does by default
     torch.manual_seed(1)
     prompt = torch.randint(0, spec["vocab"], (1, args.prompt))
+    make_cache = cache_maker(model, args.system, args.cache, args.prompt + args.new)
     with torch.no_grad():
         forward = compiled_forward(model, args.system)
         t0 = time.perf_counter()
-        generate(forward, prompt, 4)
+        generate(forward, prompt, 4, make_cache)
         compile_s = time.perf_counter() - t0
         ttfts, tpots, tokens = [], [], None
         for _ in range(args.reps):
-            tokens, ttft, steps = generate(forward, prompt, args.new)
+            tokens, ttft, steps = generate(forward, prompt, args.new, make_cache)
             ttfts.append(ttft * 1e3)
             tpots.append(statistics.median(steps) * 1e3)
     return {
@@ -129,6 +136,24 @@ def one_run(args) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens.tolist()[0],
         "caches": cache_use(args.system),
     }
+
+
+def cache_maker(model, system: str, cache: str, length: int):
+    """What makes each generation's KV cache: None (DynamicCache), a StaticCache of ``length``, or for
+    zen-kv8 an Int8StaticCache."""
+    if system == "zen-kv8":
+        from zen_inductor import Int8StaticCache
+
+        return lambda: Int8StaticCache(config=model.config, max_cache_len=length)
+    if cache == "static":
+        from transformers import StaticCache
+
+        return lambda: StaticCache(config=model.config, max_cache_len=length)
+    return None
+
+
+def results_name(args) -> str:
+    return f"e2e-{args.model}" + (f"-{args.cache}-cache-p{args.prompt}" if args.cache != "dynamic" else "")
 
 
 def cache_use(system: str) -> str:
@@ -163,6 +188,7 @@ def run_arguments(systems) -> argparse.ArgumentParser:
     p.add_argument("--systems", default=",".join(systems))
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=32)
+    p.add_argument("--cache", default="dynamic", choices=("dynamic", "static"))
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     return p
 
@@ -185,9 +211,9 @@ def main():
             print(f"[{fmt} / {system}] running...", flush=True)
             if args.cold:
                 with tempfile.TemporaryDirectory(prefix="zen-e2e-") as root:
-                    r = run_child(args.model, fmt, system, args.prompt, args.new, args.reps, env=cold_caches(root))
+                    r = run_child(args, fmt, system, env=cold_caches(root))
             else:
-                r = run_child(args.model, fmt, system, args.prompt, args.new, args.reps)
+                r = run_child(args, fmt, system)
             if "error" in r:
                 print(f"[{fmt} / {system}] failed: {r['error']}", flush=True)
                 results.append({"format": fmt, "system": system, "error": r["error"]})
@@ -198,10 +224,10 @@ def main():
     write(results, args)
 
 
-def run_child(model: str, fmt: str, system: str, prompt: int, new: int, reps: int, env=None) -> dict:
+def run_child(args, fmt: str, system: str, env=None) -> dict:
     """One (format, system) in its own process: its result, or {"error": last line of stderr}."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--model", model, "--prompt", str(prompt), "--new", str(new),
-           "--reps", str(reps), "--child", fmt, system]
+    cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--prompt", str(args.prompt), "--new",
+           str(args.new), "--reps", str(args.reps), "--cache", args.cache, "--child", fmt, system]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -217,7 +243,8 @@ def cold_caches(root: str) -> dict:
 
 def write(results, args, quiet=False):
     os.makedirs(args.out, exist_ok=True)
-    previous = os.path.join(args.out, f"e2e-{args.model}.json")
+    name = results_name(args)
+    previous = os.path.join(args.out, f"{name}.json")
     if (args.merge or quiet) and os.path.exists(previous):  # re-measured (format, system) pairs replace old ones
         with open(previous) as f:
             old = json.load(f)["results"]
@@ -225,10 +252,12 @@ def write(results, args, quiet=False):
         results = [r for r in old if (r["format"], r["system"]) not in fresh] + results
     stamp = time.strftime("%Y-%m-%d")
     meta = {"date": stamp, "machine": platform.processor() or platform.machine(), "cpu": _cpu(), "threads": os.cpu_count(),
-            "model": args.model, "prompt": args.prompt, "new": args.new, "reps": args.reps, "versions": _versions()}
-    with open(os.path.join(args.out, f"e2e-{args.model}.json"), "w") as f:
+            "model": args.model, "prompt": args.prompt, "new": args.new, "reps": args.reps, "cache": args.cache,
+            "versions": _versions()}
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
-    lines = [f"# e2e: {args.model}, prompt {args.prompt}, {args.new} new tokens, batch 1, greedy ({stamp})", "",
+    lines = [f"# e2e: {args.model}, prompt {args.prompt}, {args.new} new tokens, batch 1, greedy, {args.cache} KV cache "
+             f"({stamp})", "",
              f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}.", "",
              "| format | system | TTFT ms | TPOT ms | compile s | peak RSS MB | tokens = eager | zen vs best peer | caches at compile |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -247,7 +276,7 @@ def write(results, args, quiet=False):
                 best_tpot = min(p["tpot_ms"] for p in peers)
                 ratio = f"TTFT {r['ttft_ms'] / best_ttft:.2f}x, TPOT {r['tpot_ms'] / best_tpot:.2f}x"
             lines.append(f"| {fmt} | {r['system']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | {ratio} | {r.get('caches', '?')} |")
-    with open(os.path.join(args.out, f"e2e-{args.model}.md"), "w") as f:
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if quiet:
         return
@@ -255,7 +284,7 @@ def write(results, args, quiet=False):
     try:
         from charts import chart  # benchmarks/charts.py, beside this file
 
-        print(chart(os.path.join(args.out, f"e2e-{args.model}.json")))
+        print(chart(os.path.join(args.out, f"{name}.json")))
     except ImportError as e:  # matplotlib is in the bench extra only
         print(f"no PNG chart: {e}")
 

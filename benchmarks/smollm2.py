@@ -2,7 +2,7 @@
 same blocks.
 
     python benchmarks/smollm2.py [--systems eager,inductor,zen,llamacpp] [--prompts 128,512] [--new 64]
-                                 [--reps 3] [--file Q4_1|path.gguf] [--out benchmarks/results]
+                                 [--reps 3] [--file Q4_1|path.gguf] [--out benchmarks/results] [--name STEM]
 
 Every (prompt, system) runs in its own process (compile time and peak RSS are its own). The torch
 systems load the file with ``zen_inductor.load_gguf`` (their linears compute with the file's
@@ -13,6 +13,9 @@ decode crashed with torch loaded beside it). The prompt is the start of the comm
 public-domain text ``benchmarks/data/prose.txt``, tokenized once by the parent. Stock Inductor runs
 with its global freezing flag on (PyTorch's CPU recipe for inference); zen as a user would call it.
 ``--merge`` re-runs the given systems and keeps the other rows of the last results.
+A system named with ``-kv8`` keeps its KV cache in 8 bits: zen-kv8 generates through
+``zen_inductor.Int8StaticCache`` (int8, a scale a KV head and position), llamacpp-kv8 with llama.cpp's
+Q8_0 keys and values (blocks of 32, with its flash attention, which a quantized V needs).
 ZEN_BENCH_LLAMACPP_EXTRA_BUFTS=0 turns llama.cpp's extra buffer types off (see llamacpp_run).
 """
 from __future__ import annotations
@@ -27,7 +30,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SYSTEMS = ("eager", "inductor", "zen", "llamacpp")
+SYSTEMS = ("eager", "inductor", "zen", "zen-kv8", "llamacpp", "llamacpp-kv8")
+KV8 = "-kv8"
 
 
 def prose_ids(path: str) -> list:
@@ -63,11 +67,12 @@ def torch_run(system: str, path: str, prompt: list, new: int, reps: int) -> dict
     model, _ = zen_inductor.load_gguf(path)
     load_s = time.perf_counter() - t0
     ids, length = torch.tensor([prompt]), len(prompt)
-    forward = compiled_forward(model, system)
+    forward = compiled_forward(model, system.removesuffix(KV8))
+    cache_class = zen_inductor.Int8StaticCache if system.endswith(KV8) else StaticCache
 
     @torch.no_grad()
     def generate(steps: int):
-        cache = StaticCache(config=model.config, max_cache_len=length + new)
+        cache = cache_class(config=model.config, max_cache_len=length + new)
         t = time.perf_counter()
         out = forward(input_ids=ids, past_key_values=cache, cache_position=torch.arange(length), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
@@ -111,14 +116,15 @@ def llamacpp_extra_bufts() -> bool:
     return False
 
 
-def llamacpp_run(path: str, prompt: list, new: int, reps: int, threads: int) -> dict:
+def llamacpp_run(path: str, prompt: list, new: int, reps: int, threads: int, kv8: bool = False) -> dict:
     import llama_cpp
 
     extra_bufts = llamacpp_extra_bufts()
     ids, length = prompt, len(prompt)
+    kv = dict(type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0, flash_attn=True) if kv8 else {}
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, n_ctx=length + new + 8, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                          verbose=False)
+                          verbose=False, **kv)
     load_s = time.perf_counter() - t0
 
     def generate(steps: int):
@@ -148,8 +154,8 @@ def llamacpp_run(path: str, prompt: list, new: int, reps: int, threads: int) -> 
 def child(args) -> None:
     with open(args.ids) as f:
         prompt = json.load(f)
-    if args.system == "llamacpp":
-        result = llamacpp_run(args.file, prompt, args.new, args.reps, args.threads)
+    if args.system.startswith("llamacpp"):
+        result = llamacpp_run(args.file, prompt, args.new, args.reps, args.threads, kv8=args.system.endswith(KV8))
     else:
         result = torch_run(args.system, args.file, prompt, args.new, args.reps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -172,6 +178,7 @@ def main() -> None:
     p.add_argument("--file", default="Q4_1", help="Q4_1 (the wheel's file) or a path to a GGUF file")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--merge", action="store_true", help="keep the last results' rows of the systems not run")
+    p.add_argument("--name", help="the results' file name without its extension (default: smollm2[-FILE])")
     p.add_argument("--system", help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -186,9 +193,10 @@ def main() -> None:
 
     import torch
 
-    systems = [s for s in args.systems.split(",") if s and (s != "llamacpp" or importlib.util.find_spec("llama_cpp"))]
+    systems = [s for s in args.systems.split(",")
+               if s and (not s.startswith("llamacpp") or importlib.util.find_spec("llama_cpp"))]
     name = os.path.basename(args.file)
-    stem = os.path.join(args.out, "smollm2" if name.endswith("Q4_1.gguf") else f"smollm2-{name}")
+    stem = os.path.join(args.out, args.name or ("smollm2" if name.endswith("Q4_1.gguf") else f"smollm2-{name}"))
     os.makedirs(args.out, exist_ok=True)
     rows = []
     if args.merge and os.path.exists(stem + ".json"):
@@ -215,7 +223,8 @@ def main() -> None:
             rows.append(row)
         os.remove(ids_file)
     lines = [f"# SmolLM2-135M-Instruct, {name}: zen against llama.cpp and PyTorch ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {cpu()}, {torch.get_num_threads()} threads. Batch 1, greedy, {args.new} new tokens, StaticCache; "
+             f"Machine: {cpu()}, {torch.get_num_threads()} threads. Batch 1, greedy, {args.new} new tokens, StaticCache "
+             f"(`-kv8`: 8-bit keys and values, zen's Int8StaticCache and llama.cpp's Q8_0 cache); "
              f"medians of {args.reps} runs (eager: 1). One process per row. Every system computes with the file's blocks. "
              f"Prompts: the first tokens of `benchmarks/data/prose.txt` ({len(text)} tokens), read again from its start "
              f"for longer ones.", "",

@@ -85,11 +85,12 @@ def quantize(model, name: str, group: int):
 
 
 @torch.no_grad()
-def generate(forward, input_ids, new_tokens: int):
-    """Greedy decode; returns tokens, time to first token and per-token decode times (s)."""
+def generate(forward, input_ids, new_tokens: int, make_cache=None):
+    """Greedy decode; returns tokens, time to first token and per-token decode times (s).
+    ``make_cache()``: a fresh cache for the generation (default: transformers' DynamicCache)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = make_cache() if make_cache is not None else DynamicCache()
     t0 = time.perf_counter()
     # logits of the last position only, as transformers' generate() asks for them
     out = forward(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
