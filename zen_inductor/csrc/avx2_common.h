@@ -14,6 +14,13 @@ inline __m256 widen_bf16(__m128i h) {  // 8 bf16 -> 8 fp32: a bf16 is the top ha
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// what a row of K or V holds (decode_attention.h)
+constexpr int kFp32 = 0, kBf16 = 1, kInt8 = 2;
+
+inline __m256 load8_int8(const int8_t* x) {  // 8 int8 codes as fp32
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x))));
+}
+
 inline __m256 load8(const void* x, int64_t i, bool bf16) {
   if (bf16)
     return widen_bf16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i)));

@@ -12,7 +12,10 @@ struct Lanes8 {
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V load_kv(const void* row, int64_t d, bool bf16) { return zen_avx2::load8(row, d, bf16); }
+  static V load_kv(const void* row, int64_t d, int kind) {
+    if (kind == zen_avx2::kInt8) return zen_avx2::load8_int8(static_cast<const int8_t*>(row) + d);
+    return zen_avx2::load8(row, d, kind == zen_avx2::kBf16);
+  }
   static __m256 fold8(V v) { return v; }
 };
 

@@ -2,12 +2,13 @@
 // decode_attention_avx512.cpp: 16), each including this text with ZEN_ATTENTION_TARGET set to the
 // ISA its functions are compiled for and ZEN_ATTENTION_LANES to its policy, which provides
 //   V, W (lanes), zero(), set1(x), load(const float*), store(float*, V), fmadd(a, b, c),
-//   load_kv(row, d, bf16): W values of a row of K or V from d on, widened from bf16 if asked,
-//   fold8(V): a __m256 whose 8 lanes sum to the same as V's.
+//   load_kv(row, d, kind): W values of a row of K or V from d on, as fp32 from fp32, bf16 or int8
+//   codes (kind: kFp32, kBf16, kInt8), fold8(V): a __m256 whose 8 lanes sum to the same as V's,
+//   kWidenOnce: whether narrow rows are widened to fp32 once a chunk (else as each pass reads them).
 //
-// K and V come as fp32, bf16, or int8 codes with one fp32 scale a (batch, KV head, position): an
-// int8 row is widened to fp32 once a chunk, its scale applied as it is widened, and the passes
-// below read the fp32 rows (the chunk's rows stay in L1/L2; memory gives one byte a value).
+// K and V come as fp32, bf16, or int8 codes with one fp32 scale a (batch, KV head, position). An
+// int8 row's scale is applied to what its codes gave: to a score after the dot product, to a
+// position's weight before V's sum; or, widened once a chunk, as the row is widened.
 //
 // Attention of one query position over a KV cache (decode), called by zen::decode_attention
 // (ops.cpp), which hands it q in fp32 with the scale, and takes its fp32 output.
@@ -59,9 +60,10 @@ int64_t visible_end(const float* mask, const Shape& s, int64_t b, int64_t kvh) {
   return 0;
 }
 
-// one value of a row of K or V (bf16 or fp32) as fp32
-inline float value_at(const void* row, int64_t d, bool bf16) {
-  if (!bf16) return static_cast<const float*>(row)[d];
+// one value of a row of K or V (fp32, bf16 or an int8 code) as fp32
+inline float value_at(const void* row, int64_t d, int kind) {
+  if (kind == kInt8) return static_cast<float>(static_cast<const int8_t*>(row)[d]);
+  if (kind == kFp32) return static_cast<const float*>(row)[d];
   const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(row)[d]) << 16;
   float out;
   std::memcpy(&out, &bits, sizeof(float));
@@ -76,36 +78,41 @@ inline __m256 sums8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// scores[i] += q . K[l0 + i] for eight positions, rows of K `row_bytes` apart
+// scores[i] += q . K[l0 + i] for eight positions, rows of K `row_bytes` apart (int8 codes: times
+// row_scales[i])
 template <class L>
-ZEN_ATTENTION_TARGET inline void scores8(const float* q, const char* k, int64_t row_bytes, bool bf16, int64_t D,
-                                         float* scores) {
+ZEN_ATTENTION_TARGET inline void scores8(const float* q, const char* k, int64_t row_bytes, int kind, const float* row_scales,
+                                         int64_t D, float* scores) {
   typename L::V acc[8];
   for (int j = 0; j < 8; ++j) acc[j] = L::zero();
   const int64_t DW = D / L::W * L::W;
   for (int64_t d = 0; d < DW; d += L::W) {
     const typename L::V qv = L::load(q + d);
-    for (int j = 0; j < 8; ++j) acc[j] = L::fmadd(qv, L::load_kv(k + j * row_bytes, d, bf16), acc[j]);
+    for (int j = 0; j < 8; ++j) acc[j] = L::fmadd(qv, L::load_kv(k + j * row_bytes, d, kind), acc[j]);
   }
   __m256 folded[8];
   for (int j = 0; j < 8; ++j) folded[j] = L::fold8(acc[j]);
-  _mm256_storeu_ps(scores, _mm256_add_ps(_mm256_loadu_ps(scores), sums8(folded)));
+  __m256 dots = sums8(folded);
+  alignas(32) float tail[8] = {};
   for (int64_t d = DW; d < D; ++d)
-    for (int j = 0; j < 8; ++j) scores[j] += q[d] * value_at(k + j * row_bytes, d, bf16);
+    for (int j = 0; j < 8; ++j) tail[j] += q[d] * value_at(k + j * row_bytes, d, kind);
+  dots = _mm256_add_ps(dots, _mm256_load_ps(tail));
+  if (kind == kInt8) dots = _mm256_mul_ps(dots, _mm256_loadu_ps(row_scales));
+  _mm256_storeu_ps(scores, _mm256_add_ps(_mm256_loadu_ps(scores), dots));
 }
 
 // out[0 .. W T) += sum_i w[i] V[l0 + i][d0 .. d0 + W T): T vectors of sums held in registers over
 // the positions (a sum kept in memory waited on its own store at every position)
 template <class L, int T>
 ZEN_ATTENTION_TARGET inline void weighted_rows(const float* w, const bool* seen, int64_t n, const char* v,
-                                               int64_t row_bytes, bool bf16, int64_t d0, float* out) {
+                                               int64_t row_bytes, int kind, int64_t d0, float* out) {
   typename L::V acc[T];
   for (int t = 0; t < T; ++t) acc[t] = L::load(out + L::W * t);
   for (int64_t i = 0; i < n; ++i) {
     if (!seen[i] || w[i] == 0.0f) continue;
     const typename L::V wv = L::set1(w[i]);
     const char* row = v + i * row_bytes;
-    for (int t = 0; t < T; ++t) acc[t] = L::fmadd(wv, L::load_kv(row, d0 + L::W * t, bf16), acc[t]);
+    for (int t = 0; t < T; ++t) acc[t] = L::fmadd(wv, L::load_kv(row, d0 + L::W * t, kind), acc[t]);
   }
   for (int t = 0; t < T; ++t) L::store(out + L::W * t, acc[t]);
 }
@@ -118,12 +125,10 @@ ZEN_ATTENTION_TARGET void widen_rows(const char* rows, int64_t row_bytes, const 
   for (int64_t i = 0; i < n; ++i) {
     if (!seen[i]) continue;
     int64_t d = 0;
-    for (; d + L::W <= D; d += L::W) L::store(&out[i * D + d], L::load_kv(rows + i * row_bytes, d, true));
-    for (; d < D; ++d) out[i * D + d] = value_at(rows + i * row_bytes, d, true);
+    for (; d + L::W <= D; d += L::W) L::store(&out[i * D + d], L::load_kv(rows + i * row_bytes, d, kBf16));
+    for (; d < D; ++d) out[i * D + d] = value_at(rows + i * row_bytes, d, kBf16);
   }
 }
-
-enum class KvKind : int64_t { kFloat = 0, kBFloat16 = 1, kInt8 = 2 };
 
 // the seen rows of n int8 rows (`row_bytes` apart, D codes each, row i's scale scales[i]) as fp32
 // rows of D in out
@@ -135,10 +140,7 @@ ZEN_ATTENTION_TARGET inline void widen_int8_rows(const char* rows, int64_t row_b
     const int8_t* row = reinterpret_cast<const int8_t*>(rows + i * row_bytes);
     const __m256 scale = _mm256_set1_ps(scales[i]);
     int64_t d = 0;
-    for (; d + 8 <= D; d += 8) {
-      const __m256i codes = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d)));
-      _mm256_storeu_ps(&out[i * D + d], _mm256_mul_ps(_mm256_cvtepi32_ps(codes), scale));
-    }
+    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(&out[i * D + d], _mm256_mul_ps(load8_int8(row + d), scale));
     for (; d < D; ++d) out[i * D + d] = static_cast<float>(row[d]) * scales[i];
   }
 }
@@ -146,15 +148,17 @@ ZEN_ATTENTION_TARGET inline void widen_int8_rows(const char* rows, int64_t row_b
 // partial[g * (D + 2)]: the chunk's max score, sum of exp, then D weighted sums of V, for query g
 // of the group; positions [l0, l1) of (b, kv head)
 template <class L>
-ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void* v, KvKind kind, const float* k_scale,
+ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void* v, int kind, const float* k_scale,
                                        const float* v_scale, const float* mask, const Shape& s, int64_t b, int64_t kvh,
                                        int64_t l0, int64_t l1, float* partial) {
   const int64_t group = s.H / s.Hkv, D = s.D, stride = D + 2, n = l1 - l0;
-  bool kv_bf16 = kind == KvKind::kBFloat16;
-  const int64_t width = kind == KvKind::kFloat ? 4 : kv_bf16 ? 2 : 1;
+  const int64_t width = kind == kFp32 ? 4 : kind == kBf16 ? 2 : 1;
   int64_t k_row = s.k_sl * width, v_row = s.v_sl * width;
   const char* kb = static_cast<const char*>(k) + (b * s.k_sb + kvh * s.k_sh + l0 * s.k_sl) * width;
   const char* vb = static_cast<const char*>(v) + (b * s.v_sb + kvh * s.v_sh + l0 * s.v_sl) * width;
+  // int8: the chunk's scales, [B, Hkv, L] packed
+  const float* k_scales = kind == kInt8 ? k_scale + (b * s.Hkv + kvh) * s.L + l0 : nullptr;
+  const float* v_scales = kind == kInt8 ? v_scale + (b * s.Hkv + kvh) * s.L + l0 : nullptr;
   // scores, then weights, of query g at position l0 + i: [g * kChunk + i]; group <= 64 (the op checks)
   alignas(32) float weights[64 * kChunk];
   bool seen[kChunk] = {};  // some query of the group may see the position
@@ -168,23 +172,23 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
       seen[i] = seen[i] || weights[g * kChunk + i] != kNegInf;
     }
   }
-  // bf16 K and V widened once a chunk, not once per query of the group (the passes below read each
-  // row group times: widening there made bf16 slower than fp32 at half the bytes)
+  // narrow K and V widened once a chunk, not once per query of the group, where the lanes ask (the
+  // passes below read each row group times: on AVX2 widening there made bf16 slower than fp32 at
+  // half the bytes)
   static thread_local std::vector<float> k32, v32;
-  const bool widened = (kv_bf16 && L::kWidenOnce) || kind == KvKind::kInt8;
-  if (kind == KvKind::kInt8) {  // scales: [B, Hkv, L], packed
-    const int64_t first = (b * s.Hkv + kvh) * s.L + l0;
-    widen_int8_rows(kb, k_row, k_scale + first, seen, n, D, k32);
-    widen_int8_rows(vb, v_row, v_scale + first, seen, n, D, v32);
-  } else if (widened) {
-    widen_rows<L>(kb, k_row, seen, n, D, k32);
-    widen_rows<L>(vb, v_row, seen, n, D, v32);
-  }
+  const bool widened = kind != kFp32 && L::kWidenOnce;
   if (widened) {
+    if (kind == kInt8) {
+      widen_int8_rows(kb, k_row, k_scales, seen, n, D, k32);
+      widen_int8_rows(vb, v_row, v_scales, seen, n, D, v32);
+    } else {
+      widen_rows<L>(kb, k_row, seen, n, D, k32);
+      widen_rows<L>(vb, v_row, seen, n, D, v32);
+    }
     kb = reinterpret_cast<const char*>(k32.data());
     vb = reinterpret_cast<const char*>(v32.data());
     k_row = v_row = D * 4;
-    kv_bf16 = false;
+    kind = kFp32;
   }
   for (int64_t i = 0; i < n; i += 8) {
     const int64_t count = std::min<int64_t>(8, n - i);
@@ -192,18 +196,21 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
     // V's rows are read after every score of the chunk: asked for now, they arrive meanwhile
     for (int64_t j = 0; j < count && !widened; ++j)
       for (int64_t byte = 0; byte < D * width; byte += 64) _mm_prefetch(vb + (i + j) * v_row + byte, _MM_HINT_T0);
+    // the scores of 8 positions at a time; an int8 position's scale is padded to 8 for the tail
+    alignas(32) float row_scales[8] = {};
+    if (kind == kInt8) std::copy(k_scales + i, k_scales + std::min<int64_t>(i + 8, n), row_scales);
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = q + (b * s.H + kvh * group + g) * D;
       float* scores = weights + g * kChunk + i;
       if (count == 8) {  // -inf + a finite dot stays -inf
-        scores8<L>(qg, kb + i * k_row, k_row, kv_bf16, D, scores);
+        scores8<L>(qg, kb + i * k_row, k_row, kind, row_scales, D, scores);
         continue;
       }
       for (int64_t j = 0; j < count; ++j) {
         if (scores[j] == kNegInf) continue;
         float sum = 0.0f;
-        for (int64_t d = 0; d < D; ++d) sum += qg[d] * value_at(kb + (i + j) * k_row, d, kv_bf16);
-        scores[j] += sum;
+        for (int64_t d = 0; d < D; ++d) sum += qg[d] * value_at(kb + (i + j) * k_row, d, kind);
+        scores[j] += kind == kInt8 ? sum * row_scales[j] : sum;
       }
     }
   }
@@ -238,19 +245,22 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
       w[i] = w[i] == kNegInf ? 0.0f : std::exp(w[i] - top);
       p[1] += w[i];
     }
+    if (kind == kInt8) {  // a position's weight times its V row's scale: V's sums take codes
+      for (int64_t i2 = 0; i2 < n; ++i2) w[i2] *= v_scales[i2];
+    }
     float* out = p + 2;
     int64_t d = 0;
-    for (; d + 64 <= D; d += 64) weighted_rows<L, 64 / L::W>(w, seen, n, vb, v_row, kv_bf16, d, out + d);
-    for (; d + 2 * L::W <= D; d += 2 * L::W) weighted_rows<L, 2>(w, seen, n, vb, v_row, kv_bf16, d, out + d);
-    for (; d + L::W <= D; d += L::W) weighted_rows<L, 1>(w, seen, n, vb, v_row, kv_bf16, d, out + d);
+    for (; d + 64 <= D; d += 64) weighted_rows<L, 64 / L::W>(w, seen, n, vb, v_row, kind, d, out + d);
+    for (; d + 2 * L::W <= D; d += 2 * L::W) weighted_rows<L, 2>(w, seen, n, vb, v_row, kind, d, out + d);
+    for (; d + L::W <= D; d += L::W) weighted_rows<L, 1>(w, seen, n, vb, v_row, kind, d, out + d);
     for (; d < D; ++d)
       for (int64_t i2 = 0; i2 < n; ++i2)
-        if (seen[i2]) out[d] += w[i2] * value_at(vb + i2 * v_row, d, kv_bf16);
+        if (seen[i2]) out[d] += w[i2] * value_at(vb + i2 * v_row, d, kind);
   }
 }
 
 template <class L>
-void attend(const float* q_unscaled, float scale, const void* k, const void* v, KvKind kind, const float* k_scale,
+void attend(const float* q_unscaled, float scale, const void* k, const void* v, int kind, const float* k_scale,
             const float* v_scale, const float* mask, float* out, const Shape& s) {
   std::vector<float> q_scaled(s.B * s.H * s.D);
   for (size_t i = 0; i < q_scaled.size(); ++i) q_scaled[i] = q_unscaled[i] * scale;
@@ -308,5 +318,5 @@ extern "C" void kernel(const float* q, const void* k, const void* v, const float
                        int64_t v_sb, int64_t v_sh, int64_t v_sl, int64_t m_sb, int64_t m_sh, int64_t m_sl,
                        int64_t has_mask, int64_t kv_kind, const float* k_scale, const float* v_scale) {
   const Shape s{B, H, Hkv, L, D, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, m_sb, m_sh, m_sl, has_mask != 0};
-  attend<ZEN_ATTENTION_LANES>(q, *scale, k, v, static_cast<KvKind>(kv_kind), k_scale, v_scale, mask, out, s);
+  attend<ZEN_ATTENTION_LANES>(q, *scale, k, v, static_cast<int>(kv_kind), k_scale, v_scale, mask, out, s);
 }

@@ -14,8 +14,12 @@ struct Lanes16 {
   ZEN_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
   ZEN_AVX512 static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   ZEN_AVX512 static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  ZEN_AVX512 static V load_kv(const void* row, int64_t d, bool bf16) {
-    if (!bf16) return _mm512_loadu_ps(static_cast<const float*>(row) + d);
+  ZEN_AVX512 static V load_kv(const void* row, int64_t d, int kind) {
+    if (kind == zen_avx2::kInt8) {
+      const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(row) + d));
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+    }
+    if (kind == zen_avx2::kFp32) return _mm512_loadu_ps(static_cast<const float*>(row) + d);
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(row) + d));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
