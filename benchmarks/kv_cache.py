@@ -65,7 +65,7 @@ def main() -> None:
 
     from zen_inductor import Int8StaticCache
     from zen_inductor.smollm2 import gguf_path
-    from zen_inductor.verification import sqnr
+    from zen_inductor.verification import sqnr_db as sqnr
 
     text = torch.tensor([prose_ids(gguf_path())])
     lengths = [int(n) for n in args.tokens.split(",")]
@@ -92,7 +92,7 @@ def main() -> None:
              "transformers' StaticCache in the model's dtype.", "",
              "| model | system | tokens | perplexity, full cache | int8 cache | int8 / full |", "|---|---|---|---|---|---|"]
     lines += [f"| {m} | {s} | {n} | {f:.3f} | {i:.3f} | {i / f:.4f}x |" for m, s, n, f, i in ppl_rows]
-    lines += ["", f"Decode after a 512-token prompt, {args.steps} greedy steps (each cache follows its own tokens): "
+    lines += ["", f"Decode after a 512-token prompt, {args.steps} decode steps: "
               "logits with the int8 cache against the full cache's, both fed the full cache's greedy tokens; the next "
               "token each would choose, compared step by step.", "",
               "| model | system | logits SQNR dB | same next token |", "|---|---|---|---|"]
