@@ -42,7 +42,7 @@ def main():
         times: dict = {s: {} for s in systems}
         for i, phase in enumerate(args.phases):
             for system in systems if i % 2 == 0 else reversed(systems):
-                child = argparse.Namespace(model=args.model, prompt=128, new=4, reps=1, cache="dynamic")
+                child = argparse.Namespace(model=args.model, prompt=128, new=4, reps=1, cache="dynamic", batch=1)
                 r = run_child(child, fmt, system, env=cold_caches(roots[system]))
                 times[system][phase] = r
                 shown = f"{r['compile_s']:.1f} s ({r['caches']})" if "compile_s" in r else f"failed: {r['error']}"

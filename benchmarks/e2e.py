@@ -2,7 +2,7 @@
 
     python benchmarks/e2e.py [--formats bf16,int4wo,...] [--systems eager,inductor,recipe,zentorch,zen]
                              [--model llama1b-4l|qwen3-4l|tiny] [--reps 3] [--out benchmarks/results]
-                             [--prompt 128] [--cache dynamic|static]
+                             [--prompt 128] [--cache dynamic|static] [--batch 1]
 
 Every (format, system) runs in its own process (compile time and peak RSS are its own), in an
 order that alternates systems so slow drift of the shared machine spreads over all of them.
@@ -13,7 +13,8 @@ a markdown table with ratios of zen to the best peer.
 The KV cache: transformers' DynamicCache (default), or with ``--cache static`` a StaticCache of the
 prompt plus the new tokens, as ``generate(cache_implementation="static")`` makes (results then in
 ``e2e-MODEL-static-cache-pPROMPT``); system ``zen-kv8`` is zen generating through
-``zen_inductor.Int8StaticCache`` instead.
+``zen_inductor.Int8StaticCache`` instead. ``--batch B`` decodes B equal-length prompts at once
+(results in ``...-bB``; the table gains decode tokens/s, B over TPOT).
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def one_run(args) -> dict:
 
         quantize_(model, cfg)  # every Linear, lm_head included, as quantize_ does by default
     torch.manual_seed(1)
-    prompt = torch.randint(0, spec["vocab"], (1, args.prompt))
+    prompt = torch.randint(0, spec["vocab"], (args.batch, args.prompt))
     make_cache = cache_maker(model, args.system, args.cache, args.prompt + args.new)
     with torch.no_grad():
         forward = compiled_forward(model, args.system)
@@ -134,6 +135,7 @@ def one_run(args) -> dict:
         "format": args.format, "system": args.system, "model": args.model,
         "ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots), "compile_s": compile_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens.tolist()[0],
+        "batch": args.batch,
         "caches": cache_use(args.system),
     }
 
@@ -153,7 +155,8 @@ def cache_maker(model, system: str, cache: str, length: int):
 
 
 def results_name(args) -> str:
-    return f"e2e-{args.model}" + (f"-{args.cache}-cache-p{args.prompt}" if args.cache != "dynamic" else "")
+    return (f"e2e-{args.model}" + (f"-{args.cache}-cache-p{args.prompt}" if args.cache != "dynamic" else "")
+            + (f"-b{args.batch}" if args.batch > 1 else ""))
 
 
 def cache_use(system: str) -> str:
@@ -189,6 +192,7 @@ def run_arguments(systems) -> argparse.ArgumentParser:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--cache", default="dynamic", choices=("dynamic", "static"))
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     return p
 
@@ -227,7 +231,7 @@ def main():
 def run_child(args, fmt: str, system: str, env=None) -> dict:
     """One (format, system) in its own process: its result, or {"error": last line of stderr}."""
     cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--prompt", str(args.prompt), "--new",
-           str(args.new), "--reps", str(args.reps), "--cache", args.cache, "--child", fmt, system]
+           str(args.new), "--reps", str(args.reps), "--cache", args.cache, "--batch", str(args.batch), "--child", fmt, system]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -253,21 +257,23 @@ def write(results, args, quiet=False):
     stamp = time.strftime("%Y-%m-%d")
     meta = {"date": stamp, "machine": platform.processor() or platform.machine(), "cpu": _cpu(), "threads": os.cpu_count(),
             "model": args.model, "prompt": args.prompt, "new": args.new, "reps": args.reps, "cache": args.cache,
+            "batch": args.batch,
             "versions": _versions()}
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
-    lines = [f"# e2e: {args.model}, prompt {args.prompt}, {args.new} new tokens, batch 1, greedy, {args.cache} KV cache "
-             f"({stamp})", "",
+    lines = [f"# e2e: {args.model}, prompt {args.prompt}, {args.new} new tokens, batch {args.batch}, greedy, {args.cache} "
+             f"KV cache ({stamp})", "",
              f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}.", "",
-             "| format | system | TTFT ms | TPOT ms | compile s | peak RSS MB | tokens = eager | zen vs best peer | caches at compile |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| format | system | TTFT ms | TPOT ms | decode tokens/s | compile s | peak RSS MB | tokens = eager | zen vs best peer "
+             "| caches at compile |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for fmt in dict.fromkeys(r["format"] for r in results):
         rows = [r for r in results if r["format"] == fmt]
         eager = next((r for r in rows if r.get("system") == "eager" and "tokens" in r), None)
         peers = [r for r in rows if not _is_zen(r.get("system", "")) and "ttft_ms" in r]
         for r in rows:
             if "error" in r:
-                lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | | |")
+                lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | | | |")
                 continue
             same = token_agreement(r.get("tokens"), eager.get("tokens") if eager else None)
             ratio = ""
@@ -275,7 +281,9 @@ def write(results, args, quiet=False):
                 best_ttft = min(p["ttft_ms"] for p in peers)
                 best_tpot = min(p["tpot_ms"] for p in peers)
                 ratio = f"TTFT {r['ttft_ms'] / best_ttft:.2f}x, TPOT {r['tpot_ms'] / best_tpot:.2f}x"
-            lines.append(f"| {fmt} | {r['system']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | {ratio} | {r.get('caches', '?')} |")
+            lines.append(f"| {fmt} | {r['system']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
+                         f"{r.get('batch', 1) * 1e3 / r['tpot_ms']:.1f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | "
+                         f"{ratio} | {r.get('caches', '?')} |")
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if quiet:
