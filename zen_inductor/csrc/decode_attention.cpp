@@ -11,6 +11,7 @@ struct Lanes8 {
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V load_kv(const void* row, int64_t d, int kind) {
     if (kind == zen_avx2::kInt8) return zen_avx2::load8_int8(static_cast<const int8_t*>(row) + d);

@@ -1,7 +1,7 @@
 // Decode attention, written once for a lane policy L (csrc/decode_attention.cpp: AVX2, 8 fp32 lanes;
 // decode_attention_avx512.cpp: 16), each including this text with ZEN_ATTENTION_TARGET set to the
 // ISA its functions are compiled for and ZEN_ATTENTION_LANES to its policy, which provides
-//   V, W (lanes), zero(), set1(x), load(const float*), store(float*, V), fmadd(a, b, c),
+//   V, W (lanes), zero(), set1(x), load(const float*), store(float*, V), mul(a, b), fmadd(a, b, c),
 //   load_kv(row, d, kind): W values of a row of K or V from d on, as fp32 from fp32, bf16 or int8
 //   codes (kind: kFp32, kBf16, kInt8), fold8(V): a __m256 whose 8 lanes sum to the same as V's,
 //   kWidenOnce: whether narrow rows are widened to fp32 once a chunk (else as each pass reads them).
@@ -117,31 +117,20 @@ ZEN_ATTENTION_TARGET inline void weighted_rows(const float* w, const bool* seen,
   for (int t = 0; t < T; ++t) L::store(out + L::W * t, acc[t]);
 }
 
-// the seen rows of n bf16 rows (`row_bytes` apart, D values each) as fp32 rows of D in out
+// the seen rows of n bf16 or int8 rows (`kind`; `row_bytes` apart, D values each) as fp32 rows of D
+// in out; an int8 row i times its scale scales[i] (scales: int8 only)
 template <class L>
-ZEN_ATTENTION_TARGET void widen_rows(const char* rows, int64_t row_bytes, const bool* seen, int64_t n, int64_t D,
-                                     std::vector<float>& out) {
+ZEN_ATTENTION_TARGET void widen_rows(const char* rows, int64_t row_bytes, int kind, const float* scales, const bool* seen,
+                                     int64_t n, int64_t D, std::vector<float>& out) {
   out.resize(n * D);
   for (int64_t i = 0; i < n; ++i) {
     if (!seen[i]) continue;
+    const char* row = rows + i * row_bytes;
+    const float scale = kind == kInt8 ? scales[i] : 1.0f;
+    const typename L::V scale_v = L::set1(scale);
     int64_t d = 0;
-    for (; d + L::W <= D; d += L::W) L::store(&out[i * D + d], L::load_kv(rows + i * row_bytes, d, kBf16));
-    for (; d < D; ++d) out[i * D + d] = value_at(rows + i * row_bytes, d, kBf16);
-  }
-}
-
-// the seen rows of n int8 rows (`row_bytes` apart, D codes each, row i's scale scales[i]) as fp32
-// rows of D in out
-ZEN_ATTENTION_TARGET inline void widen_int8_rows(const char* rows, int64_t row_bytes, const float* scales, const bool* seen,
-                                                 int64_t n, int64_t D, std::vector<float>& out) {
-  out.resize(n * D);
-  for (int64_t i = 0; i < n; ++i) {
-    if (!seen[i]) continue;
-    const int8_t* row = reinterpret_cast<const int8_t*>(rows + i * row_bytes);
-    const __m256 scale = _mm256_set1_ps(scales[i]);
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8) _mm256_storeu_ps(&out[i * D + d], _mm256_mul_ps(load8_int8(row + d), scale));
-    for (; d < D; ++d) out[i * D + d] = static_cast<float>(row[d]) * scales[i];
+    for (; d + L::W <= D; d += L::W) L::store(&out[i * D + d], L::mul(L::load_kv(row, d, kind), scale_v));
+    for (; d < D; ++d) out[i * D + d] = value_at(row, d, kind) * scale;
   }
 }
 
@@ -178,13 +167,8 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   static thread_local std::vector<float> k32, v32;
   const bool widened = kind != kFp32 && L::kWidenOnce;
   if (widened) {
-    if (kind == kInt8) {
-      widen_int8_rows(kb, k_row, k_scales, seen, n, D, k32);
-      widen_int8_rows(vb, v_row, v_scales, seen, n, D, v32);
-    } else {
-      widen_rows<L>(kb, k_row, seen, n, D, k32);
-      widen_rows<L>(vb, v_row, seen, n, D, v32);
-    }
+    widen_rows<L>(kb, k_row, kind, k_scales, seen, n, D, k32);
+    widen_rows<L>(vb, v_row, kind, v_scales, seen, n, D, v32);
     kb = reinterpret_cast<const char*>(k32.data());
     vb = reinterpret_cast<const char*>(v32.data());
     k_row = v_row = D * 4;

@@ -13,6 +13,7 @@ struct Lanes16 {
   ZEN_AVX512 static V set1(float x) { return _mm512_set1_ps(x); }
   ZEN_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
   ZEN_AVX512 static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  ZEN_AVX512 static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   ZEN_AVX512 static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   ZEN_AVX512 static V load_kv(const void* row, int64_t d, int kind) {
     if (kind == zen_avx2::kInt8) {
