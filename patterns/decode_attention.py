@@ -29,7 +29,7 @@ fp32 too), the mask added, a max-subtracted softmax over L, one [G, L] x [L, D] 
 once to the query's dtype.
 
 Either reads the cache itself when the K and V given are transformers' ``repeat_kv`` copies of it
-(``_before_repeat_kv``). Where that cache is int8 codes dequantized with one scale a KV head and
+(``graph_facts.before_repeat_kv``). Where that cache is int8 codes dequantized with one scale a KV head and
 position (``zen_inductor.kv_cache.Int8StaticCache``: ``(codes.to(fp32) * scales).to(dtype)``), the C++
 kernel takes the codes and scales themselves (``_int8_codes``) and reads 1 byte a value, not the
 dequantized copy of the whole cache the graph would otherwise write and read at every step. In a SmolLM2 decode step at a 512-token prompt the C++ kernel took the
@@ -49,7 +49,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from zen_inductor import attention, config
 from zen_inductor.graph_pass import emit_op
 
-from zen_inductor.graph_facts import call_arg, fake_value
+from zen_inductor.graph_facts import before_repeat_kv, call_arg, fake_value, under_full_slices
 
 from .family import Family, rewrite_each
 
@@ -95,50 +95,6 @@ def why_not(node: fx.Node) -> str | None:
 
 # --- rewrite ------------------------------------------------------------------------------------
 
-# ops that change how a tensor is viewed, not its values (a clone is the copy repeat_kv's reshape
-# makes of its expanded input)
-_SAME_VALUES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default)
-
-
-def _full_slice(node) -> bool:
-    return (isinstance(node, fx.Node) and node.target is aten.slice.Tensor
-            and statically_known_true(fake_value(node).shape == fake_value(node.args[0]).shape))
-
-
-def _under_full_slices(node):
-    while _full_slice(node):
-        node = node.args[0]
-    return node
-
-
-def _before_repeat_kv(node: fx.Node, heads: int) -> fx.Node:
-    """The [B, Hkv, L, D] cache tensor that transformers' ``repeat_kv`` expanded to ``heads`` heads
-    (``x[:, :, None].expand(B, Hkv, G, L, D).reshape(B, Hkv * G, L, D)``), or ``node`` itself.
-
-    Both replacements group the query heads by KV head, so they read the cache once per KV head:
-    given the expanded copy, the graph wrote G copies of every layer's K and V at every step
-    and the kernels read all of them (at 576 positions the C++ kernel took 61 us a call in the
-    step against 24 on the cache itself)."""
-    n = node
-    while isinstance(n, fx.Node) and (n.target in _SAME_VALUES or _full_slice(n)):
-        n = n.args[0]
-    if not (isinstance(n, fx.Node) and n.target is aten.expand.default):
-        return node
-    base = _under_full_slices(n.args[0])
-    if not (isinstance(base, fx.Node) and base.target is aten.unsqueeze.default and base.args[1] == 2):
-        return node
-    base = _under_full_slices(base.args[0])
-    expanded, source, given = fake_value(n), fake_value(base), fake_value(node)
-    if expanded is None or source is None or expanded.dim() != 5 or source.dim() != 4:
-        return node
-    b, hkv, group, length, d = expanded.shape
-    same = (source.shape[0] == b and source.shape[1] == hkv and source.shape[3] == d and isinstance(hkv, int)
-            and isinstance(group, int) and hkv * group == heads)
-    if not same or not statically_known_true(source.shape[2] == length) or not statically_known_true(given.shape[2] == length):
-        return node
-    return base
-
-
 _CONVERTS = (prims.convert_element_type.default, aten._to_copy.default)
 
 
@@ -180,7 +136,7 @@ def why_not_native(node: fx.Node, hkv: int) -> str | None:
 def rewrite(ctx, node: fx.Node) -> None:
     q = node.args[0]
     b, h, _, d = fake_value(q).shape
-    k, v = (_before_repeat_kv(a, h) for a in node.args[1:3])
+    k, v = (before_repeat_kv(a, h) for a in node.args[1:3])
     if fake_value(k).shape[1] != fake_value(v).shape[1]:  # one looked through, the other not
         k, v = node.args[1:3]
     hkv = fake_value(k).shape[1]
@@ -189,7 +145,7 @@ def rewrite(ctx, node: fx.Node) -> None:
     mask = node.kwargs.get("attn_mask")
     variant = ("gqa" if h != hkv else "mha") + ("_masked" if mask is not None else "")
     if why_not_native(node, hkv) is None:
-        k_int8, v_int8 = _int8_codes(_under_full_slices(k)), _int8_codes(_under_full_slices(v))
+        k_int8, v_int8 = _int8_codes(under_full_slices(k)), _int8_codes(under_full_slices(v))
         int8 = k_int8 is not None and v_int8 is not None
         args = (k_int8[0], v_int8[0], mask, float(scale), k_int8[1], v_int8[1]) if int8 else (k, v, mask, float(scale))
         with ctx.graph.inserting_before(node):

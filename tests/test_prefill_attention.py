@@ -2,6 +2,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import zen_inductor
 from zen_inductor import config
@@ -67,3 +69,104 @@ def test_prefill_attention_near_misses_stay_correct(why):
     # the first reason given: without zentorch's ISA (an AVX2 CPU) that one, before the dtype
     expected = "zentorch disabled" if why == "zentorch off" else zentorch_unavailable() or "float16"
     assert expected in miss["reason"]
+
+
+# --- under a mask: the blocks of queries given only the keys they may see ----------------------
+
+NEG_INF = float("-inf")
+FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _static_cache_mask(length, keys, pads=(0,), dtype=torch.float32):
+    """What transformers passes over a static cache of ``keys`` positions: causal, the unwritten tail
+    hidden, and for each sequence its left padding hidden from every query ([B, 1, L, S])."""
+    rows = torch.arange(length)[:, None]
+    cols = torch.arange(keys)[None]
+    masks = [torch.where((cols <= rows) & (cols >= pad), 0.0, NEG_INF) for pad in pads]
+    return torch.stack(masks)[:, None].to(dtype)
+
+
+def _extent_by_hand(mask, rows, block):
+    visible = (mask != NEG_INF).reshape(-1, mask.shape[-2], mask.shape[-1]).any(0).expand(rows, -1)
+    ends = []
+    for r0 in range(0, rows, block):
+        seen = visible[r0:r0 + block].any(0).nonzero()
+        ends.append(int(seen[-1]) + 1 if len(seen) else 1)
+    return ends
+
+
+@pytest.mark.parametrize("zentorch", [False, True])
+@pytest.mark.parametrize("case", ["static cache", "left padding", "padding only", "bf16"])
+def test_prefill_attention_under_a_mask_equals_flash_attention(case, zentorch):
+    """The blocks' output is flash attention's over the whole mask, whatever the mask hides: the
+    static cache's tail, whole padded rows (which get 0), or keys only ([B, 1, 1, S])."""
+    if zentorch and zentorch_unavailable():
+        pytest.skip(zentorch_unavailable())  # the ATen case runs the same blocks
+    from zen_inductor import attention
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    length, keys = 300, 316  # three blocks, the last one partial
+    pads = (0, 37) if case in ("left padding", "padding only") else (0,)
+    mask = _static_cache_mask(length, keys, pads, dtype)
+    if case == "padding only":
+        mask = mask[:, :, -1:]  # every query sees the same keys
+    q = torch.randn(len(pads), 9, length, 64, dtype=dtype)
+    k, v = (torch.randn(len(pads), 3, keys, 64, dtype=dtype) for _ in range(2))
+    out = attention.prefill_attention(q, k, v, mask, 0.125, zentorch)
+    ref = FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=0.125)[0]
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+    assert sqnr(out, ref) >= (40 if dtype == torch.bfloat16 else 100)
+    if case == "left padding":  # the padded queries see nothing
+        assert not out[1, :, :37].any()
+    assert torch.ops.zen.mask_extent(mask, length, attention.QUERY_BLOCK).tolist() == _extent_by_hand(
+        mask, length, attention.QUERY_BLOCK)
+    if case == "static cache":  # three blocks, each given the keys up to its diagonal
+        assert torch.ops.zen.mask_extent(mask, length, attention.QUERY_BLOCK).tolist() == [128, 256, 300]
+
+
+@settings(max_examples=30, derandomize=True, deadline=None)
+@given(rows=st.integers(1, 300), keys=st.integers(1, 300), planes=st.integers(1, 3), row_mask=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16))
+def test_mask_extent_is_the_last_key_a_block_may_see(rows, keys, planes, row_mask, dtype, seed):
+    """Any mask: each entry hidden or not at random, whole rows and columns hidden, the last key
+    shown or not; the C++ scan (which reads the last stretch first, then forwards) agrees with a
+    reading of every entry."""
+    from zen_inductor import attention
+
+    g = torch.Generator().manual_seed(seed)
+    shown = torch.rand(planes, rows if row_mask else 1, keys, generator=g) < torch.rand(1, generator=g) ** 3
+    shown[:, :, torch.rand(keys, generator=g) < 0.5] = False  # whole columns, often the tail
+    mask = torch.where(shown, torch.randn(shown.shape, generator=g), NEG_INF).to(dtype)[:, None]
+    assert torch.ops.zen.mask_extent(mask, rows, attention.QUERY_BLOCK).tolist() == _extent_by_hand(
+        mask, rows, attention.QUERY_BLOCK)
+
+
+class RepeatedKVAttend(torch.nn.Module):
+    """A Llama layer's attention as transformers' SDPA path runs it with a mask: K and V repeated over
+    the query heads (``repeat_kv``), the mask sliced to the keys."""
+
+    def forward(self, q, k, v, mask):
+        b, hkv, s, d = k.shape
+        g = q.shape[1] // hkv
+        k = k[:, :, None].expand(b, hkv, g, s, d).reshape(b, hkv * g, s, d)
+        v = v[:, :, None].expand(b, hkv, g, s, d).reshape(b, hkv * g, s, d)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, :, :s]) * 2
+
+
+def test_a_masked_prefill_graph_runs_the_blocks_on_the_cache(dumped):
+    """The compiled graph holds zen.prefill_attention, on the cache's KV heads (not repeat_kv's copy),
+    and gives flash attention's answer for prompts of several lengths (one graph)."""
+    fast = compile_zen(RepeatedKVAttend())
+    with torch.no_grad():
+        for length in (20, 200):
+            q = torch.randn(1, 8, length, 64)
+            k, v = torch.randn(1, 2, 256, 64), torch.randn(1, 2, 256, 64)
+            mask = _static_cache_mask(length, 256)
+            for t in (q, mask):
+                torch._dynamo.mark_dynamic(t, 2)
+            assert sqnr(fast(q, k, v, mask), RepeatedKVAttend()(q, k, v, mask)) >= 100, length
+    assert zen_inductor.counters["prefill_attention.gqa_masked"] == 1
+    after = dumped("after.py")
+    assert "zen.prefill_attention" in after and "flash_attention" not in after
+    assert "expand" not in after  # K and V go to the kernel as the cache holds them

@@ -1,4 +1,6 @@
-"""``zen::decode_attention``: one query position over a KV cache, in C++ (csrc/decode_attention.cpp,
+"""The attention ops zen's graphs call.
+
+``zen::decode_attention``: one query position over a KV cache, in C++ (csrc/decode_attention.cpp,
 called by csrc/ops.cpp), reading K and V only where the mask lets some query see them.
 
     out = zen.decode_attention(q, k, v, mask, scale, k_scale=None, v_scale=None)
@@ -7,6 +9,24 @@ called by csrc/ops.cpp), reading K and V only where the mask lets some query see
         (one scale a KV head and position, as zen_inductor.kv_cache stores them)
         mask: additive, broadcast to [B, H, 1, L], or None
         out: [B, H, 1, D] in q's dtype; a head that sees no position gets 0
+
+``zen::prefill_attention``: a prompt's queries over keys under an additive mask, by ATen's flash
+attention or zentorch's SDPA, block of queries by block, each block given only the keys up to the
+last one any of its rows may see (``mask_extent``, C++ in csrc/ops.cpp).
+
+    out = zen.prefill_attention(q, k, v, mask, scale, zentorch)
+        q: [B, H, L, D]   k, v: [B, Hkv, S, D]   mask: additive, broadcast to [B, H, L, S]
+        zentorch: zentorch.zentorch_sdpa runs the blocks, else ATen's flash attention
+        out: [B, H, L, D] contiguous, in q's dtype, what the kernel gives over the whole mask
+
+Why: given a mask, flash attention computes every (query, key) pair and adds the mask; it skips
+the blocks above the diagonal only when told ``is_causal``. Transformers passes a mask whenever the
+keys are not exactly the prompt: a static cache (S is the cache's length, its tail unwritten),
+padding, a prompt after a cached prefix. Under a causal mask over S = L + 16 keys, blocks of 128
+queries cut the work to about half: ATen 69 -> 45 ms at L=2048 and 305 -> 185 ms at 4096 on a
+Zen 4 (fp32, 9 query over 3 KV heads, D 64, 2 threads), zentorch's 70 -> 41 and 280 -> 167,
+within 1.1-1.3x of the causal kernels' own 41 and 140 ms; a block of 256 or 512 gained less.
+A block's keys past its extent are -inf for every row of it: leaving them out changes nothing.
 """
 from __future__ import annotations
 
@@ -22,12 +42,55 @@ _LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float 
             "Tensor? v_scale=None) -> Tensor")
 
 
+_LIB.define("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, bool zentorch) -> Tensor")
+_LIB.define("mask_extent(Tensor mask, int rows, int block) -> Tensor")  # implemented in csrc/ops.cpp
+
+
 @torch.library.register_fake("zen::decode_attention", lib=_LIB)
 def _fake(q, k, v, mask, scale, k_scale=None, v_scale=None):
     return q.new_empty(q.shape)
 
 
+@torch.library.register_fake("zen::prefill_attention", lib=_LIB)
+def _prefill_fake(q, k, v, mask, scale, zentorch):
+    return q.new_empty(q.shape)
+
+
+QUERY_BLOCK = 128  # queries a block (the measurements above)
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+@torch.library.impl("zen::prefill_attention", "CPU", lib=_LIB)
+def _prefill(q, k, v, mask, scale, zentorch):
+    kernel = torch.ops.zentorch.zentorch_sdpa.default if zentorch else _FLASH
+    length = q.shape[2]
+    extents = _mask_extent(mask, length).tolist()
+    per_row = mask.dim() >= 2 and mask.shape[-2] != 1
+    out = q.new_empty(q.shape)
+    for j, end in enumerate(extents):
+        rows = slice(j * QUERY_BLOCK, min(length, (j + 1) * QUERY_BLOCK))
+        block_mask = mask[..., rows, :end] if per_row else mask[..., :end]
+        out[:, :, rows] = kernel(q[:, :, rows], k[:, :, :end], v[:, :, :end], 0.0, False, attn_mask=block_mask,
+                                 scale=scale)[0]
+    return out
+
+
+def _mask_extent(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """zen::mask_extent where the C++ ops load; else the same from torch's ops, which read the whole
+    mask more than once (~14 ms a call at 4096 x 4112, against ~2 in C++)."""
+    if native.op_library_unavailable() is None:
+        return torch.ops.zen.mask_extent(mask, rows, QUERY_BLOCK)
+    visible = (~torch.isneginf(mask.reshape(-1, mask.shape[-2], mask.shape[-1]))).any(0)
+    if visible.shape[0] == 1:
+        visible = visible.expand(rows, -1)
+    blocks = torch.nn.functional.pad(visible, (0, 0, 0, -rows % QUERY_BLOCK)).reshape(-1, QUERY_BLOCK, visible.shape[-1])
+    seen = blocks.any(1)
+    last = torch.where(seen, torch.arange(1, seen.shape[-1] + 1), 0).amax(-1)
+    return last.clamp_min(1)
+
+
 decode_attention = torch.ops.zen.decode_attention.default
+prefill_attention = torch.ops.zen.prefill_attention.default
 
 
 def unavailable() -> Optional[str]:

@@ -219,6 +219,11 @@ def _op_library() -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
 OP_LIBRARY = "ops"  # its key among the builds
 
 
+def op_library_unavailable() -> Optional[str]:
+    """Why the C++ ops (csrc/ops.cpp) cannot be loaded here, or None; built and loaded on the first ask."""
+    return _op_library()()[1]
+
+
 def _build_with_toolchain(load_async, *args, **kwargs):
     _toolchain_checked()  # every build needs it; a second check beside it would repeat its probes
     return load_async(*args, **kwargs)()

@@ -2,6 +2,7 @@
 // kernels (at decode a linear's kernel runs 10-40 us; a Python op around it costs ~10 us more):
 //   zen::quant_linear.native  one of our C++ linear entries, on a weight packed for it
 //   zen::decode_attention     one query position over a KV cache, fp32, bf16 or int8 (decode_attention.cpp)
+//   zen::mask_extent          how far each block of a prompt's queries may see into the keys (attention.py)
 // Their schemas and fake implementations are Python's (kernels/op.py, attention.py); the kernels
 // are plain libraries whose entry addresses Python binds here once they are loaded.
 //
@@ -11,12 +12,15 @@
 // count once its library is loaded (zen_bind_native); this op lays the arguments out as 64-bit
 // words in that order and calls the entry through a function type of exactly that many int64
 // parameters, which the x86-64 System V ABI passes as it passes the pointers and int64s declared.
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -187,6 +191,70 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_in, const a
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
+// whether row[start, end) holds something other than `neg_inf` (T: a float's bits): one OR of XORs,
+// which the compiler vectorizes (a float compare with an exit at each element ran at ~2 ns an element)
+template <typename T>
+bool any_other(const T* row, int64_t start, int64_t end, T neg_inf) {
+  T differ = 0;
+  for (int64_t i = start; i < end; ++i) differ |= row[i] ^ neg_inf;
+  return differ != 0;
+}
+
+// one past the last of row[0, n) that is not -inf (bit pattern `neg_inf`), or 0. The last stretch is
+// looked at first (a row that sees its last keys ends there); else the row is read forwards: read
+// from its end backwards, a causal row's -inf tail came at ~1.5 GB/s, each line a wait
+template <typename T>
+int64_t last_visible(const T* row, int64_t n, T neg_inf) {
+  constexpr int64_t kStretch = 64;
+  const int64_t tail = std::max<int64_t>(0, n - kStretch);
+  int64_t found = -1;  // start of the last stretch holding something visible
+  if (any_other(row, tail, n, neg_inf)) {
+    found = tail;
+  } else {
+    for (int64_t start = 0; start < tail; start += kStretch)
+      if (any_other(row, start, std::min(start + kStretch, tail), neg_inf)) found = start;
+  }
+  if (found < 0) return 0;
+  for (int64_t i = std::min(found + kStretch, n); i-- > found;)
+    if (row[i] != neg_inf) return i + 1;
+  return 0;
+}
+
+// [ceil(rows / block)]: for each block of `block` query rows, one past the last key position any of
+// its rows may see (over the mask's batches and heads), at least 1. mask: additive, [..., rows or 1, S]
+at::Tensor mask_extent(const at::Tensor& mask_in, int64_t rows, int64_t block) {
+  TORCH_CHECK(mask_in.dim() >= 2 && at::isFloatingType(mask_in.scalar_type()) && block > 0 && rows >= 0,
+              "zen: mask_extent takes an additive floating mask [..., L, S]");
+  const int64_t mask_rows = mask_in.size(-2), S = mask_in.size(-1);
+  TORCH_CHECK(mask_rows == rows || mask_rows == 1, "zen: mask_extent: a mask of ", mask_rows, " rows for ", rows, " queries");
+  const at::Tensor mask = mask_in.reshape({-1, mask_rows, S}).contiguous();
+  const int64_t planes = mask.size(0), blocks = (rows + block - 1) / block;
+  at::Tensor extent = at::empty({blocks}, mask.options().dtype(at::kLong));
+  int64_t* out = extent.data_ptr<int64_t>();
+  const at::ScalarType type = mask.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf,
+              "zen: mask_extent takes an fp32, bf16 or fp16 mask, got ", type);
+  // -inf's bits in the mask's type
+  const bool wide = type == at::kFloat;
+  const uint32_t neg_inf32 = 0xFF800000u;
+  const uint16_t neg_inf16 = type == at::kBFloat16 ? 0xFF80u : 0xFC00u;
+  const void* data = mask.data_ptr();
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t j = first; j < last; ++j) {
+        const int64_t r0 = mask_rows == 1 ? 0 : j * block, r1 = mask_rows == 1 ? 1 : std::min(rows, r0 + block);
+        int64_t end = 0;
+        for (int64_t p = 0; p < planes && end < S; ++p)
+          for (int64_t r = r1; r-- > r0 && end < S;) {  // the last row first: under a causal mask it sees furthest
+            const int64_t offset = (p * mask_rows + r) * S + end;
+            end += wide ? last_visible(static_cast<const uint32_t*>(data) + offset, S - end, neg_inf32)
+                        : last_visible(static_cast<const uint16_t*>(data) + offset, S - end, neg_inf16);
+          }
+        out[j] = std::max<int64_t>(end, 1);
+      }
+  });
+  return extent;
+}
+
 }  // namespace
 
 extern "C" void zen_bind_native(const char* name, void* address, int64_t words) {
@@ -198,4 +266,5 @@ extern "C" void zen_bind_native(const char* name, void* address, int64_t words) 
 TORCH_LIBRARY_IMPL(zen, CPU, m) {
   m.impl("quant_linear.native", &native_linear);
   m.impl("decode_attention", &decode_attention);
+  m.impl("mask_extent", &mask_extent);
 }
