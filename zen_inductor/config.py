@@ -51,7 +51,8 @@ residual_add: bool = _env("residual_add", True)
 # attention of one query position over the KV cache by our C++ kernel, or as two small GEMMs,
 # instead of flash attention
 decode_attention: bool = _env("decode_attention", True)
-# attention over a prompt by zentorch's SDPA kernel (about 2x ATen's flash attention here)
+# attention over a prompt: under a mask, blocks of queries given only the keys they may see (by
+# zentorch's kernel or ATen's); without one, by zentorch's SDPA kernel where it is ahead of ATen's
 prefill_attention: bool = _env("prefill_attention", True)
 # decode attention by our C++ kernel where it builds (AVX2 and a compiler), else the GEMMs
 native_decode_attention: bool = _env("native_decode_attention", True)
