@@ -3,6 +3,7 @@ same blocks.
 
     python benchmarks/smollm2.py [--systems eager,inductor,zen,llamacpp] [--prompts 128,512] [--new 64]
                                  [--reps 3] [--file Q4_1|path.gguf] [--out benchmarks/results] [--name STEM]
+                                 [--reuse-cache]
 
 Every (prompt, system) runs in its own process (compile time and peak RSS are its own). The torch
 systems load the file with ``zen_inductor.load_gguf`` (their linears compute with the file's
@@ -17,6 +18,11 @@ A system named with ``-kv8`` keeps its KV cache in 8 bits: zen-kv8 generates thr
 ``zen_inductor.Int8StaticCache`` (int8, a scale a KV head and position), llamacpp-kv8 with llama.cpp's
 Q8_0 keys and values (blocks of 32, with its flash attention, which a quantized V needs).
 ZEN_BENCH_LLAMACPP_EXTRA_BUFTS=0 turns llama.cpp's extra buffer types off (see llamacpp_run).
+--reuse-cache: the torch systems keep one StaticCache and reset it before each generation, as a
+server holding its caches does. A fresh cache tells transformers the prompt starts at position 0
+and it asks SDPA for ``is_causal``; a reset one is initialized, its length a tensor, and
+transformers passes a mask over the whole cache instead (as it does for padding or a cached
+prefix): the prompt's attention is then flash attention under a mask.
 """
 from __future__ import annotations
 
@@ -57,7 +63,7 @@ def compiled_forward(model, system: str):
     return model.forward
 
 
-def torch_run(system: str, path: str, prompt: list, new: int, reps: int) -> dict:
+def torch_run(system: str, path: str, prompt: list, new: int, reps: int, reuse_cache: bool = False) -> dict:
     import torch
     from transformers import StaticCache
 
@@ -69,10 +75,13 @@ def torch_run(system: str, path: str, prompt: list, new: int, reps: int) -> dict
     ids, length = torch.tensor([prompt]), len(prompt)
     forward = compiled_forward(model, system.removesuffix(KV8))
     cache_class = zen_inductor.Int8StaticCache if system.endswith(KV8) else StaticCache
+    kept = cache_class(config=model.config, max_cache_len=length + new) if reuse_cache else None
 
     @torch.no_grad()
     def generate(steps: int):
-        cache = cache_class(config=model.config, max_cache_len=length + new)
+        if kept is not None:
+            kept.reset()
+        cache = kept if kept is not None else cache_class(config=model.config, max_cache_len=length + new)
         t = time.perf_counter()
         out = forward(input_ids=ids, past_key_values=cache, cache_position=torch.arange(length), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
@@ -157,7 +166,7 @@ def child(args) -> None:
     if args.system.startswith("llamacpp"):
         result = llamacpp_run(args.file, prompt, args.new, args.reps, args.threads, kv8=args.system.endswith(KV8))
     else:
-        result = torch_run(args.system, args.file, prompt, args.new, args.reps)
+        result = torch_run(args.system, args.file, prompt, args.new, args.reps, args.reuse_cache)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -179,6 +188,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--merge", action="store_true", help="keep the last results' rows of the systems not run")
     p.add_argument("--name", help="the results' file name without its extension (default: smollm2[-FILE])")
+    p.add_argument("--reuse-cache", action="store_true", help="one StaticCache a process, reset before each generation")
     p.add_argument("--system", help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -211,7 +221,7 @@ def main() -> None:
             print(f"[prompt {length}] {system} ...", flush=True)
             cmd = [sys.executable, __file__, "--system", system, "--ids", ids_file, "--new", str(args.new),
                    "--reps", str(1 if system == "eager" else args.reps), "--file", args.file,
-                   "--threads", str(torch.get_num_threads())]
+                   "--threads", str(torch.get_num_threads()), *(["--reuse-cache"] if args.reuse_cache else [])]
             out = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
@@ -224,6 +234,7 @@ def main() -> None:
         os.remove(ids_file)
     lines = [f"# SmolLM2-135M-Instruct, {name}: zen against llama.cpp and PyTorch ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {cpu()}, {torch.get_num_threads()} threads. Batch 1, greedy, {args.new} new tokens, StaticCache "
+             f"{'(one a process, reset before each generation: the prompt attends under a mask) ' if args.reuse_cache else ''}"
              f"(`-kv8`: 8-bit keys and values, zen's Int8StaticCache and llama.cpp's Q8_0 cache); "
              f"medians of {args.reps} runs (eager: 1). One process per row. Every system computes with the file's blocks. "
              f"Prompts: the first tokens of `benchmarks/data/prose.txt` ({len(text)} tokens), read again from its start "
