@@ -1,4 +1,7 @@
-"""prefill_attention: attention over a prompt by zentorch_sdpa instead of ATen's flash attention."""
+"""prefill_attention: attention over a prompt, by zentorch_sdpa where it is ahead, and under a mask by blocks
+given only the keys they may see."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,3 +173,24 @@ def test_a_masked_prefill_graph_runs_the_blocks_on_the_cache(dumped):
     after = dumped("after.py")
     assert "zen.prefill_attention" in after and "flash_attention" not in after
     assert "expand" not in after  # K and V go to the kernel as the cache holds them
+
+
+class TwoLayersBoolMask(torch.nn.Module):
+    """Two attention calls given the model's one boolean mask, as transformers passes it to every
+    layer (SDPA turns it into an additive mask at each call)."""
+
+    def forward(self, q, k, v, allowed):
+        first = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+        return F.scaled_dot_product_attention(first * 0.5, k, v, attn_mask=allowed, enable_gqa=True)
+
+
+def test_the_layers_share_one_additive_mask(dumped):
+    """Both zen.prefill_attention calls read one conversion of the boolean mask, not one each."""
+    q, k, v = torch.randn(1, 8, 40, 64), torch.randn(1, 2, 48, 64), torch.randn(1, 2, 48, 64)
+    allowed = _static_cache_mask(40, 48) == 0
+    with torch.no_grad():
+        out = compile_zen(TwoLayersBoolMask())(q, k, v, allowed)
+    assert sqnr(out, TwoLayersBoolMask()(q, k, v, allowed)) >= 100
+    assert zen_inductor.counters["prefill_attention.gqa_masked"] == 2
+    masks = re.findall(r"prefill_attention\.default\(\w+, \w+, \w+, (\w+),", dumped("after.py"))
+    assert len(masks) == 2 and masks[0] == masks[1]
