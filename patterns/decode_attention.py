@@ -49,7 +49,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from zen_inductor import attention, config
 from zen_inductor.graph_pass import emit_op
 
-from zen_inductor.graph_facts import before_repeat_kv, call_arg, fake_value, under_full_slices
+from zen_inductor.graph_facts import call_arg, fake_value, kv_before_repeat_kv, under_full_slices
 
 from .family import Family, rewrite_each
 
@@ -136,9 +136,7 @@ def why_not_native(node: fx.Node, hkv: int) -> str | None:
 def rewrite(ctx, node: fx.Node) -> None:
     q = node.args[0]
     b, h, _, d = fake_value(q).shape
-    k, v = (before_repeat_kv(a, h) for a in node.args[1:3])
-    if fake_value(k).shape[1] != fake_value(v).shape[1]:  # one looked through, the other not
-        k, v = node.args[1:3]
+    k, v = kv_before_repeat_kv(*node.args[1:3], h)
     hkv = fake_value(k).shape[1]
     scale = call_arg(node, 5, "scale", None)
     scale = scale if scale is not None else 1 / math.sqrt(d)

@@ -46,7 +46,7 @@ from zen_inductor import attention
 from zen_inductor.cpu import amx_bf16, zentorch_unavailable
 from zen_inductor.graph_pass import emit_op
 
-from zen_inductor.graph_facts import before_repeat_kv, call_arg, fake_value
+from zen_inductor.graph_facts import call_arg, fake_value, kv_before_repeat_kv
 
 from .family import Family, rewrite_each
 
@@ -107,17 +107,19 @@ AMX_REASON = "bf16 on a CPU with AMX, where ATen's flash attention runs 3.4-4.2x
 
 
 def rewrite(ctx, node: fx.Node) -> None:
-    q, k = (fake_value(a) for a in node.args[:2])
-    variant = "gqa" if k is not None and k.shape[1] != q.shape[1] else "mha"
     if _masked(node):
-        _rewrite_masked(ctx, node, variant + "_masked")
+        _rewrite_masked(ctx, node)
         return
     with ctx.graph.inserting_before(node):
         sdpa = ctx.graph.call_function(torch.ops.zentorch.zentorch_sdpa.default, node.args, node.kwargs)
     sdpa.meta.update(node.meta)  # same outputs, and the one that is used has the same value
     node.replace_all_uses_with(sdpa)
     ctx.graph.erase_node(node)
-    ctx.record.match(PATTERN, variant, sdpa, "zentorch_sdpa")
+    ctx.record.match(PATTERN, _variant(*sdpa.args[:2]), sdpa, "zentorch_sdpa")
+
+
+def _variant(q: fx.Node, k: fx.Node) -> str:
+    return "gqa" if fake_value(k) is not None and fake_value(k).shape[1] != fake_value(q).shape[1] else "mha"
 
 
 def _where_constants(node) -> tuple | None:
@@ -145,25 +147,21 @@ def _shared_mask(graph: fx.Graph, mask: fx.Node) -> fx.Node:
     return next(n for n in graph.nodes if n in same)
 
 
-def _rewrite_masked(ctx, node: fx.Node, variant: str) -> None:
+def _rewrite_masked(ctx, node: fx.Node) -> None:
     q = node.args[0]
     # transformers repeats K and V over the query heads when it passes a mask; both kernels take
     # the KV heads as they are (GQA), without that copy of the keys
-    k, v = (before_repeat_kv(a, fake_value(q).shape[1]) for a in node.args[1:3])
-    if fake_value(k).shape[1] != fake_value(v).shape[1]:  # one looked through, the other not
-        k, v = node.args[1:3]
-    if fake_value(k).shape[1] != fake_value(q).shape[1]:
-        variant = "gqa_masked"
+    k, v = kv_before_repeat_kv(*node.args[1:3], fake_value(q).shape[1])
     scale = call_arg(node, 5, "scale", None)
     scale = scale if scale is not None else fake_value(q).shape[-1] ** -0.5
-    zentorch = why_not_zentorch(node) is None
+    why_not_ours = why_not_zentorch(node)
     with ctx.graph.inserting_before(node):
         out = emit_op(ctx.graph, attention.prefill_attention, q, k, v, _shared_mask(ctx.graph, node.kwargs["attn_mask"]),
-                      float(scale), zentorch)
+                      float(scale), why_not_ours is None)
     for user in list(node.users):
         user.replace_all_uses_with(out)
-    kernel = "zentorch_sdpa" if zentorch else f"ATen's flash attention ({why_not_zentorch(node)})"
-    ctx.record.match(PATTERN, variant, node, f"zen.prefill_attention, blocks by {kernel}")
+    kernel = "zentorch_sdpa" if why_not_ours is None else f"ATen's flash attention ({why_not_ours})"
+    ctx.record.match(PATTERN, _variant(q, k) + "_masked", node, f"zen.prefill_attention, blocks by {kernel}")
 
 
 apply = rewrite_each(PATTERN, search, why_not, rewrite, "prefill attention left to ATen's flash attention")

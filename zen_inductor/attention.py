@@ -65,7 +65,7 @@ def _prefill(q, k, v, mask, scale, zentorch):
     kernel = torch.ops.zentorch.zentorch_sdpa.default if zentorch else _FLASH
     length = q.shape[2]
     extents = _mask_extent(mask, length).tolist()
-    per_row = mask.dim() >= 2 and mask.shape[-2] != 1
+    per_row = mask.shape[-2] != 1
     out = q.new_empty(q.shape)
     for j, end in enumerate(extents):
         rows = slice(j * QUERY_BLOCK, min(length, (j + 1) * QUERY_BLOCK))

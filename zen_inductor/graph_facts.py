@@ -40,7 +40,7 @@ def matmul_operands(mm) -> tuple:
 
 # ops that change how a tensor is viewed, not its values (a clone is the copy repeat_kv's reshape
 # makes of its expanded input)
-_SAME_VALUES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.clone.default)
+_SAME_VALUES = (*VIEWS, aten.clone.default)
 
 
 def _full_slice(node) -> bool:
@@ -80,3 +80,11 @@ def before_repeat_kv(node: fx.Node, heads: int) -> fx.Node:
     if not same or not statically_known_true(source.shape[2] == length) or not statically_known_true(given.shape[2] == length):
         return node
     return base
+
+
+def kv_before_repeat_kv(k: fx.Node, v: fx.Node, heads: int) -> tuple:
+    """``(k, v)`` both through ``before_repeat_kv``, or both as given where only one could be."""
+    k_base, v_base = before_repeat_kv(k, heads), before_repeat_kv(v, heads)
+    if fake_value(k_base).shape[1] != fake_value(v_base).shape[1]:
+        return k, v
+    return k_base, v_base

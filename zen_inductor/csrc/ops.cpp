@@ -223,17 +223,16 @@ int64_t last_visible(const T* row, int64_t n, T neg_inf) {
 // [ceil(rows / block)]: for each block of `block` query rows, one past the last key position any of
 // its rows may see (over the mask's batches and heads), at least 1. mask: additive, [..., rows or 1, S]
 at::Tensor mask_extent(const at::Tensor& mask_in, int64_t rows, int64_t block) {
-  TORCH_CHECK(mask_in.dim() >= 2 && at::isFloatingType(mask_in.scalar_type()) && block > 0 && rows >= 0,
-              "zen: mask_extent takes an additive floating mask [..., L, S]");
+  const at::ScalarType type = mask_in.scalar_type();
+  TORCH_CHECK(mask_in.dim() >= 2 && (type == at::kFloat || type == at::kBFloat16 || type == at::kHalf) && block > 0 &&
+                  rows >= 0,
+              "zen: mask_extent takes an additive fp32, bf16 or fp16 mask [..., L, S], got ", type, " ", mask_in.sizes());
   const int64_t mask_rows = mask_in.size(-2), S = mask_in.size(-1);
   TORCH_CHECK(mask_rows == rows || mask_rows == 1, "zen: mask_extent: a mask of ", mask_rows, " rows for ", rows, " queries");
   const at::Tensor mask = mask_in.reshape({-1, mask_rows, S}).contiguous();
   const int64_t planes = mask.size(0), blocks = (rows + block - 1) / block;
   at::Tensor extent = at::empty({blocks}, mask.options().dtype(at::kLong));
   int64_t* out = extent.data_ptr<int64_t>();
-  const at::ScalarType type = mask.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf,
-              "zen: mask_extent takes an fp32, bf16 or fp16 mask, got ", type);
   // -inf's bits in the mask's type
   const bool wide = type == at::kFloat;
   const uint32_t neg_inf32 = 0xFF800000u;
