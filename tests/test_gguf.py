@@ -50,7 +50,7 @@ def test_every_linear_is_the_files_blocks_exactly(smollm2):
     assert model.lm_head.kind == "Q8_0"  # untied: a linear on the table's blocks
     assert torch.equal(model.lm_head.weight_fp32(), rows)
     embedding = model.get_input_embeddings()
-    assert isinstance(embedding, gguf_model.GGUFEmbedding) and embedding.qs is model.lm_head.qs  # one copy of the blocks
+    assert isinstance(embedding, gguf_model.GGUFEmbedding) and embedding.blocks is model.lm_head.blocks  # one copy of the blocks
     ids = torch.tensor([[0, 17, 49151], [5, 5, 1000]])
     assert torch.equal(embedding(ids), rows[ids])
     float_tables = [n for n, t in [*model.named_parameters(), *model.named_buffers()]

@@ -5,7 +5,7 @@
 
 The file is read with the ``gguf`` package (its reader memory-maps the tensors). Every 2-D weight
 of a linear in a supported block format becomes a ``GGUFLinear`` that keeps the file's blocks
-(codes, and the scales and minima as float16, as stored) and dequantizes them in ``forward``:
+(its bytes as stored: float16 scales and minima, then the codes) and dequantizes them in ``forward``:
 
     Q4_0: W = d * (q - 8)       q: 4-bit, d per block of 32
     Q4_1: W = d * q + m         q: 4-bit, d and m per block of 32
@@ -32,8 +32,19 @@ log = logging.getLogger("zen_inductor")
 BLOCK = 32  # weights per block of Q4_0, Q4_1 and Q8_0
 
 
-def dequantize_blocks(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    """fp32 weights of blocks ``qs [..., B, 16 or 32]``, ``d`` and ``m`` ``[..., B]``: ``[..., B * 32]``."""
+def split_blocks(kind: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Views ``(qs, d, m)`` of blocks as the file stores them, ``[..., B, block bytes]`` of uint8:
+    a block is its float16 scale d (and Q4_1's minimum m), then its codes."""
+    codes = BLOCK if kind == "Q8_0" else BLOCK // 2
+    d = blocks[..., 0:2].view(torch.float16).squeeze(-1)
+    m = blocks[..., 2:4].view(torch.float16).squeeze(-1) if kind == "Q4_1" else None
+    qs = blocks[..., blocks.shape[-1] - codes:]
+    return (qs.view(torch.int8) if kind == "Q8_0" else qs), d, m
+
+
+def dequantize_blocks(kind: str, blocks: torch.Tensor) -> torch.Tensor:
+    """fp32 weights of blocks ``[..., B, block bytes]``: ``[..., B * 32]``."""
+    qs, d, m = split_blocks(kind, blocks)
     if kind == "Q8_0":
         q = qs
     else:
@@ -47,25 +58,26 @@ def dequantize_blocks(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Ten
     return w.flatten(-2)
 
 
+# One buffer a module, the file's bytes: Dynamo checks every tensor a compiled model reads at
+# every call, and its check grew faster than the count (three tensors a linear cost SmolLM2's
+# decode step ~1 ms more than one).
 class GGUFLinear(torch.nn.Module):
     """``y = x @ W^T (+ bias)`` with W in one of GGUF's 32-weight block formats.
 
-    Buffers: ``qs`` the codes as the file stores them ([N, K/32, 16] bytes of two 4-bit codes,
-    element j in the low nibble and j + 16 in the high one, or [N, K/32, 32] int8), ``d`` and
-    ``m`` ([N, K/32] float16: the scale, and Q4_1's minimum).
+    Buffer: ``blocks`` [N, K/32, block bytes] of uint8, the file's blocks (``split_blocks``):
+    Q4's codes are 16 bytes of two 4-bit codes, element j in the low nibble and j + 16 in the
+    high one; Q8_0's 32 int8.
     """
 
-    def __init__(self, kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, bias=None):
+    def __init__(self, kind: str, blocks: torch.Tensor, bias=None):
         super().__init__()
         self.kind = kind
-        self.out_features, self.in_features = qs.shape[0], qs.shape[1] * BLOCK
-        self.register_buffer("qs", qs)
-        self.register_buffer("d", d)
-        self.register_buffer("m", m)
+        self.out_features, self.in_features = blocks.shape[0], blocks.shape[1] * BLOCK
+        self.register_buffer("blocks", blocks)
         self.bias = bias
 
     def weight_fp32(self) -> torch.Tensor:
-        return dequantize_blocks(self.kind, self.qs, self.d, self.m)
+        return dequantize_blocks(self.kind, self.blocks)
 
     def forward(self, x):
         return F.linear(x, self.weight_fp32().to(x.dtype), self.bias)
@@ -79,38 +91,30 @@ class GGUFEmbedding(torch.nn.Module):
 
     The table is the largest tensor of a small model (SmolLM2-135M: 49152 x 576, 108 MB in fp32
     against 29 MB of Q8_0 blocks), and a tied output layer computes from the same blocks, so
-    both share one copy. Buffers as ``GGUFLinear``'s, a row a token.
+    both share one copy. Buffer as ``GGUFLinear``'s, a row a token.
     """
 
-    def __init__(self, kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, kind: str, blocks: torch.Tensor, dtype: torch.dtype):
         super().__init__()
         self.kind, self.dtype = kind, dtype
-        self.num_embeddings, self.embedding_dim = qs.shape[0], qs.shape[1] * BLOCK
-        self.register_buffer("qs", qs)
-        self.register_buffer("d", d)
-        self.register_buffer("m", m)
+        self.num_embeddings, self.embedding_dim = blocks.shape[0], blocks.shape[1] * BLOCK
+        self.register_buffer("blocks", blocks)
 
     def forward(self, ids):
-        m = self.m[ids] if self.m is not None else None
-        return dequantize_blocks(self.kind, self.qs[ids], self.d[ids], m).to(self.dtype)
+        return dequantize_blocks(self.kind, self.blocks[ids]).to(self.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, {self.num_embeddings}, {self.embedding_dim}"
 
 
-def _blocks(kind: str, raw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(qs, d, m) of a tensor's bytes [N, K/32 * block bytes] in ``kind``: a block is its float16
-    scale d (and Q4_1's minimum m), then its codes."""
+def _blocks(kind: str, raw) -> torch.Tensor:
+    """A tensor's bytes [N, K/32 * block bytes] in ``kind`` as [N, K/32, block bytes], copied out
+    of the file's memory map."""
     import gguf
     import numpy as np
 
-    weights, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
-    codes = weights * (8 if kind == "Q8_0" else 4) // 8  # bytes of codes a block
-    blocks = np.asarray(raw).reshape(raw.shape[0], -1, size)
-    d = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0])
-    m = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]) if kind == "Q4_1" else None
-    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., size - codes:]))
-    return (qs.view(torch.int8) if kind == "Q8_0" else qs), d, m
+    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][1]
+    return torch.from_numpy(np.array(np.asarray(raw).view(np.uint8).reshape(raw.shape[0], -1, size)))
 
 
 def _unpermute_rows(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -167,17 +171,16 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, quantized: bool = T
         is_table = isinstance(module, torch.nn.Embedding)
         heads = _rotary_heads(config, module_name)
         if quantized and param == "weight" and kind in SUPPORTED and (is_table or isinstance(module, torch.nn.Linear)):
-            qs, d, m = _blocks(kind, tensor.data)
+            blocks = _blocks(kind, tensor.data)
             if heads:
-                qs, d = _unpermute_rows(qs, heads), _unpermute_rows(d, heads)
-                m = _unpermute_rows(m, heads) if m is not None else None
+                blocks = _unpermute_rows(blocks, heads)
             if is_table:
-                _replace(model, module_name, GGUFEmbedding(kind, qs, d, m, dtype))
+                _replace(model, module_name, GGUFEmbedding(kind, blocks, dtype))
                 if tied:  # llama.cpp computes the output layer from the table's blocks too
-                    _replace(model, "lm_head", GGUFLinear(kind, qs, d, m))
+                    _replace(model, "lm_head", GGUFLinear(kind, blocks))
                     untied = True
             else:
-                _replace(model, module_name, GGUFLinear(kind, qs, d, m, module.bias))
+                _replace(model, module_name, GGUFLinear(kind, blocks, module.bias))
             continue
         if quantized and param == "weight" and (is_table or isinstance(module, torch.nn.Linear)):
             log.warning("zen_inductor: %s (%s) is in %s, which load_gguf does not keep quantized: "

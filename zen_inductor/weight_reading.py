@@ -169,11 +169,22 @@ def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight
     """Scale, offset and codes of a chain that passed ``check_chain``.
 
     May run after later families (a linear merged by concat is read when the merged weight is
-    packed): ``PatternContext.weight`` keeps the chain's nodes in the graph until then.
+    packed): ``PatternContext.weight`` keeps the chain's nodes in the graph until then. A chain
+    that torch cannot evaluate on the probes is a miss with torch's reason: the linear stays
+    Inductor's, which computes it as the model does.
     """
+    try:
+        return _read_weight(ctx, weight, post_scale)
+    except RuntimeError as e:
+        raise PatternMiss(f"the dequant chain could not be evaluated on probe codes: {e}") from e
+
+
+def _read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight:
     codes = find_codes(weight)
     path = _path(codes, weight)
     raw = ctx.evaluate(codes)
+    if not _dense(raw).is_contiguous():  # codes that are a slice of wider records (a GGUF
+        raw = raw.contiguous()  # block's bytes): the probes must be dense, as the chain's results are
     bits, shift = code_range(*torch.aminmax(_dense(raw)))
     # signed one-byte codes; the shift moves into the offset: q * s + b == (q - shift) * s + (b + shift * s)
     signed = (raw.to(torch.int16) - shift).to(torch.int8) if shift else raw.to(torch.int8)
