@@ -128,6 +128,22 @@ def test_global_freezing_flag_parameters_come_as_attributes(caplog):
         assert advised is not global_flag
 
 
+@pytest.mark.parametrize("asserts", [False, True])
+def test_runtime_size_asserts_follow_the_flag(asserts):
+    """Inductor's per-call size and stride checks are left out of zen's compiled code unless
+    config.runtime_size_asserts, and Inductor's own flag stays as it was."""
+    from torch._inductor.utils import run_and_get_code
+
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, (code, *_) = run_and_get_code(compile_zen(m, runtime_size_asserts=asserts), x)
+    assert "zen.quant_linear" in code
+    assert ("assert_size_stride(" in code) is asserts
+    assert torch._inductor.config.size_asserts and torch._inductor.config.alignment_asserts
+    assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
+
+
 def test_cpp_wrapper_calls_the_fused_kernel():
     """Under Inductor's C++ wrapper (the CPU recipe's flag) the compiled code still calls
     zen.quant_linear, and it is right."""

@@ -67,6 +67,7 @@ def _compile(gm, example_inputs, inductor_patches):
         lifted = _lift_parameters(gm, example_inputs)
     inputs = [a for i, a in enumerate(example_inputs) if i not in set(lifted)]
     patches = {"joint_custom_post_pass": ZenJointPass(record, FAMILIES), "freezing": freeze and config.inductor_freezing,
+               "size_asserts": config.runtime_size_asserts, "alignment_asserts": config.runtime_size_asserts,
                **inductor_patches}
     with reuse_freed_memory(), _constants_allowed(inputs), torch._functorch.config.patch(enable_autograd_cache=False):
         # AOTAutograd's cache would serve a warm compile without running our pass, and the packed
