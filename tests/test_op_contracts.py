@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from zen_inductor import attention, native  # noqa: F401  (attention defines its ops)
+from zen_inductor import native
 from zen_inductor.kernels import KERNELS
 
 from test_group32 import _spec, _weight
