@@ -2,6 +2,7 @@
 blocks, StaticCache), by self CPU time, for stock Inductor and zen.
 
     python benchmarks/decode_profile.py [--systems inductor,zen] [--steps 16] [--prompt 128] [--skip-module-guards]
+                                        [--file Q4_1|Q8_0|Q4_0|path.gguf]
 
 --skip-module-guards compiles with torch.compile's guard_filter_fn
 ``torch.compiler.skip_guard_on_all_nn_modules_unsafe`` (Dynamo stops checking the model's modules
@@ -25,6 +26,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--skip-module-guards", action="store_true")
+    p.add_argument("--file", default="Q4_1", help="a block format of the wheel's model (smollm2.gguf_path) or a GGUF path")
     args = p.parse_args()
     from transformers import StaticCache
 
@@ -33,7 +35,7 @@ def main() -> None:
 
     for system in args.systems.split(","):
         torch._dynamo.reset()
-        model, _ = zen_inductor.load_gguf(gguf_path())
+        model, _ = zen_inductor.load_gguf(args.file if args.file.endswith(".gguf") else gguf_path(args.file))
         if system == "inductor":
             torch._inductor.config.freezing = True
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe} if args.skip_module_guards else {}
