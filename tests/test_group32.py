@@ -194,31 +194,35 @@ def test_torchao_group32_model_decodes_on_a_zen_kernel():
     assert sqnr(y, ref) >= 40
 
 
-def _float16_exact_weight(n, bits, seed=0):
-    """Scales and offsets that float16 holds exactly, as GGUF's block d and m are (few mantissa
-    bits, so the packing's offset - z * scale is exact too); int8 symmetric, as Q8_0."""
+def _float16_exact_weight(n, bits, symmetric, seed=0):
+    """Scales, and what the packing stores of offsets (offset - z * scale), that float16 holds
+    exactly, as it holds GGUF's block d and m."""
     g = torch.Generator().manual_seed(seed)
     lo, hi = (-8, 8) if bits == 4 else (-128, 128)
     codes = torch.randint(lo, hi, (n, K), generator=g, dtype=torch.int8)
     scale = torch.randint(8, 32, (n, K // 32), generator=g).float() / 1024
-    offset = torch.randint(-64, 64, (n, K // 32), generator=g).float() / 1024 if bits == 4 else torch.zeros(n, K // 32)
+    stored = torch.randint(-64, 64, (n, K // 32), generator=g).float() / 1024
+    offset = torch.zeros(n, K // 32) if symmetric else stored + (8 if bits == 4 else 128) * scale
     return QuantWeight(codes, scale, offset, None, 32, bits)
 
 
 @_needs("woq_avx512")
 @pytest.mark.parametrize("bits", [4, 8])
-def test_float16_exact_scales_are_packed_as_float16(bits):
-    """Where every scale and offset is a float16 exactly, a record's tail is 64 bytes (fp16) rather
-    than 128, and the kernel's answer holds the bar; elsewhere the tail stays fp32."""
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_record_tails_are_as_small_as_exact(bits, symmetric):
+    """A record's tail holds 16 scales, and 16 offsets unless the weight is symmetric (Q8_0, Q4_0:
+    the kernel knows them as -z scale), in float16 where every value is one exactly, else fp32;
+    the kernel's answer holds the bar with each."""
     kernel = KERNELS[f"zen_w{bits}_avx512"]
     code_bytes = 32 * 16 * bits // 8
+    values = 16 if symmetric else 32  # a record's scales (and offsets)
     n = 48
-    spec = LinearSpec(n=n, k=K, group_size=32, bits=bits, symmetric=bits == 8, act_dtype=torch.bfloat16)
-    exact, inexact = _float16_exact_weight(n, bits), _weight(n, bits, symmetric=bits == 8)
-    assert kernel.prepack(exact, spec.act_dtype)[0].shape[2] == code_bytes + 64
-    assert kernel.prepack(inexact, spec.act_dtype)[0].shape[2] == code_bytes + 128
-    packed = kernel.prepack(exact, spec.act_dtype)
-    for m in (1, 3, 5):
-        x = torch.randn(m, K).to(torch.bfloat16)
-        y = run_kernel(kernel, x, packed, None, spec)
-        assert sqnr(y, x.float() @ exact.dequantize().float().t()) >= 45, m
+    spec = LinearSpec(n=n, k=K, group_size=32, bits=bits, symmetric=symmetric, act_dtype=torch.bfloat16)
+    exact, inexact = _float16_exact_weight(n, bits, symmetric), _weight(n, bits, symmetric=symmetric)
+    for w, value_bytes in ((exact, 2), (inexact, 4)):
+        packed = kernel.prepack(w, spec.act_dtype)
+        assert packed[0].shape[2] == code_bytes + values * value_bytes
+        for m in (1, 3, 5):
+            x = torch.randn(m, K).to(torch.bfloat16)
+            y = run_kernel(kernel, x, packed, None, spec)
+            assert sqnr(y, x.float() @ w.dequantize().float().t()) >= 45, (m, value_bytes)

@@ -15,7 +15,9 @@
 //            bytes of k .. k + 3 and of k + 4 .. k + 7;
 //     grouped weights only: scale and offset' per row, [16] each, fp32 or (where every value is a
 //     float16 exactly, as GGUF's block scales are) float16: 64 bytes a record instead of 128, 0.625
-//     instead of 0.75 bytes a weight at G = 32.
+//     instead of 0.75 bytes a weight at G = 32. A symmetric weight's offset' is -z scale, so its
+//     records hold the scales alone and the sums take -z xsum: Q8_0's 1.0625 bytes a weight
+//     instead of 1.125, Q4_0's 0.5625 instead of 0.625, the file's own sizes.
 // Per-channel weights keep theirs apart, [ceil(N/16), 16], applied once at the end. One stream a
 // block: scales in arrays of their own were more streams a block and cost the 17 llama1b-4l
 // decode linears a quarter of their bandwidth on Zen 4 (int8: 21-25 against 27-30 GB/s).
@@ -41,13 +43,15 @@ ZEN_AVX512 inline __m512 load_tail(const uint8_t* p) {
 }
 
 // Blocks b0 .. b0 + S - 1 against rows m0 .. m0 + R - 1 of x, bias added, epilogue applied, stored.
-// TAIL: bytes of a grouped record's scale or offset value (4 or 2), 0 for per-channel weights.
-template <int BITS, int R, int S, int TAIL>
+// TAIL: bytes of a grouped record's scale or offset value (4 or 2), 0 for per-channel weights;
+// OFFSETS: whether a grouped record holds offsets' after its scales (else they are -z scale).
+template <int BITS, int R, int S, int TAIL, bool OFFSETS>
 ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float* xsum, const uint8_t* w,
                        const float* scale, const float* offset, const float* b, void* y, int64_t m0, int64_t b0,
                        int64_t N, int64_t K, int64_t G, bool y_bf16, bool swiglu, const float* res) {
   constexpr bool GROUPED = TAIL != 0;
-  const int64_t groups = K / G, record = G * ROWS * BITS / 8 + 2 * ROWS * TAIL;
+  const int64_t groups = K / G, record = G * ROWS * BITS / 8 + (OFFSETS ? 2 : 1) * ROWS * TAIL;
+  const float z = BITS == 4 ? 8.0f : 128.0f;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[R][S];
   for (int s = 0; s < S; ++s)
@@ -90,10 +94,13 @@ ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, cons
       for (int r = 0; r < R; ++r) {
         const int64_t mg = (m0 + r) * groups + g;
         const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[r][s], _mm512_slli_epi32(hi[r][s], 8)));
-        if (GROUPED) {
+        if (GROUPED && OFFSETS) {
           const __m512 sv = load_tail<TAIL>(tail), ov = load_tail<TAIL>(tail + ROWS * TAIL);
           acc[r][s] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(xs[mg])), acc[r][s]);
           acc[r][s] = _mm512_fmadd_ps(ov, _mm512_set1_ps(xsum[mg]), acc[r][s]);
+        } else if (GROUPED) {  // scale (xs dot - z xsum)
+          const __m512 sums = _mm512_fmadd_ps(dot, _mm512_set1_ps(xs[mg]), _mm512_set1_ps(-z * xsum[mg]));
+          acc[r][s] = _mm512_fmadd_ps(load_tail<TAIL>(tail), sums, acc[r][s]);
         } else {
           acc[r][s] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xs[mg]), acc[r][s]);
         }
@@ -116,15 +123,16 @@ ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, cons
   }
 }
 
-template <int BITS, int TAIL>
+template <int BITS, int TAIL, bool OFFSETS>
 void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float* xsum, const uint8_t* w,
                 const float* scale, const float* offset, const float* b, void* y, int64_t M, int64_t N, int64_t K,
                 int64_t G, bool y_bf16, bool swiglu, const float* res) {
   for_block_groups(N, [&](auto streams, int64_t b0) {
     // two rows of x at a time: with four, the lo and hi sums of 4 blocks would not fit the registers
     for_row_blocks<2>(M, [&](auto rows, int64_t m0) {
-      blocks<BITS, decltype(rows)::value, decltype(streams)::value, TAIL>(xl, xh, xs, xsum, w, scale, offset, b, y,
-                                                                             m0, b0, N, K, G, y_bf16, swiglu, res);
+      blocks<BITS, decltype(rows)::value, decltype(streams)::value, TAIL, OFFSETS>(xl, xh, xs, xsum, w, scale, offset, b,
+                                                                                      y, m0, b0, N, K, G, y_bf16, swiglu,
+                                                                                      res);
     });
   });
 }
@@ -132,7 +140,9 @@ void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float
 }  // namespace
 
 // w: ceil(N/16) blocks of K/G records as above; scale, offset': per-channel ones (unread if
-// grouped); grouped: 0 per-channel, 1 records with fp32 scales and offsets, 2 with float16 ones; y: [M, N] (swiglu: [M, N / 2]), bf16 or fp32. G is 32, 64 or 128 and divides K.
+// grouped); grouped: 0 per-channel, 1 records with fp32 scales and offsets, 2 with float16 ones, 3
+// with fp32 scales alone (symmetric), 4 with float16 ones; y: [M, N] (swiglu: [M, N / 2]), bf16 or
+// fp32. G is 32, 64 or 128 and divides K.
 // residual: fp32 [M, N] added to y (fp32 then), read only if has_residual.
 extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset, const float* bias,
                        void* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t x_bf16, int64_t y_bf16,
@@ -166,23 +176,27 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
         xhp[k] = static_cast<int8_t>((xqp[k] - low) / 256);
       }
     }
-    auto run = [&](auto bits_c, auto tail_c) {
-      all_blocks<decltype(bits_c)::value, decltype(tail_c)::value>(xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N,
-                                                                   K, G, y_bf16, swiglu, res);
+    auto run = [&](auto bits_c, auto tail_c, auto offsets_c) {
+      all_blocks<decltype(bits_c)::value, decltype(tail_c)::value, decltype(offsets_c)::value>(
+          xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res);
     };
     using Four = std::integral_constant<int, 4>;
     using Eight = std::integral_constant<int, 8>;
     using PerChannel = std::integral_constant<int, 0>;
     using Fp32 = std::integral_constant<int, 4>;
     using Fp16 = std::integral_constant<int, 2>;
-    if (bits == 4) {
-      if (grouped == 2) run(Four{}, Fp16{});
-      else if (grouped) run(Four{}, Fp32{});
-      else run(Four{}, PerChannel{});
-    } else {
-      if (grouped == 2) run(Eight{}, Fp16{});
-      else if (grouped) run(Eight{}, Fp32{});
-      else run(Eight{}, PerChannel{});
-    }
+    using Offsets = std::true_type;
+    using ScalesOnly = std::false_type;
+    auto run_tails = [&](auto bits_c) {
+      switch (grouped) {
+        case 1: run(bits_c, Fp32{}, Offsets{}); break;
+        case 2: run(bits_c, Fp16{}, Offsets{}); break;
+        case 3: run(bits_c, Fp32{}, ScalesOnly{}); break;
+        case 4: run(bits_c, Fp16{}, ScalesOnly{}); break;
+        default: run(bits_c, PerChannel{}, Offsets{});
+      }
+    };
+    if (bits == 4) run_tails(Four{});
+    else run_tails(Eight{});
   }
 }

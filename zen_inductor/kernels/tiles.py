@@ -115,8 +115,9 @@ def _int8_tiles_prepack(w: QuantWeight, act_dtype):
 
 def _blocks16_prepack(w: QuantWeight, act_dtype):
     # ceil(N/16) blocks of K/G records (csrc/woq_avx512.cpp): unsigned codes u = c + z in 64-byte
-    # lines of 16 rows and, for grouped weights, scales and offset - z scale [16] fp32 each;
-    # per-channel scales and offsets [ceil(N/16), 16] apart
+    # lines of 16 rows and, for grouped weights, scales and offset - z scale [16] fp32 each (a
+    # symmetric weight's scales alone: the kernel knows its offsets are -z scale); per-channel
+    # scales and offsets [ceil(N/16), 16] apart
     k, pad, bits = w.k, -w.n % 16, w.bits
     g = _a8w4_group(w.group_size)
     z = 8 if bits == 4 else 128
@@ -135,9 +136,10 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
     if w.group_size < k:
         # float16 where it holds every value exactly (GGUF's d and m, Q4_0's -8 d): a sixth fewer
         # bytes to read at G = 32, the same arithmetic
-        tails = [t.to(torch.float16) for t in (scale, offset)]
-        if not all(torch.equal(t16.to(torch.float32), t) for t16, t in zip(tails, (scale, offset))):
-            tails = [scale, offset]
+        exact = (scale,) if w.symmetric else (scale, offset)
+        tails = [t.to(torch.float16) for t in exact]
+        if not all(torch.equal(t16.to(torch.float32), t) for t16, t in zip(tails, exact)):
+            tails = list(exact)
         for t in tails:  # [N + pad, K/Gw] -> [ceil(N/16), K/G, 64 or 32 bytes]
             records.append(_per_tile(t.repeat_interleave(w.group_size // g, dim=1), rows=16).view(torch.uint8))
         params = [torch.empty(0)] * 2  # (the kernel reads the records' own)
@@ -152,8 +154,9 @@ def _blocks16_arguments(packed, spec):
     group = spec.k // records.shape[1]
     if scale.numel():
         tails = 0  # per channel
-    else:  # a record's codes, then its [16] scales and offsets: fp32 (1) or float16 (2)
-        tails = 1 if records.shape[2] - group * 16 * spec.bits // 8 == 128 else 2
+    else:  # a record's codes, then its [16] scales and offsets: fp32 (1) or float16 (2); scales alone (3, 4)
+        tail_bytes = records.shape[2] - group * 16 * spec.bits // 8
+        tails = {(False, 128): 1, (False, 64): 2, (True, 64): 3, (True, 32): 4}[spec.symmetric, tail_bytes]
     return packed[:3], (spec.k, group), (spec.bits, tails)
 
 
