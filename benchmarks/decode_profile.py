@@ -14,10 +14,14 @@ breakdown the overhead work of the llama.cpp issue is measured against.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
@@ -31,15 +35,13 @@ def main() -> None:
     from transformers import StaticCache
 
     import zen_inductor
+    from benchmarks.smollm2 import compiled_forward
     from zen_inductor.smollm2 import gguf_path
 
     for system in args.systems.split(","):
         torch._dynamo.reset()
         model, _ = zen_inductor.load_gguf(args.file if args.file.endswith(".gguf") else gguf_path(args.file))
-        if system == "inductor":
-            torch._inductor.config.freezing = True
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe} if args.skip_module_guards else {}
-        forward = torch.compile(model.forward, backend=system, options=options)
+        forward = compiled_forward(model, system, args.skip_module_guards)
         length, total = args.prompt, args.prompt + 3 * args.steps + 8
         ids = torch.randint(0, 1000, (1, length))
         cache = StaticCache(config=model.config, max_cache_len=total)

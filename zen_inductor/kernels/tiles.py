@@ -136,10 +136,10 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
     if w.group_size < k:
         # float16 where it holds every value exactly (GGUF's d and m, Q4_0's -8 d): a sixth fewer
         # bytes to read at G = 32, the same arithmetic
-        exact = (scale,) if w.symmetric else (scale, offset)
-        tails = [t.to(torch.float16) for t in exact]
-        if not all(torch.equal(t16.to(torch.float32), t) for t16, t in zip(tails, exact)):
-            tails = list(exact)
+        stored = (scale,) if w.symmetric else (scale, offset)
+        tails = [t.to(torch.float16) for t in stored]
+        if not all(torch.equal(t16.to(torch.float32), t) for t16, t in zip(tails, stored)):
+            tails = list(stored)
         for t in tails:  # [N + pad, K/Gw] -> [ceil(N/16), K/G, 64 or 32 bytes]
             records.append(_per_tile(t.repeat_interleave(w.group_size // g, dim=1), rows=16).view(torch.uint8))
         params = [torch.empty(0)] * 2  # (the kernel reads the records' own)
