@@ -14,7 +14,9 @@ The KV cache: transformers' DynamicCache (default), or with ``--cache static`` a
 prompt plus the new tokens, as ``generate(cache_implementation="static")`` makes (results then in
 ``e2e-MODEL-static-cache-pPROMPT``); system ``zen-kv8`` is zen generating through
 ``zen_inductor.Int8StaticCache`` instead. ``--batch B`` decodes B equal-length prompts at once
-(results in ``...-bB``; the table gains decode tokens/s, B over TPOT).
+(results in ``...-bB``; the table gains decode tokens/s, B over TPOT); with ``--padded`` the B
+prompts differ in length (row i: PROMPT - i * PROMPT / 2B tokens), left-padded into one batch
+with its attention mask as transformers' ``generate`` pads them (results in ``...-bB-padded``).
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ def one_run(args) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from zen_inductor.demo import generate
+    from zen_inductor.demo import generate, left_padded
 
     spec = MODELS[args.model]
     model = build(spec)
@@ -119,16 +121,18 @@ def one_run(args) -> dict:
 
         quantize_(model, cfg)  # every Linear, lm_head included, as quantize_ does by default
     torch.manual_seed(1)
-    prompt = torch.randint(0, spec["vocab"], (args.batch, args.prompt))
+    prompt, mask = torch.randint(0, spec["vocab"], (args.batch, args.prompt)), None
+    if args.padded:
+        prompt, mask = left_padded([row[i * args.prompt // (2 * args.batch):] for i, row in enumerate(prompt)])
     make_cache = cache_maker(model, args.system, args.cache, args.prompt + args.new)
     with torch.no_grad():
         forward = compiled_forward(model, args.system)
         t0 = time.perf_counter()
-        generate(forward, prompt, 4, make_cache)
+        generate(forward, prompt, 4, make_cache, mask)
         compile_s = time.perf_counter() - t0
         ttfts, tpots, tokens = [], [], None
         for _ in range(args.reps):
-            tokens, ttft, steps = generate(forward, prompt, args.new, make_cache)
+            tokens, ttft, steps = generate(forward, prompt, args.new, make_cache, mask)
             ttfts.append(ttft * 1e3)
             tpots.append(statistics.median(steps) * 1e3)
     return {
@@ -156,7 +160,7 @@ def cache_maker(model, system: str, cache: str, length: int):
 
 def results_name(args) -> str:
     return (f"e2e-{args.model}" + (f"-{args.cache}-cache-p{args.prompt}" if args.cache != "dynamic" else "")
-            + (f"-b{args.batch}" if args.batch > 1 else ""))
+            + (f"-b{args.batch}" if args.batch > 1 else "") + ("-padded" if args.padded else ""))
 
 
 def cache_use(system: str) -> str:
@@ -201,6 +205,7 @@ def main():
     p = run_arguments(SYSTEMS)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--merge", action="store_true", help="keep other rows of an earlier run of this model")
+    p.add_argument("--padded", action="store_true", help="prompts of B lengths, left-padded with an attention mask")
     p.add_argument("--cold", action="store_true", help="every process compiles with empty Inductor and zen caches")
     p.add_argument("--child", nargs=2, metavar=("FORMAT", "SYSTEM"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -231,7 +236,7 @@ def main():
 def run_child(args, fmt: str, system: str, env=None) -> dict:
     """One (format, system) in its own process: its result, or {"error": last line of stderr}."""
     cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--prompt", str(args.prompt), "--new",
-           str(args.new), "--reps", str(args.reps), "--cache", args.cache, "--batch", str(args.batch), "--child", fmt, system]
+           str(args.new), "--reps", str(args.reps), "--cache", args.cache, "--batch", str(args.batch), *(["--padded"] if args.padded else []), "--child", fmt, system]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
@@ -257,11 +262,12 @@ def write(results, args, quiet=False):
     stamp = time.strftime("%Y-%m-%d")
     meta = {"date": stamp, "machine": platform.processor() or platform.machine(), "cpu": _cpu(), "threads": os.cpu_count(),
             "model": args.model, "prompt": args.prompt, "new": args.new, "reps": args.reps, "cache": args.cache,
-            "batch": args.batch,
+            "batch": args.batch, "padded": args.padded,
             "versions": _versions()}
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
-    lines = [f"# e2e: {args.model}, prompt {args.prompt}, {args.new} new tokens, batch {args.batch}, greedy, {args.cache} "
+    batch = f"batch {args.batch}" + (f" (prompts of {args.prompt // 2 + args.prompt // (2 * args.batch)}-{args.prompt} tokens, left-padded)" if args.padded else "")
+    lines = [f"# e2e: {args.model}, prompt {args.prompt}, {args.new} new tokens, {batch}, greedy, {args.cache} "
              f"KV cache ({stamp})", "",
              f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}.", "",
              "| format | system | TTFT ms | TPOT ms | decode tokens/s | compile s | peak RSS MB | tokens = eager | zen vs best peer "

@@ -3,7 +3,7 @@ same blocks.
 
     python benchmarks/smollm2.py [--systems eager,inductor,zen,llamacpp] [--prompts 128,512] [--new 64]
                                  [--reps 3] [--file Q4_1|path.gguf] [--out benchmarks/results] [--name STEM]
-                                 [--reuse-cache] [--skip-module-guards]
+                                 [--reuse-cache] [--skip-module-guards] [--isa native|avx2] [--rounds N]
 
 Every (prompt, system) runs in its own process (compile time and peak RSS are its own). The torch
 systems load the file with ``zen_inductor.load_gguf`` (their linears compute with the file's
@@ -27,6 +27,10 @@ prefix): the prompt's attention is then flash attention under a mask.
 ``torch.compiler.skip_guard_on_all_nn_modules_unsafe``: Dynamo stops checking the model's modules
 at each call (~1 ms of a SmolLM2 decode step, the same for every backend), right when nothing
 reassigns them during generation, as vLLM drops its guards.
+--isa avx2: every system runs the code an AVX2-only CPU would, on this one: zen, ATen, Inductor,
+MKL and oneDNN capped at AVX2 (their environment variables, ISA_AVX2 below), a fresh Inductor
+cache for it, and llama.cpp from a build without AVX-512 (``bash scripts/llamacpp --avx2``; the
+run stops if the llama.cpp it finds reports AVX-512). The memory system stays this machine's.
 """
 from __future__ import annotations
 
@@ -42,6 +46,29 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = ("eager", "inductor", "zen", "zen-kv8", "llamacpp", "llamacpp-kv8")
 KV8 = "-kv8"
+# what caps each library at AVX2 (zen, ATen and Inductor's generated code, MKL, oneDNN)
+ISA_AVX2 = {"ZEN_INDUCTOR_CPU_CAPABILITY": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def llamacpp_avx2_build() -> str:
+    """Where ``scripts/llamacpp --avx2`` installs llama-cpp-python built without AVX-512."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "zen_inductor", "llamacpp-avx2")
+
+
+def child_env(isa: str, system: str) -> dict:
+    """The environment of a system's process: this one's, capped at ``isa``."""
+    env = dict(os.environ)
+    if isa == "avx2":
+        env.update(ISA_AVX2)
+        if system.startswith("llamacpp"):
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [llamacpp_avx2_build(), env.get("PYTHONPATH")]))
+        else:
+            from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+            env.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir() + "-avx2")
+    return env
 
 
 def prose_ids(path: str) -> list:
@@ -134,6 +161,10 @@ def llamacpp_extra_bufts() -> bool:
 def llamacpp_run(path: str, prompt: list, new: int, reps: int, threads: int, kv8: bool = False) -> dict:
     import llama_cpp
 
+    features = llama_cpp.llama_cpp.llama_print_system_info().decode()
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" and "AVX512" in features:
+        raise SystemExit(f"llama.cpp at {llama_cpp.__file__} runs AVX-512 ({features}): build one without it "
+                         "with `bash scripts/llamacpp --avx2` for --isa avx2")
     extra_bufts = llamacpp_extra_bufts()
     ids, length = prompt, len(prompt)
     kv = dict(type_k=llama_cpp.GGML_TYPE_Q8_0, type_v=llama_cpp.GGML_TYPE_Q8_0, flash_attn=True) if kv8 else {}
@@ -163,7 +194,7 @@ def llamacpp_run(path: str, prompt: list, new: int, reps: int, threads: int, kv8
     runs = [generate(new) for _ in range(reps)]
     return dict(load_s=load_s, first_s=first_s, tokens=runs[-1][0], ttft_ms=statistics.median(r[1] for r in runs) * 1e3,
                 tpot_ms=statistics.median(statistics.median(r[2]) for r in runs) * 1e3, version=llama_cpp.__version__,
-                extra_bufts=extra_bufts)
+                extra_bufts=extra_bufts, features=features)
 
 
 def child(args) -> None:
@@ -175,6 +206,32 @@ def child(args) -> None:
         result = torch_run(args.system, args.file, prompt, args.new, args.reps, args.reuse_cache, args.skip_module_guards)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def across_rounds(rows: list) -> dict:
+    """One system's processes at one prompt as one row: the medians of their figures (processes
+    of one build differ more than runs within one on this shared VM: llama.cpp's TPOT took
+    7.1 or 9.0 ms from one process to the next), the last one's tokens."""
+    merged = dict(rows[-1])
+    for key in ("ttft_ms", "tpot_ms", "first_s", "peak_rss_mb"):
+        merged[key] = statistics.median(r[key] for r in rows)
+    merged["tpot_rounds"] = sorted(r["tpot_ms"] for r in rows)
+    return merged
+
+
+def paired_ratios(rows: list) -> dict:
+    """prompt -> zen's TPOT over llama.cpp's in each round both ran: ratios of processes run
+    back to back, which the VM's slow drift moves less than the medians of either."""
+    out = {}
+    for length in sorted({r["prompt"] for r in rows}):
+        by_round = {}
+        for r in rows:
+            if r["prompt"] == length and r["system"] in ("zen", "llamacpp") and "round" in r:
+                by_round.setdefault(r["round"], {})[r["system"]] = r["tpot_ms"]
+        ratios = [t["zen"] / t["llamacpp"] for _, t in sorted(by_round.items()) if len(t) == 2]
+        if len(ratios) > 1:
+            out[length] = ratios
+    return out
 
 
 def cpu() -> str:
@@ -197,6 +254,9 @@ def main() -> None:
     p.add_argument("--reuse-cache", action="store_true", help="one StaticCache a process, reset before each generation")
     p.add_argument("--skip-module-guards", action="store_true",
                    help="compile every torch system with guard_filter_fn skip_guard_on_all_nn_modules_unsafe")
+    p.add_argument("--rounds", type=int, default=1, help="processes a system and prompt, interleaved; medians")
+    p.add_argument("--isa", choices=("native", "avx2"), default="native",
+                   help="avx2: every system as on an AVX2-only CPU (see the module's docstring)")
     p.add_argument("--system", help=argparse.SUPPRESS)
     p.add_argument("--ids", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -214,55 +274,71 @@ def main() -> None:
     systems = [s for s in args.systems.split(",")
                if s and (not s.startswith("llamacpp") or importlib.util.find_spec("llama_cpp"))]
     name = os.path.basename(args.file)
-    stem = os.path.join(args.out, args.name or ("smollm2" if name.endswith("Q4_1.gguf") else f"smollm2-{name}"))
+    default_name = ("smollm2" if name.endswith("Q4_1.gguf") else f"smollm2-{name}") + ("-avx2" if args.isa == "avx2" else "")
+    stem = os.path.join(args.out, args.name or default_name)
     os.makedirs(args.out, exist_ok=True)
     rows = []
     if args.merge and os.path.exists(stem + ".json"):
         with open(stem + ".json") as f:
             rows = [r for r in json.load(f) if r["system"] not in systems]
     text = prose_ids(args.file)
-    for length in (int(x) for x in args.prompts.split(",")):
-        ids_file = os.path.join(args.out, f".prompt-{length}.json")
+    lengths = [int(x) for x in args.prompts.split(",")]
+    ids_files = {length: os.path.join(args.out, f".prompt-{length}.json") for length in lengths}
+    for length, ids_file in ids_files.items():
         with open(ids_file, "w") as f:  # a prompt longer than the text reads it again from the start
             json.dump((text * -(-length // len(text)))[:length], f)
-        for system in systems:
-            print(f"[prompt {length}] {system} ...", flush=True)
-            cmd = [sys.executable, __file__, "--system", system, "--ids", ids_file, "--new", str(args.new),
-                   "--reps", str(1 if system == "eager" else args.reps), "--file", args.file,
-                   "--threads", str(torch.get_num_threads()), *(["--reuse-cache"] if args.reuse_cache else []),
-                   *(["--skip-module-guards"] if args.skip_module_guards else [])]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                print(f"  failed (exit {out.returncode}):", out.stdout[-2000:], out.stderr[-4000:])
-                continue
-            row = dict(json.loads(line[7:]), system=system, prompt=length)
-            print(f"  TTFT {row['ttft_ms']:.1f} ms, TPOT {row['tpot_ms']:.2f} ms, first generate {row['first_s']:.1f} s, "
-                  f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
-            rows.append(row)
+    for round_ in range(args.rounds):
+        for length in lengths:
+            for system in systems if round_ % 2 == 0 else systems[::-1]:  # drift spread over every system
+                print(f"[round {round_ + 1}, prompt {length}] {system} ...", flush=True)
+                cmd = [sys.executable, __file__, "--system", system, "--ids", ids_files[length], "--new", str(args.new),
+                       "--reps", str(1 if system == "eager" else args.reps), "--file", args.file,
+                       "--threads", str(torch.get_num_threads()), *(["--reuse-cache"] if args.reuse_cache else []),
+                       *(["--skip-module-guards"] if args.skip_module_guards else [])]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.isa, system))
+                line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"  failed (exit {out.returncode}):", out.stdout[-2000:], out.stderr[-4000:])
+                    continue
+                row = dict(json.loads(line[7:]), system=system, prompt=length, round=round_)
+                print(f"  TTFT {row['ttft_ms']:.1f} ms, TPOT {row['tpot_ms']:.2f} ms, first generate {row['first_s']:.1f} s, "
+                      f"peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+                rows.append(row)
+    for ids_file in ids_files.values():
         os.remove(ids_file)
     lines = [f"# SmolLM2-135M-Instruct, {name}: zen against llama.cpp and PyTorch ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {cpu()}, {torch.get_num_threads()} threads. Batch 1, greedy, {args.new} new tokens, StaticCache "
+             f"Machine: {cpu()}, {torch.get_num_threads()} threads"
+             f"{'; every system as on an AVX2-only CPU (`--isa avx2`: zen, ATen, Inductor, MKL and oneDNN capped at AVX2, llama.cpp built without AVX-512)' if args.isa == 'avx2' else ''}. Batch 1, greedy, {args.new} new tokens, StaticCache "
              f"{'(one a process, reset before each generation: the prompt attends under a mask) ' if args.reuse_cache else ''}"
              f"(`-kv8`: 8-bit keys and values, zen's Int8StaticCache and llama.cpp's Q8_0 cache); "
-             f"medians of {args.reps} runs (eager: 1). "
+             f"medians of {args.reps} runs (eager: 1)"
+             f"{f' in each of {args.rounds} processes a system and prompt, in alternating order; a row gives their medians, TPOT with its range' if args.rounds > 1 else ''}. "
              f"{'Every torch system compiled with its module guards skipped (`--skip-module-guards`). ' if args.skip_module_guards else ''}"
-             f"One process per row. Every system computes with the file's blocks. "
+             f"One process per row{' and round' if args.rounds > 1 else ''}. Every system computes with the file's blocks. "
              f"Prompts: the first tokens of `benchmarks/data/prose.txt` ({len(text)} tokens), read again from its start "
              f"for longer ones.", "",
              "| prompt | system | TTFT ms | TPOT ms | tokens/s | first generate s (compile) | peak RSS MB | tokens = llama.cpp's | TPOT / zen's |",
              "|---|---|---|---|---|---|---|---|---|"]
     order = {s: i for i, s in enumerate(SYSTEMS)}
     for length in sorted({r["prompt"] for r in rows}):
-        group = sorted((r for r in rows if r["prompt"] == length), key=lambda r: order.get(r["system"], len(order)))
+        group = [across_rounds([r for r in rows if r["prompt"] == length and r["system"] == system])
+                 for system in dict.fromkeys(r["system"] for r in rows if r["prompt"] == length)]
+        group.sort(key=lambda r: order.get(r["system"], len(order)))
         ref = next((r["tokens"] for r in group if r["system"] == "llamacpp"), None)
         zen = next((r["tpot_ms"] for r in group if r["system"] == "zen"), None)
         for r in group:
             same = "?" if ref is None else ("yes" if r["tokens"] == ref else f"{sum(a == b for a, b in zip(r['tokens'], ref))}/{len(ref)}")
             ratio = f"{r['tpot_ms'] / zen:.2f}x" if zen else ""
             system = r["system"] + (" (no extra buffer types)" if r.get("extra_bufts") is False else "")
-            lines.append(f"| {length} | {system} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | {1e3 / r['tpot_ms']:.1f} | "
+            tpots = r["tpot_rounds"]
+            tpot = f"{r['tpot_ms']:.2f}" + (f" ({tpots[0]:.2f}-{tpots[-1]:.2f})" if len(tpots) > 1 else "")
+            lines.append(f"| {length} | {system} | {r['ttft_ms']:.1f} | {tpot} | {1e3 / r['tpot_ms']:.1f} | "
                          f"{r['first_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | {ratio} |")
+    paired = paired_ratios(rows)
+    if paired:
+        lines += ["", "zen's TPOT over llama.cpp's, process by process (adjacent in time, one pair a round): "
+                  + "; ".join(f"prompt {length}: {', '.join(f'{r:.2f}' for r in ratios)} (median "
+                              f"{statistics.median(ratios):.2f})" for length, ratios in paired.items()) + "."]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(stem + ".json", "w") as f:

@@ -84,22 +84,44 @@ def quantize(model, name: str, group: int):
     return model
 
 
+def left_padded(prompts: list, pad_id: int = 0) -> tuple:
+    """Prompts of different lengths as one batch, as transformers' ``generate`` takes them: the
+    ids left-padded with ``pad_id`` to the longest, and the attention mask (1 on each token)."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p):] = torch.as_tensor(p)
+        mask[row, length - len(p):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
-def generate(forward, input_ids, new_tokens: int, make_cache=None):
+def generate(forward, input_ids, new_tokens: int, make_cache=None, attention_mask=None):
     """Greedy decode; returns tokens, time to first token and per-token decode times (s).
-    ``make_cache()``: a fresh cache for the generation (default: transformers' DynamicCache)."""
+    ``make_cache()``: a fresh cache for the generation (default: transformers' DynamicCache).
+    ``attention_mask`` (a padded batch, ``left_padded``): passed with each row's positions
+    counted from its first token, and grown by a column a step, as ``generate`` does."""
     from transformers import DynamicCache
 
     cache = make_cache() if make_cache is not None else DynamicCache()
+    padding = {}
+    if attention_mask is not None:
+        positions = (attention_mask.cumsum(-1) - 1).clamp_(min=0)
+        padding = dict(attention_mask=attention_mask, position_ids=positions)
     t0 = time.perf_counter()
     # logits of the last position only, as transformers' generate() asks for them
-    out = forward(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = forward(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **padding)
     token = out.logits[:, -1:].argmax(-1)
     ttft = time.perf_counter() - t0
     tokens, steps = [token], []
     for _ in range(new_tokens - 1):
         t0 = time.perf_counter()
-        out = forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if padding:
+            mask = padding["attention_mask"]
+            padding = dict(attention_mask=torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1),
+                           position_ids=padding["position_ids"][:, -1:] + 1)
+        out = forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **padding)
         token = out.logits[:, -1:].argmax(-1)
         steps.append(time.perf_counter() - t0)
         tokens.append(token)
