@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch._dynamo.aot_compile_types import SerializableCallable
 from torch._inductor.compile_fx import compile_fx
 
-from . import config, dumps, native
+from . import config, dumps, native, wrapper_calls  # noqa: F401  wrapper_calls: our ops' lowerings
 from .allocator import reuse_freed_memory
 from .graph_pass import ZenJointPass
 from .patterns import FAMILIES

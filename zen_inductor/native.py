@@ -224,6 +224,20 @@ def op_library_unavailable() -> Optional[str]:
     return _op_library()()[1]
 
 
+@functools.lru_cache(None)
+def fast_calls():
+    """The C++ ops as CPython functions (``zen_fast_calls`` in csrc/ops.cpp): a module object
+    with ``linear`` and ``decode_attention``, or None where the op library cannot load."""
+    import ctypes
+
+    library, _ = _op_library()()
+    if library is None:
+        return None
+    make = ctypes.PyDLL(library._name).zen_fast_calls  # the loaded library again, called with the GIL held
+    make.restype = ctypes.py_object
+    return make()
+
+
 def _build_with_toolchain(load_async, *args, **kwargs):
     _toolchain_checked()  # every build needs it; a second check beside it would repeat its probes
     return load_async(*args, **kwargs)()

@@ -3,6 +3,9 @@
 //   zen::quant_linear.native  one of our C++ linear entries, on a weight packed for it
 //   zen::decode_attention     one query position over a KV cache, fp32, bf16 or int8 (decode_attention.cpp)
 //   zen::mask_extent          how far each block of a prompt's queries may see into the keys (attention.py)
+// and the first two again as CPython functions (zen_fast_calls below), which Inductor's Python
+// wrapper calls where zen lowers the ops (wrapper_calls.py): the same code, without the
+// dispatcher's parsing and boxing of the schema's lists and string on each call.
 // Their schemas and fake implementations are Python's (kernels/op.py, attention.py); the kernels
 // are plain libraries whose entry addresses Python binds here once they are loaded.
 //
@@ -12,9 +15,13 @@
 // count once its library is loaded (zen_bind_native); this op lays the arguments out as 64-bit
 // words in that order and calls the entry through a function type of exactly that many int64
 // parameters, which the x86-64 System V ABI passes as it passes the pointers and int64s declared.
+#include <Python.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -254,7 +261,99 @@ at::Tensor mask_extent(const at::Tensor& mask_in, int64_t rows, int64_t block) {
   return extent;
 }
 
+// ---- the CPython functions: the ops' arguments in their schemas' order, positionally
+
+at::Tensor tensor_of(PyObject* o, const char* what) {
+  TORCH_CHECK_TYPE(THPVariable_Check(o), "zen: ", what, " must be a tensor");
+  return THPVariable_Unpack(o);
+}
+
+std::optional<at::Tensor> optional_tensor(PyObject* o, const char* what) {
+  if (o == Py_None) return std::nullopt;
+  return tensor_of(o, what);
+}
+
+int64_t int_of(PyObject* o) {
+  const int64_t v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) throw python_error();
+  return v;
+}
+
+std::vector<int64_t> ints_of(PyObject* o) {
+  TORCH_CHECK_TYPE(PyList_Check(o) || PyTuple_Check(o), "zen: a list of ints expected");
+  std::vector<int64_t> out(PySequence_Fast_GET_SIZE(o));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = int_of(PySequence_Fast_GET_ITEM(o, i));
+  return out;
+}
+
+// the GIL released while the kernel runs, as torch.ops does; taken back however the scope ends
+struct WithoutGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~WithoutGil() { PyEval_RestoreThread(state); }
+};
+
+// linear(x, weight: list, bias, entry: str, n, dims: list, extra: list, swiglu: bool, residual)
+PyObject* fast_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK(nargs == 9, "zen: linear takes (x, weight, bias, entry, n, dims, extra, swiglu, residual), got ", nargs,
+              " arguments");
+  const at::Tensor x = tensor_of(args[0], "x");
+  TORCH_CHECK_TYPE(PyList_Check(args[1]), "zen: linear's weight must be a list of tensors");
+  std::vector<at::Tensor> weight(PyList_GET_SIZE(args[1]));
+  for (size_t i = 0; i < weight.size(); ++i) weight[i] = tensor_of(PyList_GET_ITEM(args[1], i), "a weight");
+  const std::optional<at::Tensor> bias = optional_tensor(args[2], "bias");
+  Py_ssize_t length = 0;
+  const char* entry = PyUnicode_AsUTF8AndSize(args[3], &length);
+  if (entry == nullptr) throw python_error();
+  const int64_t n = int_of(args[4]);
+  const std::vector<int64_t> dims = ints_of(args[5]), extra = ints_of(args[6]);
+  const int swiglu = PyObject_IsTrue(args[7]);
+  if (swiglu < 0) throw python_error();
+  const std::optional<at::Tensor> residual = optional_tensor(args[8], "residual");
+  at::Tensor y;
+  {
+    RECORD_FUNCTION("zen::quant_linear", std::vector<c10::IValue>());  // as the op shows in torch.profiler
+    WithoutGil released;
+    y = native_linear(x, weight, bias, c10::string_view(entry, length), n, dims, extra, swiglu != 0, residual);
+  }
+  return THPVariable_Wrap(std::move(y));
+  END_HANDLE_TH_ERRORS
+}
+
+// decode_attention(q, k, v, mask, scale: float, k_scale, v_scale)
+PyObject* fast_decode_attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK(nargs == 7, "zen: decode_attention takes (q, k, v, mask, scale, k_scale, v_scale), got ", nargs,
+              " arguments");
+  const at::Tensor q = tensor_of(args[0], "q"), k = tensor_of(args[1], "k"), v = tensor_of(args[2], "v");
+  const std::optional<at::Tensor> mask = optional_tensor(args[3], "mask");
+  const double scale = PyFloat_AsDouble(args[4]);
+  if (scale == -1.0 && PyErr_Occurred()) throw python_error();
+  const std::optional<at::Tensor> k_scale = optional_tensor(args[5], "k_scale"), v_scale = optional_tensor(args[6], "v_scale");
+  at::Tensor out;
+  {
+    RECORD_FUNCTION("zen::decode_attention", std::vector<c10::IValue>());
+    WithoutGil released;
+    out = decode_attention(q, k, v, mask, scale, k_scale, v_scale);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef fast_methods[] = {
+    {"linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_linear)), METH_FASTCALL,
+     "zen::quant_linear.native's work, called from Inductor's Python wrapper"},
+    {"decode_attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fast_decode_attention)),
+     METH_FASTCALL, "zen::decode_attention's work, called from Inductor's Python wrapper"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef fast_module = {PyModuleDef_HEAD_INIT, "zen_fast_calls", "zen's ops as CPython functions", -1, fast_methods,
+                           nullptr, nullptr, nullptr, nullptr};
+
 }  // namespace
+
+// A new module object holding the functions above; called once, with the GIL held (ctypes.PyDLL)
+extern "C" PyObject* zen_fast_calls() { return PyModule_Create(&fast_module); }
 
 extern "C" void zen_bind_native(const char* name, void* address, int64_t words) {
   TORCH_CHECK(words > 0 && static_cast<size_t>(words) <= kMostWords, "zen: a native entry with ", words, " arguments");
