@@ -100,7 +100,7 @@ native_kernels: bool = _env("native_kernels", True)
 # entries, the graph calls it directly (zen.quant_linear.native), with no Python dispatch between
 native_direct_calls: bool = _env("native_direct_calls", True)
 # Inductor's Python wrapper calls our C++ ops through one CPython function each (wrapper_calls.py)
-# rather than torch.ops: ~2.5 us less a call, 151 calls a SmolLM2 decode step
+# rather than torch.ops: the wrapper's time of a SmolLM2 decode step (151 calls) 1.34 -> 0.77 ms
 fast_wrapper_calls: bool = _env("fast_wrapper_calls", True)
 # let the prefill bins of a quantized linear choose a bf16 copy of its weight, dequantized once at
 # compile time, for a vendor bf16 GEMM (zentorch on AVX512-BF16): held only while it wins a bin,
