@@ -96,3 +96,28 @@ def test_each_build_matches_sdpa(library, d, dtype):
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k_values, v_values, attn_mask=mask, enable_gqa=True)
     out = _call_build(library, q, k, v, mask, 1 / math.sqrt(d), **scales)
     assert (out - ref[:, :, 0]).norm() / ref.norm() < 1e-5
+
+
+@pytest.mark.parametrize("group,d", [(2, 64), (3, 64), (4, 64), (2, 128), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_a_group_of_queries_read_together_matches_sdpa(group, d, dtype):
+    """The AVX-512 build reads each K and V row once for the 2-4 queries sharing it: each query's own
+    mask (one sees the whole prompt, another a window, another nothing of a chunk) must still hold."""
+    torch.manual_seed(group * d)
+    b, hkv, length = 2, 2, 333
+    h = hkv * group
+    if dtype == torch.int8:
+        (k, ks), (v, vs) = (quantize(torch.randn(b, hkv, length, d)) for _ in range(2))
+        k_values, v_values, scales = dequantize(k, ks, torch.float32), dequantize(v, vs, torch.float32), (ks, vs)
+        q = torch.randn(b, h, 1, d)
+    else:
+        q = torch.randn(b, h, 1, d, dtype=dtype)
+        k, v = (torch.randn(b, hkv, length, d, dtype=dtype) for _ in range(2))
+        k_values, v_values, scales = k.float(), v.float(), ()
+    mask = torch.zeros(b, h, 1, length)
+    mask[..., 300:] = float("-inf")  # unwritten
+    mask[:, 1::group, :, :140] = float("-inf")  # a sliding window for one query of each group
+    mask[1, ..., :9] = float("-inf")  # left padding of the second sequence
+    out = decode_attention(q, k, v, mask.to(q.dtype), 1 / math.sqrt(d), *scales)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k_values, v_values, attn_mask=mask, enable_gqa=True)
+    assert (out.float() - ref).norm() / ref.norm() < (1e-2 if dtype == torch.bfloat16 else 1e-5)
