@@ -6,8 +6,9 @@ namespace {
 struct Lanes8 {
   using V = __m256;
   static constexpr int64_t W = 8;
-  static constexpr bool kWidenOnce = true;  // a bf16 row widened per query of the group cost more than a copy
-  static constexpr bool kGroupBlocked = false;  // 8 lanes: a group of four queries and 64 values held 32 sums, twice the registers
+  static constexpr bool kWidenOnce = true;  // per-query passes: a bf16 row widened per query cost more than a copy
+  static constexpr int kGroupPositions = 2;
+  static constexpr int64_t kGroupSlice = 16;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }

@@ -4,7 +4,8 @@
 //   V, W (lanes), zero(), set1(x), load(const float*), store(float*, V), mul(a, b), fmadd(a, b, c),
 //   load_kv(row, d, kind): W values of a row of K or V from d on, as fp32 from fp32, bf16 or int8
 //   codes (kind: kFp32, kBf16, kInt8), fold8(V): a __m256 whose 8 lanes sum to the same as V's,
-//   kWidenOnce: whether narrow rows are widened to fp32 once a chunk (else as each pass reads them).
+//   kWidenOnce: whether narrow rows are widened to fp32 once a chunk (else as each pass reads them)
+//   where the group's queries are read one by one; kGroupPositions, kGroupSlice: see grouped_lanes.
 //
 // K and V come as fp32, bf16, or int8 codes with one fp32 scale a (batch, KV head, position). An
 // int8 row's scale is applied to what its codes gave: to a score after the dot product, to a
@@ -19,8 +20,9 @@
 // cache's unwritten tail). The positions are cut into chunks spread over the threads. A chunk is
 // three passes: the scores of every (query, position), eight positions at a time; their
 // exponentials, eight at a time against the chunk's max (a running max rescaled at each position
-// put a scalar exp on every position); then the weighted sum of V, per query, its sums held in
-// registers across the chunk's positions. The chunks
+// put a scalar exp on every position); then the weighted sum of V, its sums held in registers
+// across the chunk's positions; the scores and V's sums for all queries of a group of 2-4 at
+// once (grouped_lanes), else per query. The chunks
 // are combined per query head in fp32 at the end. A query head that sees no position gets 0, as
 // ATen's flash attention gives.
 #pragma once
@@ -121,13 +123,15 @@ ZEN_ATTENTION_TARGET inline void weighted_rows(const float* w, const bool* seen,
   for (int t = 0; t < T; ++t) L::store(out + L::W * t, acc[t]);
 }
 
-// Every query of a GQA group at once, where the lanes ask (L::kGroupBlocked) and the group holds 2-4
-// queries of D a multiple of 64: each row of K and V is loaded and widened once for the queries that
-// share it, not once per query. scores8 and weighted_rows per query widened each bf16 row four
-// times for llama1b's groups and left the AVX-512 build at 41-55% of the read bandwidth at 4k.
+// Every query of a GQA group at once, where the group holds 2-4 queries of D a multiple of 64: each
+// row of K and V is loaded and widened once for the queries that share it, not once per query.
+// scores8 and weighted_rows per query widened each bf16 row four times for llama1b's groups and
+// left the AVX-512 build at 41-55% of the read bandwidth at 4k. The lanes set how much stays in
+// registers: L::kGroupPositions positions' scores for the group, V's sums over L::kGroupSlice values
+// (AVX-512: 4 and 64, 16 sums of 16 lanes; AVX2: 2 and 16, 8 sums of 8 lanes, in its 16 registers).
 template <class L>
 constexpr bool grouped_lanes(int64_t group, int64_t D) {
-  return L::kGroupBlocked && group >= 2 && group <= 4 && D % 64 == 0;
+  return group >= 2 && group <= 4 && D % 64 == 0;
 }
 
 // scores[g * kChunk + p] += q_g . K[p] for the G queries (rows of q, D apart) and P positions; int8
@@ -154,12 +158,12 @@ ZEN_ATTENTION_TARGET inline void scores_grouped(const float* q, const char* k, i
     for (int g = 0; g < G; ++g) scores[g * kChunk + p] += kind == kInt8 ? dots[p * G + g] * row_scales[p] : dots[p * G + g];
 }
 
-// out[g * out_stride + (0 .. 64)] += sum_i w[g * kChunk + i] V[i][d0 .. d0 + 64) for the G queries
+// out[g * out_stride + (0 .. S)] += sum_i w[g * kChunk + i] V[i][d0 .. d0 + S) for the G queries, S = L::kGroupSlice
 template <class L, int G>
 ZEN_ATTENTION_TARGET inline void weighted_rows_grouped(const float* w, const bool* seen, int64_t n, const char* v,
                                                        int64_t row_bytes, int kind, int64_t d0, float* out,
                                                        int64_t out_stride) {
-  constexpr int T = 64 / L::W;
+  constexpr int T = L::kGroupSlice / L::W;
   typename L::V acc[G][T];
   for (int g = 0; g < G; ++g)
     for (int t = 0; t < T; ++t) acc[g][t] = L::load(out + g * out_stride + L::W * t);
@@ -179,17 +183,18 @@ ZEN_ATTENTION_TARGET inline void weighted_rows_grouped(const float* w, const boo
 
 // the two passes above for a group of `group` queries (grouped_lanes holds)
 template <class L>
-ZEN_ATTENTION_TARGET inline void scores_group4(int64_t group, const float* q, const char* k, int64_t row_bytes, int kind,
+ZEN_ATTENTION_TARGET inline void scores_group(int64_t group, const float* q, const char* k, int64_t row_bytes, int kind,
                                                const float* row_scales, int64_t D, float* scores) {
-  if (group == 2) scores_grouped<L, 2, 4>(q, k, row_bytes, kind, row_scales, D, scores);
-  else if (group == 3) scores_grouped<L, 3, 4>(q, k, row_bytes, kind, row_scales, D, scores);
-  else scores_grouped<L, 4, 4>(q, k, row_bytes, kind, row_scales, D, scores);
+  constexpr int P = L::kGroupPositions;
+  if (group == 2) scores_grouped<L, 2, P>(q, k, row_bytes, kind, row_scales, D, scores);
+  else if (group == 3) scores_grouped<L, 3, P>(q, k, row_bytes, kind, row_scales, D, scores);
+  else scores_grouped<L, 4, P>(q, k, row_bytes, kind, row_scales, D, scores);
 }
 
 template <class L>
 ZEN_ATTENTION_TARGET inline void weighted_group(int64_t group, const float* w, const bool* seen, int64_t n, const char* v,
                                                 int64_t row_bytes, int kind, int64_t D, float* out, int64_t out_stride) {
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+  for (int64_t d0 = 0; d0 < D; d0 += L::kGroupSlice) {
     if (group == 2) weighted_rows_grouped<L, 2>(w, seen, n, v, row_bytes, kind, d0, out + d0, out_stride);
     else if (group == 3) weighted_rows_grouped<L, 3>(w, seen, n, v, row_bytes, kind, d0, out + d0, out_stride);
     else weighted_rows_grouped<L, 4>(w, seen, n, v, row_bytes, kind, d0, out + d0, out_stride);
@@ -246,8 +251,8 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   // passes below read each row group times: on AVX2 widening there made bf16 slower than fp32 at
   // half the bytes)
   static thread_local std::vector<float> k32, v32;
-  const bool widened = kind != kFp32 && L::kWidenOnce;
   const bool grouped = grouped_lanes<L>(group, D);
+  const bool widened = kind != kFp32 && L::kWidenOnce && !grouped;
   if (widened) {
     widen_rows<L>(kb, k_row, kind, k_scales, seen, n, D, k32);
     widen_rows<L>(vb, v_row, kind, v_scales, seen, n, D, v32);
@@ -268,8 +273,8 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
     if (kind == kInt8) std::copy(k_scales + i, k_scales + std::min<int64_t>(i + 8, n), row_scales);
     if (grouped && count == 8) {
       const float* q_group = q + (b * s.H + kvh * group) * D;
-      for (int64_t half = 0; half < 8; half += 4)
-        scores_group4<L>(group, q_group, kb + (i + half) * k_row, k_row, kind, row_scales + half, D, weights + i + half);
+      for (int64_t j = 0; j < 8; j += L::kGroupPositions)
+        scores_group<L>(group, q_group, kb + (i + j) * k_row, k_row, kind, row_scales + j, D, weights + i + j);
       continue;
     }
     for (int64_t g = 0; g < group; ++g) {

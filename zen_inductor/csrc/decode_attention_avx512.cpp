@@ -9,7 +9,8 @@ struct Lanes16 {
   using V = __m512;
   static constexpr int64_t W = 16;
   static constexpr bool kWidenOnce = false;
-  static constexpr bool kGroupBlocked = true;
+  static constexpr int kGroupPositions = 4;
+  static constexpr int64_t kGroupSlice = 64;
   ZEN_AVX512 static V zero() { return _mm512_setzero_ps(); }
   ZEN_AVX512 static V set1(float x) { return _mm512_set1_ps(x); }
   ZEN_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
