@@ -232,7 +232,7 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   // int8: the chunk's scales, [B, Hkv, L] packed
   const float* k_scales = kind == kInt8 ? k_scale + (b * s.Hkv + kvh) * s.L + l0 : nullptr;
   const float* v_scales = kind == kInt8 ? v_scale + (b * s.Hkv + kvh) * s.L + l0 : nullptr;
-  // scores, then weights, of query g at position l0 + i: [g * kChunk + i]; group <= 64 (the op checks)
+  // scores, then weights, of query g at position l0 + i: [g * kChunk + i]
   static thread_local std::vector<float> weights_rows;
   weights_rows.resize(group * kChunk);
   float* weights = weights_rows.data();
