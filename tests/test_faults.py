@@ -270,3 +270,29 @@ def test_readings_are_kept_for_packing_only_while_memory_is_plentiful(monkeypatc
         y = compile_zen(model)(x)
     assert len(calls) == reads and bool(trims) == (reads == 2)
     assert sqnr(y, _reference(model, x)) >= 40
+
+
+def test_a_bf16_model_decodes_on_its_own_weight_where_a_packed_copy_would_not_fit(monkeypatch):
+    """The packed copies of a bf16 weight (2 bytes a weight: the model again) count against
+    config.memory_reserve like the prefill copies; short of memory, decode runs on the module's
+    own [N, K] weight (zen_bf16_rows_avx512 with AVX512-BF16, zen_bf16_gemv_avx2 without)."""
+    from zen_inductor import allocator, native
+    from zen_inductor.kernels import LinearSpec, candidates
+
+    spec = LinearSpec(n=N, k=K, group_size=K, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+    total_kb = 24 << 20
+    monkeypatch.setattr(allocator, "_meminfo_kb", lambda: {"MemTotal": total_kb, "MemAvailable": total_kb // 4})
+    ok, excluded = candidates(spec)
+    for copying in ("zen_bf16_gemv_avx512", "zen_bf16_blocks_avx2"):
+        assert copying not in [k.name for k in ok]
+    own_weight = "zen_bf16_rows_avx512" if native.unavailable("bf16_gemv_avx512") is None else "zen_bf16_gemv_avx2"
+    if own_weight == "zen_bf16_rows_avx512":
+        assert "config.memory_reserve" in excluded["zen_bf16_gemv_avx512"]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(K, N, bias=False).to(torch.bfloat16).eval()
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(model)(x)
+    kernels = set(zen_inductor.last_report()["matches"][0]["kernels"].values())
+    assert own_weight in kernels and not kernels & {"zen_bf16_gemv_avx512", "zen_bf16_blocks_avx2"}
+    assert sqnr(y, x.float() @ model.weight.float().t()) >= 45

@@ -185,6 +185,7 @@ def test_weight_only_linears_may_opt_in_to_int8_activations():
     pytest.param("zen_w4_avx512", marks=_needs("woq_avx512", "AVX512-VNNI")),
     pytest.param("zen_w8_avx512", marks=_needs("woq_avx512", "AVX512-VNNI")),
     pytest.param("zen_bf16_gemv_avx512", marks=_needs("bf16_gemv_avx512", "AVX512-BF16")),
+    pytest.param("zen_bf16_rows_avx512", marks=_needs("bf16_gemv_avx512", "AVX512-BF16")),
     pytest.param("zen_w4_avx2", marks=_needs("woq_avx2", "AVX2")),
     pytest.param("zen_w8_avx2", marks=_needs("woq_avx2", "AVX2")),
     pytest.param("zen_a8w4_avx2", marks=_needs("a8w4_avx2", "AVX2")),
@@ -340,6 +341,7 @@ def test_int4_weight_only_model_runs_on_the_weight_only_kernel():
     pytest.param("zen_bf16_gemv_avx2", marks=_needs("bf16_gemv_avx2", "AVX2")),
     pytest.param("zen_bf16_blocks_avx2", marks=_needs("bf16_gemv_avx2", "AVX2")),
     pytest.param("zen_bf16_gemv_avx512", marks=_needs("bf16_gemv_avx512", "AVX512-BF16")),
+    pytest.param("zen_bf16_rows_avx512", marks=_needs("bf16_gemv_avx512", "AVX512-BF16")),
 ])
 def test_bf16_gemv_rows_and_blocks(name):
     from zen_inductor.kernels import DenseWeight
@@ -351,7 +353,7 @@ def test_bf16_gemv_rows_and_blocks(name):
     packed = gemv.prepack(DenseWeight(weight), torch.bfloat16)
     # rows: the model's own weight, no copy; blocks: a padded copy, 8 rows x 8 columns per block
     # (avx512: 16 rows x pairs of columns)
-    assert (packed[0].data_ptr() == weight.data_ptr()) == (name == "zen_bf16_gemv_avx2")
+    assert (packed[0].data_ptr() == weight.data_ptr()) == (name in ("zen_bf16_gemv_avx2", "zen_bf16_rows_avx512"))
     bias = torch.randn(100, dtype=torch.bfloat16)
     for m in (1, 3, 6):  # 6: a block of 4 rows of x, then one of 2
         x = torch.randn(m, 512, dtype=torch.bfloat16)
@@ -365,6 +367,12 @@ def test_bf16_gemv_rows_and_blocks(name):
     x = torch.randn(2, 512, dtype=torch.bfloat16)
     ref = apply_epilogue((x.float() @ weight[:96].float().t() + bias[:96].float()), swiglu)
     assert sqnr(run_kernel(gemv, x, packed, bias[:96], swiglu), ref) >= 45
+    if name == "zen_bf16_rows_avx512":  # rows of K = 552: 64 at a time, then 32, then 8 under a mask
+        wide = torch.randn(40, 552, dtype=torch.bfloat16)
+        tail_spec = LinearSpec(n=40, k=552, group_size=552, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+        x = torch.randn(3, 552, dtype=torch.bfloat16)
+        y = run_kernel(gemv, x, gemv.prepack(DenseWeight(wide), torch.bfloat16), None, tail_spec)
+        assert sqnr(y, x.float() @ wide.float().t()) >= 45
     odd_k = LinearSpec(n=100, k=501, group_size=501, bits=16, symmetric=True, act_dtype=torch.bfloat16)
     assert ("odd" if name.endswith("avx512") else "multiple of 8") in gemv.supports(odd_k)
 

@@ -50,7 +50,7 @@ SOURCES = {
     "bf16_gemv_avx512": (
         "bf16_gemv_avx512.cpp",
         ("const void*", "const uint16_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t",
-         "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
+         "int64_t", "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
         _AVX512,
     ),
     "woq_avx512": (

@@ -42,17 +42,67 @@ ZEN_AVX512 void blocks(const uint16_t* x, const uint16_t* w, const float* b, voi
   }
 }
 
+// The same sums on W as the model holds it, row-major [N, K] (plain): no packed copy. vdpbf16ps
+// takes 32 values of a row of W against the same 32 of x, so each row ends in 16 partial sums
+// added across lanes; 16 rows make one block's sums for store_block. A thread's blocks are
+// consecutive rows, so it reads one contiguous run of W.
+template <int R>
+ZEN_AVX512 void plain_block(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t m0, int64_t blk,
+                            int64_t N, int64_t K, bool y_bf16, bool swiglu, const float* res) {
+  alignas(64) float sums[R][ROWS] = {};
+  const int64_t n0 = blk * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+  const __mmask32 tail = K % 32 ? static_cast<__mmask32>((1ull << (K % 32)) - 1) : 0;
+  for (int64_t j = 0; j < rows; ++j) {
+    const uint16_t* wr = w + (n0 + j) * K;
+    __m512 acc[R][2];  // two chains a row of x: vdpbf16ps's latency
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k), w1 = (__m512bh)_mm512_loadu_si512(wr + k + 32);
+      for (int r = 0; r < R; ++r) {
+        const uint16_t* xr = x + (m0 + r) * K + k;
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, (__m512bh)_mm512_loadu_si512(xr));
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, (__m512bh)_mm512_loadu_si512(xr + 32));
+      }
+    }
+    for (; k + 32 <= K; k += 32) {
+      const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + k);
+      for (int r = 0; r < R; ++r)
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, (__m512bh)_mm512_loadu_si512(x + (m0 + r) * K + k));
+    }
+    if (tail) {  // the last K % 32 values; the masked-off lanes load as zeros
+      const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(tail, wr + k);
+      for (int r = 0; r < R; ++r)
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, (__m512bh)_mm512_maskz_loadu_epi16(tail, x + (m0 + r) * K + k));
+    }
+    for (int r = 0; r < R; ++r) sums[r][j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+  }
+  const __m512 bias = load_bias(b, blk, N);
+  for (int r = 0; r < R; ++r)
+    store_block(y, m0 + r, blk, N, _mm512_add_ps(_mm512_load_ps(sums[r]), bias), y_bf16, swiglu, res);
+}
+
 }  // namespace
 
-// x: bf16 [M, K]; w: packed as above; y: [M, N] (swiglu: [M, N / 2]), bf16 or fp32. K is even.
-// residual: fp32 [M, N] added to y (fp32 then), read only if has_residual.
+// x: bf16 [M, K]; w: packed as above, or (plain) the row-major [N, K] weight; y: [M, N] (swiglu:
+// [M, N / 2]), bf16 or fp32. K is even. residual: fp32 [M, N] added to y (fp32 then), read only if
+// has_residual.
 extern "C" void kernel(const void* x, const uint16_t* w, const float* bias, void* y, int64_t M, int64_t N, int64_t K,
-                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t swiglu, const float* residual,
-                       int64_t has_residual) {
+                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t plain, int64_t swiglu,
+                       const float* residual, int64_t has_residual) {
   (void)x_bf16;  // bf16 activations only (kernels.py offers the kernel for nothing else)
   const uint16_t* xb = static_cast<const uint16_t*>(x);
   const float* b = has_bias ? bias : nullptr;
   const float* res = has_residual ? residual : nullptr;
+  if (plain) {
+    const int64_t n_blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < n_blocks; ++blk)
+      for_row_blocks(M, [&](auto rows, int64_t m0) {
+        plain_block<decltype(rows)::value>(xb, w, b, y, m0, blk, N, K, y_bf16, swiglu, res);
+      });
+    return;
+  }
 #pragma omp parallel
   for_block_groups(N, [&](auto streams, int64_t b0) {
     for_row_blocks(M, [&](auto rows, int64_t m0) {

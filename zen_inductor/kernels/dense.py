@@ -1,6 +1,7 @@
 """Dense (bf16) weights: ATen's GEMM, an fp32 GEMM on a per-call upcast, and our C++ GEMVs
 (AVX2: bf16 widened by a shift, on the model's own weight or a blocked copy; AVX512-BF16:
-``vdpbf16ps`` on a copy packed as its pairs)."""
+``vdpbf16ps`` on a copy packed as its pairs or on the model's own weight). A copy is made only
+where memory allows (``copy_bytes_per_weight``): the model's own weight always serves."""
 from __future__ import annotations
 
 import functools
@@ -59,8 +60,8 @@ def _bf16_vnni_prepack(w: DenseWeight, act_dtype):
     return [out.view(torch.bfloat16).view(-1, w.k // 2, 16, 2)]
 
 
-def _bf16_vnni_arguments(packed, spec):
-    return packed[:1], (spec.k,), ()
+def _bf16_vnni_arguments(packed, spec, plain: bool = False):
+    return packed[:1], (spec.k,), (int(plain),)
 
 
 def _dense_mm_run(x, packed, bias, spec):
@@ -93,9 +94,15 @@ KERNELS = (
     # AVX512-BF16: 16 rows of W as one stream, 4 streams a thread; 0.82-0.85x zentorch's GEMM on
     # the llama1b-4l decode linears. At M=16 four passes over each block make it compute-bound
     Kernel("zen_bf16_gemv_avx512", "dense", _bf16_vnni_supports, _bf16_vnni_prepack, NativeLinear("bf16_gemv_avx512", _bf16_vnni_arguments),
-           layout="bf16_vnni", epilogues=("swiglu",), max_m=4, rank=(0, 20)),
+           layout="bf16_vnni", epilogues=("swiglu",), max_m=4, rank=(0, 20), copy_bytes_per_weight=2),
+    # the same instructions on the model's own row-major weight, for where a packed copy would not
+    # fit (a bf16 model's copy is the model's size again): even with the packed one at M=1, 1.1-1.5x
+    # behind at M=4 (a sum across lanes a row; Zen 4, llama1b-4l and SmolLM2 shapes)
+    Kernel("zen_bf16_rows_avx512", "dense", _bf16_vnni_supports, _dense_prepack,
+           NativeLinear("bf16_gemv_avx512", functools.partial(_bf16_vnni_arguments, plain=True)), layout="dense",
+           epilogues=("swiglu",), max_m=4, rank=(1, 21)),
     # the AVX2 GEMV on a blocked copy: ahead where rows of W are short (K ~ 1024)
     Kernel("zen_bf16_blocks_avx2", "dense", _bf16_gemv_supports, _bf16_blocks_prepack,
            NativeLinear("bf16_gemv_avx2", functools.partial(_bf16_gemv_arguments, blocks=True)), layout="bf16_blocks",
-           epilogues=("swiglu",), max_m=64, dominated_by=BF16_GEMM, rank=(2, 22)),
+           epilogues=("swiglu",), max_m=64, dominated_by=BF16_GEMM, rank=(2, 22), copy_bytes_per_weight=2),
 )
