@@ -129,9 +129,14 @@ ZEN_ATTENTION_TARGET inline void weighted_rows(const float* w, const bool* seen,
 // left the AVX-512 build at 41-55% of the read bandwidth at 4k. The lanes set how much stays in
 // registers: L::kGroupPositions positions' scores for the group, V's sums over L::kGroupSlice values
 // (AVX-512: 4 and 64, 16 sums of 16 lanes; AVX2: 2 and 16, 8 sums of 8 lanes, in its 16 registers).
-template <class L>
-constexpr bool grouped_lanes(int64_t group, int64_t D) {
-  return group >= 2 && group <= 4 && D % 64 == 0;
+constexpr bool grouped_lanes(int64_t group, int64_t D) { return group >= 2 && group <= 4 && D % 64 == 0; }
+
+// f(std::integral_constant<int, G>{}) for a group of G = 2, 3 or 4 queries (grouped_lanes holds)
+template <class F>
+inline void with_group(int64_t group, F&& f) {
+  if (group == 2) f(std::integral_constant<int, 2>{});
+  else if (group == 3) f(std::integral_constant<int, 3>{});
+  else f(std::integral_constant<int, 4>{});
 }
 
 // scores[g * kChunk + p] += q_g . K[p] for the G queries (rows of q, D apart) and P positions; int8
@@ -179,26 +184,6 @@ ZEN_ATTENTION_TARGET inline void weighted_rows_grouped(const float* w, const boo
   }
   for (int g = 0; g < G; ++g)
     for (int t = 0; t < T; ++t) L::store(out + g * out_stride + L::W * t, acc[g][t]);
-}
-
-// the two passes above for a group of `group` queries (grouped_lanes holds)
-template <class L>
-ZEN_ATTENTION_TARGET inline void scores_group(int64_t group, const float* q, const char* k, int64_t row_bytes, int kind,
-                                               const float* row_scales, int64_t D, float* scores) {
-  constexpr int P = L::kGroupPositions;
-  if (group == 2) scores_grouped<L, 2, P>(q, k, row_bytes, kind, row_scales, D, scores);
-  else if (group == 3) scores_grouped<L, 3, P>(q, k, row_bytes, kind, row_scales, D, scores);
-  else scores_grouped<L, 4, P>(q, k, row_bytes, kind, row_scales, D, scores);
-}
-
-template <class L>
-ZEN_ATTENTION_TARGET inline void weighted_group(int64_t group, const float* w, const bool* seen, int64_t n, const char* v,
-                                                int64_t row_bytes, int kind, int64_t D, float* out, int64_t out_stride) {
-  for (int64_t d0 = 0; d0 < D; d0 += L::kGroupSlice) {
-    if (group == 2) weighted_rows_grouped<L, 2>(w, seen, n, v, row_bytes, kind, d0, out + d0, out_stride);
-    else if (group == 3) weighted_rows_grouped<L, 3>(w, seen, n, v, row_bytes, kind, d0, out + d0, out_stride);
-    else weighted_rows_grouped<L, 4>(w, seen, n, v, row_bytes, kind, d0, out + d0, out_stride);
-  }
 }
 
 // the seen rows of n bf16 or int8 rows (`kind`; `row_bytes` apart, D values each) as fp32 rows of D
@@ -251,7 +236,7 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   // passes below read each row group times: on AVX2 widening there made bf16 slower than fp32 at
   // half the bytes)
   static thread_local std::vector<float> k32, v32;
-  const bool grouped = grouped_lanes<L>(group, D);
+  const bool grouped = grouped_lanes(group, D);
   const bool widened = kind != kFp32 && L::kWidenOnce && !grouped;
   if (widened) {
     widen_rows<L>(kb, k_row, kind, k_scales, seen, n, D, k32);
@@ -273,8 +258,11 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
     if (kind == kInt8) std::copy(k_scales + i, k_scales + std::min<int64_t>(i + 8, n), row_scales);
     if (grouped && count == 8) {
       const float* q_group = q + (b * s.H + kvh * group) * D;
-      for (int64_t j = 0; j < 8; j += L::kGroupPositions)
-        scores_group<L>(group, q_group, kb + (i + j) * k_row, k_row, kind, row_scales + j, D, weights + i + j);
+      with_group(group, [&](auto G) ZEN_ATTENTION_TARGET {
+        for (int64_t j = 0; j < 8; j += L::kGroupPositions)
+          scores_grouped<L, G(), L::kGroupPositions>(q_group, kb + (i + j) * k_row, k_row, kind, row_scales + j, D,
+                                                     weights + i + j);
+      });
       continue;
     }
     for (int64_t g = 0; g < group; ++g) {
@@ -336,7 +324,11 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
       for (int64_t i2 = 0; i2 < n; ++i2)
         if (seen[i2]) out[d] += w[i2] * value_at(vb + i2 * v_row, d, kind);
   }
-  if (grouped) weighted_group<L>(group, weights, seen, n, vb, v_row, kind, D, partial + 2, stride);
+  if (grouped)
+    with_group(group, [&](auto G) ZEN_ATTENTION_TARGET {
+      for (int64_t d0 = 0; d0 < D; d0 += L::kGroupSlice)
+        weighted_rows_grouped<L, G()>(weights, seen, n, vb, v_row, kind, d0, partial + 2 + d0, stride);
+    });
 }
 
 template <class L>
