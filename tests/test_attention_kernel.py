@@ -72,6 +72,16 @@ def _call_build(library, q, k, v, mask, scale, k_scale=None, v_scale=None):
     return out
 
 
+def _case(dtype, b, h, hkv, length, d):
+    """q, K and V as the kernel reads them (int8: codes, with their scales) and K and V's values in fp32."""
+    if dtype == torch.int8:
+        (k, ks), (v, vs) = (quantize(torch.randn(b, hkv, length, d)) for _ in range(2))
+        return torch.randn(b, h, 1, d), k, v, dequantize(k, ks, torch.float32), dequantize(v, vs, torch.float32), (ks, vs)
+    q = torch.randn(b, h, 1, d, dtype=dtype)
+    k, v = (torch.randn(b, hkv, length, d, dtype=dtype) for _ in range(2))
+    return q, k, v, k.float(), v.float(), ()
+
+
 @pytest.mark.parametrize("library", ["decode_attention", "decode_attention_avx512"])
 @pytest.mark.parametrize("d,dtype", [(64, torch.float32), (64, torch.bfloat16), (80, torch.float32), (36, torch.bfloat16),
                                      (64, torch.int8), (36, torch.int8)])
@@ -83,19 +93,11 @@ def test_each_build_matches_sdpa(library, d, dtype):
     if native.unavailable(library) is not None:
         pytest.skip(native.unavailable(library))
     torch.manual_seed(0)
-    scales = {}
-    if dtype == torch.int8:
-        q = torch.randn(1, 8, 1, d)
-        (k, scales["k_scale"]), (v, scales["v_scale"]) = (quantize(torch.randn(1, 2, 301, d)) for _ in range(2))
-        k_values, v_values = dequantize(k, scales["k_scale"], torch.float32), dequantize(v, scales["v_scale"], torch.float32)
-    else:
-        q = torch.randn(1, 8, 1, d, dtype=dtype)
-        k, v = (torch.randn(1, 2, 301, d, dtype=dtype) for _ in range(2))
-        k_values, v_values = k.float(), v.float()
+    q, k, v, k_values, v_values, scales = _case(dtype, 1, 8, 2, 301, d)
     mask = torch.zeros(1, 1, 1, 301)
     mask[..., 250:] = float("-inf")
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k_values, v_values, attn_mask=mask, enable_gqa=True)
-    out = _call_build(library, q, k, v, mask, 1 / math.sqrt(d), **scales)
+    out = _call_build(library, q, k, v, mask, 1 / math.sqrt(d), *scales)
     assert (out - ref[:, :, 0]).norm() / ref.norm() < 1e-5
 
 
@@ -112,14 +114,7 @@ def test_a_group_of_queries_read_together_matches_sdpa(library, group, d, dtype)
     torch.manual_seed(group * d)
     b, hkv, length = 2, 2, 333
     h = hkv * group
-    if dtype == torch.int8:
-        (k, ks), (v, vs) = (quantize(torch.randn(b, hkv, length, d)) for _ in range(2))
-        k_values, v_values, scales = dequantize(k, ks, torch.float32), dequantize(v, vs, torch.float32), (ks, vs)
-        q = torch.randn(b, h, 1, d)
-    else:
-        q = torch.randn(b, h, 1, d, dtype=dtype)
-        k, v = (torch.randn(b, hkv, length, d, dtype=dtype) for _ in range(2))
-        k_values, v_values, scales = k.float(), v.float(), ()
+    q, k, v, k_values, v_values, scales = _case(dtype, b, h, hkv, length, d)
     mask = torch.zeros(b, h, 1, length)
     mask[..., 300:] = float("-inf")  # unwritten
     mask[:, 1::group, :, :140] = float("-inf")  # a sliding window for one query of each group
