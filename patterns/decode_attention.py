@@ -51,7 +51,7 @@ from zen_inductor.graph_pass import emit_op
 
 from zen_inductor.graph_facts import call_arg, fake_value, kv_before_repeat_kv, under_full_slices
 
-from .family import Family, rewrite_each
+from .family import Family, replace_outputs, rewrite_each
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -148,9 +148,8 @@ def rewrite(ctx, node: fx.Node) -> None:
         args = (k_int8[0], v_int8[0], mask, float(scale), k_int8[1], v_int8[1]) if int8 else (k, v, mask, float(scale))
         with ctx.graph.inserting_before(node):
             out = emit_op(ctx.graph, attention.decode_attention, q, *args)
-        for user in list(node.users):
-            user.replace_all_uses_with(out)
         ctx.record.match(PATTERN, variant + ("_int8" if int8 else ""), node, "zen.decode_attention (C++)")
+        replace_outputs(ctx.graph, node, out)
         return
     op = functools.partial(emit_op, ctx.graph)
     with ctx.graph.inserting_before(node):
@@ -172,9 +171,8 @@ def rewrite(ctx, node: fx.Node) -> None:
         probs = op(aten.div.Tensor, e, total)
         out = op(aten.reshape.default, op(aten.bmm.default, probs, vv), [b, h, 1, d])
         out = op(f32, out, fake_value(q).dtype)
-    for user in list(node.users):
-        user.replace_all_uses_with(out)
     ctx.record.match(PATTERN, variant, node, f"bmm + softmax + bmm (fp32): {why_not_native(node, hkv)}")
+    replace_outputs(ctx.graph, node, out)
 
 
 apply = rewrite_each(PATTERN, search, why_not, rewrite, "decode attention left to flash attention")

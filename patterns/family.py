@@ -23,3 +23,13 @@ def rewrite_each(pattern: str, search: Callable, why_not: Callable, rewrite: Cal
                 rewrite(ctx, node)
 
     return apply
+
+
+def replace_outputs(graph, node, out) -> None:
+    """Route every ``getitem`` of a multi-output ``node`` (flash attention's) to ``out`` and erase
+    them and ``node``. Dead code elimination would not: flash attention takes a dropout
+    probability, so FX counts it as a random op, and AOTInductor's graph kept running it."""
+    for user in list(node.users):
+        user.replace_all_uses_with(out)
+        graph.erase_node(user)
+    graph.erase_node(node)

@@ -48,7 +48,7 @@ from zen_inductor.graph_pass import emit_op
 
 from zen_inductor.graph_facts import call_arg, fake_value, kv_before_repeat_kv
 
-from .family import Family, rewrite_each
+from .family import Family, replace_outputs, rewrite_each
 
 PATTERN = "prefill_attention"
 FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -158,10 +158,9 @@ def _rewrite_masked(ctx, node: fx.Node) -> None:
     with ctx.graph.inserting_before(node):
         out = emit_op(ctx.graph, attention.prefill_attention, q, k, v, _shared_mask(ctx.graph, node.kwargs["attn_mask"]),
                       float(scale), why_not_ours is None)
-    for user in list(node.users):
-        user.replace_all_uses_with(out)
     kernel = "zentorch_sdpa" if why_not_ours is None else f"ATen's flash attention ({why_not_ours})"
     ctx.record.match(PATTERN, _variant(q, k) + "_masked", node, f"zen.prefill_attention, blocks by {kernel}")
+    replace_outputs(ctx.graph, node, out)
 
 
 apply = rewrite_each(PATTERN, search, why_not, rewrite, "prefill attention left to ATen's flash attention")

@@ -7,6 +7,8 @@ of the dequant chain by recomputing the weight both ways.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 from torch._guards import TracingContext
@@ -30,13 +32,26 @@ def constant_nodes(graph: fx.Graph, params: dict[fx.Node, torch.Tensor]) -> set[
     """Nodes whose value depends on parameters only (what freezing would fold)."""
     const: set[fx.Node] = set(params)
     for node in graph.nodes:
-        if node.op == "get_attr":
+        if node.op == "get_attr" and not _written(node):
             const.add(node)
         elif node.op == "call_function" and node not in const:
             inputs = node.all_input_nodes
             if inputs and all(i in const for i in inputs):
                 const.add(node)
     return const
+
+
+def _written(node: fx.Node) -> bool:
+    """Whether an op writes into ``node`` in place: a buffer the model updates (an exported KV
+    cache, unlifted by AOTInductor as a get_attr) is not a constant."""
+    for user in node.users:
+        schema = getattr(user.target, "_schema", None)
+        if schema is None or not user.args or user.args[0] is not node:
+            continue
+        alias = schema.arguments[0].alias_info if schema.arguments else None
+        if alias is not None and alias.is_write:
+            return True
+    return False
 
 
 class ConstEvaluator:
@@ -55,7 +70,7 @@ class ConstEvaluator:
         if node in self.params:
             value = self.params[node]
         elif node.op == "get_attr":
-            value = getattr(self.gm, node.target)
+            value = operator.attrgetter(node.target)(self.gm)  # dotted where an exported module is unlifted
         elif node.op == "call_function":
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: self._eval(n, memo))
             value = node.target(*args, **kwargs)

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch._inductor.freezing_utils import record_has_frozen_params
+from torch._inductor.virtualized import V
 
 from . import config, native
 from .allocator import memory_short_of, release_freed_memory
@@ -39,10 +40,11 @@ class PatternContext:
     tuner: Tuner = field(default_factory=Tuner)
     _attr_count: int = 0
     keep: set = field(default_factory=set)  # weight nodes dead code elimination must leave until materialize
+    ahead_of_time: bool = False  # AOTInductor: the weights are the graph's get_attr nodes
 
     @property
     def frozen(self) -> bool:
-        return bool(self.params)
+        return bool(self.params) or self.ahead_of_time
 
     def add_constant(self, tensor: torch.Tensor, like: fx.Node, prefix: str) -> fx.Node:
         """A new weight owned by the compiled module, inserted before ``like``.
@@ -431,8 +433,12 @@ class ZenJointPass(CustomGraphPass):
         if config.debug_dir:  # only the dumps show them: rendering took ~0.1 s a graph
             self.record.graph_before = _readable(gm)
         params = param_values(graph)
-        self.record.frozen = bool(params)
-        ctx = PatternContext(graph, gm, params, constant_nodes(graph, params), ConstEvaluator(gm, params), self.record)
+        ahead_of_time = bool(V.aot_compilation)
+        self.record.frozen = bool(params) or ahead_of_time
+        if ahead_of_time:
+            _drop_asserts_on_constants(graph, constant_nodes(graph, params))
+        ctx = PatternContext(graph, gm, params, constant_nodes(graph, params), ConstEvaluator(gm, params), self.record,
+                             ahead_of_time=ahead_of_time)
         # the joint passes run under Inductor's fake mode; our reads of real weights must not
         with torch._subclasses.fake_tensor.unset_fake_temporarily():
             for family in self.families:
@@ -459,6 +465,15 @@ class ZenJointPass(CustomGraphPass):
     def uuid(self) -> bytes:
         # Inductor's FX graph cache keys on this: any change to our code or flags misses.
         return get_hash_for_files(_source_files(), extra=repr(sorted(config.get_config_copy().items())))
+
+
+def _drop_asserts_on_constants(graph: fx.Graph, constants: set) -> None:
+    """torch.export checks the dtype of what ``.to()`` returned at run time
+    (``aten._assert_tensor_metadata``); an impure node, it would keep every weight's dequant
+    chain alive after our replacement. On a constant it holds by construction: drop it."""
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten._assert_tensor_metadata.default):
+        if node.args and node.args[0] in constants:
+            graph.erase_node(node)
 
 
 def _readable(gm: fx.GraphModule) -> str:
