@@ -44,7 +44,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SYSTEMS = ("eager", "inductor", "zen", "zen-kv8", "llamacpp", "llamacpp-kv8")
+SYSTEMS = ("eager", "inductor", "zen", "zen-kv8", "zen-aot", "llamacpp", "llamacpp-kv8")
+AOT = "zen-aot"  # zen_inductor.compile_ahead_of_time: AOTInductor programs, no Dynamo or Python wrapper a step
 KV8 = "-kv8"
 # what caps each library at AVX2 (zen, ATen and Inductor's generated code, MKL, oneDNN)
 ISA_AVX2 = {"ZEN_INDUCTOR_CPU_CAPABILITY": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
@@ -137,6 +138,33 @@ def torch_run(system: str, path: str, prompt: list, new: int, reps: int, reuse_c
                 tpot_ms=statistics.median(statistics.median(r[2]) for r in runs) * 1e3)
 
 
+def aot_run(path: str, prompt: list, new: int, reps: int) -> dict:
+    """zen ahead of time: the model exported and compiled by AOTInductor with zen's pass, its own
+    greedy loop (one call into C++ a token), as llama.cpp has its own."""
+    import torch
+
+    import zen_inductor
+
+    t0 = time.perf_counter()
+    model, _ = zen_inductor.load_gguf(path)
+    load_s = time.perf_counter() - t0
+    ids, length = torch.tensor([prompt]), len(prompt)
+    t0 = time.perf_counter()
+    generator = zen_inductor.compile_ahead_of_time(model, max_cache_len=length + new)
+
+    def generate(steps: int):
+        times = []
+        out = generator.generate(ids, steps, step_times=times)
+        return out[0, length:].tolist(), times[0], times[1:]
+
+    generate(3)
+    first_s = time.perf_counter() - t0
+    runs = [generate(new) for _ in range(reps)]
+    return dict(load_s=load_s, first_s=first_s, tokens=runs[-1][0], ttft_ms=statistics.median(r[1] for r in runs) * 1e3,
+                tpot_ms=statistics.median(statistics.median(r[2]) for r in runs) * 1e3,
+                export_s=generator.figures.export_s, compile_s=generator.figures.compile_s)
+
+
 def llamacpp_extra_bufts() -> bool:
     """Whether llama.cpp's extra buffer types stay on; ZEN_BENCH_LLAMACPP_EXTRA_BUFTS=0 turns them off.
 
@@ -200,7 +228,9 @@ def llamacpp_run(path: str, prompt: list, new: int, reps: int, threads: int, kv8
 def child(args) -> None:
     with open(args.ids) as f:
         prompt = json.load(f)
-    if args.system.startswith("llamacpp"):
+    if args.system == AOT:
+        result = aot_run(args.file, prompt, args.new, args.reps)
+    elif args.system.startswith("llamacpp"):
         result = llamacpp_run(args.file, prompt, args.new, args.reps, args.threads, kv8=args.system.endswith(KV8))
     else:
         result = torch_run(args.system, args.file, prompt, args.new, args.reps, args.reuse_cache, args.skip_module_guards)
@@ -219,16 +249,16 @@ def across_rounds(rows: list) -> dict:
     return merged
 
 
-def paired_ratios(rows: list) -> dict:
-    """prompt -> zen's TPOT over llama.cpp's in each round both ran: ratios of processes run
+def paired_ratios(rows: list, system: str = "zen") -> dict:
+    """prompt -> ``system``'s TPOT over llama.cpp's in each round both ran: ratios of processes run
     back to back, which the VM's slow drift moves less than the medians of either."""
     out = {}
     for length in sorted({r["prompt"] for r in rows}):
         by_round = {}
         for r in rows:
-            if r["prompt"] == length and r["system"] in ("zen", "llamacpp") and "round" in r:
+            if r["prompt"] == length and r["system"] in (system, "llamacpp") and "round" in r:
                 by_round.setdefault(r["round"], {})[r["system"]] = r["tpot_ms"]
-        ratios = [t["zen"] / t["llamacpp"] for _, t in sorted(by_round.items()) if len(t) == 2]
+        ratios = [t[system] / t["llamacpp"] for _, t in sorted(by_round.items()) if len(t) == 2]
         if len(ratios) > 1:
             out[length] = ratios
     return out
@@ -334,11 +364,12 @@ def main() -> None:
             tpot = f"{r['tpot_ms']:.2f}" + (f" ({tpots[0]:.2f}-{tpots[-1]:.2f})" if len(tpots) > 1 else "")
             lines.append(f"| {length} | {system} | {r['ttft_ms']:.1f} | {tpot} | {1e3 / r['tpot_ms']:.1f} | "
                          f"{r['first_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | {ratio} |")
-    paired = paired_ratios(rows)
-    if paired:
-        lines += ["", "zen's TPOT over llama.cpp's, process by process (adjacent in time, one pair a round): "
-                  + "; ".join(f"prompt {length}: {', '.join(f'{r:.2f}' for r in ratios)} (median "
-                              f"{statistics.median(ratios):.2f})" for length, ratios in paired.items()) + "."]
+    for system in ("zen", AOT):
+        paired = paired_ratios(rows, system)
+        if paired:
+            lines += ["", f"{system}'s TPOT over llama.cpp's, process by process (adjacent in time, one pair a round): "
+                      + "; ".join(f"prompt {length}: {', '.join(f'{r:.2f}' for r in ratios)} (median "
+                                  f"{statistics.median(ratios):.2f})" for length, ratios in paired.items()) + "."]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(stem + ".json", "w") as f:

@@ -34,6 +34,14 @@ def load_gguf(path: str, **kwargs):
     return _load(path, **kwargs)
 
 
+def compile_ahead_of_time(model, max_cache_len: int, **kwargs):
+    """A causal LM's prefill and decode compiled by AOTInductor with zen's pass: greedy
+    generation with no Dynamo and no Python wrapper a token (see ``zen_inductor.ahead_of_time``)."""
+    from .ahead_of_time import compile_ahead_of_time as _compile
+
+    return _compile(model, max_cache_len, **kwargs)
+
+
 def __getattr__(name: str):
     if name == "Int8StaticCache":  # imports transformers: only when asked for
         from .kv_cache import Int8StaticCache
@@ -48,4 +56,4 @@ def zen(gm, example_inputs, **kwargs):
     return _zen(gm, example_inputs, **kwargs)
 
 
-__all__ = ["Int8StaticCache", "config", "counters", "last_report", "load_gguf", "reports", "zen"]
+__all__ = ["Int8StaticCache", "compile_ahead_of_time", "config", "counters", "last_report", "load_gguf", "reports", "zen"]

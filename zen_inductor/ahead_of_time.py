@@ -136,7 +136,10 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
                 record = CompileRecord(graph_name=f"aot_{name}")
                 patches = {"joint_custom_post_pass": ZenJointPass(record, FAMILIES),
                            "size_asserts": config.runtime_size_asserts,
-                           "alignment_asserts": config.runtime_size_asserts}
+                           "alignment_asserts": config.runtime_size_asserts,
+                           # AOTInductor writes the CPU it compiled for into this dict; a fresh one
+                           # for each compile keeps the global config as it was
+                           "aot_inductor.metadata": {}}
                 torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=patches)
             loaded[name] = torch._inductor.aoti_load_package(path)
             _share_cache(loaded[name], cache)

@@ -1,0 +1,87 @@
+"""compile_ahead_of_time: a tiny Llama whose linears hold GGUF blocks, exported and compiled by
+AOTInductor with zen's pass; logits against eager with the same blocks, step by step."""
+import zipfile
+
+import pytest
+import torch
+
+import zen_inductor
+from zen_inductor import gguf_model
+
+from conftest import sqnr
+
+MAX_CACHE = 48
+
+
+def tiny_gguf_llama(kind: str):
+    """A random 2-layer Llama (fp32) whose linears are ``GGUFLinear``s on ``kind`` blocks made by
+    the gguf package's own quantizer."""
+    import gguf
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+                                   tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            raw = gguf.quantize(module.weight.detach().numpy(), gguf.GGMLQuantizationType[kind])
+            gguf_model._replace(model, name, gguf_model.GGUFLinear(kind, gguf_model._blocks(kind, raw)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    model = tiny_gguf_llama("Q4_1")
+    generation_config = model.generation_config.to_dict()
+    inductor_config = torch._inductor.config.get_config_copy()
+    before = dict(zen_inductor.counters)
+    folder = tmp_path_factory.mktemp("aot")
+    generator = zen_inductor.compile_ahead_of_time(model, max_cache_len=MAX_CACHE, package_dir=str(folder))
+    matched = {k: v - before.get(k, 0) for k, v in zen_inductor.counters.items() if v != before.get(k, 0)}
+    return dict(model=model, generator=generator, matched=matched, folder=folder,
+                generation_config=generation_config, inductor_config=inductor_config)
+
+
+def test_both_programs_run_our_kernels(compiled):
+    matched = compiled["matched"]
+    # two programs, each: 7 linears a layer (q/k/v and gate/up merged) and the lm_head
+    assert matched.get("dequant_matmul", 0) == 2 * (2 * 7 + 1)
+    assert matched.get("concat_linear", 0) == 2 * 2 * 2
+    assert matched.get("decode_attention", 0) == 2  # decode's two layers
+    with zipfile.ZipFile(compiled["folder"] / "decode.pt2") as package:
+        wrapper = next(package.read(n).decode() for n in package.namelist() if n.endswith(".wrapper.cpp"))
+    # replaced attention is gone from what runs, not only bypassed
+    assert "scaled_dot_product_flash_attention" not in wrapper.split("run_impl", 1)[1]
+
+
+def test_logits_step_by_step_match_eager_with_the_same_blocks(compiled):
+    model, generator = compiled["model"], compiled["generator"]
+    prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    out = generator.generate(prompt, max_new_tokens=8)
+    assert out.shape == (1, 20) and torch.equal(out[:, :12], prompt)
+    with torch.no_grad():
+        reference = model(out).logits[0].float()
+    got = [generator.logits(out[:, :12])[0]]  # prefill, then one decode step a token
+    for position in range(12, out.shape[1]):
+        got.append(generator.logits(out[:, position:position + 1], start=position)[0])
+    got = torch.cat(got)
+    assert got.shape == reference.shape
+    assert sqnr(got, reference) >= 40
+    # the tokens generate() chose are the argmax of the logits it computed
+    assert torch.equal(got[11:-1].argmax(-1), out[0, 12:])
+
+
+def test_a_compile_leaves_the_users_settings(compiled):
+    assert compiled["model"].generation_config.to_dict() == compiled["generation_config"]
+    assert torch._inductor.config.get_config_copy() == compiled["inductor_config"]
+
+
+def test_inputs_it_cannot_take_are_clear_errors(compiled):
+    generator = compiled["generator"]
+    with pytest.raises(ValueError, match="batch 1"):
+        generator.logits(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="do not fit"):
+        generator.logits(torch.zeros(1, MAX_CACHE + 1, dtype=torch.long))
