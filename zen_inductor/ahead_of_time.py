@@ -22,7 +22,6 @@ the packed weights are resident twice while both are loaded.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import tempfile
 import time
@@ -30,12 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import config
-from .graph_pass import ZenJointPass
-from .patterns import FAMILIES
+from . import config, native
+from .backend import inductor_config_patches
 from .record import CompileRecord
-
-log = logging.getLogger("zen_inductor")
 
 _CACHE_PREFIXES = ("key_cache_", "value_cache_", "cumulative_length_")
 
@@ -107,6 +103,7 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
     from torch.export import Dim
     from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
+    native.check_toolchain()  # the same clear error as the torch.compile door where the C++ build cannot run
     figures = CompileFigures()
     package_dir = package_dir or tempfile.mkdtemp(prefix="zen_aot_")
     os.makedirs(package_dir, exist_ok=True)
@@ -134,12 +131,9 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
             path = os.path.join(package_dir, f"{name}.pt2")
             with config.patch(options or {}):
                 record = CompileRecord(graph_name=f"aot_{name}")
-                patches = {"joint_custom_post_pass": ZenJointPass(record, FAMILIES),
-                           "size_asserts": config.runtime_size_asserts,
-                           "alignment_asserts": config.runtime_size_asserts,
-                           # AOTInductor writes the CPU it compiled for into this dict; a fresh one
-                           # for each compile keeps the global config as it was
-                           "aot_inductor.metadata": {}}
+                # AOTInductor writes the CPU it compiled for into its metadata dict; a fresh one
+                # for each compile keeps the global config as it was
+                patches = {**inductor_config_patches(record), "aot_inductor.metadata": {}}
                 torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=patches)
             loaded[name] = torch._inductor.aoti_load_package(path)
             _share_cache(loaded[name], cache)

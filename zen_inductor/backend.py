@@ -66,9 +66,7 @@ def _compile(gm, example_inputs, inductor_patches):
         gm = _copy_for_lifting(gm)  # Dynamo calls us with the inputs of *its* graph; keep that intact
         lifted = _lift_parameters(gm, example_inputs)
     inputs = [a for i, a in enumerate(example_inputs) if i not in set(lifted)]
-    patches = {"joint_custom_post_pass": ZenJointPass(record, FAMILIES), "freezing": freeze and config.inductor_freezing,
-               "size_asserts": config.runtime_size_asserts, "alignment_asserts": config.runtime_size_asserts,
-               **inductor_patches}
+    patches = {**inductor_config_patches(record), "freezing": freeze and config.inductor_freezing, **inductor_patches}
     with reuse_freed_memory(), _constants_allowed(inputs), torch._functorch.config.patch(enable_autograd_cache=False):
         # AOTAutograd's cache would serve a warm compile without running our pass, and the packed
         # weights live only in what our pass builds (it never caches a frozen graph for this reason)
@@ -81,6 +79,13 @@ def _compile(gm, example_inputs, inductor_patches):
                  "Dynamo traced), so Dynamo checks each one's metadata on every call; "
                  "torch._inductor.config.freezing = True before compiling lets it guard them by identity", len(lifted))
     return ZenCompiled(compiled, keep=None if not lifted else [i for i in range(len(example_inputs)) if i not in set(lifted)])
+
+
+def inductor_config_patches(record: CompileRecord) -> dict:
+    """What any compile of ours sets in Inductor's config, for that compile only: our pass, and
+    the per-call size asserts as ``config.runtime_size_asserts`` says."""
+    return {"joint_custom_post_pass": ZenJointPass(record, FAMILIES), "size_asserts": config.runtime_size_asserts,
+            "alignment_asserts": config.runtime_size_asserts}
 
 
 class ZenCompiled(SerializableCallable):
