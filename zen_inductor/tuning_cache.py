@@ -3,6 +3,7 @@ in one JSON file, shared safely between processes, so a second process tunes not
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -27,22 +28,24 @@ CACHE_VERSION = 7
 
 def machine_key() -> str:
     flags = sorted(f for f in cpu.flags() if f.startswith(("avx", "amx", "fma", "f16c")))
-    zentorch_version = cpu.zentorch_version()
+    parts = [_installed(), ",".join(flags), f"threads={torch.get_num_threads()}",
+             f"use_zentorch={config.use_zentorch}", f"native={native.source_digest()}"]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(None)
+def _installed() -> str:
+    """The processor and the versions installed: fixed for a process, and asked for every linear
+    and bin (1,700 times a SmolLM2 compile; the package metadata lookup cost ~1 ms each)."""
     try:
         import torchao
 
         torchao_version = torchao.__version__
     except Exception:
         torchao_version = "none"
-    __version__ = importlib.metadata.version("zen_inductor")
-
-    parts = [
-        platform.processor() or platform.machine(), _cpu_model(), ",".join(flags),
-        f"threads={torch.get_num_threads()}", f"torch={torch.__version__}",
-        f"zentorch={zentorch_version}", f"torchao={torchao_version}", f"zen={__version__}",
-        f"use_zentorch={config.use_zentorch}", f"native={native.source_digest()}",
-    ]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return "|".join([platform.processor() or platform.machine(), _cpu_model(), f"torch={torch.__version__}",
+                     f"zentorch={cpu.zentorch_version()}", f"torchao={torchao_version}",
+                     f"zen={importlib.metadata.version('zen_inductor')}"])
 
 
 def _cpu_model() -> str:
@@ -68,12 +71,10 @@ class TuningCache:
         self.path = os.path.join(self.directory, "autotune.json")
 
     def _read(self) -> dict:
+        """The file's entries (do not modify: the parse is shared until the file changes)."""
         try:
-            with open(self.path) as f:
-                data = json.load(f)
-            if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
-                raise ValueError("unknown format")
-            return data["entries"]
+            st = os.stat(self.path)
+            return _parsed(self.path, st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
@@ -91,14 +92,24 @@ class TuningCache:
             os.makedirs(self.directory, exist_ok=True)
             with open(self.path + ".lock", "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                entries = self._read()
-                entries.update(updates)
+                entries = {**self._read(), **updates}
                 fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".autotune-", suffix=".json")
                 with os.fdopen(fd, "w") as f:
                     json.dump({"version": CACHE_VERSION, "entries": entries}, f, indent=1, sort_keys=True)
                 os.replace(tmp, self.path)
         except OSError as e:
             log.warning("zen: could not write autotune cache %s (%s)", self.path, e)
+
+
+@functools.lru_cache(4)
+def _parsed(path: str, inode: int, mtime_ns: int, size: int) -> dict:
+    """One parse of the file a version of it (writers replace it, so a new one has a new inode):
+    a compile asks for every linear and bin, 1,700 reads of the whole file for SmolLM2."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+        raise ValueError("unknown format")
+    return data["entries"]
 
 
 def cache_key(spec: LinearSpec, bin: ShapeBin, usable: list[str]) -> str:
