@@ -1,5 +1,10 @@
 """compile_ahead_of_time: a tiny Llama whose linears hold GGUF blocks, exported and compiled by
 AOTInductor with zen's pass; logits against eager with the same blocks, step by step."""
+import json
+import os
+import shutil
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -87,3 +92,43 @@ def test_inputs_it_cannot_take_are_clear_errors(compiled):
         generator.logits(torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="do not fit"):
         generator.logits(torch.zeros(1, MAX_CACHE + 1, dtype=torch.long))
+
+
+_LOAD_ELSEWHERE = """
+import sys, torch, zen_inductor
+generator = zen_inductor.load_ahead_of_time(sys.argv[1])
+prompt = torch.tensor([json.loads(sys.argv[2])])
+print(json.dumps({"tokens": generator.generate(prompt, max_new_tokens=8)[0].tolist(),
+                  "transformers": "transformers" in sys.modules}))
+"""
+
+
+def test_the_package_runs_in_another_process_without_the_models_code(compiled):
+    prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    expected = compiled["generator"].generate(prompt, max_new_tokens=8)[0].tolist()
+    run = subprocess.run([sys.executable, "-c", "import json\n" + _LOAD_ELSEWHERE, str(compiled["folder"]),
+                          json.dumps(prompt[0].tolist())], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == expected
+    assert not result["transformers"]
+
+
+def _package_copy(compiled, tmp_path, **manifest_changes):
+    folder = tmp_path / "package"
+    folder.mkdir()
+    for name in ("prefill.pt2", "decode.pt2"):
+        os.symlink(compiled["folder"] / name, folder / name)
+    manifest = json.loads((compiled["folder"] / "generator.json").read_text())
+    (folder / "generator.json").write_text(json.dumps({**manifest, **manifest_changes}))
+    return str(folder)
+
+
+def test_a_package_this_machine_cannot_run_is_a_clear_error(compiled, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a package"):
+        zen_inductor.load_ahead_of_time(str(tmp_path))
+    with pytest.raises(RuntimeError, match="compiled for avx9000"):
+        zen_inductor.load_ahead_of_time(_package_copy(compiled, tmp_path, inductor_vec_isa="avx9000"))
+    shutil.rmtree(tmp_path / "package")
+    with pytest.raises(RuntimeError, match="compiled with torch 1.0"):
+        zen_inductor.load_ahead_of_time(_package_copy(compiled, tmp_path, torch="1.0.0"))

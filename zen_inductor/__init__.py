@@ -42,6 +42,14 @@ def compile_ahead_of_time(model, max_cache_len: int, **kwargs):
     return _compile(model, max_cache_len, **kwargs)
 
 
+def load_ahead_of_time(package_dir: str):
+    """The generator of a folder ``compile_ahead_of_time`` wrote, loaded in this process without
+    the model's code or a compile (see ``zen_inductor.aot_package``)."""
+    from .aot_package import load_ahead_of_time as _load
+
+    return _load(package_dir)
+
+
 def __getattr__(name: str):
     if name == "Int8StaticCache":  # imports transformers: only when asked for
         from .kv_cache import Int8StaticCache
@@ -56,4 +64,4 @@ def zen(gm, example_inputs, **kwargs):
     return _zen(gm, example_inputs, **kwargs)
 
 
-__all__ = ["Int8StaticCache", "compile_ahead_of_time", "config", "counters", "last_report", "load_gguf", "reports", "zen"]
+__all__ = ["Int8StaticCache", "compile_ahead_of_time", "config", "counters", "last_report", "load_ahead_of_time", "load_gguf", "reports", "zen"]

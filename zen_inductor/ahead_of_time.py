@@ -16,8 +16,9 @@ Each is a C++ program; the two share one KV cache, tensors this object owns and 
 user-managed constants, so a prompt's prefill fills what the decode steps read. A step is one
 call into C++: the generated wrapper calls the kernels, ours included.
 
-Each program holds its own packed weights (AOTInductor keeps a program's constants with it), so
-the packed weights are resident twice while both are loaded.
+The folder written is a package: ``load_ahead_of_time(folder)`` runs it in another process with
+no model code (``aot_package.py``). Each program holds its own packed weights (AOTInductor keeps a
+program's constants with it), so the packings both use are resident twice while both are loaded.
 """
 from __future__ import annotations
 
@@ -25,75 +26,16 @@ import contextlib
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
 from . import config, native
+from .aot_package import AheadOfTimeGenerator, CompileFigures, load_ahead_of_time, write_manifest
 from .backend import inductor_config_patches
 from .record import CompileRecord
 
 _CACHE_PREFIXES = ("key_cache_", "value_cache_", "cumulative_length_")
-
-
-@dataclass
-class CompileFigures:
-    export_s: float = 0.0
-    compile_s: float = 0.0
-
-
-class AheadOfTimeGenerator:
-    """Greedy generation through the prefill and decode programs, with one KV cache."""
-
-    def __init__(self, prefill, decode, cache: dict[str, torch.Tensor], max_cache_len: int, figures: CompileFigures):
-        self.prefill, self.decode = prefill, decode
-        self.cache = cache  # what both programs read and write: keep alive while they are loaded
-        self.max_cache_len = max_cache_len
-        self.figures = figures
-
-    def _run(self, program, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        (logits,) = program.loader.boxed_run([input_ids, positions])
-        return logits
-
-    @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Logits [1, 1, vocab] of the last of ``input_ids`` [1, S], written to the cache from
-        position ``start``: what the next token is chosen from."""
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [1, S] (batch 1), got {list(input_ids.shape)}")
-        length = input_ids.shape[1]
-        if start + length > self.max_cache_len:
-            raise ValueError(f"positions {start}..{start + length - 1} do not fit a cache of {self.max_cache_len}")
-        positions = torch.arange(start, start + length)
-        program = self.decode if length == 1 else self.prefill
-        return self._run(program, input_ids.contiguous(), positions)
-
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
-                 step_times: list | None = None) -> torch.Tensor:
-        """Greedy continuation of ``input_ids`` [1, S]: the prompt and the new tokens, [1, S + n].
-        ``step_times`` (a list) receives the time from the call to each new token, prefill's first."""
-        length = input_ids.shape[1]
-        max_new_tokens = min(max_new_tokens, self.max_cache_len - length)
-        start = time.perf_counter()
-        logits = self.logits(input_ids)
-        token = logits[:, -1].argmax(-1, keepdim=True)
-        tokens = [token]
-        if step_times is not None:
-            step_times.append(time.perf_counter() - start)
-        position = torch.empty(1, dtype=torch.long)
-        for i in range(1, max_new_tokens):
-            if eos_token_id is not None and token.item() == eos_token_id:
-                break
-            start = time.perf_counter()
-            position.fill_(length + i - 1)
-            logits = self._run(self.decode, token, position)
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            tokens.append(token)
-            if step_times is not None:
-                step_times.append(time.perf_counter() - start)
-        return torch.cat([input_ids, *tokens], dim=1)
 
 
 def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_dir: str | None = None,
@@ -101,7 +43,8 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
     """Export ``model`` (a transformers causal LM, batch 1) with a static cache of
     ``max_cache_len`` positions and compile its prefill and decode with AOTInductor and zen's
     passes. ``options``: zen's flags for this compile, as ``torch.compile(options=...)``.
-    ``package_dir``: where the two ``.pt2`` packages are written (a temporary folder if None)."""
+    ``package_dir``: where the package is written (a temporary folder if None), for
+    ``load_ahead_of_time`` in any process on a CPU like this one."""
     from torch.export import Dim
 
     native.check_toolchain()  # the same clear error as the torch.compile door where the C++ build cannot run
@@ -124,22 +67,19 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
                                       "cache_position": torch.zeros(1, dtype=torch.long)}, strict=False)
         programs = {"decode": decode, "prefill": prefill}
         figures.export_s = time.perf_counter() - start
-        cache = {name: torch.zeros_like(buffer) for name, buffer in exportable.named_buffers()
-                 if name.startswith(_CACHE_PREFIXES)}
+        cache = {name: buffer for name, buffer in exportable.named_buffers() if name.startswith(_CACHE_PREFIXES)}
         start = time.perf_counter()
-        loaded = {}
         for name, program in programs.items():
-            path = os.path.join(package_dir, f"{name}.pt2")
             with config.patch(options or {}):
                 record = CompileRecord(graph_name=f"aot_{name}")
                 # AOTInductor writes the CPU it compiled for into its metadata dict; a fresh one
                 # for each compile keeps the global config as it was
                 patches = {**inductor_config_patches(record), "aot_inductor.metadata": {}}
-                torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=patches)
-            loaded[name] = torch._inductor.aoti_load_package(path)
-            _share_cache(loaded[name], cache)
+                torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(package_dir, f"{name}.pt2"),
+                                                         inductor_configs=patches)
         figures.compile_s = time.perf_counter() - start
-    return AheadOfTimeGenerator(loaded["prefill"], loaded["decode"], cache, max_cache_len, figures)
+        write_manifest(package_dir, cache, max_cache_len)
+    return load_ahead_of_time(package_dir, figures)
 
 
 class _LastLogits(TorchExportableModuleWithStaticCache):
@@ -152,14 +92,6 @@ class _LastLogits(TorchExportableModuleWithStaticCache):
             layer.cumulative_length.copy_(cache_position[0])
         return self.model(input_ids=input_ids, past_key_values=self.static_cache, use_cache=True,
                           logits_to_keep=1).logits
-
-
-def _share_cache(program, cache: dict[str, torch.Tensor]) -> None:
-    names = set(program.get_constant_fqns())
-    missing = [n for n in cache if n not in names]
-    if missing:
-        raise RuntimeError(f"the compiled program has no constant for {missing[:3]}: the KV cache cannot be shared")
-    program.load_constants(cache, check_full_update=False, user_managed=True)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,213 @@
+"""An ahead-of-time package on disk, and greedy generation through it in any process.
+
+    generator = zen_inductor.load_ahead_of_time("smollm2-aot")   # no model code, no compile
+    tokens = generator.generate(input_ids, max_new_tokens=64)
+
+``compile_ahead_of_time`` (``ahead_of_time.py``) writes a folder:
+
+    prefill.pt2, decode.pt2   AOTInductor packages, each with its weights
+    generator.json            the KV cache both programs share (its tensors' names, shapes and
+                              dtypes), the cache length, the CPU the code was compiled for
+
+The programs call zen's ops (``zen::quant_linear``, its C++ form ``quant_linear.native`` and
+``zen::decode_attention``) through the dispatcher, by name: a process that loads a package needs
+their definitions and their C++ entries bound, as a compile binds them. Loading imports the
+definitions and binds every entry this CPU can run (Inductor's cache keeps the builds, so a second
+process only loads them). Neither transformers nor the model's code is imported: the process
+that serves holds the programs, the cache and zen's kernels.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from . import cpu, native
+
+MANIFEST = "generator.json"
+PROGRAMS = ("prefill", "decode")
+_FORMAT = 1
+# Inductor's vector ISAs, weakest first: code compiled for one runs on a CPU with it or a later one
+_VEC_ISA_ORDER = ("", "avx2", "avx512", "amx")
+
+
+@dataclass
+class CompileFigures:
+    export_s: float = 0.0
+    compile_s: float = 0.0
+    load_s: float = 0.0
+
+
+class AheadOfTimeGenerator:
+    """Greedy generation through the prefill and decode programs, with one KV cache."""
+
+    def __init__(self, prefill, decode, cache: dict[str, torch.Tensor], max_cache_len: int, figures: CompileFigures):
+        self.prefill, self.decode = prefill, decode
+        self.cache = cache  # what both programs read and write: keep alive while they are loaded
+        self.max_cache_len = max_cache_len
+        self.figures = figures
+
+    def _run(self, program, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        (logits,) = program.loader.boxed_run([input_ids, positions])
+        return logits
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Logits [1, 1, vocab] of the last of ``input_ids`` [1, S], written to the cache from
+        position ``start``: what the next token is chosen from."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(f"input_ids must be [1, S] (batch 1), got {list(input_ids.shape)}")
+        length = input_ids.shape[1]
+        if start + length > self.max_cache_len:
+            raise ValueError(f"positions {start}..{start + length - 1} do not fit a cache of {self.max_cache_len}")
+        positions = torch.arange(start, start + length)
+        program = self.decode if length == 1 else self.prefill
+        return self._run(program, input_ids.to(torch.long).contiguous(), positions)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
+                 step_times: list | None = None) -> torch.Tensor:
+        """Greedy continuation of ``input_ids`` [1, S]: the prompt and the new tokens, [1, S + n].
+        ``step_times`` (a list) receives the time from the call to each new token, prefill's first."""
+        length = input_ids.shape[1]
+        max_new_tokens = min(max_new_tokens, self.max_cache_len - length)
+        start = time.perf_counter()
+        logits = self.logits(input_ids)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        tokens = [token]
+        if step_times is not None:
+            step_times.append(time.perf_counter() - start)
+        position = torch.empty(1, dtype=torch.long)
+        for i in range(1, max_new_tokens):
+            if eos_token_id is not None and token.item() == eos_token_id:
+                break
+            start = time.perf_counter()
+            position.fill_(length + i - 1)
+            logits = self._run(self.decode, token, position)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+            if step_times is not None:
+                step_times.append(time.perf_counter() - start)
+        return torch.cat([input_ids, *tokens], dim=1)
+
+
+def write_manifest(package_dir: str, cache: dict[str, torch.Tensor], max_cache_len: int) -> None:
+    """What a loading process needs beside the two packages (see the module's docstring)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    calls = [_zen_calls(os.path.join(package_dir, f"{name}.pt2")) for name in PROGRAMS]
+    manifest = {
+        "format": _FORMAT,
+        "max_cache_len": max_cache_len,
+        "cache": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for name, t in cache.items()},
+        "inductor_vec_isa": str(pick_vec_isa()),  # what Inductor's generated code was built for
+        "native_entries": sorted(set().union(*(c["native"] for c in calls))),
+        "zentorch": any(c["zentorch"] for c in calls),
+        "torch": torch.__version__,
+    }
+    with open(os.path.join(package_dir, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def _zen_calls(package: str) -> dict:
+    """Which of our C++ libraries and whether zentorch the program's calls of zen's ops need, read
+    from the calls AOTInductor serialized for its proxy executor."""
+    from .kernels import KERNELS
+    from .kernels.op import Plan
+
+    native_used, zentorch = set(), False
+    with zipfile.ZipFile(package) as archive:
+        for name in (n for n in archive.namelist() if n.endswith(".json")):
+            for call in json.loads(archive.read(name)).get("nodes", []) if name.endswith("wrapper.json") else []:
+                node = call["node"]
+                args = {a["name"]: a["arg"] for a in node["inputs"]}
+                if node["target"] == "zen::quant_linear":
+                    kernels = [KERNELS[k] for k in Plan.decode(args["plan"]["as_string"]).kernels]
+                    native_used.update(k.native for k in kernels if k.native)
+                    zentorch |= any(k.source == "zentorch" for k in kernels)
+                elif node["target"] == "zen::quant_linear.native":
+                    native_used.add(args["entry"]["as_string"])
+                elif node["target"] == "zen::decode_attention":
+                    native_used.add("decode_attention")  # its AVX-512 twin is used where it loads
+                elif node["target"] == "zen::prefill_attention":
+                    zentorch |= args["zentorch"]["as_bool"]
+    return {"native": native_used, "zentorch": zentorch}
+
+
+def load_ahead_of_time(package_dir: str, figures: CompileFigures | None = None) -> AheadOfTimeGenerator:
+    """The generator of a folder ``compile_ahead_of_time`` wrote, in this process; a clear error
+    where this CPU or torch cannot run what it holds."""
+    start = time.perf_counter()
+    manifest = _read_manifest(package_dir)
+    _check_this_machine_runs(manifest, package_dir)
+    _bind_zen_ops(manifest)
+    programs = {name: torch._inductor.aoti_load_package(os.path.join(package_dir, f"{name}.pt2")) for name in PROGRAMS}
+    cache = {name: torch.zeros(meta["shape"], dtype=getattr(torch, meta["dtype"]))
+             for name, meta in manifest["cache"].items()}
+    for program in programs.values():
+        _share_cache(program, cache)
+    figures = figures or CompileFigures()
+    figures.load_s = time.perf_counter() - start
+    return AheadOfTimeGenerator(programs["prefill"], programs["decode"], cache, manifest["max_cache_len"], figures)
+
+
+def _read_manifest(package_dir: str) -> dict:
+    path = os.path.join(package_dir, MANIFEST)
+    missing = [p for p in [path] + [os.path.join(package_dir, f"{n}.pt2") for n in PROGRAMS] if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{package_dir} is not a package compile_ahead_of_time wrote: no {', '.join(map(os.path.basename, missing))}")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != _FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, this zen_inductor reads {_FORMAT}: compile again")
+    return manifest
+
+
+def _check_this_machine_runs(manifest: dict, package_dir: str) -> None:
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if manifest["torch"].split("+")[0] != torch.__version__.split("+")[0]:
+        raise RuntimeError(f"{package_dir} was compiled with torch {manifest['torch']}, this is {torch.__version__}: "
+                           "compile it again with this torch")
+    compiled, here = manifest["inductor_vec_isa"], str(pick_vec_isa())
+    order = {isa: i for i, isa in enumerate(_VEC_ISA_ORDER)}
+    if compiled != here and order.get(compiled, len(order)) > order.get(here, -1):
+        raise RuntimeError(f"{package_dir} holds code compiled for {compiled}; this CPU runs {here or 'no vector ISA'}: "
+                           "compile it again on this machine")
+    lacking = {name: native.missing_isa(name) for name in manifest["native_entries"]}
+    lacking = {name: reason for name, reason in lacking.items() if reason}
+    if lacking:
+        raise RuntimeError(f"{package_dir}'s programs call zen kernels this CPU cannot run "
+                           f"({'; '.join(f'{n}: {r}' for n, r in lacking.items())}): compile it again on this machine")
+
+
+def _bind_zen_ops(manifest: dict) -> None:
+    """Define zen's ops, build or load and bind the C++ entries the programs call, and import
+    zentorch where their ops call it."""
+    from . import attention  # noqa: F401  (defines zen::decode_attention and the attention ops)
+    from .kernels import op  # noqa: F401  (defines zen::quant_linear)
+
+    reason = cpu.zentorch_unavailable() if manifest["zentorch"] else None
+    if reason:
+        raise RuntimeError(f"the package calls zentorch's kernels, which cannot run here: {reason}")
+    entries = list(manifest["native_entries"])
+    if "decode_attention" in entries and not native.missing_isa("decode_attention_avx512"):
+        entries.append("decode_attention_avx512")
+    for name in entries:
+        native.start(name)
+    unbound = {name: native.unavailable(name) for name in entries}
+    unbound = {name: reason for name, reason in unbound.items() if reason}
+    if unbound:
+        raise RuntimeError("zen's kernels cannot be loaded here: " + "; ".join(f"{n}: {r}" for n, r in unbound.items()))
+
+
+def _share_cache(program, cache: dict[str, torch.Tensor]) -> None:
+    names = set(program.get_constant_fqns())
+    missing = [n for n in cache if n not in names]
+    if missing:
+        raise RuntimeError(f"the compiled program has no constant for {missing[:3]}: the KV cache cannot be shared")
+    program.load_constants(cache, check_full_update=False, user_managed=True)
