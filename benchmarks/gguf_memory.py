@@ -11,7 +11,11 @@ memory glibc keeps for reuse is not counted), the peak RSS of the load and of th
 the bytes of every live CPU tensor (found through the garbage collector) after the run.
 ``transformers``: transformers' own GGUF load, which dequantizes every tensor to fp32, run eager;
 ``eager``, ``inductor`` and ``zen``: ``zen_inductor.load_gguf`` (the file's blocks), eager, stock
-Inductor with its global freezing flag on, zen; ``llamacpp``: llama-cpp-python, where installed
+Inductor with its global freezing flag on, zen; ``zen-aot``: ``zen_inductor.compile_ahead_of_time``
+on the file's blocks, its package written to a temporary folder, generating through it;
+``zen-aot-loaded`` (after ``zen-aot``): a fresh process that only loads that package
+(``zen_inductor.load_ahead_of_time``: no model code, no compile) and generates, as a server
+would; ``llamacpp``: llama-cpp-python, where installed
 (its process has imported torch too, as this script's children do, so every baseline is the same).
 ZEN_BENCH_LLAMACPP_EXTRA_BUFTS=0 as in benchmarks/smollm2.py.
 Writes ``gguf-memory-<file>.md`` and ``.json``.
@@ -27,11 +31,12 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-SYSTEMS = ("transformers", "eager", "inductor", "zen", "llamacpp")
+SYSTEMS = ("transformers", "eager", "inductor", "zen", "zen-aot", "zen-aot-loaded", "llamacpp")
 
 
 def rss_mb() -> float:
@@ -84,6 +89,32 @@ def torch_child(system: str, path: str, prompt: list, new: int) -> dict:
     return out
 
 
+def aot_child(system: str, path: str, prompt: list, new: int, package: str) -> dict:
+    """zen-aot: compile the package in this process; zen-aot-loaded: load the one zen-aot wrote."""
+    import torch
+
+    out = {"bare_mb": rss_mb()}
+    import zen_inductor
+
+    t0 = time.perf_counter()
+    if system == "zen-aot":
+        model, _ = zen_inductor.load_gguf(path)
+        gc.collect()
+        out.update(loaded_mb=rss_mb(), load_peak_mb=peak_mb())
+        generator = zen_inductor.compile_ahead_of_time(model, max_cache_len=len(prompt) + new, package_dir=package)
+    else:
+        generator = zen_inductor.load_ahead_of_time(package)
+        out.update(loaded_mb=rss_mb(), load_peak_mb=peak_mb())
+    out["load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tokens = generator.generate(torch.tensor([prompt]), new)[0, len(prompt):].tolist()
+    out.update(run_s=time.perf_counter() - t0, run_mb=rss_mb(), trimmed_mb=trimmed_rss_mb(), peak_mb=peak_mb(), tokens=tokens)
+    from memory import live_storages
+
+    out["tensors_mb"] = sum(live_storages().values()) / 2**20
+    return out
+
+
 def llamacpp_child(path: str, prompt: list, new: int) -> dict:
     out = {"bare_mb": rss_mb()}
     import llama_cpp
@@ -117,22 +148,30 @@ def main() -> None:
     p.add_argument("--new", type=int, default=8)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--package", help=argparse.SUPPRESS)
     args = p.parse_args()
     path = args.file if args.file.endswith(".gguf") else gguf_path(args.file)
     if args.child:
         prompt = json.loads(sys.stdin.read())
-        result = llamacpp_child(path, prompt, args.new) if args.child == "llamacpp" else torch_child(args.child, path, prompt, args.new)
+        if args.child == "llamacpp":
+            result = llamacpp_child(path, prompt, args.new)
+        elif args.child.startswith("zen-aot"):
+            result = aot_child(args.child, path, prompt, args.new, args.package)
+        else:
+            result = torch_child(args.child, path, prompt, args.new)
         print("RESULT " + json.dumps(result), flush=True)
         return
     prompt = prose_ids(path)[: args.prompt]
     file_mb = os.path.getsize(path) / 2**20
     rows = []
+    package = tempfile.mkdtemp(prefix="zen-aot-memory-")  # zen-aot writes it, zen-aot-loaded reads it
     for system in args.systems.split(","):
         needs = {"llamacpp": "llama_cpp", "transformers": "accelerate"}.get(system)
         if needs and importlib.util.find_spec(needs) is None:
             print(f"{system}: {needs} is not installed, skipped", flush=True)
             continue
-        done = subprocess.run([sys.executable, __file__, "--child", system, "--file", path, "--new", str(args.new)],
+        done = subprocess.run([sys.executable, __file__, "--child", system, "--file", path, "--new", str(args.new),
+                               "--package", package],
                               input=json.dumps(prompt), capture_output=True, text=True)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:

@@ -173,9 +173,9 @@ def _check_this_machine_runs(manifest: dict, package_dir: str) -> None:
     if manifest["torch"].split("+")[0] != torch.__version__.split("+")[0]:
         raise RuntimeError(f"{package_dir} was compiled with torch {manifest['torch']}, this is {torch.__version__}: "
                            "compile it again with this torch")
-    compiled, here = manifest["inductor_vec_isa"], str(pick_vec_isa())
+    compiled, here = manifest["inductor_vec_isa"], str(pick_vec_isa())  # e.g. "avx512 avx512_vnni"
     order = {isa: i for i, isa in enumerate(_VEC_ISA_ORDER)}
-    if compiled != here and order.get(compiled, len(order)) > order.get(here, -1):
+    if compiled != here and order.get(compiled.split(" ")[0], len(order)) > order.get(here.split(" ")[0], -1):
         raise RuntimeError(f"{package_dir} holds code compiled for {compiled}; this CPU runs {here or 'no vector ISA'}: "
                            "compile it again on this machine")
     lacking = {name: native.missing_isa(name) for name in manifest["native_entries"]}
