@@ -74,7 +74,12 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
                 record = CompileRecord(graph_name=f"aot_{name}")
                 # AOTInductor writes the CPU it compiled for into its metadata dict; a fresh one
                 # for each compile keeps the global config as it was
-                patches = {**inductor_config_patches(record), "aot_inductor.metadata": {}}
+                patches = {**inductor_config_patches(record), "aot_inductor.metadata": {},
+                           # weights beside the code, not in the .so: loading copied a .so's constants
+                           # out of its mapping (both resident), and the two programs can share what
+                           # they hold alike (aot_package.py)
+                           "aot_inductor.package_constants_in_so": False,
+                           "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
                 torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(package_dir, f"{name}.pt2"),
                                                          inductor_configs=patches)
         figures.compile_s = time.perf_counter() - start

@@ -18,6 +18,8 @@ that serves holds the programs, the cache and zen's kernels.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import time
@@ -145,11 +147,17 @@ def load_ahead_of_time(package_dir: str, figures: CompileFigures | None = None) 
     manifest = _read_manifest(package_dir)
     _check_this_machine_runs(manifest, package_dir)
     _bind_zen_ops(manifest)
-    programs = {name: torch._inductor.aoti_load_package(os.path.join(package_dir, f"{name}.pt2")) for name in PROGRAMS}
     cache = {name: torch.zeros(meta["shape"], dtype=getattr(torch, meta["dtype"]))
              for name, meta in manifest["cache"].items()}
-    for program in programs.values():
-        _share_cache(program, cache)
+    programs, shared = {}, {}
+    for name in PROGRAMS:
+        path = os.path.join(package_dir, f"{name}.pt2")
+        programs[name] = torch._inductor.aoti_load_package(path)
+        constants = {**_weights(path, shared, skip=cache.keys()), **cache}
+        missing = sorted(set(programs[name].get_constant_fqns()) - constants.keys())
+        if missing:
+            raise RuntimeError(f"{path} has no weights for {missing[:3]}: compile it again")
+        programs[name].load_constants(constants, check_full_update=True, user_managed=True)
     figures = figures or CompileFigures()
     figures.load_s = time.perf_counter() - start
     return AheadOfTimeGenerator(programs["prefill"], programs["decode"], cache, manifest["max_cache_len"], figures)
@@ -205,9 +213,25 @@ def _bind_zen_ops(manifest: dict) -> None:
         raise RuntimeError("zen's kernels cannot be loaded here: " + "; ".join(f"{n}: {r}" for n, r in unbound.items()))
 
 
-def _share_cache(program, cache: dict[str, torch.Tensor]) -> None:
-    names = set(program.get_constant_fqns())
-    missing = [n for n in cache if n not in names]
-    if missing:
-        raise RuntimeError(f"the compiled program has no constant for {missing[:3]}: the KV cache cannot be shared")
-    program.load_constants(cache, check_full_update=False, user_managed=True)
+def _weights(package: str, shared: dict, skip) -> dict[str, torch.Tensor]:
+    """A program's weights by name, read from its package; a weight whose bytes another program's
+    has is that tensor (the two programs pack the layers they both run alike: held once)."""
+    with zipfile.ZipFile(package) as archive:
+        names = archive.namelist()
+        config_name = next(n for n in names if n.endswith("/weights_config.json"))
+        root = config_name.split("/", 1)[0]
+        files = {}
+        weights = {}
+        for fqn, (file, shape, stride, offset) in json.loads(archive.read(config_name)).items():
+            if fqn in skip:
+                continue
+            if file not in files:
+                files[file] = _one_copy(torch.load(io.BytesIO(archive.read(f"{root}/data/weights/{file}")), weights_only=True), shared)
+            weights[fqn] = files[file].as_strided(shape, stride, offset)
+    return weights
+
+
+def _one_copy(tensor: torch.Tensor, shared: dict) -> torch.Tensor:
+    data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
+    key = (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), hashlib.sha1(data).hexdigest())
+    return shared.setdefault(key, tensor)
