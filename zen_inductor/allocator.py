@@ -94,7 +94,7 @@ def memory_short_of(nbytes: int, reserve: Optional[float] = None) -> Optional[st
 # and a compiled bf16 llama1b-4l decoded at 14.9 against 16.2 ms a token. Under THP "madvise"
 # only memory that asked for it gets huge pages, and only when it is first touched: the compile's
 # heap is reused memory already faulted in, so the copy gets a private mapping of its own.
-_HUGE_PAGE = 2 << 20
+HUGE_PAGE = 2 << 20
 
 
 @functools.lru_cache(None)
@@ -112,16 +112,16 @@ def empty_on_huge_pages(shape, dtype: torch.dtype) -> Optional[torch.Tensor]:
     nbytes = math.prod(shape) * dtype.itemsize
     if (
         not config.huge_page_weights
-        or nbytes < 2 * _HUGE_PAGE
+        or nbytes < 2 * HUGE_PAGE
         or _transparent_huge_pages() not in ("always", "madvise")
         or not hasattr(mmap, "MADV_HUGEPAGE")
     ):
         return None
-    region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # shared memory has its own THP policy
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # shared memory has its own THP policy
     raw = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping alive
-    start = (-raw.data_ptr()) % _HUGE_PAGE
+    start = (-raw.data_ptr()) % HUGE_PAGE
     try:
-        region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // _HUGE_PAGE * _HUGE_PAGE)
+        region.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
     except OSError:
         return None
     return raw[start : start + nbytes].view(dtype).view(shape)
@@ -138,7 +138,7 @@ def empty_for_packing(shape, dtype: torch.dtype) -> torch.Tensor:
 def _placed(t: torch.Tensor) -> bool:
     # what empty_on_huge_pages hands out: 2 MB-aligned data inside a mapping one huge page larger
     nbytes = t.numel() * t.element_size()
-    return t.data_ptr() % _HUGE_PAGE == 0 and t.untyped_storage().nbytes() == nbytes + _HUGE_PAGE
+    return t.data_ptr() % HUGE_PAGE == 0 and t.untyped_storage().nbytes() == nbytes + HUGE_PAGE
 
 
 def on_huge_pages(t: torch.Tensor) -> torch.Tensor:

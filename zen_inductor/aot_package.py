@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import cpu, native
+from .allocator import HUGE_PAGE, on_huge_pages
 
 MANIFEST = "generator.json"
 PROGRAMS = ("prefill", "decode")
@@ -214,24 +215,31 @@ def _bind_zen_ops(manifest: dict) -> None:
 
 
 def _weights(package: str, shared: dict, skip) -> dict[str, torch.Tensor]:
-    """A program's weights by name, read from its package; a weight whose bytes another program's
-    has is that tensor (the two programs pack the layers they both run alike: held once)."""
+    """A program's weights by name, read from its package; a weight another program holds with
+    the same bytes is that program's tensor (both pack the layers they both run alike: held once)."""
     with zipfile.ZipFile(package) as archive:
-        names = archive.namelist()
-        config_name = next(n for n in names if n.endswith("/weights_config.json"))
+        config_name = next(n for n in archive.namelist() if n.endswith("/weights_config.json"))
         root = config_name.split("/", 1)[0]
-        files = {}
-        weights = {}
+        files, weights = {}, {}
         for fqn, (file, shape, stride, offset) in json.loads(archive.read(config_name)).items():
             if fqn in skip:
                 continue
             if file not in files:
-                files[file] = _one_copy(torch.load(io.BytesIO(archive.read(f"{root}/data/weights/{file}")), weights_only=True), shared)
-            weights[fqn] = files[file].as_strided(shape, stride, offset)
+                files[file] = torch.load(io.BytesIO(archive.read(f"{root}/data/weights/{file}")), weights_only=True)
+            weights[fqn] = _one_copy(files[file], files[file].as_strided(shape, stride, offset), shared)
     return weights
 
 
-def _one_copy(tensor: torch.Tensor, shared: dict) -> torch.Tensor:
-    data = tensor.contiguous().view(-1).view(torch.uint8).numpy()
-    key = (tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()), hashlib.sha1(data).hexdigest())
-    return shared.setdefault(key, tensor)
+def _one_copy(stored: torch.Tensor, weight: torch.Tensor, shared: dict) -> torch.Tensor:
+    data = weight.contiguous().view(-1).view(torch.uint8).numpy()
+    key = (weight.dtype, tuple(weight.shape), tuple(weight.stride()), hashlib.sha1(data).hexdigest())
+    if key not in shared:
+        # a packing the compile put on huge pages is stored as its whole mapping, a huge page
+        # larger: it goes back on huge pages (decode reads it every step), without the slack
+        slack = stored.untyped_storage().nbytes() - weight.numel() * weight.element_size()
+        if slack >= HUGE_PAGE and weight.is_contiguous():
+            placed = on_huge_pages(weight)
+            shared[key] = placed if placed is not weight else weight.clone()
+        else:
+            shared[key] = weight
+    return shared[key]
