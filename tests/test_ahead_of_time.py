@@ -132,3 +132,15 @@ def test_a_package_this_machine_cannot_run_is_a_clear_error(compiled, tmp_path):
     shutil.rmtree(tmp_path / "package")
     with pytest.raises(RuntimeError, match="compiled with torch 1.0"):
         zen_inductor.load_ahead_of_time(_package_copy(compiled, tmp_path, torch="1.0.0"))
+
+
+def test_weights_both_programs_hold_alike_are_held_once(compiled):
+    from zen_inductor import aot_package
+
+    shared, held = {}, {}
+    for name in aot_package.PROGRAMS:
+        weights = aot_package._weights(str(compiled["folder"] / f"{name}.pt2"), shared, skip=())
+        held[name] = {t.data_ptr(): t.numel() * t.element_size() for t in weights.values()}
+    common = held["prefill"].keys() & held["decode"].keys()
+    # the decode program's linears are packed as the prefill's smallest bins are: one copy
+    assert sum(held["decode"][p] for p in common) >= 0.5 * sum(held["decode"].values())
