@@ -226,3 +226,32 @@ def test_record_tails_are_as_small_as_exact(bits, symmetric):
             x = torch.randn(m, K).to(torch.bfloat16)
             y = run_kernel(kernel, x, packed, None, spec)
             assert sqnr(y, x.float() @ w.dequantize().float().t()) >= 45, (m, value_bytes)
+
+
+def _int8_per_group(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """x as the int8-activation kernels see it: symmetric int8 per row and group, dequantized."""
+    g = x.float().view(x.shape[0], -1, group)
+    scale = g.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(g / torch.where(scale > 0, scale, 1)) * scale).view(x.shape)
+
+
+@pytest.mark.skipif(native.unavailable("woq_avx512") is not None, reason="woq_avx512 cannot run here")
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+def test_int8_activation_blocks_compute_the_weight_on_x_quantized_per_group(bits, act_dtype):
+    kernel = KERNELS[f"zen_a8w{bits}_avx512"]
+    w = _weight(72, bits, symmetric=bits == 8, seed=7)
+    spec = _spec(w, act_dtype)
+    assert kernel.supports(spec) is not None  # weight-only: only where config allows int8 activations
+    with config.patch(int8_activations_for_weight_only=True):
+        assert kernel.supports(spec) is None
+    packed = kernel.prepack(w, act_dtype)
+    w32 = w.dequantize()
+    torch.manual_seed(8)
+    for m in ROWS_OF_X:
+        x = torch.randn(m, K).to(act_dtype)
+        x[:, 40] *= 30
+        y = run_kernel(kernel, x, packed, None, spec)
+        assert sqnr(y, x.float() @ w32.t()) >= 30, m  # the bar of dynamic activation quantization
+        # exactly W on x quantized per group of 32: integer sums, fp32 scales
+        assert sqnr(y, _int8_per_group(x) @ w32.t()) >= (60 if act_dtype == torch.float32 else 45), m

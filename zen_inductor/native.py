@@ -57,7 +57,7 @@ SOURCES = {
         "woq_avx512.cpp",
         ("const void*", "const uint8_t*", "const float*", "const float*", "const float*", "void*",
          "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
-         "const float*", "int64_t"),
+         "int64_t", "const float*", "int64_t"),
         _AVX512,
     ),
     "swiglu_avx2": (

@@ -45,7 +45,7 @@ ZEN_AVX512 inline __m512 load_tail(const uint8_t* p) {
 // Blocks b0 .. b0 + S - 1 against rows m0 .. m0 + R - 1 of x, bias added, epilogue applied, stored.
 // TAIL: bytes of a grouped record's scale or offset value (4 or 2), 0 for per-channel weights;
 // OFFSETS: whether a grouped record holds offsets' after its scales (else they are -z scale).
-template <int BITS, int R, int S, int TAIL, bool OFFSETS>
+template <int BITS, int R, int S, int TAIL, bool OFFSETS, bool X8>
 ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float* xsum, const uint8_t* w,
                        const float* scale, const float* offset, const float* b, void* y, int64_t m0, int64_t b0,
                        int64_t N, int64_t K, int64_t G, bool y_bf16, bool swiglu, const float* res) {
@@ -70,21 +70,24 @@ ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, cons
           int32_t four;
           __builtin_memcpy(&four, xl + (m0 + r) * K + g * G + k + 4 * half, 4);
           l[r][half] = _mm512_set1_epi32(four);
-          __builtin_memcpy(&four, xh + (m0 + r) * K + g * G + k + 4 * half, 4);
-          h[r][half] = _mm512_set1_epi32(four);
+          if constexpr (!X8) {
+            __builtin_memcpy(&four, xh + (m0 + r) * K + g * G + k + 4 * half, 4);
+            h[r][half] = _mm512_set1_epi32(four);
+          }
         }
       for (int s = 0; s < S; ++s) {
         const __m512i v = _mm512_loadu_si512(rec + s * groups * record + k * ROWS * BITS / 8);
         if (BITS == 8) {
           for (int r = 0; r < R; ++r) {
             lo[r][s] = _mm512_dpbusd_epi32(lo[r][s], v, l[r][0]);
-            hi[r][s] = _mm512_dpbusd_epi32(hi[r][s], v, h[r][0]);
+            if constexpr (!X8) hi[r][s] = _mm512_dpbusd_epi32(hi[r][s], v, h[r][0]);
           }
         } else {
           const __m512i first4 = _mm512_and_si512(v, nibble), next4 = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
           for (int r = 0; r < R; ++r) {
             lo[r][s] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(lo[r][s], first4, l[r][0]), next4, l[r][1]);
-            hi[r][s] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(hi[r][s], first4, h[r][0]), next4, h[r][1]);
+            if constexpr (!X8)
+              hi[r][s] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(hi[r][s], first4, h[r][0]), next4, h[r][1]);
           }
         }
       }
@@ -93,7 +96,7 @@ ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, cons
       const uint8_t* tail = rec + s * groups * record + G * ROWS * BITS / 8;
       for (int r = 0; r < R; ++r) {
         const int64_t mg = (m0 + r) * groups + g;
-        const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo[r][s], _mm512_slli_epi32(hi[r][s], 8)));
+        const __m512 dot = _mm512_cvtepi32_ps(X8 ? lo[r][s] : _mm512_add_epi32(lo[r][s], _mm512_slli_epi32(hi[r][s], 8)));
         if (GROUPED && OFFSETS) {
           const __m512 sv = load_tail<TAIL>(tail), ov = load_tail<TAIL>(tail + ROWS * TAIL);
           acc[r][s] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(xs[mg])), acc[r][s]);
@@ -123,14 +126,15 @@ ZEN_AVX512 void blocks(const int8_t* xl, const int8_t* xh, const float* xs, cons
   }
 }
 
-template <int BITS, int TAIL, bool OFFSETS>
+template <int BITS, int TAIL, bool OFFSETS, bool X8>
 void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float* xsum, const uint8_t* w,
                 const float* scale, const float* offset, const float* b, void* y, int64_t M, int64_t N, int64_t K,
                 int64_t G, bool y_bf16, bool swiglu, const float* res) {
   for_block_groups(N, [&](auto streams, int64_t b0) {
     // two rows of x at a time: with four, the lo and hi sums of 4 blocks would not fit the registers
-    for_row_blocks<2>(M, [&](auto rows, int64_t m0) {
-      blocks<BITS, decltype(rows)::value, decltype(streams)::value, TAIL, OFFSETS>(xl, xh, xs, xsum, w, scale, offset, b,
+    // (int8 x has no hi sums: four)
+    for_row_blocks<X8 ? 4 : 2>(M, [&](auto rows, int64_t m0) {
+      blocks<BITS, decltype(rows)::value, decltype(streams)::value, TAIL, OFFSETS, X8>(xl, xh, xs, xsum, w, scale, offset, b,
                                                                                       y, m0, b0, N, K, G, y_bf16, swiglu,
                                                                                       res);
     });
@@ -144,10 +148,14 @@ void all_blocks(const int8_t* xl, const int8_t* xh, const float* xs, const float
 // with fp32 scales alone (symmetric), 4 with float16 ones; y: [M, N] (swiglu: [M, N / 2]), bf16 or
 // fp32. G is 32, 64 or 128 and divides K.
 // residual: fp32 [M, N] added to y (fp32 then), read only if has_residual.
+// x_int8: x quantized to int8 per row and group (llama.cpp's arithmetic for its Q8_0 and Q4
+// blocks): one vpdpbusd per four codes instead of two, for prefill; the sums then take x as
+// quantized, xsum included (the z correction cancels exactly), so the result is that of W on the
+// quantized x.
 extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset, const float* bias,
                        void* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t x_bf16, int64_t y_bf16,
-                       int64_t has_bias, int64_t bits, int64_t grouped, int64_t swiglu, const float* residual,
-                       int64_t has_residual) {
+                       int64_t has_bias, int64_t bits, int64_t grouped, int64_t x_int8, int64_t swiglu,
+                       const float* residual, int64_t has_residual) {
   static thread_local std::vector<int16_t> xq;
   static thread_local std::vector<int8_t> xl, xh;
   static thread_local std::vector<float> xs, xsum;
@@ -169,6 +177,16 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M * groups; ++i) {
       const int64_t at = (i / groups) * K + (i % groups) * G;
+      if (x_int8) {
+        quantize_group_int16(x, at, G, x_bf16, xqp + at, xsp + i, xsump + i, 127.0f);
+        int32_t total = 0;
+        for (int64_t k = at; k < at + G; ++k) {
+          xlp[k] = static_cast<int8_t>(xqp[k]);
+          total += xqp[k];
+        }
+        xsump[i] = xsp[i] * static_cast<float>(total);
+        continue;
+      }
       quantize_group_int16(x, at, G, x_bf16, xqp + at, xsp + i, xsump + i, XQ_LIMIT);
       for (int64_t k = at; k < at + G; ++k) {  // xq = 256 h + l, both signed
         const int8_t low = static_cast<int8_t>(xqp[k] & 0xFF);
@@ -177,8 +195,12 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, cons
       }
     }
     auto run = [&](auto bits_c, auto tail_c, auto offsets_c) {
-      all_blocks<decltype(bits_c)::value, decltype(tail_c)::value, decltype(offsets_c)::value>(
-          xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res);
+      if (x_int8)
+        all_blocks<decltype(bits_c)::value, decltype(tail_c)::value, decltype(offsets_c)::value, true>(
+            xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res);
+      else
+        all_blocks<decltype(bits_c)::value, decltype(tail_c)::value, decltype(offsets_c)::value, false>(
+            xlp, xhp, xsp, xsump, w, scale, offset, b, y, M, N, K, G, y_bf16, swiglu, res);
     };
     using Four = std::integral_constant<int, 4>;
     using Eight = std::integral_constant<int, 8>;
