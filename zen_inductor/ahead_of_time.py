@@ -17,8 +17,8 @@ user-managed constants, so a prompt's prefill fills what the decode steps read. 
 call into C++: the generated wrapper calls the kernels, ours included.
 
 The folder written is a package: ``load_ahead_of_time(folder)`` runs it in another process with
-no model code (``aot_package.py``). Each program holds its own packed weights (AOTInductor keeps a
-program's constants with it), so the packings both use are resident twice while both are loaded.
+no model code, and this call returns it loaded the same way (``aot_package.py``: one copy of the
+weights both programs hold alike).
 """
 from __future__ import annotations
 

@@ -5,16 +5,19 @@
 
 ``compile_ahead_of_time`` (``ahead_of_time.py``) writes a folder:
 
-    prefill.pt2, decode.pt2   AOTInductor packages, each with its weights
+    prefill.pt2, decode.pt2   AOTInductor packages: the code, and the weights beside it (not in the
+                              .so, whose constants loading copied out of its mapping: both resident)
     generator.json            the KV cache both programs share (its tensors' names, shapes and
-                              dtypes), the cache length, the CPU the code was compiled for
+                              dtypes), the cache length, and what the programs' calls need: the
+                              vector ISA Inductor built for, our C++ entries, zentorch or not
 
-The programs call zen's ops (``zen::quant_linear``, its C++ form ``quant_linear.native`` and
-``zen::decode_attention``) through the dispatcher, by name: a process that loads a package needs
-their definitions and their C++ entries bound, as a compile binds them. Loading imports the
-definitions and binds every entry this CPU can run (Inductor's cache keeps the builds, so a second
-process only loads them). Neither transformers nor the model's code is imported: the process
-that serves holds the programs, the cache and zen's kernels.
+The programs call zen's ops (``zen::quant_linear``, its C++ form ``quant_linear.native``,
+``zen::decode_attention``, ``zen::prefill_attention``) through the dispatcher, by name: loading
+imports their definitions and binds the entries the programs call (Inductor's cache keeps the
+builds, so a second process only loads them). Each weight is held once: a packing both programs
+hold with the same bytes is one tensor, handed to both as a user-managed constant, and the decode
+packings go back on huge pages. Neither transformers nor the model's code is imported: the
+process that serves holds the programs, the cache and zen's kernels.
 """
 from __future__ import annotations
 
@@ -34,10 +37,6 @@ from .allocator import HUGE_PAGE, on_huge_pages
 MANIFEST = "generator.json"
 PROGRAMS = ("prefill", "decode")
 _FORMAT = 1
-# Inductor's vector ISAs, weakest first: code compiled for one runs on a CPU with it or a later one
-_VEC_ISA_ORDER = ("", "avx2", "avx512", "amx")
-
-
 @dataclass
 class CompileFigures:
     export_s: float = 0.0
@@ -124,8 +123,8 @@ def _zen_calls(package: str) -> dict:
 
     native_used, zentorch = set(), False
     with zipfile.ZipFile(package) as archive:
-        for name in (n for n in archive.namelist() if n.endswith(".json")):
-            for call in json.loads(archive.read(name)).get("nodes", []) if name.endswith("wrapper.json") else []:
+        for name in (n for n in archive.namelist() if n.endswith("wrapper.json")):
+            for call in json.loads(archive.read(name)).get("nodes", []):
                 node = call["node"]
                 args = {a["name"]: a["arg"] for a in node["inputs"]}
                 if node["target"] == "zen::quant_linear":
@@ -183,8 +182,7 @@ def _check_this_machine_runs(manifest: dict, package_dir: str) -> None:
         raise RuntimeError(f"{package_dir} was compiled with torch {manifest['torch']}, this is {torch.__version__}: "
                            "compile it again with this torch")
     compiled, here = manifest["inductor_vec_isa"], str(pick_vec_isa())  # e.g. "avx512 avx512_vnni"
-    order = {isa: i for i, isa in enumerate(_VEC_ISA_ORDER)}
-    if compiled != here and order.get(compiled.split(" ")[0], len(order)) > order.get(here.split(" ")[0], -1):
+    if not _runs_on(compiled, here):
         raise RuntimeError(f"{package_dir} holds code compiled for {compiled}; this CPU runs {here or 'no vector ISA'}: "
                            "compile it again on this machine")
     lacking = {name: native.missing_isa(name) for name in manifest["native_entries"]}
@@ -192,6 +190,15 @@ def _check_this_machine_runs(manifest: dict, package_dir: str) -> None:
     if lacking:
         raise RuntimeError(f"{package_dir}'s programs call zen kernels this CPU cannot run "
                            f"({'; '.join(f'{n}: {r}' for n, r in lacking.items())}): compile it again on this machine")
+
+
+def _runs_on(compiled: str, here: str) -> bool:
+    """Whether code Inductor built for the ISA ``compiled`` runs where it picks ``here``: each names
+    its extensions ("avx512 avx512_vnni amx_tile"), and AVX-512 machines run AVX2 code."""
+    have = set(here.split())
+    if "avx512" in have:
+        have.add("avx2")
+    return set(compiled.split()) <= have
 
 
 def _bind_zen_ops(manifest: dict) -> None:
