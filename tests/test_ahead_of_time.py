@@ -144,3 +144,12 @@ def test_weights_both_programs_hold_alike_are_held_once(compiled):
     common = held["prefill"].keys() & held["decode"].keys()
     # the decode program's linears are packed as the prefill's smallest bins are: one copy
     assert sum(held["decode"][p] for p in common) >= 0.5 * sum(held["decode"].values())
+
+
+def test_code_built_for_an_isa_runs_where_its_extensions_are():
+    from zen_inductor.aot_package import _runs_on
+
+    assert _runs_on("avx2", "avx512 avx512_vnni")
+    assert _runs_on("avx512 avx512_vnni", "avx512 avx512_vnni amx_tile")
+    assert not _runs_on("avx512 avx512_vnni", "avx512")
+    assert not _runs_on("avx512", "avx2")
