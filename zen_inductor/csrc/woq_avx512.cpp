@@ -1,6 +1,7 @@
 // Weight-only int4 and int8 linears with AVX512-VNNI: y = x @ W^T (+ bias), x in bf16 or fp32,
-// for decode. The quantized siblings of bf16_gemv_avx512.cpp: blocks of 16 rows of W, each one
-// contiguous stream, STREAMS of them side by side per thread.
+// for every M (decode's GEMV, and prefill, where rows of x reuse each block while it is in cache).
+// The quantized siblings of bf16_gemv_avx512.cpp: blocks of 16 rows of W, each one contiguous
+// stream, STREAMS of them side by side per thread.
 //
 // Codes are stored unsigned, u = c + z (z = 8 for int4, 128 for int8), the side of vpdpbusd that
 // takes unsigned bytes; it multiplies four of them by four signed bytes and adds the four

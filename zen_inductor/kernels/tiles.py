@@ -1,6 +1,7 @@
 """Our C++ kernels on packed tiles of quantized weights (``csrc/``): weight-only int4 and int8
-GEMVs for AVX2 and their AVX512-VNNI siblings, int8 activations x int4 weights, and the tiles
-dequantized block by block into an fp32 GEMM.
+GEMVs for AVX2 and their AVX512-VNNI siblings (which serve every M), int8 activations x int4
+weights (AVX2) and x int4 or int8 weights (AVX512-VNNI), and the tiles dequantized block by block
+into an fp32 GEMM.
 
 Layouts (one packed copy serves every kernel of a layout):
   int4_tiles, int8_tiles: tiles of 8 output rows, codes in blocks of 64 (``csrc/woq_avx2.cpp``),
