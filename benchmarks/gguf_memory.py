@@ -82,10 +82,15 @@ def torch_child(system: str, path: str, prompt: list, new: int) -> dict:
             logits = forward(input_ids=torch.tensor([tokens[-1:]]), past_key_values=cache,
                              cache_position=torch.tensor([length + i]), logits_to_keep=1).logits
             tokens.append(int(logits[0, -1].argmax()))
-    out.update(run_s=time.perf_counter() - t0, run_mb=rss_mb(), trimmed_mb=trimmed_rss_mb(), peak_mb=peak_mb(), tokens=tokens)
+    return after_run(out, t0, tokens)
+
+
+def after_run(out: dict, started: float, tokens: list) -> dict:
+    """What every torch child reports once it generated: time, RSS (then trimmed), peak, live tensors."""
     from memory import live_storages
 
-    out["tensors_mb"] = sum(live_storages().values()) / 2**20
+    out.update(run_s=time.perf_counter() - started, run_mb=rss_mb(), trimmed_mb=trimmed_rss_mb(), peak_mb=peak_mb(),
+               tokens=tokens, tensors_mb=sum(live_storages().values()) / 2**20)
     return out
 
 
@@ -107,12 +112,7 @@ def aot_child(system: str, path: str, prompt: list, new: int, package: str) -> d
         out.update(loaded_mb=rss_mb(), load_peak_mb=peak_mb())
     out["load_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tokens = generator.generate(torch.tensor([prompt]), new)[0, len(prompt):].tolist()
-    out.update(run_s=time.perf_counter() - t0, run_mb=rss_mb(), trimmed_mb=trimmed_rss_mb(), peak_mb=peak_mb(), tokens=tokens)
-    from memory import live_storages
-
-    out["tensors_mb"] = sum(live_storages().values()) / 2**20
-    return out
+    return after_run(out, t0, generator.generate(torch.tensor([prompt]), new)[0, len(prompt):].tolist())
 
 
 def llamacpp_child(path: str, prompt: list, new: int) -> dict:
