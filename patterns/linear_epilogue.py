@@ -121,12 +121,23 @@ def why_not(m: SwiGLU) -> str | None:
         return "the merged linear's output has other users"
     inside = set(m.region) | {m.mul}
     for node in m.region:
-        if not set(node.users) <= inside:
+        if not set(node.users) - set(_leading_size_queries(node, m.mul)) <= inside:
             return f"{node.name} is also used outside silu(gate) * up"
     vals = [n.meta.get("val") if isinstance(n, fx.Node) else None for n in (m.mul, *m.mul.args)]
     if any(v is None for v in vals) or any(list(v.shape) != list(vals[0].shape) for v in vals):  # SymInts: no sets
         return "silu(gate) and up are broadcast against each other"
     return None
+
+
+def _leading_size_queries(node: fx.Node, mul: fx.Node) -> list:
+    """Users of ``node`` that only read one of its leading dimensions, which ``mul``'s result has
+    too: with a dynamic prompt length, the next layer reads the sequence length off the linear's
+    output (``sym_size.int(view, 1)``). They can read it off the fused result instead."""
+    val, out = node.meta.get("val"), mul.meta.get("val")
+    if val is None or out is None or val.dim() != out.dim():
+        return []
+    return [u for u in node.users if is_call(u, aten.sym_size.int) and u.args[1] % val.dim() < val.dim() - 1
+            and val.shape[u.args[1]] == out.shape[u.args[1]]]
 
 
 # --- rewrite ------------------------------------------------------------------------------------
@@ -164,6 +175,9 @@ def fuse_swiglu(ctx, m: SwiGLU) -> None:
             out = ctx.graph.call_function(aten.view.default, (fused, m.gate_views[0].args[1]))
         out.meta["val"] = m.mul.meta["val"]
     m.mul.replace_all_uses_with(out)
+    for node in m.region:
+        for query in _leading_size_queries(node, m.mul):
+            query.replace_input_with(node, out)
     pending.match.replacement += " with the SwiGLU epilogue fused"
     pending.match.kernels = fused.meta["zen_quant"].match.kernels  # the merge's report shows the kernels too
 

@@ -30,7 +30,7 @@ import time
 import torch
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
-from . import config, native
+from . import config, dumps, native
 from .aot_package import AheadOfTimeGenerator, CompileFigures, load_ahead_of_time, write_manifest
 from .backend import inductor_config_patches
 from .record import CompileRecord
@@ -42,7 +42,9 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
                           options: dict | None = None) -> AheadOfTimeGenerator:
     """Export ``model`` (a transformers causal LM, batch 1) with a static cache of
     ``max_cache_len`` positions and compile its prefill and decode with AOTInductor and zen's
-    passes. ``options``: zen's flags for this compile, as ``torch.compile(options=...)``.
+    passes. ``options``: zen's flags for this compile, as ``torch.compile(options=...)``; zentorch
+    is left out unless they say ``use_zentorch=True`` (a package that calls it makes every process
+    loading it import zentorch, and Inductor with it: ~125 MB resident, for a few percent of TTFT).
     ``package_dir``: where the package is written (a temporary folder if None), for
     ``load_ahead_of_time`` in any process on a CPU like this one."""
     from torch.export import Dim
@@ -70,7 +72,7 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
         cache = {name: buffer for name, buffer in exportable.named_buffers() if name.startswith(_CACHE_PREFIXES)}
         start = time.perf_counter()
         for name, program in programs.items():
-            with config.patch(options or {}):
+            with config.patch({"use_zentorch": False, **(options or {})}):
                 record = CompileRecord(graph_name=f"aot_{name}")
                 # AOTInductor writes the CPU it compiled for into its metadata dict; a fresh one
                 # for each compile keeps the global config as it was
@@ -82,6 +84,7 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
                            "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
                 torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(package_dir, f"{name}.pt2"),
                                                          inductor_configs=patches)
+                dumps.finish(record)  # debug_dir, zen_inductor.reports() and the log line, as torch.compile's
         figures.compile_s = time.perf_counter() - start
         write_manifest(package_dir, cache, max_cache_len)
     return load_ahead_of_time(package_dir, figures)

@@ -9,15 +9,16 @@
                               .so, whose constants loading copied out of its mapping: both resident)
     generator.json            the KV cache both programs share (its tensors' names, shapes and
                               dtypes), the cache length, and what the programs' calls need: the
-                              vector ISA Inductor built for, our C++ entries, zentorch or not
+                              CPU extensions Inductor built for, our C++ entries, zentorch or not
+    native/                   those entries' libraries and our ops' library, as built
 
 The programs call zen's ops (``zen::quant_linear``, its C++ form ``quant_linear.native``,
 ``zen::decode_attention``, ``zen::prefill_attention``) through the dispatcher, by name: loading
-imports their definitions and binds the entries the programs call (Inductor's cache keeps the
-builds, so a second process only loads them). Each weight is held once: a packing both programs
-hold with the same bytes is one tensor, handed to both as a user-managed constant, and the decode
-packings go back on huge pages. Neither transformers nor the model's code is imported: the
-process that serves holds the programs, the cache and zen's kernels.
+imports their definitions and loads and binds the libraries the package carries. Each weight is
+held once: a packing both programs hold with the same bytes is one tensor, handed to both as a
+user-managed constant, and the decode packings go back on huge pages. Loading imports neither
+transformers nor the model's code nor Inductor (~70 MB of a process's memory), and builds
+nothing: the process that serves holds the programs, the cache and zen's kernels.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import time
 import zipfile
 from dataclasses import dataclass
@@ -36,7 +38,9 @@ from .allocator import HUGE_PAGE, on_huge_pages
 
 MANIFEST = "generator.json"
 PROGRAMS = ("prefill", "decode")
-_FORMAT = 1
+_FORMAT = 2
+
+
 @dataclass
 class CompileFigures:
     export_s: float = 0.0
@@ -54,7 +58,7 @@ class AheadOfTimeGenerator:
         self.figures = figures
 
     def _run(self, program, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        (logits,) = program.loader.boxed_run([input_ids, positions])
+        (logits,) = program.boxed_run([input_ids, positions])
         return logits
 
     @torch.inference_mode()
@@ -98,21 +102,43 @@ class AheadOfTimeGenerator:
 
 
 def write_manifest(package_dir: str, cache: dict[str, torch.Tensor], max_cache_len: int) -> None:
-    """What a loading process needs beside the two packages (see the module's docstring)."""
+    """What a loading process needs beside the two packages (see the module's docstring); the
+    libraries of zen's the programs call are copied in beside it."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     calls = [_zen_calls(os.path.join(package_dir, f"{name}.pt2")) for name in PROGRAMS]
+    entries = sorted(set().union(*(c["native"] for c in calls)))
+    isa = pick_vec_isa()
     manifest = {
         "format": _FORMAT,
         "max_cache_len": max_cache_len,
         "cache": {name: {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for name, t in cache.items()},
-        "inductor_vec_isa": str(pick_vec_isa()),  # what Inductor's generated code was built for
-        "native_entries": sorted(set().union(*(c["native"] for c in calls))),
+        "inductor_vec_isa": str(isa),  # what Inductor's generated code was built for, and with which flags
+        "inductor_arch_flags": isa.build_arch_flags() if isa else "",
+        "native_entries": entries,
+        "native_libraries": _copy_libraries(package_dir, entries),
+        "zen_sources": native.source_digest(),
         "zentorch": any(c["zentorch"] for c in calls),
         "torch": torch.__version__,
     }
     with open(os.path.join(package_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
+
+
+def _copy_libraries(package_dir: str, entries: list) -> dict:
+    """The built libraries of ``entries`` (and of decode attention's AVX-512 twin, which the op
+    prefers where it is bound) and of our C++ ops, copied into the package: name -> file in it."""
+    os.makedirs(os.path.join(package_dir, _LIBRARIES), exist_ok=True)
+    copied = {}
+    for name in [native.OP_LIBRARY, *entries, *(["decode_attention_avx512"] if "decode_attention" in entries else [])]:
+        built = native.library_file(name)
+        if built:
+            copied[name] = f"{_LIBRARIES}/{name}.so"
+            shutil.copyfile(built, os.path.join(package_dir, copied[name]))
+    return copied
+
+
+_LIBRARIES = "native"
 
 
 def _zen_calls(package: str) -> dict:
@@ -146,18 +172,19 @@ def load_ahead_of_time(package_dir: str, figures: CompileFigures | None = None) 
     start = time.perf_counter()
     manifest = _read_manifest(package_dir)
     _check_this_machine_runs(manifest, package_dir)
-    _bind_zen_ops(manifest)
+    _bind_zen_ops(manifest, package_dir)
     cache = {name: torch.zeros(meta["shape"], dtype=getattr(torch, meta["dtype"]))
              for name, meta in manifest["cache"].items()}
     programs, shared = {}, {}
     for name in PROGRAMS:
         path = os.path.join(package_dir, f"{name}.pt2")
-        programs[name] = torch._inductor.aoti_load_package(path)
+        # the package loader itself: torch._inductor's wrapper of it imports Inductor
+        programs[name] = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
         constants = {**_weights(path, shared, skip=cache.keys()), **cache}
         missing = sorted(set(programs[name].get_constant_fqns()) - constants.keys())
         if missing:
             raise RuntimeError(f"{path} has no weights for {missing[:3]}: compile it again")
-        programs[name].load_constants(constants, check_full_update=True, user_managed=True)
+        programs[name].load_constants(constants, False, True, True)  # not the inactive buffer; every one; user-managed
     figures = figures or CompileFigures()
     figures.load_s = time.perf_counter() - start
     return AheadOfTimeGenerator(programs["prefill"], programs["decode"], cache, manifest["max_cache_len"], figures)
@@ -176,15 +203,15 @@ def _read_manifest(package_dir: str) -> dict:
 
 
 def _check_this_machine_runs(manifest: dict, package_dir: str) -> None:
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
     if manifest["torch"].split("+")[0] != torch.__version__.split("+")[0]:
         raise RuntimeError(f"{package_dir} was compiled with torch {manifest['torch']}, this is {torch.__version__}: "
                            "compile it again with this torch")
-    compiled, here = manifest["inductor_vec_isa"], str(pick_vec_isa())  # e.g. "avx512 avx512_vnni"
-    if not _runs_on(compiled, here):
-        raise RuntimeError(f"{package_dir} holds code compiled for {compiled}; this CPU runs {here or 'no vector ISA'}: "
-                           "compile it again on this machine")
+    if manifest["zen_sources"] != native.source_digest():
+        raise RuntimeError(f"{package_dir} was compiled by a zen_inductor with other kernels: compile it again")
+    lacking = sorted(extensions_of(manifest["inductor_arch_flags"]) - cpu.hardware_flags())
+    if lacking:
+        raise RuntimeError(f"{package_dir} holds code compiled for {manifest['inductor_vec_isa']}; this CPU lacks "
+                           f"{', '.join(lacking)}: compile it again on this machine")
     lacking = {name: native.missing_isa(name) for name in manifest["native_entries"]}
     lacking = {name: reason for name, reason in lacking.items() if reason}
     if lacking:
@@ -192,26 +219,30 @@ def _check_this_machine_runs(manifest: dict, package_dir: str) -> None:
                            f"({'; '.join(f'{n}: {r}' for n, r in lacking.items())}): compile it again on this machine")
 
 
-def _runs_on(compiled: str, here: str) -> bool:
-    """Whether code Inductor built for the ISA ``compiled`` runs where it picks ``here``: each names
-    its extensions ("avx512 avx512_vnni amx_tile"), and AVX-512 machines run AVX2 code."""
-    have = set(here.split())
-    if "avx512" in have:
-        have.add("avx2")
-    return set(compiled.split()) <= have
+def extensions_of(arch_flags: str) -> frozenset:
+    """The CPU flags (as /proc/cpuinfo names them) code built with the compiler's ``arch_flags``
+    may use: "-mavx512f -mfma -mavx512vnni" -> avx512f, fma, avx512_vnni."""
+    return frozenset(_CPUINFO_NAME.get(f, f[2:].replace("-", "_")) for f in arch_flags.split() if f.startswith("-m"))
 
 
-def _bind_zen_ops(manifest: dict) -> None:
-    """Define zen's ops, build or load and bind the C++ entries the programs call, and import
-    zentorch where their ops call it."""
+# the compiler's names whose /proc/cpuinfo name is not the same with "_" for "-"
+_CPUINFO_NAME = {"-mavx512vnni": "avx512_vnni", "-mavx512bf16": "avx512_bf16", "-mavx512fp16": "avx512_fp16",
+                 "-mavxvnni": "avx_vnni"}
+
+
+def _bind_zen_ops(manifest: dict, package_dir: str) -> None:
+    """Define zen's ops, load and bind the C++ entries the programs call from the package, and
+    import zentorch where their ops call it."""
     from . import attention  # noqa: F401  (defines zen::decode_attention and the attention ops)
     from .kernels import op  # noqa: F401  (defines zen::quant_linear)
 
     reason = cpu.zentorch_unavailable() if manifest["zentorch"] else None
     if reason:
         raise RuntimeError(f"the package calls zentorch's kernels, which cannot run here: {reason}")
+    libraries = {name: os.path.join(package_dir, file) for name, file in manifest["native_libraries"].items()}
+    native.use_built(libraries)
     entries = list(manifest["native_entries"])
-    if "decode_attention" in entries and not native.missing_isa("decode_attention_avx512"):
+    if "decode_attention_avx512" in libraries and not native.missing_isa("decode_attention_avx512"):
         entries.append("decode_attention_avx512")
     for name in entries:
         native.start(name)

@@ -65,8 +65,45 @@ class Tuner:
         linear = _LinearTuning(self, spec, weight, bias, [k.name for k in kernels], excluded)
         bins = shape_bins()
         results = [linear.choose(b) for b in bins]
+        _one_layout(bins, results)
         plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))
         return Tuning(plan, results, excluded, _kept(linear.packed, plan))
+
+
+def _one_layout(bins: list, results: list) -> None:
+    """Where the winners keep the weight in more than one layout and one of them is within
+    ``config.layout_tolerance`` of the winner in every bin (timed there, or the winner), it wins
+    every bin: one packed copy instead of two or three for a few percent in some bin. (SmolLM2's
+    q/k/v linear kept zen_w4_avx2's tiles for M = 1, where it timed 44 against 54 us or the
+    other way round from run to run, beside the VNNI blocks serving every other bin: 14 MB twice.)"""
+    if any(r.winner not in KERNELS for r in results):  # lazy bins choose at run time
+        return
+    if len({KERNELS[r.winner].layout or r.winner for r in results}) < 2:
+        return
+
+    def ratios(name):
+        out = []
+        for b, r in zip(bins, results):
+            if r.winner == name:
+                out.append(1.0)
+            elif name in r.times_us and r.winner in r.times_us and KERNELS[name].serves(b.lo) is None:
+                out.append(r.times_us[name] / r.times_us[r.winner])
+            else:
+                return None
+        return out
+
+    within = {}
+    for name in dict.fromkeys(r.winner for r in results):
+        found = ratios(name)
+        if found and max(found) <= config.layout_tolerance:
+            within[name] = sum(found)
+    if within:
+        best = min(within, key=within.get)
+        for r in results:
+            if r.winner != best:
+                ratio = r.times_us[best] / r.times_us[r.winner]
+                r.note = (r.note + "; " if r.note else "") + f"one layout: {best} at {ratio:.2f}x {r.winner}'s time"
+                r.winner = best
 
 
 class _LinearTuning:

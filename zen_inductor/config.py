@@ -92,6 +92,9 @@ kernel_deny: tuple = _env("kernel_deny", ())
 # leave out candidates that another available candidate beats by construction (the same
 # arithmetic, slower: e.g. a bf16 GEMM on a CPU without native bf16); False verifies and times all
 prune_dominated_kernels: bool = _env("prune_dominated_kernels", True)
+# a plan keeps a second packed layout of a weight only where it is more than this factor faster
+# in some bin; else the one kernel within it in every bin serves them all (one copy held)
+layout_tolerance: float = _env("layout_tolerance", 1.1)
 # use zentorch ops when zentorch imports and the CPU has the ISA it needs
 use_zentorch: bool = _env("use_zentorch", True)
 # use zen_inductor's own C++ kernels (built on first use with Inductor's C++ toolchain)

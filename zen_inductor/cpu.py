@@ -38,6 +38,11 @@ def _cpuinfo_flags() -> frozenset:
     return frozenset()
 
 
+def hardware_flags() -> frozenset:
+    """The CPU's own feature flags, whatever config.cpu_capability hides: what Inductor's code runs on."""
+    return _cpuinfo_flags()
+
+
 def flags() -> frozenset:
     """The CPU's feature flags as /proc/cpuinfo names them, less what config.cpu_capability hides."""
     hidden = _HIDDEN_BY_CAPABILITY.get(config.cpu_capability.strip().lower(), ())

@@ -428,6 +428,11 @@ class ZenJointPass(CustomGraphPass):
         self.record = record
         self.families = families  # patterns.FAMILIES, in the order they run
 
+    def __deepcopy__(self, memo) -> "ZenJointPass":
+        # AOTInductor compiles under a deep copy of Inductor's config: a copied pass would write
+        # its matches, near misses and tuning to a copy of the record nobody reads
+        return self
+
     def __call__(self, graph: fx.Graph) -> None:
         gm = graph.owning_module
         if config.debug_dir:  # only the dumps show them: rendering took ~0.1 s a graph

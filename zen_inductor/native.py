@@ -14,6 +14,8 @@ import re
 from importlib import resources
 from typing import Callable, Optional
 
+import torch
+
 from . import cpu
 
 log = logging.getLogger("zen_inductor")
@@ -186,11 +188,15 @@ def _submit(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]
 
 
 def _submit_bound_entry(name: str) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
-    """Build the entry as a plain library and bind its address in the C++ ops' table.
-    The binding waits on the caller's thread: a builder waiting for the op's library could wait for
-    a build queued behind itself."""
-    filename, argtypes, _ = SOURCES[name]
-    library = _waiter(filename, _builders().submit(_build_with_toolchain, _code_caches()[0].load_async, _source(filename)))
+    """Build the entry as a plain library and bind its address in the C++ ops' table."""
+    filename = SOURCES[name][0]
+    return _bound(name, _waiter(filename, _builders().submit(_build_with_toolchain, _code_caches()[0].load_async,
+                                                             _source(filename))))
+
+
+def _bound(name: str, library: Callable) -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
+    """``library``'s entry bound in the C++ ops' table. The binding waits on the caller's thread:
+    a builder waiting for the op's library could wait for a build queued behind itself."""
     op_library = _op_library()
 
     def wait():
@@ -201,10 +207,52 @@ def _submit_bound_entry(name: str) -> Callable[[], tuple[Optional[Callable], Opt
         if op is None:
             return None, reason
         address = ctypes.cast(loaded.kernel, ctypes.c_void_p).value
-        op.zen_bind_native(name.encode(), ctypes.c_void_p(address), ctypes.c_int64(len(argtypes)))
+        op.zen_bind_native(name.encode(), ctypes.c_void_p(address), ctypes.c_int64(len(SOURCES[name][1])))
         return loaded, None
 
     return functools.lru_cache(None)(wait)
+
+
+def library_file(name: str) -> Optional[str]:
+    """The file of the library ``name`` (an entry of SOURCES or ``OP_LIBRARY``) as this process
+    loaded it, or None where it has not: what an ahead-of-time package carries."""
+    if name not in _BUILDS:
+        return None
+    loaded, _ = _BUILDS[name]()
+    # a plain library (ctypes), or the Python binding's function, whose module is the file
+    return getattr(loaded, "_name", None) or getattr(getattr(loaded, "__self__", None), "__file__", None)
+
+
+def use_built(files: dict) -> None:
+    """Load the libraries ``files`` names (name -> file, as ``library_file`` gave them) instead
+    of building them: an ahead-of-time package's, in a process that imports neither Inductor nor
+    a compiler. A library this process has already started stays the one it uses."""
+    for name in sorted(files, key=lambda n: n != OP_LIBRARY):  # entries bind into the op library
+        if name in _BUILDS:
+            continue
+        plain = name == OP_LIBRARY or name in BOUND_ENTRIES
+        loaded = functools.lru_cache(None)(functools.partial(_load_file, files[name], None if plain else name))
+        _BUILDS[name] = _bound(name, loaded) if name in BOUND_ENTRIES else loaded
+
+
+def _load_file(path: str, binding: Optional[str]) -> tuple[Optional[Callable], Optional[str]]:
+    """A plain library, or (``binding``: the entry's name) the ``kernel`` function of the Python
+    module Inductor's bindings build, loaded as Inductor loads it."""
+    try:
+        if binding is None:
+            return ctypes.CDLL(path), None
+        import importlib.util
+        import os
+
+        # the binding's module reads this at import, as when Inductor loads it
+        os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
+            torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr)
+        spec = importlib.util.spec_from_file_location(f"zen_inductor_native_{binding}.kernel", path)  # PyInit_kernel
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.kernel, None
+    except (OSError, ImportError, AttributeError) as e:
+        return None, f"could not load {path} ({e})"
 
 
 def _op_library() -> Callable[[], tuple[Optional[Callable], Optional[str]]]:
