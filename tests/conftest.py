@@ -52,6 +52,13 @@ def compile_zen(model, **options):
     return torch.compile(model, backend="zen", options=options or None)
 
 
+def any_rows(x, dim: int = 0):
+    """``x`` with its rows (M) dynamic in the compiled graph: zen tunes every bin of M, where a
+    graph at one fixed M tunes only that M's bin."""
+    torch._dynamo.mark_dynamic(x, dim)
+    return x
+
+
 def eager_and_zen(model, *inputs):
     """``model(*inputs)`` eager and compiled by zen, under no_grad (so zen freezes the weights)."""
     with torch.no_grad():

@@ -18,7 +18,7 @@ from zen_inductor.kernels import KERNELS, Plan, candidates
 from zen_inductor.tuning_cache import TuningCache
 from zen_inductor.verification import Verifier
 
-from conftest import compile_zen, compiled_graphs, reports_since, sqnr
+from conftest import any_rows, compile_zen, compiled_graphs, reports_since, sqnr
 from quantized import HandDequant, K, N, a8w4_spec, int4_weight
 
 
@@ -122,7 +122,7 @@ def test_corrupt_or_foreign_cache_is_rebuilt(tmp_path, caplog, content):
     cache.mkdir()
     (cache / "autotune.json").write_text(content)
     m = HandDequant(64, True, 4).eval()
-    x = torch.randn(3, K, dtype=torch.bfloat16)
+    x = any_rows(torch.randn(3, K, dtype=torch.bfloat16))
     with caplog.at_level(logging.WARNING, logger="zen_inductor"), config.patch(cache_dir=str(cache)), torch.no_grad():
         y = compile_zen(m)(x)
     assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
@@ -247,7 +247,7 @@ def test_compute_bound_bins_take_the_ranking_of_the_bin_below(monkeypatch):
     monkeypatch.setattr(timing, "TIMING_MAX_FLOP", 2 * 20 * n_k)  # bins from M=21 up are "compute-bound"
     m = HandDequant(64, True, 4).eval()
     with torch.no_grad():
-        compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
+        compile_zen(m)(any_rows(torch.randn(3, K, dtype=torch.bfloat16)))
     bins = {b["bin"]: b for b in zen_inductor.last_report()["autotune"][0]["bins"]}
     # past the cap, bins are still timed (at their smallest M) until one was timed at M >= 256:
     # below that the fixed cost of dequantizing a weight can still change the ranking
@@ -281,7 +281,7 @@ def test_budget_counts_kernel_timing_only(monkeypatch):
     monkeypatch.setattr(timing, "first_call_us", lambda *args: 1.0)
     m = HandDequant(64, True, 4).eval()
     with config.patch(autotune_budget_s=2.0), torch.no_grad():
-        compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
+        compile_zen(m)(any_rows(torch.randn(3, K, dtype=torch.bfloat16)))
     bins = zen_inductor.last_report()["autotune"][0]["bins"]
     assert bins[0]["times_us"] and "budget" not in bins[0]["note"]
     assert bins[-1]["note"] == "autotune budget spent; static rule"
@@ -320,7 +320,7 @@ def test_a_kernel_far_behind_is_not_timed_where_it_cannot_catch_up(monkeypatch):
     assert len(usable) > 1
     slow = static_order(shape_bins()[0], usable, _int4_g64_spec())[-1]  # tried after the best
     with torch.no_grad():
-        compile_zen(model)(torch.randn(3, K, dtype=torch.bfloat16))
+        compile_zen(model)(any_rows(torch.randn(3, K, dtype=torch.bfloat16)))
     bins = zen_inductor.last_report()["autotune"][0]["bins"]
     assert slow in bins[0]["times_us"]  # M=1: 12x behind
     m2 = timing.timing_m(shape_bins()[1], _int4_g64_spec())
@@ -364,7 +364,7 @@ def test_compute_bound_bins_time_one_copy_of_the_weight(monkeypatch):
     monkeypatch.setattr(timing, "time_kernel", recording)
     m = HandDequant(64, True, 4).eval()
     with config.patch(autotune_budget_s=60.0), torch.no_grad():  # the fixture gives an empty cache
-        compile_zen(m)(torch.randn(3, K, dtype=torch.bfloat16))
+        compile_zen(m)(any_rows(torch.randn(3, K, dtype=torch.bfloat16)))
     assert cycled[1] > 1  # a small weight: several copies at decode
     assert all(n == 1 for rows, n in cycled.items() if rows >= STATIC_DENSE_FROM_M), cycled
 
@@ -384,7 +384,7 @@ def test_compute_bound_bins_of_a_wide_weight_are_timed_on_its_first_rows(monkeyp
     monkeypatch.setattr(timing, "time_kernel", recording)
     monkeypatch.setattr(timing, "TIMING_ROWS", 64)
     m = HandDequant(64, True, 4).eval()
-    x = torch.randn(300, K, dtype=torch.bfloat16)
+    x = any_rows(torch.randn(300, K, dtype=torch.bfloat16))
     with config.patch(autotune_budget_s=60.0), torch.no_grad():
         y = compile_zen(m)(x)
     assert sqnr(y, m(x)) >= 40
@@ -439,7 +439,7 @@ def test_gemv_kernels_are_offered_only_up_to_their_largest_m():
         pytest.skip("needs our bf16 GEMV (AVX2 and a C++ compiler)")
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(K, 256, bias=False)).to(torch.bfloat16).eval()
-    x = torch.randn(3, K, dtype=torch.bfloat16)
+    x = any_rows(torch.randn(3, K, dtype=torch.bfloat16))
     with torch.no_grad(), config.patch(kernel_deny=("zentorch_linear",)):  # which prunes the GEMVs where it serves
         y = compile_zen(m)(x)
     assert sqnr(y, m(x)) >= 40
@@ -567,3 +567,42 @@ def test_a_contender_disturbed_once_is_timed_again():
     assert min(times, key=times.get) == "fast_but_disturbed"
     assert times == {"fast_but_disturbed": 46.0, "runner_up": 63.0, "hopeless": 1200.0}
     assert asked == ["runner_up", "fast_but_disturbed"]
+
+
+def test_a_graph_at_one_m_tunes_only_its_bin():
+    m = HandDequant(64, True, 4).eval()
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(m)(x)
+    assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
+    (entry,) = zen_inductor.last_report()["autotune"]
+    assert [b["bin"] for b in entry["bins"]] == ["2-4"]
+
+
+def _result(label, winner, **times):
+    return autotune.BinResult(label, winner, times_us=times)
+
+
+def test_one_kernel_within_the_tolerance_in_every_bin_serves_them_all():
+    bins = shape_bins((1, 4))  # 1, 2-4, 5+
+    # the int4 tiles' GEMV wins M = 1 by 5%: the VNNI blocks serve all three, one packed copy
+    results = [_result("1", "zen_w4_avx2", zen_w4_avx2=100.0, zen_w4_avx512=105.0),
+               _result("2-4", "zen_w4_avx512", zen_w4_avx2=180.0, zen_w4_avx512=110.0),
+               _result("5+", "zen_w4_avx512", zen_w4_avx512=900.0)]
+    with config.patch(layout_tolerance=1.1):
+        autotune._one_layout(bins, results)
+    assert [r.winner for r in results] == ["zen_w4_avx512"] * 3
+    assert "one layout: zen_w4_avx512 at 1.05x zen_w4_avx2's time" in results[0].note
+    # 30% ahead: both layouts stay
+    results = [_result("1", "zen_w4_avx2", zen_w4_avx2=100.0, zen_w4_avx512=130.0),
+               _result("2-4", "zen_w4_avx512", zen_w4_avx2=180.0, zen_w4_avx512=110.0),
+               _result("5+", "zen_w4_avx512", zen_w4_avx512=900.0)]
+    with config.patch(layout_tolerance=1.1):
+        autotune._one_layout(bins, results)
+    assert [r.winner for r in results] == ["zen_w4_avx2", "zen_w4_avx512", "zen_w4_avx512"]
+    # a bin where the other kernel was not timed keeps its winner: no merge on a guess
+    results = [_result("1", "zen_w4_avx2", zen_w4_avx2=100.0),
+               _result("2-4", "zen_w4_avx512", zen_w4_avx2=180.0, zen_w4_avx512=110.0),
+               _result("5+", "zen_w4_avx512", zen_w4_avx512=900.0)]
+    autotune._one_layout(bins, results)
+    assert results[0].winner == "zen_w4_avx2"

@@ -255,3 +255,58 @@ def test_int8_activation_blocks_compute_the_weight_on_x_quantized_per_group(bits
         assert sqnr(y, x.float() @ w32.t()) >= 30, m  # the bar of dynamic activation quantization
         # exactly W on x quantized per group of 32: integer sums, fp32 scales
         assert sqnr(y, _int8_per_group(x) @ w32.t()) >= (60 if act_dtype == torch.float32 else 45), m
+
+
+def _q8_0_file_weight(n, seed=8):
+    """A weight quantized to Q8_0 by the gguf package, as its blocks and as a QuantWeight."""
+    import gguf
+
+    from zen_inductor import gguf_model
+
+    g = torch.Generator().manual_seed(seed)
+    raw = gguf.quantize((torch.randn(n, K, generator=g) * 0.05).numpy(), gguf.GGMLQuantizationType.Q8_0)
+    blocks = gguf_model._blocks("Q8_0", raw)
+    qs, d, _ = gguf_model.split_blocks("Q8_0", blocks)
+    w = QuantWeight(codes=qs.reshape(n, K), scale=d.float(), offset=torch.zeros(n, K // 32), zero_point=None,
+                    group_size=32, bits=8)
+    return blocks, w
+
+
+@_needs("q8_0_rows")
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+def test_q8_0_rows_packs_the_files_own_bytes_and_computes_with_them(act_dtype):
+    kernel = KERNELS["zen_q8_0_rows"]
+    blocks, w = _q8_0_file_weight(96)
+    packed = kernel.prepack(w, act_dtype)
+    assert torch.equal(packed[0], blocks)  # the file's bytes: a tied model's table is the same tensor
+    bias = torch.randn(96).to(act_dtype)
+    torch.manual_seed(9)
+    for epilogue in ("", "swiglu"):
+        spec = _spec(w, act_dtype, epilogue)
+        assert kernel.supports(spec) is None
+        for m in ROWS_OF_X:
+            x = torch.randn(m, K).to(act_dtype)
+            x[:, 40] *= 30
+            for b in (None, bias):
+                y = run_kernel(kernel, x, packed, b, spec)
+                ref = epilogue_reference(x.float() @ w.dequantize().t() + (b.float() if b is not None else 0), spec)
+                assert y.dtype == act_dtype and y.shape == (m, spec.out_n)
+                assert sqnr(y, ref) >= 45, (epilogue, m, b is not None)
+    residual = torch.randn(5, 96) * 10
+    x = torch.randn(5, K).to(act_dtype)
+    plan = Plan(_spec(w, act_dtype), (4,), ("zen_q8_0_rows",) * 2).encode()
+    y = quant_linear(x, packed, [1], None, plan, residual=residual)
+    assert sqnr(y, residual + x.float() @ w.dequantize().t()) >= 60
+
+
+def test_q8_0_rows_takes_only_q8_0_weights():
+    kernel = KERNELS["zen_q8_0_rows"]
+    _, w = _q8_0_file_weight(16)
+    spec = _spec(w, torch.float32)
+    assert kernel.supports(spec) is None
+    assert "symmetric in blocks of 32" in kernel.supports(dataclasses.replace(spec, symmetric=False))
+    assert "symmetric in blocks of 32" in kernel.supports(dataclasses.replace(spec, group_size=64, k=K))
+    assert kernel.supports(dataclasses.replace(spec, bits=4)).startswith("for int8")
+    not_float16 = dataclasses.replace(w, scale=w.scale * (1 + 1e-6))
+    with pytest.raises(ValueError, match="not float16"):
+        kernel.prepack(not_float16, torch.float32)

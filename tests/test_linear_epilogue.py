@@ -8,7 +8,7 @@ import zen_inductor
 from zen_inductor import native, verification
 from zen_inductor.kernels import DenseWeight, LinearSpec, QuantWeight, run_kernel, swiglu_row_order
 
-from conftest import compile_zen, eager_and_zen, quantize, sqnr
+from conftest import any_rows, compile_zen, eager_and_zen, quantize, sqnr
 from quantized import every_kernel_packed, fp32_weight, fuses_swiglu, quant_linear_calls, quant_weight
 
 K, I = 256, 96  # I: a multiple of 8, not of 16 (gate and up tiles pair up inside one block of 16)
@@ -154,16 +154,16 @@ def test_a_merged_weight_is_held_only_until_it_is_packed(monkeypatch):
     monkeypatch.setattr(allocator, "_meminfo_kb", lambda: {"MemTotal": total_kb, "MemAvailable": total_kb})
     plan, alive = autotune.Tuner.plan, []
 
-    def counting_plan(self, spec, weight, bias, ahead=0):
+    def counting_plan(self, spec, weight, bias, ahead=0, rows=None):
         if spec.n == 2 * WIDTH:
             gc.collect()
             merged = [o for o in gc.get_objects() if isinstance(o, QuantWeight) and o.codes.shape[0] == 2 * WIDTH]
             alive.append(sum(o.codes.untyped_storage().data_ptr() != weight.codes.untyped_storage().data_ptr() for o in merged))
-        return plan(self, spec, weight, bias, ahead)
+        return plan(self, spec, weight, bias, ahead, rows)
 
     monkeypatch.setattr(autotune.Tuner, "plan", counting_plan)
     model = torch.nn.Sequential(_int4_mlp(width=WIDTH), _int4_mlp(width=WIDTH))
-    x = torch.randn(3, K).to(torch.bfloat16)
+    x = any_rows(torch.randn(3, K).to(torch.bfloat16))
     with torch.no_grad():
         zen = compile_zen(model)(x)
     assert zen_inductor.counters["linear_epilogue.swiglu"] == 2
@@ -212,7 +212,7 @@ def test_int8_dynamic_mlp_gets_the_epilogue_and_the_residual_fold(dumped):
 
 def test_gate_used_elsewhere_is_a_near_miss_and_stays_correct():
     model = _int4_mlp(also_return_gate=True)
-    x = torch.randn(3, K).to(torch.bfloat16)
+    x = any_rows(torch.randn(3, K).to(torch.bfloat16))
     with torch.no_grad():
         eager_y, eager_g = model(x)
         zen_y, zen_g = compile_zen(model)(x)

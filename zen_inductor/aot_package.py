@@ -269,15 +269,22 @@ def _weights(package: str, shared: dict, skip) -> dict[str, torch.Tensor]:
 
 
 def _one_copy(stored: torch.Tensor, weight: torch.Tensor, shared: dict) -> torch.Tensor:
-    data = weight.contiguous().view(-1).view(torch.uint8).numpy()
-    key = (weight.dtype, tuple(weight.shape), tuple(weight.stride()), hashlib.sha1(data).hexdigest())
+    """``weight``, or the tensor already held with the same bytes, viewed as ``weight``: e.g. a
+    tied model's token table (the embedding's gather reads it) and the output layer packed in the
+    file's Q8_0 blocks are one tensor."""
+    contiguous = weight.is_contiguous()
+    data = (weight if contiguous else weight.contiguous()).view(-1).view(torch.uint8)
+    key = (hashlib.sha1(data.numpy()).hexdigest(), data.numel(), *(() if contiguous else (weight.dtype, weight.shape, weight.stride())))
     if key not in shared:
         # a packing the compile put on huge pages is stored as its whole mapping, a huge page
         # larger: it goes back on huge pages (decode reads it every step), without the slack
         slack = stored.untyped_storage().nbytes() - weight.numel() * weight.element_size()
-        if slack >= HUGE_PAGE and weight.is_contiguous():
+        if slack >= HUGE_PAGE and contiguous:
             placed = on_huge_pages(weight)
             shared[key] = placed if placed is not weight else weight.clone()
         else:
             shared[key] = weight
-    return shared[key]
+    held = shared[key]
+    if held.dtype == weight.dtype and held.shape == weight.shape:
+        return held
+    return held.view(-1).view(torch.uint8).view(weight.dtype).view(weight.shape)

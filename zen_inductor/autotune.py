@@ -58,15 +58,23 @@ class Tuner:
         self.cache = TuningCache()
         self.timing_left_s = config.autotune_budget_s
 
-    def plan(self, spec: LinearSpec, weight: QuantWeight, bias: Optional[torch.Tensor], packings_ahead: int = 0) -> Tuning:
+    def plan(self, spec: LinearSpec, weight: QuantWeight, bias: Optional[torch.Tensor], packings_ahead: int = 0,
+             rows: Optional[int] = None) -> Tuning:
+        """The linear's plan: a kernel per bin. ``rows``: the one M the graph runs it at, where
+        that is fixed (a decode step's 1, the last position's output layer): only its bin is
+        chosen, and every bin of the plan names that kernel."""
         kernels, excluded = candidates(spec, packings_ahead)
         if not kernels:
             raise NoKernel("; ".join(f"{k}: {r}" for k, r in excluded.items()))
         linear = _LinearTuning(self, spec, weight, bias, [k.name for k in kernels], excluded)
         bins = shape_bins()
+        edges = tuple(b.hi for b in bins[:-1])
+        if rows is not None:
+            bins = [b for b in bins if b.lo <= rows and (b.hi is None or rows <= b.hi)]
         results = [linear.choose(b) for b in bins]
         _one_layout(bins, results)
-        plan = Plan(spec, tuple(b.hi for b in bins[:-1]), tuple(r.winner for r in results))
+        winners = tuple(r.winner for r in results) if rows is None else (results[0].winner,) * (len(edges) + 1)
+        plan = Plan(spec, edges, winners)
         return Tuning(plan, results, excluded, _kept(linear.packed, plan))
 
 

@@ -161,9 +161,11 @@ class PatternContext:
             bias_value = self.evaluate(bias) if bias is not None and bias in self.constants else None
             if bias_value is not None:  # frozen as the packed weight is: its value now, whatever the model's becomes
                 bias_value = bias_value.clone()
+            x_val = node.args[0].meta.get("val")
+            rows = x_val.shape[0] if x_val is not None and isinstance(x_val.shape[0], int) else None
             try:
-                tuning = self.memo(pending.sources, ("tune", spec),
-                                   lambda: self.tuner.plan(spec, pending.weight.get(), bias_value, ahead))
+                tuning = self.memo(pending.sources, ("tune", spec, rows),
+                                   lambda: self.tuner.plan(spec, pending.weight.get(), bias_value, ahead, rows))
             except NoKernel as e:
                 self._run_dequantized(node, pending, bias_value, str(e))
                 pending.weight.release()

@@ -62,6 +62,12 @@ SOURCES = {
          "int64_t", "const float*", "int64_t"),
         _AVX512,
     ),
+    "q8_0_rows": (
+        "q8_0_rows.cpp",
+        ("const void*", "const uint8_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
+         "int64_t", "int64_t", "const float*", "int64_t"),
+        ("avx2", "fma", "f16c"),
+    ),
     "swiglu_avx2": (
         "swiglu_avx2.cpp",
         ("const void*", "void*", "int64_t", "int64_t", "int64_t", "int64_t"),
@@ -86,7 +92,7 @@ SOURCES = {
 
 # entries called by the C++ ops (csrc/ops.cpp), loaded without Python bindings; the others are
 # called from Python through Inductor's bindings of their argument types
-BOUND_ENTRIES = frozenset({"a8w4_avx2", "woq_avx2", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention",
+BOUND_ENTRIES = frozenset({"a8w4_avx2", "woq_avx2", "q8_0_rows", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention",
                            "decode_attention_avx512"})
 
 

@@ -10,6 +10,7 @@ Where things are:
     aten_ops.py      ATen's int4pack, int8pack and _int_mm GEMMs
     zentorch_ops.py  zentorch's GEMMs (AVX-512 only)
     tiles.py         our C++ kernels on packed quantized tiles (csrc/)
+    gguf_blocks.py   our C++ kernel on GGUF's Q8_0 blocks as the file stores them
     dense.py         bf16 weights: GEMMs and our C++ GEMVs
     dequantize.py    dequantize per call, then a GEMM
   native_entry.py  how our C++ linear entries are called (NativeLinear, zen::quant_linear.native)
