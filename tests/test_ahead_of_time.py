@@ -162,3 +162,34 @@ def test_code_is_checked_against_the_cpu_extensions_its_compiler_flags_allow():
     assert extensions_of(VecAVX512VNNI().build_arch_flags()) == extensions_of(VecAVX512().build_arch_flags()) | {"avx512_vnni"}
     assert {"amx_tile", "amx_bf16", "amx_int8"} <= extensions_of(VecAMX().build_arch_flags())
     assert extensions_of("-mavx512bf16 -mavxvnni -O3") == {"avx512_bf16", "avx_vnni"}
+
+
+def test_a_tied_q8_0_table_is_held_once_for_the_embedding_and_the_output_layer(tmp_path):
+    """llama.cpp's layout of a tied model: the output layer computes from the token table's Q8_0
+    blocks. Packed for zen_q8_0_rows, the output layer's weight is the table's bytes: the package
+    holds one tensor for both."""
+    import gguf
+
+    from zen_inductor import aot_package
+
+    model = tiny_gguf_llama("Q4_1")
+    table = model.get_input_embeddings().weight.detach()
+    blocks = gguf_model._blocks("Q8_0", gguf.quantize(table.numpy(), gguf.GGMLQuantizationType.Q8_0))
+    gguf_model._replace(model, "model.embed_tokens", gguf_model.GGUFEmbedding("Q8_0", blocks, torch.float32))
+    gguf_model._replace(model, "lm_head", gguf_model.GGUFLinear("Q8_0", blocks))
+    allowed = ("zen_q8_0_rows", "zen_w4_avx2", "zen_w4_avx512", "int4_tiles_sgemm")  # the output layer: the rows kernel
+    generator = zen_inductor.compile_ahead_of_time(model, max_cache_len=MAX_CACHE, package_dir=str(tmp_path),
+                                                   options={"kernel_allow": allowed})
+    assert "q8_0_rows" in json.loads((tmp_path / "generator.json").read_text())["native_entries"]
+    prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(3))
+    out = generator.generate(prompt, max_new_tokens=6)
+    with torch.no_grad():
+        reference = model(out).logits[0, 11:-1].float()
+    got = [generator.logits(out[:, :12])[0]] + [generator.logits(out[:, p:p + 1], start=p)[0] for p in range(12, out.shape[1] - 1)]
+    assert sqnr(torch.cat(got), reference) >= 40
+    shared, tables = {}, []
+    for name in aot_package.PROGRAMS:
+        weights = aot_package._weights(str(tmp_path / f"{name}.pt2"), shared, skip=())
+        tables += [t.untyped_storage().data_ptr() for t in weights.values() if t.shape == blocks.shape and t.dtype == torch.uint8]
+    # the embedding's table and the output layer's packing in each program: four constants, one tensor
+    assert len(tables) == 4 and len(set(tables)) == 1

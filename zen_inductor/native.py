@@ -65,7 +65,7 @@ SOURCES = {
     "q8_0_rows": (
         "q8_0_rows.cpp",
         ("const void*", "const uint8_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
-         "int64_t", "int64_t", "const float*", "int64_t"),
+         "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
         ("avx2", "fma", "f16c"),
     ),
     "swiglu_avx2": (

@@ -54,8 +54,9 @@ void tile_rows(const uint8_t* w, const float* bias, const int16_t* xq, const flo
 }  // namespace
 
 extern "C" void kernel(const void* x, const uint8_t* w, const float* bias, void* y, int64_t M, int64_t N, int64_t K,
-                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t swiglu, const float* residual,
-                       int64_t has_residual) {
+                       int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t bits, int64_t swiglu,
+                       const float* residual, int64_t has_residual) {
+  (void)bits;  // 8: the entry's one extra word (see gguf_blocks.py)
   static thread_local std::vector<int16_t> xq_buffer;
   static thread_local std::vector<float> xs_buffer;
   const int64_t blocks = K / kBlock;

@@ -42,7 +42,9 @@ def _prepack(w: QuantWeight, act_dtype) -> list:
 
 
 def _arguments(packed, spec):
-    return packed[:1], (spec.k,), ()
+    # the weight's bits as the one extra word: AOTInductor's proxy executor hands an empty int[]
+    # to the op as None ("Expected IntList but got None")
+    return packed[:1], (spec.k,), (8,)
 
 
 KERNELS = (
