@@ -193,3 +193,28 @@ def test_a_tied_q8_0_table_is_held_once_for_the_embedding_and_the_output_layer(t
         tables += [t.untyped_storage().data_ptr() for t in weights.values() if t.shape == blocks.shape and t.dtype == torch.uint8]
     # the embedding's table and the output layer's packing in each program: four constants, one tensor
     assert len(tables) == 4 and len(set(tables)) == 1
+    run = subprocess.run([sys.executable, "-c", "import json\n" + _LOAD_ELSEWHERE, str(tmp_path), json.dumps(prompt[0].tolist())],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["imported"] == [] and result["tokens"] == generator.generate(prompt, max_new_tokens=8)[0].tolist()
+
+
+def test_a_package_names_the_libraries_its_calls_need(tmp_path):
+    """Read from the calls AOTInductor serialized: the kernels of each plan, and the swiglu library
+    where a kernel of a swiglu linear's plan does not fuse it (its epilogue runs after)."""
+    from zen_inductor import aot_package
+    from zen_inductor.kernels import LinearSpec, Plan
+
+    spec = LinearSpec(n=512, k=128, group_size=32, bits=4, symmetric=False, act_dtype=torch.float32, epilogue="swiglu")
+    plan = Plan(spec, (4,), ("zen_w4_avx2", "int4_tiles_sgemm")).encode()
+    call = {"node": {"target": "zen::quant_linear", "inputs": [{"name": "plan", "arg": {"as_string": plan}}]}}
+    with zipfile.ZipFile(tmp_path / "p.pt2", "w") as package:
+        package.writestr("p/data/aotinductor/model/x.wrapper.json", json.dumps({"nodes": [call]}))
+    assert aot_package._zen_calls(str(tmp_path / "p.pt2")) == {"native": {"woq_avx2", "tiles_dequant", "swiglu_avx2"},
+                                                               "zentorch": False}
+    fused = Plan(spec, (4,), ("zen_w4_avx2", "zen_w4_avx2")).encode()
+    call["node"]["inputs"][0]["arg"]["as_string"] = fused
+    with zipfile.ZipFile(tmp_path / "q.pt2", "w") as package:
+        package.writestr("q/data/aotinductor/model/x.wrapper.json", json.dumps({"nodes": [call]}))
+    assert aot_package._zen_calls(str(tmp_path / "q.pt2"))["native"] == {"woq_avx2"}

@@ -145,6 +145,7 @@ def _zen_calls(package: str) -> dict:
     """Which of our C++ libraries and whether zentorch the program's calls of zen's ops need, read
     from the calls AOTInductor serialized for its proxy executor."""
     from .kernels import KERNELS
+    from .kernels.epilogues import SWIGLU_NATIVE
     from .kernels.op import Plan
 
     native_used, zentorch = set(), False
@@ -154,8 +155,11 @@ def _zen_calls(package: str) -> dict:
                 node = call["node"]
                 args = {a["name"]: a["arg"] for a in node["inputs"]}
                 if node["target"] == "zen::quant_linear":
-                    kernels = [KERNELS[k] for k in Plan.decode(args["plan"]["as_string"]).kernels]
+                    plan = Plan.decode(args["plan"]["as_string"])
+                    kernels = [KERNELS[k] for k in plan.kernels]
                     native_used.update(k.native for k in kernels if k.native)
+                    if plan.spec.epilogue == "swiglu" and any("swiglu" not in k.epilogues for k in kernels):
+                        native_used.add(SWIGLU_NATIVE)  # applied after a kernel that does not fuse it
                     zentorch |= any(k.source == "zentorch" for k in kernels)
                 elif node["target"] == "zen::quant_linear.native":
                     native_used.add(args["entry"]["as_string"])

@@ -12,6 +12,7 @@ from .weights import LinearSpec
 
 
 SWIGLU_BLOCK = 8  # rows of gate, then of up, in turn in a swiglu weight (the kernels' tile height)
+SWIGLU_NATIVE = "swiglu_avx2"  # the library apply_epilogue runs swiglu with, where it builds
 
 
 def swiglu_row_order(n_out: int) -> torch.Tensor:
@@ -28,13 +29,13 @@ def apply_epilogue(y: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
     (0.78 ms at M=128, 8192 outputs, against 2.4 ms for ``epilogue_reference``'s ATen ops;
     bit-identical on 1 M outputs), those ops otherwise.
     """
-    if spec.epilogue != "swiglu" or y.dtype not in (torch.bfloat16, torch.float32) or native.unavailable("swiglu_avx2"):
+    if spec.epilogue != "swiglu" or y.dtype not in (torch.bfloat16, torch.float32) or native.unavailable(SWIGLU_NATIVE):
         return epilogue_reference(y, spec)
     y = y.contiguous()
     out = torch.empty((y.shape[0], spec.out_n), dtype=y.dtype)
     if y.shape[0]:
         bf16 = int(y.dtype == torch.bfloat16)
-        native.load("swiglu_avx2")(y, out, y.shape[0], spec.out_n, bf16, bf16)
+        native.load(SWIGLU_NATIVE)(y, out, y.shape[0], spec.out_n, bf16, bf16)
     return out
 
 

@@ -12,6 +12,7 @@ from .. import config, native
 from ..allocator import memory_short_of
 from . import aten_ops, dense, dequantize, gguf_blocks, tiles, zentorch_ops
 from .contract import Kernel
+from .epilogues import SWIGLU_NATIVE
 from .weights import LinearSpec
 
 KERNELS: dict[str, Kernel] = {k.name: k for family in (zentorch_ops, aten_ops, tiles, gguf_blocks, dequantize, dense) for k in family.KERNELS}
@@ -38,7 +39,7 @@ def candidates(spec: LinearSpec, packings_ahead: int = 0) -> tuple[list[Kernel],
         if not reason and kernel.native:
             native.start(kernel.native)  # the builds this spec needs run side by side
     if spec.epilogue == "swiglu" and any(not r and spec.epilogue not in k.epilogues for k, r in reasons.items()):
-        native.start("swiglu_avx2")  # apply_epilogue's, for the kernels that do not fuse it
+        native.start(SWIGLU_NATIVE)  # apply_epilogue's, for the kernels that do not fuse it
     ok, excluded = [], {}
     for kernel, reason in reasons.items():
         reason = reason or (native.unavailable(kernel.native) if kernel.native else None)
