@@ -5,6 +5,8 @@ nibbles the next) and the scales per group of 32; the AVX-512 kernels keep a rec
 Shapes are SmolLM2-135M's K = 576 (nine blocks of 64, not a multiple of 128).
 """
 import dataclasses
+import json
+import re
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ import zen_inductor
 from zen_inductor import config, native
 from zen_inductor.kernels import KERNELS, LinearSpec, Plan, QuantWeight, epilogue_reference, quant_linear, run_kernel
 
-from conftest import compile_zen, quantize, sqnr
+from conftest import any_rows, compile_zen, quantize, sqnr
 from quantized import fp32_weight
 
 K = 576
@@ -310,3 +312,26 @@ def test_q8_0_rows_takes_only_q8_0_weights():
     not_float16 = dataclasses.replace(w, scale=w.scale * (1 + 1e-6))
     with pytest.raises(ValueError, match="not float16"):
         kernel.prepack(not_float16, torch.float32)
+
+
+@_needs("woq_avx2")
+def test_a_plan_carries_only_the_packed_tensors_its_kernels_read(dumped):
+    """The int4 tiles are packed with column sums that only zen_a8w4_avx2 reads: a plan of the
+    weight-only kernels hands the op the tiles, scales and offsets alone."""
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    from quantized import quant_linear_calls
+
+    torch.manual_seed(0)
+    m = quantize(torch.nn.Sequential(torch.nn.Linear(K, 192)).to(torch.bfloat16).eval(),
+                 IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32), mapping_type=MappingType.ASYMMETRIC))
+    x = any_rows(torch.randn(3, K, dtype=torch.bfloat16))
+    with config.patch(kernel_allow=("zen_w4_avx2", "int4_tiles_sgemm")), torch.no_grad():
+        y = compile_zen(m)(x)
+    assert sqnr(y, x.float() @ fp32_weight(m[0].weight).t() + m[0].bias.float()) >= 40
+    (call,) = quant_linear_calls(dumped("after.py"))
+    assert KERNELS["zen_w4_avx2"].reads == 3
+    counts = re.search(r"\], (\[[\d, ]+\]), ", call).group(1)
+    assert all(c == 3 for c in json.loads(counts)), call

@@ -188,8 +188,9 @@ class PatternContext:
         """``zen.quant_linear`` with the packed weights of every kernel of its plan: it picks one by
         the rows of x at run time."""
         plan = tuning.plan
-        packed = [t for name in plan.kernels for t in tuning.packed[name]]
-        counts = [len(tuning.packed[name]) for name in plan.kernels]
+        read = {name: tuning.packed[name][:KERNELS[name].reads or None] for name in plan.kernels}
+        packed = [t for name in plan.kernels for t in read[name]]
+        counts = [len(read[name]) for name in plan.kernels]
         shared: dict = {}  # kernels that keep the same tensor (e.g. the int8 codes) share one constant
         nodes = [shared.get(id(t)) or shared.setdefault(id(t), self.add_constant(t, node, "quant_linear")) for t in packed]
         bias = self.add_constant(bias_value, node, "quant_linear_bias") if bias_value is not None else node.args[3]

@@ -62,6 +62,9 @@ class Kernel:
     # bytes a weight of a float copy the packing is (the dequantized copies, 2 for bf16): such a
     # kernel is a candidate only where memory holds the copy beside the packings still to come
     copy_bytes_per_weight: int = 0
+    # how many of its layout's packed tensors ``run`` reads, from the first (0: all of them): a graph
+    # carries only those (the int4 tiles' column sums serve zen_a8w4_avx2 alone: 13 MB of SmolLM2)
+    reads: int = 0
 
     def __post_init__(self):
         if isinstance(self.run, NativeLinear):

@@ -198,7 +198,7 @@ KERNELS = (
     # where the AVX-512 siblings and the bf16 copy's GEMM serve, these win no bin: even or behind
     # at M=1-4, 1.3-2.5x behind the copy from M=16 (linears-llama1b-4l.md)
     Kernel("zen_w4_avx2", "zen", _w4_supports, _a8w4_prepack, _WOQ_AVX2, layout="int4_tiles", epilogues=("swiglu",),
-           dominated_by=(("zen_w4_avx512", "zentorch_linear_dequantized"),), rank=(4, 24)),
+           dominated_by=(("zen_w4_avx512", "zentorch_linear_dequantized"),), rank=(4, 24), reads=3),
     Kernel("zen_w8_avx2", "zen", _w8_supports, _int8_tiles_prepack, _WOQ_AVX2, layout="int8_tiles", epilogues=("swiglu",),
            dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),), rank=(4, 24)),
     # AVX512-VNNI, 16-row blocks in 4 streams a thread, as zen_bf16_gemv_avx512; for every M: at
@@ -217,7 +217,7 @@ KERNELS = (
     # with a native bf16 GEMM the bf16 copy's GEMM is 2-10x ahead of these fp32 GEMMs on weights
     # dequantized per call, in all 30 (shape, M) cells of the int4 and int8 llama1b linears on Zen 4
     Kernel("int4_tiles_sgemm", "torch", functools.partial(_tiles_supports, bits=4), _a8w4_prepack, _tiles_sgemm_run,
-           layout="int4_tiles", native="tiles_dequant", dominated_by=BF16_GEMM_COPY, rank=(22, 2)),
+           layout="int4_tiles", native="tiles_dequant", dominated_by=BF16_GEMM_COPY, rank=(22, 2), reads=3),
     Kernel("int8_tiles_sgemm", "torch", functools.partial(_tiles_supports, bits=8), _int8_tiles_prepack, _tiles_sgemm_run,
            layout="int8_tiles", native="tiles_dequant", dominated_by=BF16_GEMM_COPY, rank=(22, 2)),
 )
