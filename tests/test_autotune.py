@@ -606,3 +606,10 @@ def test_one_kernel_within_the_tolerance_in_every_bin_serves_them_all():
                _result("5+", "zen_w4_avx512", zen_w4_avx512=900.0)]
     autotune._one_layout(bins, results)
     assert results[0].winner == "zen_w4_avx2"
+
+
+def test_an_empty_x_compiles_and_runs():
+    m = HandDequant(64, True, 4).eval()
+    with torch.no_grad():
+        y = compile_zen(m)(torch.randn(0, K, dtype=torch.bfloat16))
+    assert y.shape == (0, m.reference_weight().shape[0])

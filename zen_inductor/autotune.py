@@ -69,6 +69,8 @@ class Tuner:
         linear = _LinearTuning(self, spec, weight, bias, [k.name for k in kernels], excluded)
         bins = shape_bins()
         edges = tuple(b.hi for b in bins[:-1])
+        if rows is not None and rows < 1:  # an empty x: every bin, as for a dynamic M
+            rows = None
         if rows is not None:
             bins = [b for b in bins if b.lo <= rows and (b.hi is None or rows <= b.hi)]
         results = [linear.choose(b) for b in bins]
