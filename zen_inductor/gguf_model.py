@@ -42,6 +42,16 @@ def split_blocks(kind: str, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return (qs.view(torch.int8) if kind == "Q8_0" else qs), d, m
 
 
+def q8_0_blocks(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks ``[N, K/32, 34]`` as the file stores them (``split_blocks``'s inverse): int8
+    codes [N, K] and their float16 scales d [N, K/32]."""
+    n, blocks = d.shape
+    out = torch.empty((n, blocks, 2 + BLOCK), dtype=torch.uint8)
+    out[..., :2] = d.to(torch.float16).contiguous().view(torch.uint8).view(n, blocks, 2)
+    out[..., 2:] = codes.contiguous().view(torch.uint8).view(n, blocks, BLOCK)
+    return out
+
+
 def dequantize_blocks(kind: str, blocks: torch.Tensor) -> torch.Tensor:
     """fp32 weights of blocks ``[..., B, block bytes]``: ``[..., B * 32]``."""
     qs, d, m = split_blocks(kind, blocks)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import logging
+import os
 import re
 from importlib import resources
 from typing import Callable, Optional
@@ -247,9 +249,6 @@ def _load_file(path: str, binding: Optional[str]) -> tuple[Optional[Callable], O
     try:
         if binding is None:
             return ctypes.CDLL(path), None
-        import importlib.util
-        import os
-
         # the binding's module reads this at import, as when Inductor loads it
         os.environ["_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR"] = str(
             torch._C._dynamo.guards._torchinductor_pyobject_tensor_data_ptr)

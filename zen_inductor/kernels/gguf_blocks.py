@@ -12,11 +12,10 @@ from typing import Optional
 
 import torch
 
+from ..gguf_model import BLOCK, q8_0_blocks
 from .contract import Kernel, Unsuited
 from .native_entry import NativeLinear
 from .weights import LinearSpec, QuantWeight
-
-BLOCK = 32
 
 
 def _supports(spec: LinearSpec) -> Optional[str]:
@@ -32,13 +31,9 @@ def _supports(spec: LinearSpec) -> Optional[str]:
 
 
 def _prepack(w: QuantWeight, act_dtype) -> list:
-    d = w.scale.to(torch.float16)
-    if not torch.equal(d.to(torch.float32), w.scale.to(torch.float32)):
+    if not torch.equal(w.scale.to(torch.float16).to(torch.float32), w.scale.to(torch.float32)):
         raise ValueError("scales are not float16 values: not a Q8_0 weight")
-    blocks = torch.empty((w.n, w.k // BLOCK, 2 + BLOCK), dtype=torch.uint8)
-    blocks[..., :2] = d.contiguous().view(torch.uint8).view(w.n, w.k // BLOCK, 2)
-    blocks[..., 2:] = w.codes.view(torch.uint8).view(w.n, w.k // BLOCK, BLOCK)
-    return [blocks]
+    return [q8_0_blocks(w.codes, w.scale)]
 
 
 def _arguments(packed, spec):
