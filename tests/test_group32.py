@@ -274,31 +274,41 @@ def _q8_0_file_weight(n, seed=8):
     return blocks, w
 
 
-@_needs("q8_0_rows")
+Q8_0_KERNELS = [
+    pytest.param("zen_q8_0_rows", marks=_needs("q8_0_rows")),  # the GEMV
+    pytest.param("zen_q8_0_gemm", marks=_needs("q8_0_gemm")),  # fp32 panels of 16 rows, 6 rows of x at a time
+]
+
+
+@pytest.mark.parametrize("name", Q8_0_KERNELS)
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
-def test_q8_0_rows_packs_the_files_own_bytes_and_computes_with_them(act_dtype):
-    kernel = KERNELS["zen_q8_0_rows"]
-    blocks, w = _q8_0_file_weight(96)
-    packed = kernel.prepack(w, act_dtype)
-    assert torch.equal(packed[0], blocks)  # the file's bytes: a tied model's table is the same tensor
-    bias = torch.randn(96).to(act_dtype)
+def test_q8_0_kernels_pack_the_files_own_bytes_and_compute_with_them(name, act_dtype):
+    kernel = KERNELS[name]
     torch.manual_seed(9)
-    for epilogue in ("", "swiglu"):
-        spec = _spec(w, act_dtype, epilogue)
-        assert kernel.supports(spec) is None
-        for m in ROWS_OF_X:
-            x = torch.randn(m, K).to(act_dtype)
-            x[:, 40] *= 30
-            for b in (None, bias):
-                y = run_kernel(kernel, x, packed, b, spec)
-                ref = epilogue_reference(x.float() @ w.dequantize().t() + (b.float() if b is not None else 0), spec)
-                assert y.dtype == act_dtype and y.shape == (m, spec.out_n)
-                assert sqnr(y, ref) >= 45, (epilogue, m, b is not None)
-    residual = torch.randn(5, 96) * 10
-    x = torch.randn(5, K).to(act_dtype)
-    plan = Plan(_spec(w, act_dtype), (4,), ("zen_q8_0_rows",) * 2).encode()
-    y = quant_linear(x, packed, [1], None, plan, residual=residual)
-    assert sqnr(y, residual + x.float() @ w.dequantize().t()) >= 60
+    for n in (96, 104):  # 104: a last panel of 8 rows
+        blocks, w = _q8_0_file_weight(n)
+        packed = kernel.prepack(w, act_dtype)
+        assert torch.equal(packed[0], blocks)  # the file's bytes: a tied model's table is the same tensor
+        bias = torch.randn(n).to(act_dtype)
+        for epilogue in ("", "swiglu"):
+            spec = _spec(w, act_dtype, epilogue)
+            if n % 16 and epilogue:  # gate and up tiles of 8 rows each
+                assert "swiglu" in kernel.supports(spec)
+                continue
+            assert kernel.supports(spec) is None
+            for m in ROWS_OF_X + (6, 7, 12):  # and the GEMM's 6-row blocks
+                x = torch.randn(m, K).to(act_dtype)
+                x[:, 40] *= 30
+                for b in (None, bias):
+                    y = run_kernel(kernel, x, packed, b, spec)
+                    ref = epilogue_reference(x.float() @ w.dequantize().t() + (b.float() if b is not None else 0), spec)
+                    assert y.dtype == act_dtype and y.shape == (m, spec.out_n)
+                    assert sqnr(y, ref) >= 45, (n, epilogue, m, b is not None)
+        residual = torch.randn(7, n) * 10
+        x = torch.randn(7, K).to(act_dtype)
+        plan = Plan(_spec(w, act_dtype), (4,), (name,) * 2).encode()
+        y = quant_linear(x, packed, [1], None, plan, residual=residual)
+        assert sqnr(y, residual + x.float() @ w.dequantize().t()) >= 60, n
 
 
 def test_q8_0_rows_takes_only_q8_0_weights():

@@ -70,6 +70,12 @@ SOURCES = {
          "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
         ("avx2", "fma", "f16c"),
     ),
+    "q8_0_gemm": (  # q8_0_rows' layout and entry, for many rows of x
+        "q8_0_gemm.cpp",
+        ("const void*", "const uint8_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
+         "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
+        ("avx2", "fma", "f16c"),
+    ),
     "swiglu_avx2": (
         "swiglu_avx2.cpp",
         ("const void*", "void*", "int64_t", "int64_t", "int64_t", "int64_t"),
@@ -94,7 +100,7 @@ SOURCES = {
 
 # entries called by the C++ ops (csrc/ops.cpp), loaded without Python bindings; the others are
 # called from Python through Inductor's bindings of their argument types
-BOUND_ENTRIES = frozenset({"a8w4_avx2", "woq_avx2", "q8_0_rows", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention",
+BOUND_ENTRIES = frozenset({"a8w4_avx2", "woq_avx2", "q8_0_rows", "q8_0_gemm", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention",
                            "decode_attention_avx512"})
 
 

@@ -1,4 +1,5 @@
-"""Our C++ kernel on GGUF's Q8_0 blocks as the file stores them (``csrc/q8_0_rows.cpp``).
+"""Our C++ kernels on GGUF's Q8_0 blocks as the file stores them: a GEMV (``csrc/q8_0_rows.cpp``)
+and a GEMM on panels dequantized from them (``csrc/q8_0_gemm.cpp``).
 
 Layout ``q8_0_rows``: [N, K/32, 34] uint8, a row after another, each block its float16 scale
 then its 32 int8 codes: the file's own bytes. Packing a Q8_0 weight writes those bytes back, so
@@ -27,6 +28,8 @@ def _supports(spec: LinearSpec) -> Optional[str]:
         return f"N={spec.n}, K={spec.k}: the kernel takes N a multiple of 8 and K of 32"
     if spec.act_dtype not in (torch.bfloat16, torch.float32):
         return f"{spec.act_dtype} activations"
+    if spec.epilogue == "swiglu" and spec.n % 16:
+        return f"N={spec.n} with swiglu: gate and up come in tiles of 8 rows each"
     return None
 
 
@@ -48,4 +51,8 @@ KERNELS = (
     # 1.04 (zen_w8_avx512) and 1.18 (zen_w8_avx2); 1.5 against 1.3 at M = 4, 6.0 against 3.4 at M = 16
     Kernel("zen_q8_0_rows", "zen", _supports, _prepack, NativeLinear("q8_0_rows", _arguments), layout="q8_0_rows",
            epilogues=("swiglu",), rank=(5, 30)),
+    # the same bytes dequantized 16 rows at a time into fp32 panels for an FMA GEMM (csrc/q8_0_gemm.cpp):
+    # the prefill's kernel where no VNNI serves
+    Kernel("zen_q8_0_gemm", "zen", _supports, _prepack, NativeLinear("q8_0_gemm", _arguments), layout="q8_0_rows",
+           epilogues=("swiglu",), rank=(40, 4)),
 )
