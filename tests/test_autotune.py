@@ -613,3 +613,78 @@ def test_an_empty_x_compiles_and_runs():
     with torch.no_grad():
         y = compile_zen(m)(torch.randn(0, K, dtype=torch.bfloat16))
     assert y.shape == (0, m.reference_weight().shape[0])
+
+
+@pytest.mark.all_kernels
+@pytest.mark.parametrize("release_from", [0, None])
+def test_a_one_bin_tuning_holds_one_candidates_packing_at_a_time(monkeypatch, tmp_path, release_from):
+    """A big weight tuned for one bin (a graph at a fixed M) keeps a candidate's full packing only
+    while it is verified, timed or the fastest so far: at most two side by side. Tuned for every
+    bin, or below the size (None here), every candidate's packing lives to the plan's end."""
+    import weakref
+
+    if release_from is not None:
+        monkeypatch.setattr(autotune, "RELEASE_FROM_WEIGHTS", release_from)
+    w = int4_weight(512, K, 64)
+    spec = a8w4_spec(w, torch.bfloat16, dynamic=False)
+    live, most = [], [0]
+
+    def counting(prepack):
+        def wrapped(weight, act_dtype):
+            out = prepack(weight, act_dtype)
+            if weight.n == w.n:  # full packings (the timing of a part packs its first rows)
+                live.append(weakref.ref(out[0]))
+                most[0] = max(most[0], sum(ref() is not None for ref in live))
+            return out
+        return wrapped
+
+    for name, kernel in list(KERNELS.items()):
+        monkeypatch.setitem(KERNELS, name, dataclasses.replace(kernel, prepack=counting(kernel.prepack)))
+    candidates_here = [k for k in candidates(spec)[0]]
+    layouts = {k.layout or k.name for k in candidates_here}
+    assert len(layouts) >= 3, layouts  # enough packings for the count to tell
+    with config.patch(cache_dir=str(tmp_path), autotune_budget_s=60.0):
+        tuning = autotune.Tuner().plan(spec, w, None, rows=1)
+    if release_from is None:
+        assert most[0] >= 3, most[0]
+        return
+    assert most[0] <= 2, most[0]
+    winner = tuning.plan.kernels_for(1)[0]
+    x = torch.randn(1, K, dtype=torch.bfloat16)
+    y = KERNELS[winner].runner(spec)(x, tuning.packed[winner], None, spec)
+    assert sqnr(y, x.float() @ w.dequantize().t()) >= 40
+
+
+def test_a_later_graph_reads_the_packing_an_earlier_graph_holds(monkeypatch):
+    """A prefill at one M and the decode at M = 1 are two graphs of one model: where the second
+    chooses a layout the first packed, it reads the first's tensors (one copy of the weight, not
+    two), and its kernels compute with them."""
+    kernel = KERNELS["zen_w4_avx2"]
+    packed_rows = []
+
+    def counting(weight, act_dtype):
+        packed_rows.append(weight.n)
+        return kernel.prepack(weight, act_dtype)
+
+    monkeypatch.setitem(KERNELS, kernel.name, dataclasses.replace(kernel, prepack=counting))
+    torch.manual_seed(0)
+    m = HandDequant(64, True, 4).eval()
+    f = compile_zen(m, kernel_allow=(kernel.name,))
+    before = compiled_graphs()
+    with torch.no_grad():
+        for rows in (5, 1):
+            x = torch.randn(rows, K, dtype=torch.bfloat16)
+            assert sqnr(f(x), m(x)) >= 40, rows
+    assert len(compiled_graphs() - before) == 2
+    assert packed_rows.count(N) == 1, packed_rows  # (timing copies are clones, not packings)
+
+
+def test_a_layout_another_graph_holds_wins_within_the_tolerance():
+    """Choosing between layouts, one that an earlier graph holds costs no memory: it wins every
+    bin within ``config.layout_tolerance`` of the fastest, and not beyond."""
+    bins = shape_bins()[:1]
+    for ratio, winner in ((1.05, "zen_w4_avx512"), (1.3, "zen_w4_avx2")):
+        results = [autotune.BinResult(bins[0].label, "zen_w4_avx2", {"zen_w4_avx2": 100.0, "zen_w4_avx512": 100.0 * ratio})]
+        autotune._one_layout(bins, results, {"int4_blocks16": ["held"]})
+        assert results[0].winner == winner, ratio
+        assert ("another graph holds" in results[0].note) == (ratio < 1.1)

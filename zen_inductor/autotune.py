@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import config, native, timing
-from .allocator import on_huge_pages
+from .allocator import on_huge_pages, release_freed_memory
 from .kernels import KERNELS, LAZY, LinearSpec, Plan, QuantWeight, candidates, on_lazy_choice
 from .record import NoKernel
 from .bins import ShapeBin, shape_bins, static_choice, static_order
@@ -59,36 +59,47 @@ class Tuner:
         self.timing_left_s = config.autotune_budget_s
 
     def plan(self, spec: LinearSpec, weight: QuantWeight, bias: Optional[torch.Tensor], packings_ahead: int = 0,
-             rows: Optional[int] = None) -> Tuning:
+             rows: Optional[int] = None, packed_before: Optional[dict] = None) -> Tuning:
         """The linear's plan: a kernel per bin. ``rows``: the one M the graph runs it at, where
         that is fixed (a decode step's 1, the last position's output layer): only its bin is
-        chosen, and every bin of the plan names that kernel."""
+        chosen, and every bin of the plan names that kernel. ``packed_before``: layout -> the
+        packed tensors another graph holds for this weight, read by the kernels of that layout
+        instead of a packing of their own, and preferred within ``config.layout_tolerance``."""
         kernels, excluded = candidates(spec, packings_ahead)
         if not kernels:
             raise NoKernel("; ".join(f"{k}: {r}" for k, r in excluded.items()))
-        linear = _LinearTuning(self, spec, weight, bias, [k.name for k in kernels], excluded)
-        bins = shape_bins()
-        edges = tuple(b.hi for b in bins[:-1])
         if rows is not None and rows < 1:  # an empty x: every bin, as for a dynamic M
             rows = None
+        linear = _LinearTuning(self, spec, weight, bias, [k.name for k in kernels], excluded, one_bin=rows is not None)
+        linear.packed.share(packed_before or {})
+        bins = shape_bins()
+        edges = tuple(b.hi for b in bins[:-1])
         if rows is not None:
             bins = [b for b in bins if b.lo <= rows and (b.hi is None or rows <= b.hi)]
         results = [linear.choose(b) for b in bins]
-        _one_layout(bins, results)
+        _one_layout(bins, results, packed_before or {})
         winners = tuple(r.winner for r in results) if rows is None else (results[0].winner,) * (len(edges) + 1)
         plan = Plan(spec, edges, winners)
         return Tuning(plan, results, excluded, _kept(linear.packed, plan))
 
 
-def _one_layout(bins: list, results: list) -> None:
+def _layout(name: str) -> str:
+    return KERNELS[name].layout or name  # a kernel without a shared layout packs for itself
+
+
+def _one_layout(bins: list, results: list, packed_before: dict | None = None) -> None:
     """Where the winners keep the weight in more than one layout and one of them is within
     ``config.layout_tolerance`` of the winner in every bin (timed there, or the winner), it wins
     every bin: one packed copy instead of two or three for a few percent in some bin. (SmolLM2's
     q/k/v linear kept zen_w4_avx2's tiles for M = 1, where it timed 44 against 54 us or the
-    other way round from run to run, beside the VNNI blocks serving every other bin: 14 MB twice.)"""
+    other way round from run to run, beside the VNNI blocks serving every other bin: 14 MB twice.)
+    A layout another graph holds (``packed_before``) costs nothing more: a kernel on it within
+    the tolerance wins every bin, before any other."""
+    packed_before = packed_before or {}
     if any(r.winner not in KERNELS for r in results):  # lazy bins choose at run time
         return
-    if len({KERNELS[r.winner].layout or r.winner for r in results}) < 2:
+    layouts = {_layout(r.winner) for r in results}
+    if len(layouts) < 2 and (not packed_before or layouts <= set(packed_before)):
         return
 
     def ratios(name):
@@ -103,25 +114,38 @@ def _one_layout(bins: list, results: list) -> None:
         return out
 
     within = {}
-    for name in dict.fromkeys(r.winner for r in results):
+    seen = dict.fromkeys(name for r in results for name in [r.winner, *r.times_us])
+    held = [name for name in seen if _layout(name) in packed_before]
+    for name in held or dict.fromkeys(r.winner for r in results):
         found = ratios(name)
         if found and max(found) <= config.layout_tolerance:
             within[name] = sum(found)
+    if not within and held:  # none held close enough: one layout among the winners, as without
+        return _one_layout(bins, results, {})
     if within:
         best = min(within, key=within.get)
         for r in results:
             if r.winner != best:
                 ratio = r.times_us[best] / r.times_us[r.winner]
-                r.note = (r.note + "; " if r.note else "") + f"one layout: {best} at {ratio:.2f}x {r.winner}'s time"
+                held_note = ", the layout another graph holds" if _layout(best) in packed_before else ""
+                r.note = (r.note + "; " if r.note else "") + f"one layout{held_note}: {best} at {ratio:.2f}x {r.winner}'s time"
                 r.winner = best
 
 
 class _LinearTuning:
     """One linear's bins, from the smallest M up: what a bin learned bounds the next."""
 
-    def __init__(self, tuner: Tuner, spec: LinearSpec, weight: QuantWeight, bias, usable: list, excluded: dict):
+    def __init__(self, tuner: Tuner, spec: LinearSpec, weight: QuantWeight, bias, usable: list, excluded: dict,
+                 one_bin: bool = False):
         self.tuner, self.spec, self.weight, self.bias, self.usable = tuner, spec, weight, bias, usable
         self.packed = _Packings(weight, spec, excluded)
+        # A big weight chosen for one bin (a graph at a fixed M) keeps a candidate's full packing
+        # only while it is being verified or is the fastest so far. Held side by side, the
+        # candidates of a 1B model's int8 output layer (262 M weights: three int8 layouts, two
+        # bf16 copies) took the heap 3.9 GB above the model, 1.4 GB now; a 1B int8-dynamic
+        # compile peaked at 6.5 GB, 5.4 now. The price: a candidate is packed again to be timed,
+        # and there is no second sample (it would need every contender's packing again).
+        self.release = one_bin and spec.n * spec.k >= RELEASE_FROM_WEIGHTS
         self.verify = Verifier(spec, weight, bias, self.packed)
         # kernel -> (its time over the best's, M) where last timed or bounded. A kernel's time does not
         # fall as M grows and the best's grows at most in proportion to M, so a kernel r times
@@ -131,6 +155,18 @@ class _LinearTuning:
         self.timed_below, self.timed_below_m = None, 0  # the last bin timed, and at which M: see compute_bound
         self.part = None  # the first rows of a wide weight, packed when a bin is first timed on them
         self.copies: dict = {}  # (kernel, rows) -> copies of its packed weight, made at the smallest M timed
+
+    def _drop(self, name: str, keep: Optional[str] = None) -> None:
+        """Forget ``name``'s full packing and its timing copies (packed again if needed), unless
+        ``keep`` (the fastest so far) reads the same layout."""
+        if keep is not None and KERNELS[name].layout and KERNELS[name].layout == KERNELS[keep].layout:
+            return
+        self.packed.release(name)
+        self.copies.pop((name, self.spec.n), None)
+        # the compile keeps freed heap for reuse (allocator.reuse_freed_memory), but the next
+        # candidate's packing seldom fits the hole this one leaves: released but kept, the heap
+        # still grew by every candidate
+        release_freed_memory()
 
     def choose(self, b: ShapeBin) -> BinResult:
         started = time.perf_counter()
@@ -158,6 +194,9 @@ class _LinearTuning:
                 result.excluded[name] = reason
             else:
                 passing.append(name)
+            later = self.usable[self.usable.index(name) + 1:]
+            if self.release and not any(KERNELS[n].layout == KERNELS[name].layout != "" for n in later):
+                self._drop(name)  # (once the last kernel of its layout is verified)
         if not passing:
             raise NoKernel("every candidate failed verification: " + "; ".join(f"{k}: {r}" for k, r in result.excluded.items()))
         below = self.timed_below
@@ -207,6 +246,8 @@ class _LinearTuning:
             first_us = timing.first_call_us(KERNELS[name], x, tpacked[name], tbias, tspec) * per_rows
             if result.times_us and first_us > timing.HOPELESS_RATIO * min(result.times_us.values()):
                 result.times_us[name] = round(first_us, 1)  # hopeless: no copies, no repeats
+                if self.release and tpacked is self.packed:
+                    self._drop(name, keep=min(result.times_us, key=result.times_us.get))
                 continue
             if (name, rows) not in self.copies:  # made at the smallest M, which needs the most
                 self.copies[name, rows] = timing.weight_copies(tpacked[name], m)
@@ -219,6 +260,11 @@ class _LinearTuning:
 
             result.times_us[name] = sample(name)
             samplers[name] = sample
+            if self.release and tpacked is self.packed:
+                best = min(result.times_us, key=result.times_us.get)
+                for other in [n for n in samplers if n != best]:
+                    self._drop(other, keep=best)
+                    del samplers[other]
         timing.second_samples(result.times_us, samplers, deadline)
         self.tuner.timing_left_s = deadline - time.perf_counter()
         if rows < spec.n:
@@ -234,6 +280,12 @@ class _LinearTuning:
             result.note = "autotune budget spent; static rule" if result.times_us or time.perf_counter() > deadline else "no candidate timed; static rule"
         if m != b.representative_m:
             result.note = result.note or f"timed at M={m}: the bin is compute-bound there already"
+
+
+# weights from which a one-bin tuning holds one candidate's full packing at a time (_LinearTuning):
+# a 1B model's output layer (262 M) and 8B's (525 M) are above it, its gate/up (117 M) too; a
+# layer's other linears below, where packing twice would cost compile time for little memory
+RELEASE_FROM_WEIGHTS = 64 << 20
 
 
 # Bins up to this M read each weight once for a handful of rows: bound by memory, where the
@@ -254,7 +306,9 @@ def _kept(packed: "_Packings", plan: Plan) -> dict:
     placed = {}
 
     def move(t):
-        return t if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in own else on_huge_pages(t)
+        if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() in own or id(t) in packed.held_tensors:
+            return t  # the model's own tensor, or another graph's packing: moved, it would be a second copy
+        return on_huge_pages(t)
 
     def place(value):
         if id(value) not in placed:
@@ -275,6 +329,8 @@ class _Packings(dict):
         super().__init__()
         self.weight, self.spec, self.excluded = weight, spec, excluded
         self.by_layout: dict = {}
+        self.held: set = set()  # layouts another graph holds (share)
+        self.held_tensors: set = set()  # their tensors' ids: _kept moves none of them
 
     def __missing__(self, name):
         kernel = KERNELS[name]
@@ -290,6 +346,27 @@ class _Packings(dict):
             value = None
         self[name] = value
         return value
+
+    def share(self, packed: dict) -> None:
+        """Kernels of these layouts read the given tensors (another graph's) instead of packing."""
+        for layout, value in packed.items():
+            if layout in KERNELS:  # a kernel without a layout of its own: the entry is its packing
+                self[layout] = value
+            else:
+                self.by_layout[layout] = value
+        self.held = set(packed)
+        self.held_tensors = {id(t) for value in packed.values() for t in value if isinstance(t, torch.Tensor)}
+
+    def release(self, name: str) -> None:
+        """Forget ``name``'s packing and that of the kernels sharing its layout; not one another
+        graph holds (packing it again would be the second copy)."""
+        layout = KERNELS[name].layout
+        if (layout or name) in self.held:
+            return
+        for other in [n for n in self if n == name or (layout and KERNELS[n].layout == layout)]:
+            if self[other] is not None:  # a failed packing stays: its reason is kept
+                del self[other]
+        self.by_layout.pop(layout, None)
 
 
 def _remember_lazy_choice(plan: Plan, index: int, usable: list, winner: str, times: dict) -> None:

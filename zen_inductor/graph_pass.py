@@ -86,6 +86,23 @@ class PatternContext:
             store[full_key] = compute()
         return store[full_key]
 
+    def _packed_before(self, nodes: list, spec) -> dict:
+        """Layout -> packed tensors that earlier graphs of the model hold for this weight (their
+        tunings at other rows of x, memoized as ``memo`` keeps them): a prefill at M = 128 and
+        the decode at M = 1 each packed the weight for itself, two copies where both chose the
+        same layout."""
+        sources = self._sources(nodes)
+        if not sources:
+            return {}
+        owner = max(sources, key=lambda t: t.numel())
+        rest = (tuple((id(t), t._version) for t in sources), _config_signature())
+        found = {}
+        for (key, *others), tuning in owner.__dict__.get("_zen_memo", {}).items():
+            if key[:2] == ("tune", spec) and tuple(others) == rest:
+                for name in tuning.plan.kernels:
+                    found.setdefault(KERNELS[name].layout or name, tuning.packed[name])
+        return found
+
     def _sources(self, nodes: list) -> list:
         seen, stack, found = set(), [n for n in nodes if isinstance(n, fx.Node)], []
         while stack:
@@ -165,7 +182,8 @@ class PatternContext:
             rows = x_val.shape[0] if x_val is not None and isinstance(x_val.shape[0], int) else None
             try:
                 tuning = self.memo(pending.sources, ("tune", spec, rows),
-                                   lambda: self.tuner.plan(spec, pending.weight.get(), bias_value, ahead, rows))
+                                   lambda: self.tuner.plan(spec, pending.weight.get(), bias_value, ahead, rows,
+                                                           self._packed_before(pending.sources, spec)))
             except NoKernel as e:
                 self._run_dequantized(node, pending, bias_value, str(e))
                 pending.weight.release()
