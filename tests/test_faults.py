@@ -220,7 +220,7 @@ def test_a_bf16_copy_leaves_room_for_the_packings_still_to_come(monkeypatch):
     # the ahead materialize passes: the largest linear first, with what the smaller one will need
     aheads = []
     plan = autotune.Tuner.plan
-    monkeypatch.setattr(autotune.Tuner, "plan", lambda self, spec, w, b, ahead=0, rows=None: aheads.append((spec.n, ahead)) or plan(self, spec, w, b, ahead, rows))
+    monkeypatch.setattr(autotune.Tuner, "plan", lambda self, spec, w, b, ahead=0, *rest: aheads.append((spec.n, ahead)) or plan(self, spec, w, b, ahead, *rest))
     model = quantize(torch.nn.Sequential(torch.nn.Linear(K, 2 * K), torch.nn.Linear(2 * K, K)).to(torch.bfloat16).eval(),
                      _int4_config())
     with torch.no_grad():

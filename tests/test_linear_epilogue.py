@@ -154,12 +154,12 @@ def test_a_merged_weight_is_held_only_until_it_is_packed(monkeypatch):
     monkeypatch.setattr(allocator, "_meminfo_kb", lambda: {"MemTotal": total_kb, "MemAvailable": total_kb})
     plan, alive = autotune.Tuner.plan, []
 
-    def counting_plan(self, spec, weight, bias, ahead=0, rows=None):
+    def counting_plan(self, spec, weight, bias, ahead=0, *rest):
         if spec.n == 2 * WIDTH:
             gc.collect()
             merged = [o for o in gc.get_objects() if isinstance(o, QuantWeight) and o.codes.shape[0] == 2 * WIDTH]
             alive.append(sum(o.codes.untyped_storage().data_ptr() != weight.codes.untyped_storage().data_ptr() for o in merged))
-        return plan(self, spec, weight, bias, ahead, rows)
+        return plan(self, spec, weight, bias, ahead, *rest)
 
     monkeypatch.setattr(autotune.Tuner, "plan", counting_plan)
     model = torch.nn.Sequential(_int4_mlp(width=WIDTH), _int4_mlp(width=WIDTH))

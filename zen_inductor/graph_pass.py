@@ -68,40 +68,32 @@ class PatternContext:
         self.evaluate.params[node] = tensor
         return node
 
-
     def memo(self, nodes: list, key: tuple, compute):
-        """``compute()`` once per weights and key in this process.
-
-        One model compiles to several graphs (prefill, first decode step, dynamic decode); they
-        share readings, tuning and packed weights instead of redoing and re-holding them. The
-        memo sits on the model's own weight tensor, so it lives exactly as long as the weight.
-        """
-        sources = self._sources(nodes)
-        if not sources:
+        """``compute()`` once per weights and key in this process. One model compiles to several
+        graphs (prefill, first decode step, dynamic decode); they share readings, tuning and packed
+        weights instead of redoing and re-holding them. The memo sits on the model's own weight
+        tensor, so it lives exactly as long as the weight."""
+        store, rest = self._memo_store(nodes)
+        if store is None:
             return compute()
-        owner = max(sources, key=lambda t: t.numel())
-        full_key = (key, tuple((id(t), t._version) for t in sources), _config_signature())
-        store = owner.__dict__.setdefault("_zen_memo", _Memo())
-        if full_key not in store:
-            store[full_key] = compute()
-        return store[full_key]
+        if (key, *rest) not in store:
+            store[key, *rest] = compute()
+        return store[key, *rest]
 
-    def _packed_before(self, nodes: list, spec) -> dict:
-        """Layout -> packed tensors that earlier graphs of the model hold for this weight (their
-        tunings at other rows of x, memoized as ``memo`` keeps them): a prefill at M = 128 and
-        the decode at M = 1 each packed the weight for itself, two copies where both chose the
-        same layout."""
+    def _memo_store(self, nodes: list) -> tuple:
+        """The memo of the weights behind ``nodes`` and what else its keys hold, or (None, ())."""
         sources = self._sources(nodes)
         if not sources:
-            return {}
+            return None, ()
         owner = max(sources, key=lambda t: t.numel())
         rest = (tuple((id(t), t._version) for t in sources), _config_signature())
-        found = {}
-        for (key, *others), tuning in owner.__dict__.get("_zen_memo", {}).items():
-            if key[:2] == ("tune", spec) and tuple(others) == rest:
-                for name in tuning.plan.kernels:
-                    found.setdefault(KERNELS[name].layout or name, tuning.packed[name])
-        return found
+        return owner.__dict__.setdefault("_zen_memo", _Memo()), rest
+
+    def _packed_before(self, nodes: list, spec) -> dict:
+        """Layout -> packed tensors that earlier graphs of the model (other rows of x) hold for this weight."""
+        store, rest = self._memo_store(nodes)
+        tunings = [t for (key, *others), t in (store or {}).items() if key[:2] == ("tune", spec) and tuple(others) == rest]
+        return {KERNELS[name].layout or name: t.packed[name] for t in tunings for name in t.plan.kernels}
 
     def _sources(self, nodes: list) -> list:
         seen, stack, found = set(), [n for n in nodes if isinstance(n, fx.Node)], []
@@ -140,10 +132,9 @@ class PatternContext:
         """Insert ``zen.quant_linear`` for ``weight``, still without kernels, and record the match.
 
         Kernels are chosen and weights packed by ``materialize`` after every family has run, so a
-        linear that concat_linear merges is never tuned or packed on its own. ``sources`` are the
-        graph nodes the weight and bias were read from (for sharing across graphs). Raises ``NoKernel`` when
-        no kernel supports ``spec`` at all.
-        """
+        linear that concat_linear merges is never tuned or packed on its own. ``sources``: the graph
+        nodes the weight and bias were read from (for sharing across graphs). Raises ``NoKernel``
+        when no kernel supports ``spec`` at all."""
         kernels, excluded = candidates(spec)
         if not kernels:
             raise NoKernel("; ".join(f"{k}: {r}" for k, r in excluded.items()))
