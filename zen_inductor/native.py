@@ -29,6 +29,10 @@ _AVX512 = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512
 _DECODE_ATTENTION_ARGS = ("const float*", "const void*", "const void*", "const float*", "float*", "const float*",
                           *("int64_t",) * 16, "const float*", "const float*")
 
+# the entries on GGUF's Q8_0 blocks (q8_0_rows.cpp, q8_0_gemm.cpp): x, blocks, bias, y, M, N, K,
+# x_bf16, y_bf16, has_bias, bits, swiglu, residual, has_residual
+_Q8_0_ARGS = ("const void*", "const uint8_t*", "const float*", "void*", *("int64_t",) * 8, "const float*", "int64_t")
+
 # name -> (source file in zen_inductor/csrc, argument types of its ``kernel`` entry, CPU flags)
 # An entry the C++ ops call (csrc/ops.cpp) is bound by address; its types here say how many
 # words the op passes it (a linear entry's list follows the one convention of quant_linear.native).
@@ -64,18 +68,8 @@ SOURCES = {
          "int64_t", "const float*", "int64_t"),
         _AVX512,
     ),
-    "q8_0_rows": (
-        "q8_0_rows.cpp",
-        ("const void*", "const uint8_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
-         "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
-        ("avx2", "fma", "f16c"),
-    ),
-    "q8_0_gemm": (  # q8_0_rows' layout and entry, for many rows of x
-        "q8_0_gemm.cpp",
-        ("const void*", "const uint8_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
-         "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
-        ("avx2", "fma", "f16c"),
-    ),
+    "q8_0_rows": ("q8_0_rows.cpp", _Q8_0_ARGS, ("avx2", "fma", "f16c")),
+    "q8_0_gemm": ("q8_0_gemm.cpp", _Q8_0_ARGS, ("avx2", "fma", "f16c")),  # the same layout, for many rows of x
     "swiglu_avx2": (
         "swiglu_avx2.cpp",
         ("const void*", "void*", "int64_t", "int64_t", "int64_t", "int64_t"),

@@ -3,10 +3,10 @@
 // of 34 bytes (a float16 scale d, then 32 int8 codes c; W[n, k] = d * c), so one packed copy
 // serves this kernel and that GEMV.
 //
-// Where M is large the GEMM is compute-bound, and AVX2 has no integer dot product that beats
-// its two fp32 FMAs a cycle once each block's scale is applied (vpmaddwd or vpmaddubsw, a widening
-// add, a conversion and a multiply for every 32 products of a row pair). So W is dequantized, 16
-// rows at a time, into a panel of fp32 columns (exact: an 11-bit scale times an 8-bit code), and
+// Where M is large the GEMM is compute-bound. The GEMV's exact integer sums (vpmaddwd, then per
+// block of 32 a conversion and a scaled FMA for each pair of rows) ran SmolLM2's gate/up at M = 128
+// in 2.8 ms on Zen 4 capped at AVX2, this kernel in 2.2 (~208 GFLOP/s on 2 cores). W is dequantized,
+// 16 rows at a time, into a panel of fp32 columns (exact: an 11-bit scale times an 8-bit code), and
 // the panel is multiplied by 6 rows of x at a time held in 12 accumulators: per k, two loads of
 // the panel, six broadcasts of x and twelve FMAs. x enters as given (bf16 widened exactly), so the
 // arithmetic is the fp32 reference's but for the order of the sums.
