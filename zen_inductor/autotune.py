@@ -70,21 +70,18 @@ class Tuner:
             raise NoKernel("; ".join(f"{k}: {r}" for k, r in excluded.items()))
         if rows is not None and rows < 1:  # an empty x: every bin, as for a dynamic M
             rows = None
+        packed_before = packed_before or {}
         linear = _LinearTuning(self, spec, weight, bias, [k.name for k in kernels], excluded, one_bin=rows is not None)
-        linear.packed.share(packed_before or {})
+        linear.packed.share(packed_before)
         bins = shape_bins()
         edges = tuple(b.hi for b in bins[:-1])
         if rows is not None:
             bins = [b for b in bins if b.lo <= rows and (b.hi is None or rows <= b.hi)]
         results = [linear.choose(b) for b in bins]
-        _one_layout(bins, results, packed_before or {})
+        _one_layout(bins, results, packed_before)
         winners = tuple(r.winner for r in results) if rows is None else (results[0].winner,) * (len(edges) + 1)
         plan = Plan(spec, edges, winners)
         return Tuning(plan, results, excluded, _kept(linear.packed, plan))
-
-
-def _layout(name: str) -> str:
-    return KERNELS[name].layout or name  # a kernel without a shared layout packs for itself
 
 
 def _one_layout(bins: list, results: list, packed_before: dict | None = None) -> None:
@@ -98,7 +95,7 @@ def _one_layout(bins: list, results: list, packed_before: dict | None = None) ->
     packed_before = packed_before or {}
     if any(r.winner not in KERNELS for r in results):  # lazy bins choose at run time
         return
-    layouts = {_layout(r.winner) for r in results}
+    layouts = {KERNELS[r.winner].packing for r in results}
     if len(layouts) < 2 and (not packed_before or layouts <= set(packed_before)):
         return
 
@@ -115,7 +112,7 @@ def _one_layout(bins: list, results: list, packed_before: dict | None = None) ->
 
     within = {}
     seen = dict.fromkeys(name for r in results for name in [r.winner, *r.times_us])
-    held = [name for name in seen if _layout(name) in packed_before]
+    held = [name for name in seen if KERNELS[name].packing in packed_before]
     for name in held or dict.fromkeys(r.winner for r in results):
         found = ratios(name)
         if found and max(found) <= config.layout_tolerance:
@@ -127,7 +124,7 @@ def _one_layout(bins: list, results: list, packed_before: dict | None = None) ->
         for r in results:
             if r.winner != best:
                 ratio = r.times_us[best] / r.times_us[r.winner]
-                held_note = ", the layout another graph holds" if _layout(best) in packed_before else ""
+                held_note = ", the layout another graph holds" if KERNELS[best].packing in packed_before else ""
                 r.note = (r.note + "; " if r.note else "") + f"one layout{held_note}: {best} at {ratio:.2f}x {r.winner}'s time"
                 r.winner = best
 
@@ -159,7 +156,7 @@ class _LinearTuning:
     def _drop(self, name: str, keep: Optional[str] = None) -> None:
         """Forget ``name``'s full packing and its timing copies (packed again if needed), unless
         ``keep`` (the fastest so far) reads the same layout."""
-        if keep is not None and KERNELS[name].layout and KERNELS[name].layout == KERNELS[keep].layout:
+        if keep is not None and KERNELS[name].packing == KERNELS[keep].packing:
             return
         self.packed.release(name)
         self.copies.pop((name, self.spec.n), None)
@@ -188,14 +185,13 @@ class _LinearTuning:
     def _measured(self, b: ShapeBin, key: str) -> BinResult:
         result = BinResult(b.label, "")
         passing = []
-        for name in self.usable:
+        for i, name in enumerate(self.usable):
             reason = KERNELS[name].serves(b.lo) or self.verify(name, b.representative_m)  # packs on first need
             if reason:
                 result.excluded[name] = reason
             else:
                 passing.append(name)
-            later = self.usable[self.usable.index(name) + 1:]
-            if self.release and not any(KERNELS[n].layout == KERNELS[name].layout != "" for n in later):
+            if self.release and all(KERNELS[n].packing != KERNELS[name].packing for n in self.usable[i + 1:]):
                 self._drop(name)  # (once the last kernel of its layout is verified)
         if not passing:
             raise NoKernel("every candidate failed verification: " + "; ".join(f"{k}: {r}" for k, r in result.excluded.items()))
@@ -360,13 +356,13 @@ class _Packings(dict):
     def release(self, name: str) -> None:
         """Forget ``name``'s packing and that of the kernels sharing its layout; not one another
         graph holds (packing it again would be the second copy)."""
-        layout = KERNELS[name].layout
-        if (layout or name) in self.held:
+        packing = KERNELS[name].packing
+        if packing in self.held:
             return
-        for other in [n for n in self if n == name or (layout and KERNELS[n].layout == layout)]:
+        for other in [n for n in self if KERNELS[n].packing == packing]:
             if self[other] is not None:  # a failed packing stays: its reason is kept
                 del self[other]
-        self.by_layout.pop(layout, None)
+        self.by_layout.pop(packing, None)
 
 
 def _remember_lazy_choice(plan: Plan, index: int, usable: list, winner: str, times: dict) -> None:

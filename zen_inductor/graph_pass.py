@@ -93,7 +93,7 @@ class PatternContext:
         """Layout -> packed tensors that earlier graphs of the model (other rows of x) hold for this weight."""
         store, rest = self._memo_store(nodes)
         tunings = [t for (key, *others), t in (store or {}).items() if key[:2] == ("tune", spec) and tuple(others) == rest]
-        return {KERNELS[name].layout or name: t.packed[name] for t in tunings for name in t.plan.kernels}
+        return {KERNELS[name].packing: t.packed[name] for t in tunings for name in t.plan.kernels}
 
     def _sources(self, nodes: list) -> list:
         seen, stack, found = set(), [n for n in nodes if isinstance(n, fx.Node)], []

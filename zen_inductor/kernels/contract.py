@@ -71,6 +71,12 @@ class Kernel:
             object.__setattr__(self, "native", self.run.library)
             object.__setattr__(self, "residual", True)
 
+    @property
+    def packing(self) -> str:
+        """What its packed copy of a weight is known by: its layout, shared with the kernels of that
+        layout, or its own name where it packs for itself."""
+        return self.layout or self.name
+
     def serves(self, lo: int) -> Optional[str]:
         """Why the kernel is not offered for M from ``lo`` up, or None."""
         if self.max_m is not None and lo > self.max_m:
