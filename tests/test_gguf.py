@@ -114,3 +114,39 @@ def test_files_of_the_other_block_formats(kind, variant):
     assert zen_inductor.counters[f"dequant_matmul.{variant}"] >= 7 * 2
     assert sqnr(zen, eager) >= 40  # eager is the fp32 computation with these weights
 
+
+
+def _random_gguf_linear(kind: str, n: int = 64, k: int = 256) -> gguf_model.GGUFLinear:
+    """A linear on ``kind`` blocks of random weights, written by the gguf package's own quantizer."""
+    import gguf
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    return gguf_model.GGUFLinear(kind, gguf_model._blocks(kind, gguf.quantize(w.numpy(), gguf.GGMLQuantizationType[kind])))
+
+
+@pytest.mark.parametrize("kind,variant", [("Q4_1", "int4_asym_group32"), ("Q4_0", "int4_sym_group32"),
+                                          ("Q8_0", "int8_sym_group32")])
+def test_dequantization_traced_as_one_op_is_read_as_the_chain_is(kind, variant, dumped):
+    linear = _random_gguf_linear(kind)
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        eager = linear(x)
+        with gguf_model.dequantize_as_one_op(linear):
+            assert torch.equal(linear(x), eager)  # the op computes what the chain does
+            zen = compile_zen(linear)(any_rows(x.clone()))
+    assert not linear.one_op  # the model is left as it was
+    assert zen_inductor.counters[f"dequant_matmul.{variant}"] == 1  # read from the blocks, and proven
+    after = dumped("after.py")
+    assert "gguf_dequantize" not in after and len(quant_linear_calls(after)) == 1
+    assert sqnr(zen, eager) >= 40
+
+
+def test_a_one_op_dequantization_no_family_takes_is_folded_into_a_weight(dumped):
+    linear = _random_gguf_linear("Q4_1")
+    x = torch.randn(5, 256)
+    with torch.no_grad(), gguf_model.dequantize_as_one_op(linear):
+        eager = linear(x)
+        zen = compile_zen(linear, dequant_matmul=False)(x)
+    after = dumped("after.py")
+    assert "gguf_dequantize" not in after and "_zen_folded" in after  # not called at every run
+    assert sqnr(zen, eager) >= 80  # the same fp32 weight; only the order of the sums may differ

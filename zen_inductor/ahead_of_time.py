@@ -33,6 +33,7 @@ from transformers.integrations.executorch import TorchExportableModuleWithStatic
 from . import config, dumps, native
 from .aot_package import AheadOfTimeGenerator, CompileFigures, load_ahead_of_time, write_manifest
 from .backend import inductor_config_patches
+from .gguf_model import dequantize_as_one_op
 from .record import CompileRecord
 
 _CACHE_PREFIXES = ("key_cache_", "value_cache_", "cumulative_length_")
@@ -53,7 +54,7 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
     figures = CompileFigures()
     package_dir = package_dir or tempfile.mkdtemp(prefix="zen_aot_")
     os.makedirs(package_dir, exist_ok=True)
-    with _static_cache_config(model), torch.no_grad():
+    with _static_cache_config(model), dequantize_as_one_op(model), torch.no_grad():
         exportable = _LastLogits(model, batch_size=1, max_cache_len=max_cache_len)
         start = time.perf_counter()
         seq = Dim("seq", min=2, max=max_cache_len)

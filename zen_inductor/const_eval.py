@@ -78,3 +78,12 @@ class ConstEvaluator:
             raise ValueError(f"cannot evaluate {node.op} node {node.name} at compile time")
         memo[node] = value
         return value
+
+
+def fold_calls(graph: fx.Graph, target, constants: set, evaluate: "ConstEvaluator", add_constant) -> None:
+    """Every call of ``target`` on constants replaced by its value, computed now, as freezing
+    folds aten ops: for custom ops Inductor cannot look into and would call at every run
+    (``add_constant(value, like, prefix)`` puts a value in the graph)."""
+    for node in graph.find_nodes(op="call_function", target=target):
+        if node.users and node in constants:
+            node.replace_all_uses_with(add_constant(evaluate(node), node, "folded"))

@@ -21,6 +21,7 @@ permutation moves whole rows, so it is undone on the blocks.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -68,6 +69,35 @@ def dequantize_blocks(kind: str, blocks: torch.Tensor) -> torch.Tensor:
     return w.flatten(-2)
 
 
+@torch.library.custom_op("zen::gguf_dequantize", mutates_args=())
+def gguf_dequantize(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """``dequantize_blocks`` as one op of a traced graph (``dequantize_as_one_op``)."""
+    return dequantize_blocks(kind, blocks)
+
+
+@gguf_dequantize.register_fake
+def _(blocks, kind):
+    return blocks.new_empty((*blocks.shape[:-2], blocks.shape[-2] * BLOCK), dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def dequantize_as_one_op(model: torch.nn.Module):
+    """``model``'s ``GGUFLinear``s trace their dequantization as one ``zen::gguf_dequantize``
+    node instead of the ~25 ops of ``dequantize_blocks``: SmolLM2's exported graph has 3258
+    nodes instead of 7469, and every stage of a compile walks fewer (its export took 4.4 s
+    instead of 10.5). Only a compiler that reads the op (zen's ``dequant_matmul``, or its fold
+    of whatever op it leaves) should see it: stock Inductor folds the aten chain but cannot look
+    into a custom op."""
+    linears = [m for m in model.modules() if isinstance(m, GGUFLinear)]
+    for module in linears:
+        module.one_op = True
+    try:
+        yield
+    finally:
+        for module in linears:
+            module.one_op = False
+
+
 # One buffer a module, the file's bytes: Dynamo checks every tensor a compiled model reads at
 # every call, and its check grew faster than the count (three tensors a linear cost SmolLM2's
 # decode step ~0.3 ms more than one).
@@ -85,8 +115,11 @@ class GGUFLinear(torch.nn.Module):
         self.out_features, self.in_features = blocks.shape[0], blocks.shape[1] * BLOCK
         self.register_buffer("blocks", blocks)
         self.bias = bias
+        self.one_op = False  # dequantize_as_one_op
 
     def weight_fp32(self) -> torch.Tensor:
+        if self.one_op:
+            return gguf_dequantize(self.blocks, self.kind)
         return dequantize_blocks(self.kind, self.blocks)
 
     def forward(self, x):

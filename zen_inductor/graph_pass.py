@@ -22,7 +22,7 @@ from torch._inductor.virtualized import V
 from . import config, native
 from .allocator import memory_short_of, release_freed_memory
 from .autotune import Tuner
-from .const_eval import ConstEvaluator, constant_nodes, param_values
+from .const_eval import ConstEvaluator, constant_nodes, fold_calls, param_values
 from .kernels import KERNELS, LAZY, NativeLinear, Plan, candidates, native_linear, quant_linear, swiglu_row_order
 from .record import CompileRecord, NoKernel
 
@@ -266,11 +266,10 @@ class PatternContext:
 
 
 class _PackingForecast:
-    """Bytes the packings of the linears not yet packed will take: their codes at their bits with
-    a scale and an offset a group, times the layouts a linear keeps: at least two (a linear without
-    a copy keeps its decode GEMV's and a prefill kernel's), more where the packings so far took
-    more (an 8B model's int4 gate/up linears kept three: 1.66 bytes a weight). bf16 copies are not
-    packings: they are what the forecast bounds."""
+    """Bytes the packings of the linears not yet packed will take: their codes at their bits with a scale and
+    an offset a group, times the layouts a linear keeps: at least two (a linear without a copy keeps its decode
+    GEMV's and a prefill kernel's), more where the packings so far took more (an 8B model's int4 gate/up
+    linears kept three: 1.66 bytes a weight). bf16 copies are not packings: they are what the forecast bounds."""
 
     def __init__(self, specs: list):
         self.least_ahead = sum(map(_least_packing_bytes, specs))
@@ -466,6 +465,7 @@ class ZenJointPass(CustomGraphPass):
                     ctx.constants = constant_nodes(graph, params) | ctx.constants.intersection(graph.nodes)
             ctx.materialize()
             ctx.keep.clear()
+            fold_calls(graph, torch.ops.zen.gguf_dequantize.default, ctx.constants, ctx.evaluate, ctx.add_constant)
         for node in graph.nodes:  # PendingLinear meta served concat_linear and materialize only
             node.meta.pop("zen_quant", None)
         graph.eliminate_dead_code()

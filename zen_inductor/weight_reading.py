@@ -14,12 +14,16 @@ import dataclasses
 import torch
 import torch.fx as fx
 
+from .gguf_model import dequantize_blocks, split_blocks
 from .graph_facts import CONVERTS, fake_value
 from .kernels import QuantWeight, fp32_row_blocks
 from .record import PatternMiss
 
 aten = torch.ops.aten
 prims = torch.ops.prims
+# a GGUF file's blocks dequantized by one op (gguf_model.dequantize_as_one_op): the op stands
+# where a chain's codes would, and the blocks say codes, scales and minima outright
+GGUF_DEQUANTIZE = torch.ops.zen.gguf_dequantize.default
 
 LAYOUT_OPS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
@@ -42,11 +46,12 @@ def find_codes(weight: fx.Node) -> fx.Node | None:
     """The integer node holding the raw codes: one value per weight element.
 
     Found as the int->float convert of the chain, moved up past integer zero-point arithmetic
-    (GPTQ code subtracts int zeros before converting: ``convert(q - zeros)``).
+    (GPTQ code subtracts int zeros before converting: ``convert(q - zeros)``); or the
+    ``zen::gguf_dequantize`` node itself.
     """
     convert = _find_convert(weight)
-    if convert is None:
-        return None
+    if convert is None or convert.target is GGUF_DEQUANTIZE:
+        return convert
     codes, numel = convert.args[0], fake_value(weight).numel()
     while (
         isinstance(codes, fx.Node)
@@ -69,7 +74,7 @@ def _find_convert(weight: fx.Node) -> fx.Node | None:
         if node in seen or not isinstance(node, fx.Node):
             continue
         seen.add(node)
-        if is_int_to_float(node) and fake_value(node).numel() == numel:
+        if (is_int_to_float(node) or node.target is GGUF_DEQUANTIZE) and fake_value(node).numel() == numel:
             found.append(node)
             continue
         stack.extend(node.all_input_nodes)
@@ -182,6 +187,15 @@ def read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight
 def _read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeight:
     codes = find_codes(weight)
     path = _path(codes, weight)
+    read = _read_blocks(ctx, codes, path) if codes.target is GGUF_DEQUANTIZE else _read_chain(ctx, codes, path)
+    if post_scale is None:
+        return read
+    # Int8WeightOnly: y = mm(x, convert(codes^T)) * scale[N], exact in fp32 here
+    column = ctx.evaluate(post_scale).to(torch.float32).reshape(-1, 1)
+    return dataclasses.replace(read, scale=read.scale * column, offset=read.offset * column)
+
+
+def _read_chain(ctx, codes: fx.Node, path: list[fx.Node]) -> QuantWeight:
     raw = ctx.evaluate(codes)
     if not _dense(raw).is_contiguous():  # codes that are a slice of wider records (a GGUF
         raw = raw.contiguous()  # block's bytes): the probes must be dense, as the chain's results are
@@ -206,11 +220,26 @@ def _read_weight(ctx, weight: fx.Node, post_scale: fx.Node | None) -> QuantWeigh
     # the chain on the real codes, in fp32 as the probes: in the model's bf16 it took 1.7 s of a
     # 327 M-parameter read here (bf16 elementwise ops and three fresh full-size results)
     _prove(weight, _along_path(ctx, codes, path, raw.to(torch.float32), affine=True).t())
-    if post_scale is None:
-        return weight
-    # Int8WeightOnly: y = mm(x, convert(codes^T)) * scale[N], exact in fp32 here
-    column = ctx.evaluate(post_scale).to(torch.float32).reshape(-1, 1)
-    return dataclasses.replace(weight, scale=weight.scale * column, offset=weight.offset * column)
+    return weight
+
+
+def _read_blocks(ctx, op: fx.Node, path: list[fx.Node]) -> QuantWeight:
+    """The QuantWeight of a ``zen::gguf_dequantize`` node: its blocks' codes, shifted to signed
+    (Q4: q - 8, the 8 moving into the offset), their scales d and Q4_1's minima m; proven
+    against the op's own result moved along the path (transposes, the cast to x's dtype)."""
+    blocks, kind = ctx.evaluate(op.args[0]), op.args[1]
+    qs, d, m = split_blocks(kind, blocks)
+    n = d.shape[0]
+    scale = d.to(torch.float32).contiguous()
+    if kind == "Q8_0":
+        codes, bits, offset = qs.reshape(n, -1).contiguous(), 8, torch.zeros_like(scale)
+    else:  # a byte holds element j in its low nibble and j + 16 in its high one
+        codes, bits = (torch.cat([qs & 15, qs >> 4], dim=-1).view(torch.int8) - 8).reshape(n, -1), 4
+        offset = m.to(torch.float32) + 8 * scale if kind == "Q4_1" else torch.zeros_like(scale)
+    weight = QuantWeight(codes=codes, scale=scale, offset=offset, zero_point=integer_zero_point(scale, offset),
+                         group_size=codes.shape[1] // scale.shape[1], bits=bits)
+    _prove(weight, _along_path(ctx, op, path, dequantize_blocks(kind, blocks), affine=True).t())
+    return weight
 
 
 def _prove(weight: QuantWeight, real: torch.Tensor) -> None:
@@ -275,15 +304,19 @@ def describe_quantized(q, scale, offset, hint: int) -> QuantWeight:
         raise PatternMiss(f"scales change every {group} elements along K; no kernel takes groups that small")
     s = scale.view(n, k // group, group)[..., 0]
     b = offset.view(n, k // group, group)[..., 0]
-    zp = None
-    nonzero = s != 0
-    z = torch.where(nonzero, -b / torch.where(nonzero, s, 1), 0)
-    if torch.equal(z, z.round()) and bool((b[~nonzero] == 0).all()):
-        zp = z.round().to(torch.int32)
     codes = q.round().to(torch.int8) if q.is_floating_point() else q.to(torch.int8)
     # s and b are strided views of full [N, K] fp32 tensors: copied, or every reading of the
     # compile holds 8 bytes a weight (1.1 GB of SmolLM2-135M's 211 readings)
     return QuantWeight(
         codes=codes.contiguous(), scale=s.to(torch.float32).contiguous(), offset=b.to(torch.float32).contiguous(),
-        zero_point=zp, group_size=group, bits=bits,
+        zero_point=integer_zero_point(s, b), group_size=group, bits=bits,
     )
+
+
+def integer_zero_point(s: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``zp`` with ``b == -zp * s`` for every group (int32), or None where no integer does."""
+    nonzero = s != 0
+    z = torch.where(nonzero, -b / torch.where(nonzero, s, 1), 0)
+    if torch.equal(z, z.round()) and bool((b[~nonzero] == 0).all()):
+        return z.round().to(torch.int32)
+    return None
