@@ -138,6 +138,7 @@ def test_dequantization_traced_as_one_op_is_read_as_the_chain_is(kind, variant, 
     assert zen_inductor.counters[f"dequant_matmul.{variant}"] == 1  # read from the blocks, and proven
     after = dumped("after.py")
     assert "gguf_dequantize" not in after and len(quant_linear_calls(after)) == 1
+    assert "_zen_folded" not in after  # nor a float copy of what the kernel took
     assert sqnr(zen, eager) >= 40
 
 
@@ -150,3 +151,29 @@ def test_a_one_op_dequantization_no_family_takes_is_folded_into_a_weight(dumped)
     after = dumped("after.py")
     assert "gguf_dequantize" not in after and "_zen_folded" in after  # not called at every run
     assert sqnr(zen, eager) >= 80  # the same fp32 weight; only the order of the sums may differ
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_fold_calls_folds_only_what_something_live_reads(live):
+    from zen_inductor.const_eval import ConstEvaluator, constant_nodes, fold_calls
+
+    aten, op = torch.ops.aten, torch.ops.zen.gguf_dequantize.default
+    owner = torch.nn.Module()
+    owner.register_buffer("blocks", _random_gguf_linear("Q8_0", 8, 64).blocks)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    w = graph.call_function(aten.t.default, (graph.call_function(op, (graph.get_attr("blocks"), "Q8_0")),))
+    graph.output(graph.call_function(aten.mm.default, (x, w)) if live else x)  # w read by the matmul, or by nothing
+    gm = torch.fx.GraphModule(owner, graph)
+    folded = []
+
+    def add_constant(value, like, prefix):
+        folded.append(value)
+        with graph.inserting_before(like):
+            return graph.get_attr("blocks")  # any node will do: what was folded is what is checked
+
+    fold_calls(graph, op, constant_nodes(graph, {}), ConstEvaluator(gm, {}), add_constant)
+    assert not graph.find_nodes(op="call_function", target=op)  # folded, or dropped as dead
+    assert len(folded) == int(live)
+    if live:
+        assert torch.equal(folded[0], gguf_model.dequantize_blocks("Q8_0", owner.blocks))
