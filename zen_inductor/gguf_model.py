@@ -123,7 +123,9 @@ class GGUFLinear(torch.nn.Module):
         return dequantize_blocks(self.kind, self.blocks)
 
     def forward(self, x):
-        return F.linear(x, self.weight_fp32().to(x.dtype), self.bias)
+        w = self.weight_fp32()
+        # no cast where x is fp32 already: export records even a no-op .to() as two nodes a linear
+        return F.linear(x, w if w.dtype == x.dtype else w.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}"
