@@ -3,7 +3,7 @@ same blocks.
 
     python benchmarks/smollm2.py [--systems eager,inductor,zen,llamacpp] [--prompts 128,512] [--new 64]
                                  [--reps 3] [--file Q4_1|path.gguf] [--out benchmarks/results] [--name STEM]
-                                 [--reuse-cache] [--skip-module-guards] [--isa native|avx2] [--rounds N]
+                                 [--reuse-cache] [--skip-module-guards] [--isa native|avx2] [--rounds N] [--cold]
 
 Every (prompt, system) runs in its own process (compile time and peak RSS are its own). The torch
 systems load the file with ``zen_inductor.load_gguf`` (their linears compute with the file's
@@ -41,6 +41,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -285,6 +286,7 @@ def main() -> None:
     p.add_argument("--skip-module-guards", action="store_true",
                    help="compile every torch system with guard_filter_fn skip_guard_on_all_nn_modules_unsafe")
     p.add_argument("--rounds", type=int, default=1, help="processes a system and prompt, interleaved; medians")
+    p.add_argument("--cold", action="store_true", help="every process starts with empty Inductor and zen caches")
     p.add_argument("--isa", choices=("native", "avx2"), default="native",
                    help="avx2: every system as on an AVX2-only CPU (see the module's docstring)")
     p.add_argument("--system", help=argparse.SUPPRESS)
@@ -325,7 +327,12 @@ def main() -> None:
                        "--reps", str(1 if system == "eager" else args.reps), "--file", args.file,
                        "--threads", str(torch.get_num_threads()), *(["--reuse-cache"] if args.reuse_cache else []),
                        *(["--skip-module-guards"] if args.skip_module_guards else [])]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.isa, system))
+                env = child_env(args.isa, system)
+                with tempfile.TemporaryDirectory(prefix="zen-cold-") as root:
+                    if args.cold:  # what a first compile on a fresh machine costs; else caches as found
+                        env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(root, "inductor"),
+                                   ZEN_INDUCTOR_CACHE_DIR=os.path.join(root, "zen"))
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
                 if line is None:
                     print(f"  failed (exit {out.returncode}):", out.stdout[-2000:], out.stderr[-4000:])
@@ -344,7 +351,8 @@ def main() -> None:
              f"medians of {args.reps} runs (eager: 1)"
              f"{f' in each of {args.rounds} processes a system and prompt, in alternating order; a row gives their medians, TPOT with its range' if args.rounds > 1 else ''}. "
              f"{'Every torch system compiled with its module guards skipped (`--skip-module-guards`). ' if args.skip_module_guards else ''}"
-             f"One process per row{' and round' if args.rounds > 1 else ''}. Every system computes with the file's blocks. "
+             f"One process per row{' and round' if args.rounds > 1 else ''}"
+             f"{', each with empty Inductor and zen caches (`--cold`)' if args.cold else ''}. Every system computes with the file's blocks. "
              f"Prompts: the first tokens of `benchmarks/data/prose.txt` ({len(text)} tokens), read again from its start "
              f"for longer ones.", "",
              "| prompt | system | TTFT ms | TPOT ms | tokens/s | first generate s (compile) | peak RSS MB | tokens = llama.cpp's | TPOT / zen's |",
