@@ -85,6 +85,8 @@ def fold_calls(graph: fx.Graph, target, constants: set, evaluate: "ConstEvaluato
     folds aten ops: for custom ops Inductor cannot look into and would call at every run
     (``add_constant(value, like, prefix)`` puts a value in the graph). Dead code goes first:
     a call that only replaced ops read was folded for nothing (a GB of SmolLM2's weights)."""
+    if not graph.find_nodes(op="call_function", target=target):
+        return  # no dead-code pass for graphs without the op (every graph of every other model)
     graph.eliminate_dead_code()
     for node in graph.find_nodes(op="call_function", target=target):
         if node.users and node in constants:

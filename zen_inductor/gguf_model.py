@@ -53,14 +53,16 @@ def q8_0_blocks(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def element_codes(kind: str, qs: torch.Tensor) -> torch.Tensor:
+    """The codes of ``split_blocks``'s ``qs`` one a weight, ``[..., B, 32]`` in element order: a Q4
+    byte holds element j in its low nibble and j + 16 in its high one (unsigned, 0..15)."""
+    return qs if kind == "Q8_0" else torch.cat([qs & 15, qs >> 4], dim=-1)
+
+
 def dequantize_blocks(kind: str, blocks: torch.Tensor) -> torch.Tensor:
     """fp32 weights of blocks ``[..., B, block bytes]``: ``[..., B * 32]``."""
     qs, d, m = split_blocks(kind, blocks)
-    if kind == "Q8_0":
-        q = qs
-    else:
-        q = torch.cat([qs & 15, qs >> 4], dim=-1)  # [..., B, 32] in element order
-    w = q.to(torch.float32)
+    w = element_codes(kind, qs).to(torch.float32)
     if kind == "Q4_0":
         w = w - 8
     w = w * d.to(torch.float32)[..., None]

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from .gguf_model import dequantize_blocks, split_blocks
+from .gguf_model import dequantize_blocks, element_codes, split_blocks
 from .graph_facts import CONVERTS, fake_value
 from .kernels import QuantWeight, fp32_row_blocks
 from .record import PatternMiss
@@ -231,10 +231,11 @@ def _read_blocks(ctx, op: fx.Node, path: list[fx.Node]) -> QuantWeight:
     qs, d, m = split_blocks(kind, blocks)
     n = d.shape[0]
     scale = d.to(torch.float32).contiguous()
+    codes = element_codes(kind, qs).reshape(n, -1)
     if kind == "Q8_0":
-        codes, bits, offset = qs.reshape(n, -1).contiguous(), 8, torch.zeros_like(scale)
-    else:  # a byte holds element j in its low nibble and j + 16 in its high one
-        codes, bits = (torch.cat([qs & 15, qs >> 4], dim=-1).view(torch.int8) - 8).reshape(n, -1), 4
+        codes, bits, offset = codes.contiguous(), 8, torch.zeros_like(scale)
+    else:
+        codes, bits = codes.view(torch.int8) - 8, 4
         offset = m.to(torch.float32) + 8 * scale if kind == "Q4_1" else torch.zeros_like(scale)
     weight = QuantWeight(codes=codes, scale=scale, offset=offset, zero_point=integer_zero_point(scale, offset),
                          group_size=codes.shape[1] // scale.shape[1], bits=bits)
