@@ -41,6 +41,9 @@ def test_quant_linear_native(act_dtype, m, swiglu, residual, bias):
             list(call.extra), swiglu)
     y = torch.ops.zen.quant_linear.native(*args, **kwargs)
     assert y.shape == (m, out_n) and y.dtype == (torch.float32 if residual else act_dtype)
+    if residual:  # added to what is stored: the product where swiglu is fused
+        plain = torch.ops.zen.quant_linear.native(*args).float()
+        assert torch.allclose(y, plain + kwargs["residual"], rtol=0, atol=1e-2 * plain.abs().max().item())
     opcheck(torch.ops.zen.quant_linear.native, args, kwargs, test_utils=CHECKS)
 
 
@@ -65,3 +68,4 @@ def test_prefill_attention():
     mask = torch.full((1, 1, rows, rows + 10), float("-inf")).triu(1)
     opcheck(torch.ops.zen.prefill_attention.default, (q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask,
                                                       0.125, False), test_utils=CHECKS)
+

@@ -20,16 +20,22 @@ ZEN_AVX512 inline __mmask16 first(int64_t valid) {
 // Row m of y gets block b's 16 sums v (bias added): bf16 (rounded to nearest even) or fp32,
 // only the columns below N. With swiglu, lanes 0-7 are gate and 8-15 up (rows of W come as gate
 // and up blocks of 8 in turn) and 8 columns of silu(gate) * up go to y, which is N / 2 wide.
-// With a residual (fp32 [M, N], never with swiglu; y is then fp32) y = residual + v: the add of
-// patterns/residual_add.py done here, before the other core's half of y crosses over to it.
+// With a residual (fp32 [M, N], [M, N / 2] with swiglu; y is then fp32) y = residual + v, or +
+// the product: the add of patterns/residual_add.py done here, before the other core's half of y
+// crosses over to it.
 ZEN_AVX512 inline void store_block(void* y, int64_t m, int64_t b, int64_t N, __m512 v, bool y_bf16, bool swiglu,
                                    const float* residual) {
   const int64_t n0 = b * ROWS;
+  if (swiglu) {  // the residual is [M, N / 2]: added to the product, as the AVX2 kernels add it
+    __m256 out = _mm256_mul_ps(silu8(_mm512_castps512_ps256(v)), _mm512_extractf32x8_ps(v, 1));
+    if (residual)
+      out = _mm256_add_ps(out, _mm256_loadu_ps(residual + m * (N / 2) + b * 8));
+    store8(y, m * (N / 2) + b * 8, out, y_bf16);
+    return;
+  }
   if (residual)
     v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(first(N - n0), residual + m * N + n0));
-  if (swiglu) {
-    store8(y, m * (N / 2) + b * 8, _mm256_mul_ps(silu8(_mm512_castps512_ps256(v)), _mm512_extractf32x8_ps(v, 1)), y_bf16);
-  } else if (y_bf16) {
+  if (y_bf16) {
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + m * N + n0, first(N - n0), (__m256i)_mm512_cvtneps_pbh(v));
   } else {
     _mm512_mask_storeu_ps(static_cast<float*>(y) + m * N + n0, first(N - n0), v);
