@@ -33,7 +33,9 @@ allow it, else ATen's flash attention (on AVX2: zentorch cannot run there).
 
 Replacement: without a mask, the call's target becomes ``zentorch.zentorch_sdpa``, arguments
 unchanged; with one, ``zen.prefill_attention(q, k, v, mask, scale, zentorch)`` takes the place of
-the attention output.
+the attention output, or ``zen.prefill_attention.by_rows`` (same arguments) where the query length
+may be one (one ahead-of-time program for a prompt and every decode step): one position runs
+``zen.decode_attention``'s C++ kernel, more go as above.
 """
 from __future__ import annotations
 
@@ -46,8 +48,9 @@ from zen_inductor import attention
 from zen_inductor.cpu import amx_bf16, zentorch_unavailable
 from zen_inductor.graph_pass import emit_op
 
-from zen_inductor.graph_facts import call_arg, fake_value, kv_before_repeat_kv
+from zen_inductor.graph_facts import call_arg, fake_value, kv_before_repeat_kv, may_be_one
 
+from .decode_attention import why_not_native as why_not_decode
 from .family import Family, replace_outputs, rewrite_each
 
 PATTERN = "prefill_attention"
@@ -155,11 +158,15 @@ def _rewrite_masked(ctx, node: fx.Node) -> None:
     scale = call_arg(node, 5, "scale", None)
     scale = scale if scale is not None else fake_value(q).shape[-1] ** -0.5
     why_not_ours = why_not_zentorch(node)
+    # a program whose query length may be one (ahead of time: a prompt, then every decode step)
+    # runs one position by decode attention, in C++
+    by_rows = may_be_one(fake_value(q).shape[2], ctx.ahead_of_time) and why_not_decode(node, fake_value(k).shape[1]) is None
     with ctx.graph.inserting_before(node):
-        out = emit_op(ctx.graph, attention.prefill_attention, q, k, v, _shared_mask(ctx.graph, node.kwargs["attn_mask"]),
-                      float(scale), why_not_ours is None)
+        out = emit_op(ctx.graph, attention.attention_by_rows if by_rows else attention.prefill_attention, q, k, v,
+                      _shared_mask(ctx.graph, node.kwargs["attn_mask"]), float(scale), why_not_ours is None)
     kernel = "zentorch_sdpa" if why_not_ours is None else f"ATen's flash attention ({why_not_ours})"
-    ctx.record.match(PATTERN, _variant(q, k) + "_masked", node, f"zen.prefill_attention, blocks by {kernel}")
+    one = "; one position by zen.decode_attention (C++)" if by_rows else ""
+    ctx.record.match(PATTERN, _variant(q, k) + "_masked", node, f"zen.prefill_attention, blocks by {kernel}{one}")
     replace_outputs(ctx.graph, node, out)
 
 

@@ -1,5 +1,6 @@
 """compile_ahead_of_time: a tiny Llama whose linears hold GGUF blocks, exported and compiled by
 AOTInductor with zen's pass; logits against eager with the same blocks, step by step."""
+import collections
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import zen_inductor
-from zen_inductor import gguf_model
+from zen_inductor import aot_package, gguf_model
 
 from conftest import sqnr
 
@@ -50,18 +51,38 @@ def compiled(tmp_path_factory):
                 generation_config=generation_config, inductor_config=inductor_config)
 
 
-def test_both_programs_run_our_kernels(compiled):
+def _calls(folder) -> list:
+    """The ops the program's wrapper calls through the dispatcher (AOTInductor's proxy executor)."""
+    with zipfile.ZipFile(folder / aot_package.PROGRAM) as package:
+        name = next(n for n in package.namelist() if n.endswith("wrapper.json"))
+        return [call["node"] for call in json.loads(package.read(name))["nodes"]]
+
+
+def test_one_program_runs_our_kernels_for_a_prompt_and_for_a_step(compiled):
     matched = compiled["matched"]
-    # two programs, each: 7 linears a layer (q/k/v and gate/up merged) and the lm_head
-    assert matched.get("dequant_matmul", 0) == 2 * (2 * 7 + 1)
-    assert matched.get("concat_linear", 0) == 2 * 2 * 2
-    # swiglu fused in both: prefill's dynamic length reads its size off the fused result
-    assert matched.get("linear_epilogue", 0) == 2 * 2
-    assert matched.get("decode_attention", 0) == 2  # decode's two layers
-    with zipfile.ZipFile(compiled["folder"] / "decode.pt2") as package:
+    # 7 linears a layer (q/k/v and gate/up merged) and the lm_head
+    assert matched.get("dequant_matmul", 0) == 2 * 7 + 1
+    assert matched.get("concat_linear", 0) == 2 * 2
+    # swiglu fused: the dynamic length reads its size off the fused result
+    assert matched.get("linear_epilogue", 0) == 2
+    assert matched.get("prefill_attention", 0) == 2 and "decode_attention" not in matched
+    calls = collections.Counter(node["target"] for node in _calls(compiled["folder"]))
+    # a layer's 4 linears and its attention take one row in C++; the lm_head reads one row only
+    assert calls == {"zen::quant_linear.by_rows": 2 * 4, "zen::prefill_attention.by_rows": 2, "zen::quant_linear.native": 1}
+    with zipfile.ZipFile(compiled["folder"] / aot_package.PROGRAM) as package:
         wrapper = next(package.read(n).decode() for n in package.namelist() if n.endswith(".wrapper.cpp"))
     # replaced attention is gone from what runs, not only bypassed
     assert "scaled_dot_product_flash_attention" not in wrapper.split("run_impl", 1)[1]
+
+
+def test_the_one_row_call_reads_the_plans_packing(compiled):
+    """A linear's C++ call for one row takes the packed weight of its plan's M = 1 kernel: the same
+    constants, not a second copy."""
+    for node in _calls(compiled["folder"]):
+        if node["target"] == "zen::quant_linear.by_rows":
+            args = {a["name"]: a["arg"] for a in node["inputs"]}
+            packed = {t["name"] for t in args["packed"]["as_tensors"]}
+            assert {t["name"] for t in args["weight"]["as_tensors"]} <= packed
 
 
 def test_logits_step_by_step_match_eager_with_the_same_blocks(compiled):
@@ -120,8 +141,7 @@ def test_the_package_runs_in_another_process_without_the_models_code(compiled):
 def _package_copy(compiled, tmp_path, **manifest_changes):
     folder = tmp_path / "package"
     folder.mkdir()
-    for name in ("prefill.pt2", "decode.pt2"):
-        os.symlink(compiled["folder"] / name, folder / name)
+    os.symlink(compiled["folder"] / aot_package.PROGRAM, folder / aot_package.PROGRAM)
     manifest = json.loads((compiled["folder"] / "generator.json").read_text())
     (folder / "generator.json").write_text(json.dumps({**manifest, **manifest_changes}))
     return str(folder)
@@ -138,18 +158,6 @@ def test_a_package_this_machine_cannot_run_is_a_clear_error(compiled, tmp_path):
     shutil.rmtree(tmp_path / "package")
     with pytest.raises(RuntimeError, match="compiled with torch 1.0"):
         zen_inductor.load_ahead_of_time(_package_copy(compiled, tmp_path, torch="1.0.0"))
-
-
-def test_weights_both_programs_hold_alike_are_held_once(compiled):
-    from zen_inductor import aot_package
-
-    shared, held = {}, {}
-    for name in aot_package.PROGRAMS:
-        weights = aot_package._weights(str(compiled["folder"] / f"{name}.pt2"), shared, skip=())
-        held[name] = {t.data_ptr(): t.numel() * t.element_size() for t in weights.values()}
-    common = held["prefill"].keys() & held["decode"].keys()
-    # the decode program's linears are packed as the prefill's smallest bins are: one copy
-    assert sum(held["decode"][p] for p in common) >= 0.5 * sum(held["decode"].values())
 
 
 def test_code_is_checked_against_the_cpu_extensions_its_compiler_flags_allow():
@@ -170,8 +178,6 @@ def test_a_tied_q8_0_table_is_held_once_for_the_embedding_and_the_output_layer(t
     holds one tensor for both."""
     import gguf
 
-    from zen_inductor import aot_package
-
     model = tiny_gguf_llama("Q4_1")
     table = model.get_input_embeddings().weight.detach()
     blocks = gguf_model._blocks("Q8_0", gguf.quantize(table.numpy(), gguf.GGMLQuantizationType.Q8_0))
@@ -187,12 +193,10 @@ def test_a_tied_q8_0_table_is_held_once_for_the_embedding_and_the_output_layer(t
         reference = model(out).logits[0, 11:-1].float()
     got = [generator.logits(out[:, :12])[0]] + [generator.logits(out[:, p:p + 1], start=p)[0] for p in range(12, out.shape[1] - 1)]
     assert sqnr(torch.cat(got), reference) >= 40
-    shared, tables = {}, []
-    for name in aot_package.PROGRAMS:
-        weights = aot_package._weights(str(tmp_path / f"{name}.pt2"), shared, skip=())
-        tables += [t.untyped_storage().data_ptr() for t in weights.values() if t.shape == blocks.shape and t.dtype == torch.uint8]
-    # the embedding's table and the output layer's packing in each program: four constants, one tensor
-    assert len(tables) == 4 and len(set(tables)) == 1
+    weights = aot_package._weights(str(tmp_path / aot_package.PROGRAM), {}, skip=())
+    tables = [t.untyped_storage().data_ptr() for t in weights.values() if t.shape == blocks.shape and t.dtype == torch.uint8]
+    # the embedding's table and the output layer's packing: two constants, one tensor
+    assert len(tables) == 2 and len(set(tables)) == 1
     run = subprocess.run([sys.executable, "-c", "import json\n" + _LOAD_ELSEWHERE, str(tmp_path), json.dumps(prompt[0].tolist())],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -203,7 +207,6 @@ def test_a_tied_q8_0_table_is_held_once_for_the_embedding_and_the_output_layer(t
 def test_a_package_names_the_libraries_its_calls_need(tmp_path):
     """Read from the calls AOTInductor serialized: the kernels of each plan, and the swiglu library
     where a kernel of a swiglu linear's plan does not fuse it (its epilogue runs after)."""
-    from zen_inductor import aot_package
     from zen_inductor.kernels import LinearSpec, Plan
 
     spec = LinearSpec(n=512, k=128, group_size=32, bits=4, symmetric=False, act_dtype=torch.float32, epilogue="swiglu")
@@ -218,3 +221,12 @@ def test_a_package_names_the_libraries_its_calls_need(tmp_path):
     with zipfile.ZipFile(tmp_path / "q.pt2", "w") as package:
         package.writestr("q/data/aotinductor/model/x.wrapper.json", json.dumps({"nodes": [call]}))
     assert aot_package._zen_calls(str(tmp_path / "q.pt2"))["native"] == {"woq_avx2"}
+    # one program for every length: a one-row linear's entry beside its plan's kernels, and the
+    # attention's one position by decode attention
+    by_rows = {"node": {"target": "zen::quant_linear.by_rows", "inputs": [
+        {"name": "plan", "arg": {"as_string": fused}}, {"name": "entry", "arg": {"as_string": "q8_0_rows"}}]}}
+    attention = {"node": {"target": "zen::prefill_attention.by_rows", "inputs": [{"name": "zentorch", "arg": {"as_bool": False}}]}}
+    with zipfile.ZipFile(tmp_path / "r.pt2", "w") as package:
+        package.writestr("r/data/aotinductor/model/x.wrapper.json", json.dumps({"nodes": [by_rows, attention]}))
+    assert aot_package._zen_calls(str(tmp_path / "r.pt2")) == {"native": {"woq_avx2", "q8_0_rows", "decode_attention"},
+                                                               "zentorch": False}

@@ -235,12 +235,12 @@ def test_the_forecast_of_packings_to_come_learns_from_those_made():
     scales by what was seen, copies aside."""
     from types import SimpleNamespace
 
-    from zen_inductor.graph_pass import _least_packing_bytes, _PackingForecast
+    from zen_inductor.packing_forecast import PackingForecast, least_packing_bytes
     from zen_inductor.kernels import LinearSpec
 
     specs = [LinearSpec(n=n, k=K, group_size=32, bits=4, symmetric=True, act_dtype=torch.bfloat16) for n in (4 * N, 2 * N, N)]
-    least = [_least_packing_bytes(s) for s in specs]
-    forecast = _PackingForecast(specs)
+    least = [least_packing_bytes(s) for s in specs]
+    forecast = PackingForecast(specs)
     assert forecast.after(specs[0]) == 2 * (least[1] + least[2])  # nothing seen yet: two layouts
     three_layouts = [torch.empty(least[0], dtype=torch.uint8) for _ in range(3)]
     copy = [torch.empty(2 * specs[0].n * K, dtype=torch.uint8)]

@@ -69,3 +69,49 @@ def test_prefill_attention():
     opcheck(torch.ops.zen.prefill_attention.default, (q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask,
                                                       0.125, False), test_utils=CHECKS)
 
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("swiglu,residual", [(False, False), (False, True), (True, True)])
+def test_quant_linear_by_rows(m, swiglu, residual):
+    """One row runs the entry's call, more the plan's. The entry is handed another weight than the
+    plan here, so each output says which of the two ran."""
+    from zen_inductor.kernels import Plan
+
+    kernel = _woq_kernel()
+    native.load(kernel.native)
+    w, other = _weight(96, 4, False, seed=4), _weight(96, 4, False, seed=5)
+    spec = _spec(w, torch.float32, epilogue="swiglu" if swiglu else "")
+    packed = list(kernel.prepack(w, torch.float32))
+    call = kernel.run.call(kernel.prepack(other, torch.float32), spec)
+    out_n = 48 if swiglu else 96
+    x = torch.randn(m, w.k)
+    kwargs = {"residual": torch.randn(m, out_n)} if residual else {}
+    plan = Plan(spec, (), (kernel.name,)).encode()
+    entry = (list(call.weight), None, kernel.native, 96, list(call.dims), list(call.extra), swiglu)
+    args = (x, packed, [len(packed)], None, plan, *entry)
+    y = torch.ops.zen.quant_linear.by_rows(*args, **kwargs)
+    by_entry = torch.ops.zen.quant_linear.native(x, *entry, **kwargs)
+    by_plan = torch.ops.zen.quant_linear(x, packed, [len(packed)], None, plan, **kwargs)
+    assert not torch.equal(by_entry, by_plan)
+    assert torch.equal(y, by_entry if m == 1 else by_plan)
+    opcheck(torch.ops.zen.quant_linear.by_rows, args, kwargs, test_utils=CHECKS)
+
+
+@pytest.mark.skipif(native.unavailable("decode_attention") is not None, reason="decode_attention cannot build here")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_prefill_attention_by_rows(rows):
+    """One query position by decode attention, more by prefill_attention, under the same mask."""
+    native.load("decode_attention")
+    q = torch.randn(1, 9, rows, 64)
+    k, v = torch.randn(1, 3, 40, 64), torch.randn(1, 3, 40, 64)
+    mask = torch.full((1, 1, rows, 40), float("-inf"))
+    mask[..., :30] = 0
+    args = (q, k, v, mask, 0.125, False)
+    y = torch.ops.zen.prefill_attention.by_rows(*args)
+    expected = (torch.ops.zen.decode_attention(q, k, v, mask, 0.125) if rows == 1
+                else torch.ops.zen.prefill_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask, 0.125,
+                                                     False))
+    assert torch.equal(y, expected)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
+    assert torch.allclose(y, reference, atol=1e-5)
+    opcheck(torch.ops.zen.prefill_attention.by_rows, args, test_utils=CHECKS)

@@ -8,17 +8,20 @@ module tree (~1 ms a SmolLM2 step), and Inductor's Python wrapper makes each ker
 (~1.4 ms). Both are fixed costs of a step whose kernels take ~4.5 ms
 (``benchmarks/results/decode-step-smollm2.md``). Here the model is exported with a static KV
 cache (transformers' ``TorchExportableModuleWithStaticCache``) and compiled by AOTInductor with the
-same joint pass ``backend="zen"`` installs, twice:
+same joint pass ``backend="zen"`` installs, once, for every length:
 
-    prefill: input_ids [1, S], S in 2..max_cache_len   decode: input_ids [1, 1]
+    input_ids [1, S], S in 1..max_cache_len: a prompt, then one token a decode step
 
-Each is a C++ program; the two share one KV cache, tensors this object owns and hands both as
-user-managed constants, so a prompt's prefill fills what the decode steps read. A step is one
-call into C++: the generated wrapper calls the kernels, ours included.
+One C++ program; its KV cache is tensors this object owns and hands it as user-managed constants.
+A step is one call into C++: the generated wrapper calls the kernels, ours included. Where a
+length of one needs other kernels than a prompt (a linear's GEMV, decode attention), zen's ops
+take one row in C++ and more by their plan (``zen::quant_linear.by_rows``,
+``zen::prefill_attention.by_rows``). One program, not a prefill and a decode compiled apart: the
+compile is Inductor's work once (SmolLM2: ~45 s where two programs took ~72).
 
 The folder written is a package: ``load_ahead_of_time(folder)`` runs it in another process with
 no model code, and this call returns it loaded the same way (``aot_package.py``: one copy of the
-weights both programs hold alike).
+weights).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import torch
 from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
 
 from . import config, dumps, native
-from .aot_package import AheadOfTimeGenerator, CompileFigures, load_ahead_of_time, write_manifest
+from .aot_package import PROGRAM, AheadOfTimeGenerator, CompileFigures, load_ahead_of_time, write_manifest
 from .backend import inductor_config_patches
 from .gguf_model import dequantize_as_one_op
 from .record import CompileRecord
@@ -42,10 +45,11 @@ _CACHE_PREFIXES = ("key_cache_", "value_cache_", "cumulative_length_")
 def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_dir: str | None = None,
                           options: dict | None = None) -> AheadOfTimeGenerator:
     """Export ``model`` (a transformers causal LM, batch 1) with a static cache of
-    ``max_cache_len`` positions and compile its prefill and decode with AOTInductor and zen's
-    passes. ``options``: zen's flags for this compile, as ``torch.compile(options=...)``; zentorch
-    is left out unless they say ``use_zentorch=True`` (a package that calls it makes every process
-    loading it import zentorch, and Inductor with it: ~125 MB resident, for a few percent of TTFT).
+    ``max_cache_len`` positions and compile it with AOTInductor and zen's passes, for a prompt and
+    for each decode step. ``options``: zen's flags for this compile, as
+    ``torch.compile(options=...)``; zentorch is left out unless they say ``use_zentorch=True`` (a
+    package that calls it makes every process loading it import zentorch, and Inductor with it:
+    ~125 MB resident, for a few percent of TTFT).
     ``package_dir``: where the package is written (a temporary folder if None), for
     ``load_ahead_of_time`` in any process on a CPU like this one."""
     from torch.export import Dim
@@ -57,34 +61,27 @@ def compile_ahead_of_time(model: torch.nn.Module, max_cache_len: int, package_di
     with _static_cache_config(model), dequantize_as_one_op(model), torch.no_grad():
         exportable = _LastLogits(model, batch_size=1, max_cache_len=max_cache_len)
         start = time.perf_counter()
-        seq = Dim("seq", min=2, max=max_cache_len)
+        seq = Dim("seq", min=1, max=max_cache_len)
         # non-strict: 7 s for SmolLM2 where Dynamo's strict export took 18 (_LastLogits.forward
         # says how the cache's writes stay writes to its buffers)
-        prefill = torch.export.export(exportable, (), {"input_ids": torch.zeros(1, 4, dtype=torch.long),
+        program = torch.export.export(exportable, (), {"input_ids": torch.zeros(1, 4, dtype=torch.long),
                                                       "cache_position": torch.arange(4)},
                                       dynamic_shapes={"input_ids": {1: seq}, "cache_position": {0: seq}}, strict=False)
-        # decode: the prefill's graph traced again at one token
-        decode = torch.export.export(prefill.module(check_guards=False), (),
-                                     {"input_ids": torch.zeros(1, 1, dtype=torch.long),
-                                      "cache_position": torch.zeros(1, dtype=torch.long)}, strict=False)
-        programs = {"decode": decode, "prefill": prefill}
         figures.export_s = time.perf_counter() - start
         cache = {name: buffer for name, buffer in exportable.named_buffers() if name.startswith(_CACHE_PREFIXES)}
         start = time.perf_counter()
-        for name, program in programs.items():
-            with config.patch({"use_zentorch": False, **(options or {})}):
-                record = CompileRecord(graph_name=f"aot_{name}")
-                # AOTInductor writes the CPU it compiled for into its metadata dict; a fresh one
-                # for each compile keeps the global config as it was
-                patches = {**inductor_config_patches(record), "aot_inductor.metadata": {},
-                           # weights beside the code, not in the .so: loading copied a .so's constants
-                           # out of its mapping (both resident), and the two programs can share what
-                           # they hold alike (aot_package.py)
-                           "aot_inductor.package_constants_in_so": False,
-                           "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
-                torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(package_dir, f"{name}.pt2"),
-                                                         inductor_configs=patches)
-                dumps.finish(record)  # debug_dir, zen_inductor.reports() and the log line, as torch.compile's
+        with config.patch({"use_zentorch": False, **(options or {})}):
+            record = CompileRecord(graph_name="aot_model")
+            # AOTInductor writes the CPU it compiled for into its metadata dict; a fresh one
+            # keeps the global config as it was
+            patches = {**inductor_config_patches(record), "aot_inductor.metadata": {},
+                       # weights beside the code, not in the .so: loading copied a .so's constants
+                       # out of its mapping (both resident)
+                       "aot_inductor.package_constants_in_so": False,
+                       "aot_inductor.package_constants_on_disk_format": "pickle_weights"}
+            torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(package_dir, PROGRAM),
+                                                     inductor_configs=patches)
+            dumps.finish(record)  # debug_dir, zen_inductor.reports() and the log line, as torch.compile's
         figures.compile_s = time.perf_counter() - start
         write_manifest(package_dir, cache, max_cache_len)
     return load_ahead_of_time(package_dir, figures)

@@ -5,20 +5,21 @@
 
 ``compile_ahead_of_time`` (``ahead_of_time.py``) writes a folder:
 
-    prefill.pt2, decode.pt2   AOTInductor packages: the code, and the weights beside it (not in the
-                              .so, whose constants loading copied out of its mapping: both resident)
-    generator.json            the KV cache both programs share (its tensors' names, shapes and
-                              dtypes), the cache length, and what the programs' calls need: the
-                              CPU extensions Inductor built for, our C++ entries, zentorch or not
+    model.pt2                 an AOTInductor package: the program, for a prompt and for every
+                              decode step, and its weights beside it (not in the .so, whose
+                              constants loading copied out of its mapping: both resident)
+    generator.json            the KV cache (its tensors' names, shapes and dtypes), the cache
+                              length, and what the program's calls need: the CPU extensions
+                              Inductor built for, our C++ entries, zentorch or not
     native/                   those entries' libraries and our ops' library, as built
 
-The programs call zen's ops (``zen::quant_linear``, its C++ form ``quant_linear.native``,
-``zen::decode_attention``, ``zen::prefill_attention``) through the dispatcher, by name: loading
-imports their definitions and loads and binds the libraries the package carries. Each weight is
-held once: a packing both programs hold with the same bytes is one tensor, handed to both as a
-user-managed constant, and the decode packings go back on huge pages. Loading imports neither
+The program calls zen's ops (``zen::quant_linear`` and ``zen::prefill_attention``, in the
+``.by_rows`` forms that take one row in C++) through the dispatcher, by name: loading imports
+their definitions and loads and binds the libraries the package carries. Each weight is held once
+(a tied model's token table and output layer with the same bytes are one tensor), handed to the
+program as a user-managed constant, and the decode packings go back on huge pages. Loading imports neither
 transformers nor the model's code nor Inductor (~70 MB of a process's memory), and builds
-nothing: the process that serves holds the programs, the cache and zen's kernels.
+nothing: the process that serves holds the program, the cache and zen's kernels.
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ from . import cpu, native
 from .allocator import HUGE_PAGE, on_huge_pages
 
 MANIFEST = "generator.json"
-PROGRAMS = ("prefill", "decode")
-_FORMAT = 2
+PROGRAM = "model.pt2"
+_FORMAT = 3
 
 
 @dataclass
@@ -49,16 +50,16 @@ class CompileFigures:
 
 
 class AheadOfTimeGenerator:
-    """Greedy generation through the prefill and decode programs, with one KV cache."""
+    """Greedy generation through the program, with its KV cache."""
 
-    def __init__(self, prefill, decode, cache: dict[str, torch.Tensor], max_cache_len: int, figures: CompileFigures):
-        self.prefill, self.decode = prefill, decode
-        self.cache = cache  # what both programs read and write: keep alive while they are loaded
+    def __init__(self, program, cache: dict[str, torch.Tensor], max_cache_len: int, figures: CompileFigures):
+        self.program = program
+        self.cache = cache  # what the program reads and writes: keep alive while it is loaded
         self.max_cache_len = max_cache_len
         self.figures = figures
 
-    def _run(self, program, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        (logits,) = program.boxed_run([input_ids, positions])
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.program.boxed_run([input_ids, positions])
         return logits
 
     @torch.inference_mode()
@@ -70,9 +71,7 @@ class AheadOfTimeGenerator:
         length = input_ids.shape[1]
         if start + length > self.max_cache_len:
             raise ValueError(f"positions {start}..{start + length - 1} do not fit a cache of {self.max_cache_len}")
-        positions = torch.arange(start, start + length)
-        program = self.decode if length == 1 else self.prefill
-        return self._run(program, input_ids.to(torch.long).contiguous(), positions)
+        return self._run(input_ids.to(torch.long).contiguous(), torch.arange(start, start + length))
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
@@ -93,7 +92,7 @@ class AheadOfTimeGenerator:
                 break
             start = time.perf_counter()
             position.fill_(length + i - 1)
-            logits = self._run(self.decode, token, position)
+            logits = self._run(token, position)
             token = logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(token)
             if step_times is not None:
@@ -102,12 +101,12 @@ class AheadOfTimeGenerator:
 
 
 def write_manifest(package_dir: str, cache: dict[str, torch.Tensor], max_cache_len: int) -> None:
-    """What a loading process needs beside the two packages (see the module's docstring); the
-    libraries of zen's the programs call are copied in beside it."""
+    """What a loading process needs beside the package (see the module's docstring); the
+    libraries of zen's the program calls are copied in beside it."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    calls = [_zen_calls(os.path.join(package_dir, f"{name}.pt2")) for name in PROGRAMS]
-    entries = sorted(set().union(*(c["native"] for c in calls)))
+    calls = _zen_calls(os.path.join(package_dir, PROGRAM))
+    entries = sorted(calls["native"])
     isa = pick_vec_isa()
     manifest = {
         "format": _FORMAT,
@@ -118,7 +117,7 @@ def write_manifest(package_dir: str, cache: dict[str, torch.Tensor], max_cache_l
         "native_entries": entries,
         "native_libraries": _copy_libraries(package_dir, entries),
         "zen_sources": native.source_digest(),
-        "zentorch": any(c["zentorch"] for c in calls),
+        "zentorch": calls["zentorch"],
         "torch": torch.__version__,
     }
     with open(os.path.join(package_dir, MANIFEST), "w") as f:
@@ -154,19 +153,21 @@ def _zen_calls(package: str) -> dict:
             for call in json.loads(archive.read(name)).get("nodes", []):
                 node = call["node"]
                 args = {a["name"]: a["arg"] for a in node["inputs"]}
-                if node["target"] == "zen::quant_linear":
+                if node["target"] in ("zen::quant_linear", "zen::quant_linear.by_rows"):
                     plan = Plan.decode(args["plan"]["as_string"])
                     kernels = [KERNELS[k] for k in plan.kernels]
                     native_used.update(k.native for k in kernels if k.native)
                     if plan.spec.epilogue == "swiglu" and any("swiglu" not in k.epilogues for k in kernels):
                         native_used.add(SWIGLU_NATIVE)  # applied after a kernel that does not fuse it
                     zentorch |= any(k.source == "zentorch" for k in kernels)
-                elif node["target"] == "zen::quant_linear.native":
+                if node["target"] in ("zen::quant_linear.native", "zen::quant_linear.by_rows"):
                     native_used.add(args["entry"]["as_string"])
                 elif node["target"] == "zen::decode_attention":
                     native_used.add("decode_attention")  # its AVX-512 twin is used where it loads
-                elif node["target"] == "zen::prefill_attention":
+                elif node["target"] in ("zen::prefill_attention", "zen::prefill_attention.by_rows"):
                     zentorch |= args["zentorch"]["as_bool"]
+                    if node["target"].endswith("by_rows"):
+                        native_used.add("decode_attention")
     return {"native": native_used, "zentorch": zentorch}
 
 
@@ -179,30 +180,29 @@ def load_ahead_of_time(package_dir: str, figures: CompileFigures | None = None) 
     _bind_zen_ops(manifest, package_dir)
     cache = {name: torch.zeros(meta["shape"], dtype=getattr(torch, meta["dtype"]))
              for name, meta in manifest["cache"].items()}
-    programs, shared = {}, {}
-    for name in PROGRAMS:
-        path = os.path.join(package_dir, f"{name}.pt2")
-        # the package loader itself: torch._inductor's wrapper of it imports Inductor
-        programs[name] = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
-        constants = {**_weights(path, shared, skip=cache.keys()), **cache}
-        missing = sorted(set(programs[name].get_constant_fqns()) - constants.keys())
-        if missing:
-            raise RuntimeError(f"{path} has no weights for {missing[:3]}: compile it again")
-        programs[name].load_constants(constants, False, True, True)  # not the inactive buffer; every one; user-managed
+    path = os.path.join(package_dir, PROGRAM)
+    # the package loader itself: torch._inductor's wrapper of it imports Inductor
+    program = torch._C._aoti.AOTIModelPackageLoader(path, "model", False, 1, -1)
+    constants = {**_weights(path, {}, skip=cache.keys()), **cache}
+    missing = sorted(set(program.get_constant_fqns()) - constants.keys())
+    if missing:
+        raise RuntimeError(f"{path} has no weights for {missing[:3]}: compile it again")
+    program.load_constants(constants, False, True, True)  # not the inactive buffer; every one; user-managed
     figures = figures or CompileFigures()
     figures.load_s = time.perf_counter() - start
-    return AheadOfTimeGenerator(programs["prefill"], programs["decode"], cache, manifest["max_cache_len"], figures)
+    return AheadOfTimeGenerator(program, cache, manifest["max_cache_len"], figures)
 
 
 def _read_manifest(package_dir: str) -> dict:
     path = os.path.join(package_dir, MANIFEST)
-    missing = [p for p in [path] + [os.path.join(package_dir, f"{n}.pt2") for n in PROGRAMS] if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"{package_dir} is not a package compile_ahead_of_time wrote: no {', '.join(map(os.path.basename, missing))}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{package_dir} is not a package compile_ahead_of_time wrote: no {MANIFEST}")
     with open(path) as f:
         manifest = json.load(f)
     if manifest.get("format") != _FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, this zen_inductor reads {_FORMAT}: compile again")
+    if not os.path.exists(os.path.join(package_dir, PROGRAM)):
+        raise FileNotFoundError(f"{package_dir} is not a package compile_ahead_of_time wrote: no {PROGRAM}")
     return manifest
 
 
@@ -219,7 +219,7 @@ def _check_this_machine_runs(manifest: dict, package_dir: str) -> None:
     lacking = {name: native.missing_isa(name) for name in manifest["native_entries"]}
     lacking = {name: reason for name, reason in lacking.items() if reason}
     if lacking:
-        raise RuntimeError(f"{package_dir}'s programs call zen kernels this CPU cannot run "
+        raise RuntimeError(f"{package_dir}'s program calls zen kernels this CPU cannot run "
                            f"({'; '.join(f'{n}: {r}' for n, r in lacking.items())}): compile it again on this machine")
 
 
@@ -235,7 +235,7 @@ _CPUINFO_NAME = {"-mavx512vnni": "avx512_vnni", "-mavx512bf16": "avx512_bf16", "
 
 
 def _bind_zen_ops(manifest: dict, package_dir: str) -> None:
-    """Define zen's ops, load and bind the C++ entries the programs call from the package, and
+    """Define zen's ops, load and bind the C++ entries the program calls from the package, and
     import zentorch where their ops call it."""
     from . import attention  # noqa: F401  (defines zen::decode_attention and the attention ops)
     from .kernels import op  # noqa: F401  (defines zen::quant_linear)
@@ -257,8 +257,8 @@ def _bind_zen_ops(manifest: dict, package_dir: str) -> None:
 
 
 def _weights(package: str, shared: dict, skip) -> dict[str, torch.Tensor]:
-    """A program's weights by name, read from its package; a weight another program holds with
-    the same bytes is that program's tensor (both pack the layers they both run alike: held once)."""
+    """A program's weights by name, read from its package; weights with the same bytes are one
+    tensor (``shared``: what is held so far)."""
     with zipfile.ZipFile(package) as archive:
         config_name = next(n for n in archive.namelist() if n.endswith("/weights_config.json"))
         root = config_name.split("/", 1)[0]

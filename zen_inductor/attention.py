@@ -43,6 +43,8 @@ _LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float 
 
 
 _LIB.define("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, bool zentorch) -> Tensor")
+# one query position by decode_attention, more by prefill_attention, in one program (csrc/ops.cpp)
+_LIB.define("prefill_attention.by_rows(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, bool zentorch) -> Tensor")
 _LIB.define("mask_extent(Tensor mask, int rows, int block) -> Tensor")  # implemented in csrc/ops.cpp
 
 
@@ -54,6 +56,9 @@ def _fake(q, k, v, mask, scale, k_scale=None, v_scale=None):
 @torch.library.register_fake("zen::prefill_attention", lib=_LIB)
 def _prefill_fake(q, k, v, mask, scale, zentorch):
     return q.new_empty(q.shape)
+
+
+torch.library.register_fake("zen::prefill_attention.by_rows", _prefill_fake, lib=_LIB)
 
 
 QUERY_BLOCK = 128  # queries a block (the measurements above)
@@ -91,6 +96,7 @@ def _mask_extent(mask: torch.Tensor, rows: int) -> torch.Tensor:
 
 decode_attention = torch.ops.zen.decode_attention.default
 prefill_attention = torch.ops.zen.prefill_attention.default
+attention_by_rows = torch.ops.zen.prefill_attention.by_rows
 
 
 def unavailable() -> Optional[str]:

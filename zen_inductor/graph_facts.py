@@ -1,6 +1,6 @@
 """Facts of an FX graph that the passes and the weight reader both read: the ops that only view or
-convert, a node's fake value, what a call is called with, a matmul's operands, the cache under
-transformers' repeat_kv."""
+convert, a node's fake value, what a call is called with, whether a size may be one, a matmul's
+operands, the cache under transformers' repeat_kv."""
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -29,6 +29,16 @@ def is_call(node, *targets) -> bool:
 def call_arg(node, index: int, name: str, default):
     """Argument ``name`` of a call, given by position ``index`` or by keyword."""
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def may_be_one(size, ahead_of_time: bool = False) -> bool:
+    """Whether a size may be 1 when the graph runs. Dynamo specializes sizes 0 and 1, so its
+    dynamic sizes range from 2. An export may let one start at 1 (one ahead-of-time program for a
+    prompt and every decode step), but AOTInductor traces the program again with every dynamic
+    size from 2, whatever the export said: there (``ahead_of_time``) any dynamic size may be 1."""
+    if isinstance(size, int):
+        return size == 1
+    return ahead_of_time or size.node.shape_env.bound_sympy(size.node.expr).lower <= 1
 
 
 def matmul_operands(mm) -> tuple:

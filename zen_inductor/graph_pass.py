@@ -23,7 +23,10 @@ from . import config, native
 from .allocator import memory_short_of, release_freed_memory
 from .autotune import Tuner
 from .const_eval import ConstEvaluator, constant_nodes, fold_calls, param_values
-from .kernels import KERNELS, LAZY, NativeLinear, Plan, candidates, native_linear, quant_linear, swiglu_row_order
+from .graph_facts import may_be_one
+from .kernels import (KERNELS, LAZY, NativeLinear, Plan, candidates, linear_by_rows, native_linear, quant_linear,
+                      swiglu_row_order)
+from .packing_forecast import PackingForecast
 from .record import CompileRecord, NoKernel
 
 
@@ -162,7 +165,7 @@ class PatternContext:
         _drop_readings_if_short(pendings)
         # a bf16 copy must leave room for the packings still to come: copies checked against
         # memory_reserve alone took an 8B model's compile to 1 GB short of the machine's 24
-        forecast = _PackingForecast([p.spec for p in pendings])
+        forecast = PackingForecast([p.spec for p in pendings])
         for node, pending in zip(nodes, pendings):
             spec, bias = pending.spec, pending.bias
             ahead = forecast.after(spec)
@@ -193,9 +196,9 @@ class PatternContext:
                           "activations": _activations(r.winner, spec)} for r in tuning.bins],
             })
 
-    def _call_plan(self, node: fx.Node, tuning, bias_value) -> None:
+    def _call_plan(self, node: fx.Node, tuning, bias_value) -> dict:
         """``zen.quant_linear`` with the packed weights of every kernel of its plan: it picks one by
-        the rows of x at run time."""
+        the rows of x at run time. Returns the constants made: id of a packed tensor -> its node."""
         plan = tuning.plan
         read = {name: tuning.packed[name][:KERNELS[name].reads or None] for name in plan.kernels}
         packed = [t for name in plan.kernels for t in read[name]]
@@ -204,29 +207,37 @@ class PatternContext:
         nodes = [shared.get(id(t)) or shared.setdefault(id(t), self.add_constant(t, node, "quant_linear")) for t in packed]
         bias = self.add_constant(bias_value, node, "quant_linear_bias") if bias_value is not None else node.args[3]
         node.args = (node.args[0], nodes, counts, bias, plan.encode())
+        return shared
 
     def _call_native_directly(self, node: fx.Node, tuning, bias_value) -> bool:
         """Where the rows of x are fixed (Dynamo specializes a decode step's M = 1) and their bin's
         kernel is one of our C++ entries, replace ``zen.quant_linear`` by that entry's direct call:
-        no plan lookup and no Python between Inductor's wrapper and the kernel."""
+        no plan lookup and no Python between Inductor's wrapper and the kernel. Where they are not
+        fixed but may be one (an ahead-of-time program serving a prompt and every decode step),
+        ``zen.quant_linear.by_rows`` makes the same call for one row and follows the plan for more."""
         x = node.args[0]
         rows = x.meta["val"].shape[0] if "val" in x.meta else None
-        spec, name = tuning.plan.spec, tuning.plan.kernel_for(rows) if isinstance(rows, int) else ""
+        one_row = rows is not None and not isinstance(rows, int) and may_be_one(rows, self.ahead_of_time)
+        spec = tuning.plan.spec
+        name = tuning.plan.kernel_for(1 if one_row else rows) if one_row or isinstance(rows, int) else ""
         kernel = KERNELS.get(name)
         if (not config.native_direct_calls or kernel is None or not isinstance(kernel.run, NativeLinear)
                 or spec.epilogue not in ("",) + kernel.epilogues or native.unavailable(kernel.native)):
             return False
         call = kernel.run.call(tuning.packed[name], spec)
-        weight = [self.add_constant(t, node, "native_linear") for t in call.weight]
+        held = self._call_plan(node, tuning, bias_value) if one_row else {}  # the plan's call, the entry's beside it
+        weight = [held.get(id(t)) or self.add_constant(t, node, "native_linear") for t in call.weight]
         bias = node.args[3]
         if bias_value is not None:
             bias = self.add_constant(bias_value.to(torch.float32).contiguous(), node, "native_bias")
+        native_args = (weight, bias, kernel.native, spec.n, list(call.dims), list(call.extra), spec.epilogue == "swiglu")
+        if one_row:
+            node.target, node.args = linear_by_rows, (*node.args, *native_args)
+            return True
         residual = node.kwargs.get("residual")
         fuse_residual = residual is not None and not spec.epilogue and tuple(residual.meta["val"].shape) == (rows, spec.out_n)
         with self.graph.inserting_before(node):
-            direct = self.graph.call_function(
-                native_linear, (x, weight, bias, kernel.native, spec.n, list(call.dims), list(call.extra),
-                                spec.epilogue == "swiglu"), {"residual": residual} if fuse_residual else {})
+            direct = self.graph.call_function(native_linear, (x, *native_args), {"residual": residual} if fuse_residual else {})
             direct.meta.update(node.meta)
             direct.meta["val"] = x.meta["val"].new_empty((rows, spec.out_n), dtype=torch.float32 if fuse_residual else
                                                          x.meta["val"].dtype)
@@ -263,37 +274,6 @@ class PatternContext:
         self.graph.erase_node(node)
         self.record.unmatch(pending.match)
         self.record.near_miss(pending.match.pattern, mm, f"{reason}; runs as a GEMM on the dequantized weight")
-
-
-class _PackingForecast:
-    """Bytes the packings of the linears not yet packed will take: their codes at their bits with a scale and
-    an offset a group, times the layouts a linear keeps: at least two (a linear without a copy keeps its decode
-    GEMV's and a prefill kernel's), more where the packings so far took more (an 8B model's int4 gate/up
-    linears kept three: 1.66 bytes a weight). bf16 copies are not packings: they are what the forecast bounds."""
-
-    def __init__(self, specs: list):
-        self.least_ahead = sum(map(_least_packing_bytes, specs))
-        self.least_done = self.bytes_done = 0
-
-    def after(self, spec) -> int:
-        """The forecast for the linears after ``spec``, the next to be packed."""
-        self.least_ahead -= _least_packing_bytes(spec)
-        ratio = max(LAYOUTS_A_LINEAR, self.bytes_done / self.least_done if self.least_done else 0.0)
-        return int(self.least_ahead * ratio)
-
-    def packed(self, spec, tuning) -> None:
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                    for name, tensors in tuning.packed.items() if not KERNELS[name].copy_bytes_per_weight
-                    for t in tensors if isinstance(t, torch.Tensor)}
-        self.least_done += _least_packing_bytes(spec)
-        self.bytes_done += sum(storages.values())
-
-
-LAYOUTS_A_LINEAR = 2
-
-
-def _least_packing_bytes(spec) -> int:
-    return spec.n * spec.k * min(spec.bits, 16) // 8 + spec.n * (spec.k // max(spec.group_size, 1)) * 8
 
 
 def _worth_keeping() -> bool:

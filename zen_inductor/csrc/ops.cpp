@@ -3,6 +3,9 @@
 //   zen::quant_linear.native  one of our C++ linear entries, on a weight packed for it
 //   zen::decode_attention     one query position over a KV cache, fp32, bf16 or int8 (decode_attention.cpp)
 //   zen::mask_extent          how far each block of a prompt's queries may see into the keys (attention.py)
+//   zen::quant_linear.by_rows, zen::prefill_attention.by_rows
+//                             one program for any number of rows: one row by the C++ above, more
+//                             by the Python op (kernels/op.py, attention.py)
 // and the first two again as CPython functions (zen_fast_calls below), which Inductor's Python
 // wrapper calls where zen lowers the ops (wrapper_calls.py): the same code, without the
 // dispatcher's parsing and boxing of the schema's lists and string on each call.
@@ -19,6 +22,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -352,6 +357,42 @@ PyModuleDef fast_module = {PyModuleDef_HEAD_INIT, "zen_fast_calls", "zen's ops a
 
 }  // namespace
 
+// One compiled program for any number of rows (a prompt, then one token a step, ahead of time):
+// a single row runs our C++ directly, more rows go the way of the Python op (a prompt's call,
+// where ~25 us of Python is nothing beside the work)
+at::Tensor quant_linear_by_rows(const at::Tensor& x, at::TensorList packed, at::IntArrayRef counts,
+                                const std::optional<at::Tensor>& bias, c10::string_view plan, at::TensorList weight,
+                                const std::optional<at::Tensor>& native_bias, c10::string_view entry, int64_t n,
+                                at::IntArrayRef dims, at::IntArrayRef extra, bool swiglu,
+                                const std::optional<at::Tensor>& residual) {
+  if (x.dim() == 2 && x.size(0) == 1) {
+    const int64_t out_n = swiglu ? n / 2 : n;
+    if (residual.has_value() && (swiglu || residual->dim() != 2 || residual->size(0) != 1 || residual->size(1) != out_n)) {
+      return at::add(*residual, native_linear(x, weight, native_bias, entry, n, dims, extra, swiglu, std::nullopt));
+    }
+    return native_linear(x, weight, native_bias, entry, n, dims, extra, swiglu, residual);
+  }
+  static const auto by_plan =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("zen::quant_linear", "")
+          .typed<at::Tensor(const at::Tensor&, at::TensorList, at::IntArrayRef, const std::optional<at::Tensor>&,
+                            c10::string_view, const std::optional<at::Tensor>&)>();
+  return by_plan.call(x, packed, counts, bias, plan, residual);
+}
+
+// The same for attention: one query position by decode attention, a prompt by prefill_attention
+at::Tensor prefill_attention_by_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const at::Tensor& mask, double scale, bool zentorch) {
+  if (q.dim() == 4 && q.size(2) == 1) {
+    return decode_attention(q, k, v, mask, scale, std::nullopt, std::nullopt);
+  }
+  static const auto prefill =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("zen::prefill_attention", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool)>();
+  return prefill.call(q, k, v, mask, scale, zentorch);
+}
+
 // A new module object holding the functions above; called once, with the GIL held (ctypes.PyDLL)
 extern "C" PyObject* zen_fast_calls() { return PyModule_Create(&fast_module); }
 
@@ -365,4 +406,6 @@ TORCH_LIBRARY_IMPL(zen, CPU, m) {
   m.impl("quant_linear.native", &native_linear);
   m.impl("decode_attention", &decode_attention);
   m.impl("mask_extent", &mask_extent);
+  m.impl("quant_linear.by_rows", &quant_linear_by_rows);
+  m.impl("prefill_attention.by_rows", &prefill_attention_by_rows);
 }

@@ -13,7 +13,7 @@ Where things are:
     gguf_blocks.py   our C++ kernel on GGUF's Q8_0 blocks as the file stores them
     dense.py         bf16 weights: GEMMs and our C++ GEMVs
     dequantize.py    dequantize per call, then a GEMM
-  native_entry.py  how our C++ linear entries are called (NativeLinear, zen::quant_linear.native)
+  native_entry.py  how our C++ linear entries are called (NativeLinear, zen::quant_linear.native, .by_rows)
 
 A new kernel goes in its family's table (or a new family module added to registry's list).
 Pattern code never names a kernel or a vendor.
@@ -21,11 +21,11 @@ Pattern code never names a kernel or a vendor.
 from .contract import Kernel, Unsuited, run_kernel
 from .epilogues import SWIGLU_BLOCK, apply_epilogue, epilogue_reference, swiglu_row_order
 from .native_entry import NativeLinear
-from .op import LAZY, Plan, native_linear, on_lazy_choice, quant_linear
+from .op import LAZY, Plan, linear_by_rows, native_linear, on_lazy_choice, quant_linear
 from .registry import KERNELS, candidates
 from .weights import DenseWeight, LinearSpec, QuantWeight, fp32_row_blocks
 
 __all__ = [
     "DenseWeight", "KERNELS", "Kernel", "LAZY", "LinearSpec", "NativeLinear", "Plan", "QuantWeight", "SWIGLU_BLOCK", "Unsuited", "apply_epilogue",
-    "candidates", "epilogue_reference", "fp32_row_blocks", "native_linear", "on_lazy_choice", "quant_linear", "run_kernel", "swiglu_row_order",
+    "candidates", "epilogue_reference", "fp32_row_blocks", "linear_by_rows", "native_linear", "on_lazy_choice", "quant_linear", "run_kernel", "swiglu_row_order",
 ]

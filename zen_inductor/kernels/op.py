@@ -91,6 +91,12 @@ _LIB.define("quant_linear(Tensor x, Tensor[] packed, int[] counts, Tensor? bias,
 # calls it directly where a linear's rows are known when compiling and its kernel is one of ours
 _LIB.define("quant_linear.native(Tensor x, Tensor[] weight, Tensor? bias, str entry, int n, int[] dims, int[] extra, "
             "bool swiglu, *, Tensor? residual=None) -> Tensor")
+# Both at once, for a graph whose rows are not known when compiling but may be one (an ahead-of-time
+# program serving a prompt and every decode step): one row runs ``entry`` as .native does, more
+# follow the plan (csrc/ops.cpp, no Python for the one row)
+_LIB.define("quant_linear.by_rows(Tensor x, Tensor[] packed, int[] counts, Tensor? bias, str plan, Tensor[] weight, "
+            "Tensor? native_bias, str entry, int n, int[] dims, int[] extra, bool swiglu, *, Tensor? residual=None) "
+            "-> Tensor")
 
 
 
@@ -171,6 +177,10 @@ def _quant_linear_fake(x, packed, counts, bias, plan, *, residual=None):
     return (x if residual is None else residual).new_empty((x.shape[0], Plan.decode(plan).spec.out_n))
 
 
+def _by_rows_fake(x, packed, counts, bias, plan, weight, native_bias, entry, n, dims, extra, swiglu, *, residual=None):
+    return _quant_linear_fake(x, packed, counts, bias, plan, residual=residual)
+
+
 def _native_fake(x, weight, bias, entry, n, dims, extra, swiglu, *, residual=None):
     out_n = n // 2 if swiglu else n
     return x.new_empty((x.shape[0], out_n), dtype=torch.float32 if residual is not None else x.dtype)
@@ -179,5 +189,7 @@ def _native_fake(x, weight, bias, entry, n, dims, extra, swiglu, *, residual=Non
 _LIB.impl("quant_linear", _quant_linear_cpu, "CPU")
 torch.library.register_fake("zen::quant_linear", _quant_linear_fake, lib=_LIB)
 torch.library.register_fake("zen::quant_linear.native", _native_fake, lib=_LIB)
+torch.library.register_fake("zen::quant_linear.by_rows", _by_rows_fake, lib=_LIB)
 quant_linear = torch.ops.zen.quant_linear.default
 native_linear = torch.ops.zen.quant_linear.native
+linear_by_rows = torch.ops.zen.quant_linear.by_rows
