@@ -17,7 +17,7 @@ A step is one call into C++: the generated wrapper calls the kernels, ours inclu
 length of one needs other kernels than a prompt (a linear's GEMV, decode attention), zen's ops
 take one row in C++ and more by their plan (``zen::quant_linear.by_rows``,
 ``zen::prefill_attention.by_rows``). One program, not a prefill and a decode compiled apart: the
-compile is Inductor's work once (SmolLM2: ~45 s where two programs took ~72).
+compile is Inductor's work once (SmolLM2: ~41 s where two programs took ~71).
 
 The folder written is a package: ``load_ahead_of_time(folder)`` runs it in another process with
 no model code, and this call returns it loaded the same way (``aot_package.py``: one copy of the
