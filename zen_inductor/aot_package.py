@@ -17,9 +17,9 @@ The program calls zen's ops (``zen::quant_linear`` and ``zen::prefill_attention`
 ``.by_rows`` forms that take one row in C++) through the dispatcher, by name: loading imports
 their definitions and loads and binds the libraries the package carries. Each weight is held once
 (a tied model's token table and output layer with the same bytes are one tensor), handed to the
-program as a user-managed constant, and the decode packings go back on huge pages. Loading imports neither
-transformers nor the model's code nor Inductor (~70 MB of a process's memory), and builds
-nothing: the process that serves holds the program, the cache and zen's kernels.
+program as a user-managed constant, and the decode packings go back on huge pages. Loading
+imports neither transformers nor the model's code nor Inductor (~70 MB of a process's memory),
+and builds nothing: the process that serves holds the program, the cache and zen's kernels.
 """
 from __future__ import annotations
 
