@@ -12,9 +12,10 @@ GEMM); the autotuner picks per M bin. No weight is copied.
 Constraints: bf16 activations and weight; weight frozen.
 
 Linears a serving engine runs in its own ops (vLLM: zentorch's linear on weights zentorch
-prepacked on AMD CPUs with AVX-512, oneDNN or packed int4/int8 kernels elsewhere) hold their weights
-in that library's layout: they are left to it, and each is recorded as a near miss saying whose op it
-is. On SmolLM2's shapes zentorch's prepacked bf16 linear beat our kernels at every M (Zen 4, one
+prepacked on AMD CPUs with AVX-512, oneDNN or packed bf16/int4/int8 kernels elsewhere, on Intel
+CPUs through ``auto_functionalized`` since they write into an output they are given) hold their
+weights in that library's layout: they are left to it, and each is recorded as a near miss saying
+whose op it is. On SmolLM2's shapes zentorch's prepacked bf16 linear beat our kernels at every M (Zen 4, one
 thread: 35 against 55 us at M=1 for 960x576).
 """
 from __future__ import annotations
@@ -66,18 +67,31 @@ _OURS_OR_ATEN = {"aten", "prims", "zen", "quantized_decomposed", "torchao"}
 
 def _note_engine_linears(ctx) -> None:
     for node in ctx.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        op = _op_run(node)
+        if op is None:
             continue
-        namespace, _, name = node.target._schema.name.partition("::")
+        namespace, _, name = op._schema.name.partition("::")
         if namespace in _OURS_OR_ATEN or not _ENGINE_LINEAR.search(name):
             continue
-        packed = " on a weight it prepacked" if _argument(node, "is_weight_prepacked") else ""
+        packed = " on a weight it prepacked" if _argument(node, op, "is_weight_prepacked") else ""
         ctx.record.near_miss(PATTERN, node, f"left to {namespace}.{name}{packed}: a linear in another library's "
                                             "op, its weight in that library's layout")
 
 
-def _argument(node, name: str):
-    for i, arg in enumerate(node.target._schema.arguments):
+_FUNCTIONALIZED = (torch.ops.higher_order.auto_functionalized, torch.ops.higher_order.auto_functionalized_v2)
+
+
+def _op_run(node):
+    """The op a call runs: its target, or the op an ``auto_functionalized`` call wraps (vLLM's
+    oneDNN and packed GEMMs on Intel CPUs write into an output they are given), else None."""
+    if node.op != "call_function":
+        return None
+    target = node.args[0] if node.target in _FUNCTIONALIZED and node.args else node.target
+    return target if isinstance(target, torch._ops.OpOverload) else None
+
+
+def _argument(node, op, name: str):
+    for i, arg in enumerate(op._schema.arguments):
         if arg.name == name:
             if name in node.kwargs:
                 return node.kwargs[name]
