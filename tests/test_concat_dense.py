@@ -105,3 +105,31 @@ def test_a_linear_in_another_librarys_op_is_left_to_it_and_said():
     (miss,) = [n for n in report["near_misses"] if n["pattern"] == "dense_matmul"]
     assert "left to serving_engine.packed_linear on a weight it prepacked" in miss["reason"]
     assert sqnr(y, ref) >= 40
+
+
+@torch.library.custom_op("serving_engine::gemm_into", mutates_args=("out",))
+def _engine_gemm_into(x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(x @ packed)
+
+
+def test_a_linear_op_that_writes_into_its_output_is_said_too():
+    """vLLM's oneDNN GEMM on Intel CPUs writes into an output it is given: the graph calls it
+    through auto_functionalized, which zen looks through to say whose op it is."""
+
+    class Engine(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.packed = torch.nn.Parameter(torch.randn(128, 64, dtype=torch.bfloat16), requires_grad=False)
+
+        def forward(self, x):
+            out = torch.empty(x.shape[0], 64, dtype=x.dtype)
+            torch.ops.serving_engine.gemm_into(x, self.packed, out)
+            return out * 2
+
+    m = Engine().eval()
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(m)(x)
+    (miss,) = [n for n in zen_inductor.last_report()["near_misses"] if n["pattern"] == "dense_matmul"]
+    assert miss["reason"].startswith("left to serving_engine.gemm_into: a linear in another library's op")
+    assert torch.equal(y, m(x))
