@@ -91,11 +91,12 @@ def _op_run(node):
 
 
 def _argument(node, op, name: str):
+    positional = node.args if node.target is op else ()  # an auto_functionalized call passes all by name
     for i, arg in enumerate(op._schema.arguments):
         if arg.name == name:
             if name in node.kwargs:
                 return node.kwargs[name]
-            return node.args[i] if i < len(node.args) else arg.default_value  # tracing drops defaults
+            return positional[i] if i < len(positional) else arg.default_value  # tracing drops defaults
     return None
 
 

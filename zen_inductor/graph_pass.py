@@ -217,9 +217,10 @@ class PatternContext:
         ``zen.quant_linear.by_rows`` makes the same call for one row and follows the plan for more."""
         x = node.args[0]
         rows = x.meta["val"].shape[0] if "val" in x.meta else None
-        one_row = rows is not None and not isinstance(rows, int) and may_be_one(rows, self.ahead_of_time)
+        fixed = isinstance(rows, int)
+        one_row = rows is not None and not fixed and may_be_one(rows, self.ahead_of_time)
         spec = tuning.plan.spec
-        name = tuning.plan.kernel_for(1 if one_row else rows) if one_row or isinstance(rows, int) else ""
+        name = tuning.plan.kernel_for(1 if one_row else rows) if fixed or one_row else ""
         kernel = KERNELS.get(name)
         if (not config.native_direct_calls or kernel is None or not isinstance(kernel.run, NativeLinear)
                 or spec.epilogue not in ("",) + kernel.epilogues or native.unavailable(kernel.native)):
