@@ -106,3 +106,34 @@ def test_zentorch_dynamic_int8_gemm_is_offered_up_to_k_2048_where_it_is_right():
         x = torch.randn(4, k).to(torch.bfloat16)
         db = sqnr_db(run_kernel(kernel, x, kernel.prepack(w, torch.bfloat16), None, spec), x.float() @ w.dequantize().t())
         assert (db >= 30) == right, db  # when this fails for K=4096, zentorch was fixed: lift the limit
+
+
+def test_zentorch_dynamic_int8_gemm_serves_decode_from_where_it_packed():
+    """zentorch's dynamic int8 GEMM knows its prepacked weight by where it lies: a copy of the bytes
+    computes garbage (-41 dB). The decode bins' packings go to huge pages, copies, and a plan with
+    this kernel at M <= 4 gave -11 dB (an int8 model on an AMX Xeon, where it wins there); its
+    packing stays put now, and its timing copies are packings of their own."""
+    from conftest import quantize
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(2048, 4096, bias=False).to(torch.bfloat16).eval()  # 8 MB: big enough for huge pages
+    quantize(linear, Int8DynamicActivationInt8WeightConfig())
+    with config.patch(kernel_allow=("zentorch_dynamic_qlinear",)), torch.no_grad():
+        compiled = compile_zen(linear)
+        compiled(any_rows(torch.randn(4, 2048, dtype=torch.bfloat16)))
+        (entry,) = zen_inductor.last_report()["autotune"]
+        assert {b["winner"] for b in entry["bins"]} == {"zentorch_dynamic_qlinear"}
+        for m in (1, 3, 20):
+            x = torch.randn(m, 2048, dtype=torch.bfloat16)
+            assert sqnr(compiled(x), linear(x).float()) >= 30, m
+    from zen_inductor.timing import weight_copies
+
+    kernel = KERNELS["zentorch_dynamic_qlinear"]
+    weight = QuantWeight(linear.weight.qdata, linear.weight.scale, torch.zeros_like(linear.weight.scale), None, 2048, 8)
+    spec = LinearSpec(4096, 2048, 2048, 8, True, torch.bfloat16, dynamic_activation=True)
+    x = torch.randn(2, 2048, dtype=torch.bfloat16)
+    copies = weight_copies(kernel.prepack(weight, torch.bfloat16), 1, lambda: kernel.prepack(weight, torch.bfloat16))
+    assert len(copies) > 1
+    for packed in copies:
+        assert sqnr(run_kernel(kernel, x, packed, None, spec), linear(x).float()) >= 30

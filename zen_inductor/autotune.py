@@ -8,6 +8,7 @@ bins it cannot time take the static rule (``shape_bins.static_order``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -246,7 +247,8 @@ class _LinearTuning:
                     self._drop(name, keep=min(result.times_us, key=result.times_us.get))
                 continue
             if (name, rows) not in self.copies:  # made at the smallest M, which needs the most
-                self.copies[name, rows] = timing.weight_copies(tpacked[name], m)
+                repack = functools.partial(KERNELS[name].prepack, tpacked.weight, tspec.act_dtype) if KERNELS[name].pinned else None
+                self.copies[name, rows] = timing.weight_copies(tpacked[name], m, repack)
 
             def sample(name, first_us=first_us):
                 # a prefix: the copies of M=1 at M=476 made each sample 8 calls of ~60 ms
@@ -297,7 +299,7 @@ def _kept(packed: "_Packings", plan: Plan) -> dict:
     reads the weight as it is) stays where it is: a copy would hold the weight twice."""
     source = packed.weight
     own = {t.untyped_storage().data_ptr() for t in vars(source).values() if isinstance(t, torch.Tensor)}
-    memory_bound = {name for m in range(1, HUGE_PAGE_MAX_M + 1) for name in plan.kernels_for(m)}
+    memory_bound = {name for m in range(1, HUGE_PAGE_MAX_M + 1) for name in plan.kernels_for(m) if not KERNELS[name].pinned}
     moved = {id(packed[name]) for name in memory_bound}
     placed = {}
 

@@ -21,14 +21,16 @@ def copies_needed(packed: list, m: int) -> int:
     return max(1, min(_MAX_COPIES, _COLD_BYTES // max(nbytes, 1)))
 
 
-def weight_copies(packed: list, m: int) -> list:
+def weight_copies(packed: list, m: int, repack=None) -> list:
     """Enough copies of a packed weight that cycling through them keeps it out of cache.
 
     Calls run back to back, as in a model: flushing the cache between calls instead lets the
     OpenMP threads fall asleep, and their wake-up (about 100 us here) swamps a decode GEMM.
-    Copies are clones, not new packings: packing again cost 6 s of a 1B-shape compile.
+    Copies are clones, not new packings (packing again cost 6 s of a 1B-shape compile), except
+    for a kernel whose packing is pinned (``repack``: a new packing each).
     """
-    return [packed] + [[t.clone() for t in packed] for _ in range(copies_needed(packed, m) - 1)]
+    copy = repack or (lambda: [t.clone() for t in packed])
+    return [packed] + [copy() for _ in range(copies_needed(packed, m) - 1)]
 
 
 def first_call_us(kernel: Kernel, x, packed, bias, spec) -> float:

@@ -108,7 +108,7 @@ KERNELS = (
            dominated_by=(("zen_w4_avx2", "zentorch_linear_dequantized"), ("zen_w4_avx512", "zentorch_linear_dequantized")),
            rank=(5, 25)),
     Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack,
-           _zentorch_dqlinear_run, rank=(1, 21), fast_with="int8_gemm", activations="int8 per row"),
+           _zentorch_dqlinear_run, rank=(1, 21), fast_with="int8_gemm", activations="int8 per row", pinned=True),
     # a bf16 copy of the quantized weight for a bf16 GEMM: dequantized once, at compile time
     Kernel("zentorch_linear_dequantized", "torch", _zentorch_dequantized_supports, _zentorch_linear_prepack,
            _zentorch_linear_run, layout="zentorch_dense", rank=(20, 0), copy_bytes_per_weight=2),
