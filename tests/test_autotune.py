@@ -687,6 +687,51 @@ def test_a_layout_another_graph_holds_wins_within_the_tolerance():
     bins = shape_bins()[:1]
     for ratio, winner in ((1.05, "zen_w4_avx512"), (1.3, "zen_w4_avx2")):
         results = [autotune.BinResult(bins[0].label, "zen_w4_avx2", {"zen_w4_avx2": 100.0, "zen_w4_avx512": 100.0 * ratio})]
-        autotune._one_layout(bins, results, {"int4_blocks16": ["held"]})
+        autotune._one_layout(bins, results, {"int4_blocks16": "the layout another graph holds"})
         assert results[0].winner == winner, ratio
         assert ("another graph holds" in results[0].note) == (ratio < 1.1)
+
+
+def test_a_layout_that_is_the_models_own_weight_takes_each_bin_within_the_tolerance():
+    """A layout that costs no memory (the model's own int8 rows) takes a bin where its fastest
+    kernel is within ``config.layout_tolerance`` of the winner, bin by bin: the others keep
+    theirs, and the rest still share one layout where they can."""
+    bins = shape_bins((1, 4, 16))  # 1, 2-4, 5-16, 17+
+    own = {"int8_rows": "the model's own weight"}
+    results = [_result("1", "zen_w8_avx512", zen_w8_avx512=100.0, zen_a8w8_rows_avx2=108.0),
+               _result("2-4", "zentorch_dynamic_qlinear", zentorch_dynamic_qlinear=100.0, zen_a8w8_rows_avx2=130.0),
+               _result("5-16", "zentorch_dynamic_qlinear", zentorch_dynamic_qlinear=100.0, aten_int_mm_da8=109.0),
+               _result("17+", "zentorch_dynamic_qlinear", zentorch_dynamic_qlinear=100.0, aten_int_mm_da8=140.0)]
+    with config.patch(layout_tolerance=1.1):
+        autotune._one_layout(bins, results, own)
+    assert [r.winner for r in results] == ["zen_a8w8_rows_avx2", "zentorch_dynamic_qlinear", "aten_int_mm_da8",
+                                           "zentorch_dynamic_qlinear"]
+    assert results[0].note == "the model's own weight: zen_a8w8_rows_avx2 at 1.08x zen_w8_avx512's time"
+    # not held, the model's rows are a layout like any other: nothing switches to them
+    results = [_result("1", "zen_w8_avx512", zen_w8_avx512=100.0, zen_a8w8_rows_avx2=108.0),
+               _result("2-4", "zentorch_dynamic_qlinear", zentorch_dynamic_qlinear=100.0, zen_a8w8_rows_avx2=130.0)]
+    autotune._one_layout(bins[:2], results)
+    assert [r.winner for r in results] == ["zen_w8_avx512", "zentorch_dynamic_qlinear"]
+
+
+@pytest.mark.skipif(native.unavailable("a8w8_rows_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+def test_an_int8_dynamic_linear_decodes_on_the_models_own_rows_where_they_are_close_enough():
+    """In a compile, the layout of kernels that read the reading as it is costs nothing where the
+    reading is the model's tensor: with any tolerance, zen_a8w8_rows_avx2 serves every bin it is
+    offered in and the plan's packing is the module's own int8 tensor, not a copy."""
+    from conftest import quantize
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 256, bias=False).to(torch.bfloat16).eval()
+    quantize(linear, Int8DynamicActivationInt8WeightConfig())
+    allow = ("zen_a8w8_rows_avx2", "zen_w8_avx2", "zen_w8_avx512")
+    with config.patch(kernel_allow=allow, layout_tolerance=1000.0), torch.no_grad():
+        compiled = compile_zen(linear)
+        x = torch.randn(3, 512, dtype=torch.bfloat16)
+        assert sqnr(compiled(any_rows(x)), linear(x).float()) >= 30
+    (entry,) = zen_inductor.last_report()["autotune"]
+    offered = [b for b in entry["bins"] if KERNELS["zen_a8w8_rows_avx2"].serves(int(b["bin"].split("-")[0].rstrip("+"))) is None]
+    assert offered and all(b["winner"] == "zen_a8w8_rows_avx2" for b in offered), entry["bins"]
+    tunings = [t for key, t in linear.weight.qdata.__dict__["_zen_memo"].items() if key[0][0] == "tune"]
+    assert tunings and all(t.packed["zen_a8w8_rows_avx2"][0].data_ptr() == linear.weight.qdata.data_ptr() for t in tunings)

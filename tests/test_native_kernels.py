@@ -480,3 +480,44 @@ def test_cpu_capability_default_hides_every_vector_extension():
     with config.patch(cpu_capability="default"):
         assert not any(f.startswith(("avx", "fma", "amx")) for f in cpu.flags())
         assert native.missing_isa("woq_avx2") == "CPU lacks avx2, fma" == native.unavailable("woq_avx2")
+
+
+@pytest.mark.skipif(native.unavailable("a8w8_rows_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+def test_int8_rows_gemv_computes_what_int_mm_computes(act_dtype):
+    """zen_a8w8_rows_avx2 quantizes x as torchao's dynamic activations do and reads the model's
+    own int8 rows: its output is aten_int_mm_da8's, bit for bit (fp32 sums of exact integer dot
+    products, scaled in the same order), with bias, a residual and gate/up fused into SwiGLU."""
+    from zen_inductor.kernels import Plan, quant_linear
+
+    rows, int_mm = KERNELS["zen_a8w8_rows_avx2"], KERNELS["aten_int_mm_da8"]
+    n, k = 72, 1024  # 9 output tiles of 8
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)  # -128 too: |w| is 128 unsigned
+    codes[0, :64] = -128
+    scale = torch.rand(n, 1, generator=g) * 0.002 + 1e-4
+    w = QuantWeight(codes=codes, scale=scale, offset=torch.zeros_like(scale), zero_point=None, group_size=k, bits=8)
+    spec = LinearSpec(n, k, k, 8, True, act_dtype, dynamic_activation=True)
+    packed = rows.prepack(w, act_dtype)
+    assert packed[0].data_ptr() == codes.data_ptr()  # the model's bytes, no copy
+    bias = torch.randn(n).to(act_dtype)
+    for m in (1, 3, 4, 5, 17):
+        x = torch.randn(m, k, generator=g).to(act_dtype)
+        x[:, 3] *= 6  # a loud channel: a coarser int8 grid, the same one in both
+        for b in (None, bias):
+            y = run_kernel(rows, x, packed, b, spec)
+            torch.testing.assert_close(y, run_kernel(int_mm, x, packed, b, spec), rtol=0, atol=0)
+            ref = x.float() @ w.dequantize().t() + (b.float() if b is not None else 0)
+            assert sqnr(y, ref) >= 30, (m, b is not None)
+    x = torch.randn(3, k, generator=g).to(act_dtype)
+    residual = torch.randn(3, n) * 10
+    plan = Plan(spec, (4,), (rows.name, rows.name)).encode()
+    y = quant_linear(x, packed, [len(packed)], bias, plan, residual=residual)
+    torch.testing.assert_close(y, residual + run_kernel(int_mm, x.float(), packed, bias.float(), dataclasses.replace(spec, act_dtype=torch.float32)),
+                               rtol=0, atol=1e-4)
+    swiglu = dataclasses.replace(spec, n=64, epilogue="swiglu")  # gate and up blocks of 8 rows in turn
+    half = QuantWeight(codes=codes[:64], scale=scale[:64], offset=scale[:64] * 0, zero_point=None, group_size=k, bits=8)
+    ref = apply_epilogue(run_kernel(int_mm, x, int_mm.prepack(half, act_dtype), bias[:64], dataclasses.replace(swiglu, epilogue="")).float(), swiglu)
+    assert sqnr(run_kernel(rows, x, rows.prepack(half, act_dtype), bias[:64], swiglu), ref) >= 45
+    assert rows.supports(dataclasses.replace(spec, k=1000, group_size=1000)) == "K=1000 is not a multiple of 32"
+    assert rows.supports(dataclasses.replace(spec, group_size=128)) == "per-channel symmetric weights only"

@@ -60,12 +60,14 @@ class Tuner:
         self.timing_left_s = config.autotune_budget_s
 
     def plan(self, spec: LinearSpec, weight: QuantWeight, bias: Optional[torch.Tensor], packings_ahead: int = 0,
-             rows: Optional[int] = None, packed_before: Optional[dict] = None) -> Tuning:
+             rows: Optional[int] = None, packed_before: Optional[dict] = None, model_storages: frozenset = frozenset()) -> Tuning:
         """The linear's plan: a kernel per bin. ``rows``: the one M the graph runs it at, where
         that is fixed (a decode step's 1, the last position's output layer): only its bin is
         chosen, and every bin of the plan names that kernel. ``packed_before``: layout -> the
         packed tensors another graph holds for this weight, read by the kernels of that layout
-        instead of a packing of their own, and preferred within ``config.layout_tolerance``."""
+        instead of a packing of their own, and preferred within ``config.layout_tolerance``.
+        ``model_storages``: the storages of the model's tensors behind the weight: where the
+        reading is one of them, the layouts of kernels that read it as it is cost nothing."""
         kernels, excluded = candidates(spec, packings_ahead)
         if not kernels:
             raise NoKernel("; ".join(f"{k}: {r}" for k, r in excluded.items()))
@@ -79,55 +81,65 @@ class Tuner:
         if rows is not None:
             bins = [b for b in bins if b.lo <= rows and (b.hi is None or rows <= b.hi)]
         results = [linear.choose(b) for b in bins]
-        _one_layout(bins, results, packed_before)
+        held = dict.fromkeys(packed_before, "the layout another graph holds")
+        if _reading_storage(weight) in model_storages:
+            held.update(dict.fromkeys((k.packing for k in kernels if k.own_weight), "the model's own weight"))
+        _one_layout(bins, results, held)
         winners = tuple(r.winner for r in results) if rows is None else (results[0].winner,) * (len(edges) + 1)
         plan = Plan(spec, edges, winners)
         return Tuning(plan, results, excluded, _kept(linear.packed, plan))
 
 
-def _one_layout(bins: list, results: list, packed_before: dict | None = None) -> None:
-    """Where the winners keep the weight in more than one layout and one of them is within
-    ``config.layout_tolerance`` of the winner in every bin (timed there, or the winner), it wins
-    every bin: one packed copy instead of two or three for a few percent in some bin. (SmolLM2's
-    q/k/v linear kept zen_w4_avx2's tiles for M = 1, where it timed 44 against 54 us or the
-    other way round from run to run, beside the VNNI blocks serving every other bin: 14 MB twice.)
-    A layout another graph holds (``packed_before``) costs nothing more: a kernel on it within
-    the tolerance wins every bin, before any other."""
-    packed_before = packed_before or {}
+def _reading_storage(weight) -> int:
+    return (weight.codes if isinstance(weight, QuantWeight) else weight.weight).untyped_storage().data_ptr()
+
+
+def _one_layout(bins: list, results: list, held: dict | None = None) -> None:
+    """Kernels of one layout share one packed copy, so a plan keeps few layouts for a few percent.
+
+    A layout that costs no memory (``held``: layout -> why, another graph's packing or the model's
+    own weight) takes each bin where its fastest kernel is within ``config.layout_tolerance`` of
+    the winner. Where the other bins' winners keep the weight in more than one layout and one
+    layout is within the tolerance in each of them, it takes them all: one packed copy instead of
+    two or three. (SmolLM2's q/k/v linear kept zen_w4_avx2's tiles for M = 1, where it timed 44
+    against 54 us or the other way round from run to run, beside the VNNI blocks serving every
+    other bin: 14 MB twice.) A bin takes only kernels timed in it: no switch on a guess."""
+    held = held or {}
     if any(r.winner not in KERNELS for r in results):  # lazy bins choose at run time
         return
-    layouts = {KERNELS[r.winner].packing for r in results}
-    if len(layouts) < 2 and (not packed_before or layouts <= set(packed_before)):
-        return
-
-    def ratios(name):
-        out = []
-        for b, r in zip(bins, results):
-            if r.winner == name:
-                out.append(1.0)
-            elif name in r.times_us and r.winner in r.times_us and KERNELS[name].serves(b.lo) is None:
-                out.append(r.times_us[name] / r.times_us[r.winner])
-            else:
-                return None
-        return out
-
+    tolerance = config.layout_tolerance
+    for b, r in zip(bins, results):
+        if KERNELS[r.winner].packing not in held:
+            offers = [(found, layout) for layout in held if (found := _fastest_of(layout, b, r)) and found[0] <= tolerance]
+            if offers:
+                (ratio, name), layout = min(offers)
+                _switch(r, name, f"{held[layout]}: {name} at {ratio:.2f}x {r.winner}'s time")
+    rest = [(b, r) for b, r in zip(bins, results) if KERNELS[r.winner].packing not in held]
     within = {}
-    seen = dict.fromkeys(name for r in results for name in [r.winner, *r.times_us])
-    held = [name for name in seen if KERNELS[name].packing in packed_before]
-    for name in held or dict.fromkeys(r.winner for r in results):
-        found = ratios(name)
-        if found and max(found) <= config.layout_tolerance:
-            within[name] = sum(found)
-    if not within and held:  # none held close enough: one layout among the winners, as without
-        return _one_layout(bins, results, {})
-    if within:
+    for layout in {KERNELS[r.winner].packing for _, r in rest}:
+        found = [_fastest_of(layout, b, r) for b, r in rest]
+        if all(f and f[0] <= tolerance for f in found):
+            within[layout] = sum(f[0] for f in found)
+    if len({KERNELS[r.winner].packing for _, r in rest}) > 1 and within:
         best = min(within, key=within.get)
-        for r in results:
-            if r.winner != best:
-                ratio = r.times_us[best] / r.times_us[r.winner]
-                held_note = ", the layout another graph holds" if KERNELS[best].packing in packed_before else ""
-                r.note = (r.note + "; " if r.note else "") + f"one layout{held_note}: {best} at {ratio:.2f}x {r.winner}'s time"
-                r.winner = best
+        for b, r in rest:
+            ratio, name = _fastest_of(best, b, r)
+            _switch(r, name, f"one layout: {name} at {ratio:.2f}x {r.winner}'s time")
+
+
+def _fastest_of(layout: str, b: ShapeBin, r: BinResult) -> Optional[tuple]:
+    """(time against the winner's, kernel) of the fastest kernel of ``layout`` timed in the bin, or None."""
+    found = [(1.0, r.winner)] if KERNELS[r.winner].packing == layout else []
+    if r.winner in r.times_us:
+        found += [(t / r.times_us[r.winner], name) for name, t in r.times_us.items()
+                  if name in KERNELS and KERNELS[name].packing == layout and KERNELS[name].serves(b.lo) is None]
+    return min(found, default=None)
+
+
+def _switch(r: BinResult, name: str, why: str) -> None:
+    if name != r.winner:
+        r.note = (r.note + "; " if r.note else "") + why
+        r.winner = name
 
 
 class _LinearTuning:

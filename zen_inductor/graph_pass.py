@@ -98,6 +98,10 @@ class PatternContext:
         tunings = [t for (key, *others), t in (store or {}).items() if key[:2] == ("tune", spec) and tuple(others) == rest]
         return {KERNELS[name].packing: t.packed[name] for t in tunings for name in t.plan.kernels}
 
+    def _storages(self, nodes: list) -> frozenset:
+        """Where the model's tensors behind ``nodes`` live: a reading that is one of them costs nothing to keep."""
+        return frozenset(t.untyped_storage().data_ptr() for t in self._sources(nodes))
+
     def _sources(self, nodes: list) -> list:
         seen, stack, found = set(), [n for n in nodes if isinstance(n, fx.Node)], []
         while stack:
@@ -177,7 +181,8 @@ class PatternContext:
             try:
                 tuning = self.memo(pending.sources, ("tune", spec, rows),
                                    lambda: self.tuner.plan(spec, pending.weight.get(), bias_value, ahead, rows,
-                                                           self._packed_before(pending.sources, spec)))
+                                                           self._packed_before(pending.sources, spec),
+                                                           self._storages(pending.sources)))
             except NoKernel as e:
                 self._run_dequantized(node, pending, bias_value, str(e))
                 pending.weight.release()

@@ -68,6 +68,11 @@ SOURCES = {
          "int64_t", "const float*", "int64_t"),
         _AVX512,
     ),
+    "a8w8_rows_avx2": (
+        "a8w8_rows_avx2.cpp",
+        ("const void*", "const int8_t*", "const float*", "const float*", "void*", *("int64_t",) * 7, "const float*", "int64_t"),
+        ("avx2", "fma"),
+    ),
     "q8_0_rows": ("q8_0_rows.cpp", _Q8_0_ARGS, ("avx2", "fma", "f16c")),
     "q8_0_gemm": ("q8_0_gemm.cpp", _Q8_0_ARGS, ("avx2", "fma", "f16c")),  # the same layout, for many rows of x
     "swiglu_avx2": (
@@ -94,7 +99,7 @@ SOURCES = {
 
 # entries called by the C++ ops (csrc/ops.cpp), loaded without Python bindings; the others are
 # called from Python through Inductor's bindings of their argument types
-BOUND_ENTRIES = frozenset({"a8w4_avx2", "woq_avx2", "q8_0_rows", "q8_0_gemm", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention",
+BOUND_ENTRIES = frozenset({"a8w4_avx2", "a8w8_rows_avx2", "woq_avx2", "q8_0_rows", "q8_0_gemm", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention",
                            "decode_attention_avx512"})
 
 

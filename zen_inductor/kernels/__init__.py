@@ -7,7 +7,8 @@ Where things are:
   registry.py      KERNELS (every family's table) and candidates(spec)
   op.py            zen::quant_linear, its plan and per-bin dispatch
   families, one table each:
-    aten_ops.py      ATen's int4pack, int8pack and _int_mm GEMMs
+    aten_ops.py      ATen's int4pack and int8pack GEMMs, its bf16 GEMM on a copy
+    int8_rows.py     int8 x int8 on the model's own int8 rows: ATen's _int_mm and our C++ GEMV
     zentorch_ops.py  zentorch's GEMMs (AVX-512 only)
     tiles.py         our C++ kernels on packed quantized tiles (csrc/)
     gguf_blocks.py   our C++ kernel on GGUF's Q8_0 blocks as the file stores them

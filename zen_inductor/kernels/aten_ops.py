@@ -1,5 +1,6 @@
-"""ATen's quantized GEMMs: int4 packed weights, int8 per-channel weights, int8 x int8 with
-dynamic activations; and ATen's bf16 GEMM (oneDNN's) on a bf16 copy of a quantized weight."""
+"""ATen's quantized GEMMs: int4 packed weights, int8 per-channel weights; and ATen's bf16 GEMM
+(oneDNN's) on a bf16 copy of a quantized weight. (ATen's int8 x int8 GEMM is in int8_rows.py,
+beside the kernel that shares its layout.)"""
 from __future__ import annotations
 
 from typing import Optional
@@ -62,33 +63,6 @@ def _int8pack_run(x, packed, bias, spec):
     return y if bias is None else y + bias
 
 
-def _int_mm_da8_supports(spec: LinearSpec) -> Optional[str]:
-    if not spec.dynamic_activation or spec.bits > 8:
-        return Unsuited("not for weight-only linears")
-    if spec.group_size != spec.k or not spec.symmetric:
-        return "per-channel symmetric weights only"
-    if spec.act_dtype not in (torch.bfloat16, torch.float32):
-        return f"{spec.act_dtype} activations"
-    return None
-
-
-def _int_mm_da8_prepack(w: QuantWeight, act_dtype):
-    return [w.codes.t().contiguous(), w.scale[:, 0].contiguous()]
-
-
-def _int_mm_da8_run(x, packed, bias, spec):
-    # per-row symmetric int8 activations (as torchao's Int8DynamicActivation), int32 accumulate
-    codes_kn, w_scale = packed
-    xf = x.to(torch.float32)
-    x_scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-7) / 127.0
-    xq = torch.round(xf / x_scale).clamp_(-127, 127).to(torch.int8)
-    y = torch._int_mm(xq, codes_kn).to(torch.float32).mul_(x_scale).mul_(w_scale)
-    if bias is not None:
-        y += bias
-    return y.to(x.dtype)
-
-
-
 def _bf16_copy_supports(spec: LinearSpec) -> Optional[str]:
     if spec.bits > 8:
         return Unsuited("not for dense weights: see dense_mm")
@@ -117,9 +91,7 @@ KERNELS = (
     # behind zen_w8_avx512 at M <= 16 and the bf16 copy's GEMM from M=64: it won no int8 bin
     # (linears-llama1b-4l.md), and its verification took ~1.2 s of a cold int8 compile
     Kernel("aten_int8pack_mm", "aten", _int8pack_supports, _int8pack_prepack, _int8pack_run,
-           dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),), rank=(6, 26)),
-    Kernel("aten_int_mm_da8", "aten", _int_mm_da8_supports, _int_mm_da8_prepack, _int_mm_da8_run, rank=(2, 22),
-           fast_with="int8_gemm", activations="int8 per row"),
+           dominated_by=(("zen_w8_avx512", "zentorch_linear_dequantized"),), rank=(6, 26), own_weight=True),
     # on a Xeon with AMX, oneDNN's bf16 GEMM ran 2.2-2.4x zentorch's at M=16 and 5-10x from M=64
     # (llama1b and SmolLM2 shapes; zentorch 1.1-1.8x ahead at M <= 4, where our GEMVs serve)
     Kernel("aten_linear_dequantized", "torch", _bf16_copy_supports, _bf16_copy_prepack, _bf16_copy_run,

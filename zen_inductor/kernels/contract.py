@@ -65,6 +65,9 @@ class Kernel:
     # how many of its layout's packed tensors ``run`` reads, from the first (0: all of them): a graph
     # carries only those (the int4 tiles' column sums serve zen_a8w4_avx2 alone: 13 MB of SmolLM2)
     reads: int = 0
+    # its packing is the reading's own tensor as it is (a view, no bytes of its own): where the
+    # reading is the model's tensor, not one the pass made (a merge, a reorder), its layout is free
+    own_weight: bool = False
     # its packing must stay where prepack made it: zentorch's dynamic int8 GEMM computes garbage on
     # a copy of its prepacked bytes (-41 dB after a clone), so no huge pages and no clones for timing
     pinned: bool = False

@@ -79,17 +79,17 @@ KERNELS = (
     # a bf16 GEMM without AVX512-BF16/AMX won none of the 35 bins of the llama1b-4l shapes: 1.1-2x
     # behind zen_bf16_gemv_avx2 at M=1-16, 2.5-7x behind dense_sgemm from M=64
     # where the CPU has AMX this is oneDNN's AMX GEMM: 2.2-2.4x zentorch's at M=16, 5-10x from M=64
-    Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run, layout="dense",
+    Kernel("dense_mm", "dense", _dense_supports, _dense_prepack, _dense_mm_run, layout="dense", own_weight=True,
            dominated_by=(() if amx_bf16() else ("zentorch_linear",))
            + (() if native_bf16_gemm() else (("zen_bf16_gemv_avx2", "dense_sgemm"),)),
            rank=(4, -1) if amx_bf16() else (4, 1), fast_with="bf16_gemm"),
     # for CPUs without a native bf16 GEMM: on Zen 4 zentorch_linear was 2.5-5x ahead at every M
-    Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense",
+    Kernel("dense_sgemm", "dense", _dense_supports, _dense_prepack, _dense_sgemm_run, layout="dense", own_weight=True,
            dominated_by=BF16_GEMM, rank=(20, 2)),
     # one row of x at a time against each block of W: past M=64 a GEMM is ahead (dense_sgemm
     # 1.2-2.1x at M=256 on the llama1b shapes); where zentorch's AVX512-BF16 GEMM serves it is
     # behind from M=2 and a bf16 decode ran faster without both GEMVs, so they are left out there
-    Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, NativeLinear("bf16_gemv_avx2", _bf16_gemv_arguments), layout="dense",
+    Kernel("zen_bf16_gemv_avx2", "dense", _bf16_gemv_supports, _dense_prepack, NativeLinear("bf16_gemv_avx2", _bf16_gemv_arguments), layout="dense", own_weight=True,
            epilogues=("swiglu",), max_m=64, dominated_by=BF16_GEMM, rank=(3, 23)),
     # AVX512-BF16: 16 rows of W as one stream, 4 streams a thread; 0.82-0.85x zentorch's GEMM on
     # the llama1b-4l decode linears. At M=16 four passes over each block make it compute-bound
@@ -99,7 +99,7 @@ KERNELS = (
     # fit (a bf16 model's copy is the model's size again): 1.0-1.8x the packed one's time at M=1,
     # 1.4-2.0x at M=4 (a sum across lanes a row; Zen 4, llama1b-4l and SmolLM2 shapes)
     Kernel("zen_bf16_rows_avx512", "dense", _bf16_vnni_supports, _dense_prepack,
-           NativeLinear("bf16_gemv_avx512", functools.partial(_bf16_vnni_arguments, plain=True)), layout="dense",
+           NativeLinear("bf16_gemv_avx512", functools.partial(_bf16_vnni_arguments, plain=True)), layout="dense", own_weight=True,
            epilogues=("swiglu",), max_m=4, rank=(1, 21)),
     # the AVX2 GEMV on a blocked copy: ahead where rows of W are short (K ~ 1024)
     Kernel("zen_bf16_blocks_avx2", "dense", _bf16_gemv_supports, _bf16_blocks_prepack,

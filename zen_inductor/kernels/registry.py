@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from .. import config, native
 from ..allocator import memory_short_of
-from . import aten_ops, dense, dequantize, gguf_blocks, tiles, zentorch_ops
+from . import aten_ops, dense, dequantize, gguf_blocks, int8_rows, tiles, zentorch_ops
 from .contract import Kernel
 from .epilogues import SWIGLU_NATIVE
 from .weights import LinearSpec
 
-KERNELS: dict[str, Kernel] = {k.name: k for family in (zentorch_ops, aten_ops, tiles, gguf_blocks, dequantize, dense) for k in family.KERNELS}
+KERNELS: dict[str, Kernel] = {k.name: k for family in (zentorch_ops, aten_ops, int8_rows, tiles, gguf_blocks, dequantize, dense) for k in family.KERNELS}
 
 
 def candidates(spec: LinearSpec, packings_ahead: int = 0) -> tuple[list[Kernel], dict[str, str]]:
