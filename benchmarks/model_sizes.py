@@ -9,7 +9,9 @@ materialized, filled and quantized with torchao before the next (as a user with 
 can do with ``quantize_`` per module). Every (size, format, system) runs in its own process;
 each reports the RSS of the quantized model before compiling, the first generate() call (prefill
 and decode graphs compiled: the compile time), the peak RSS of the whole process (``ru_maxrss``),
-the RSS after compiling (``malloc_trim`` first), and TTFT and TPOT over ``--new`` tokens.
+the RSS after compiling (``malloc_trim`` first), TTFT and TPOT over ``--new`` tokens, and how far
+the compiled model's logits (prompt and one step) are from eager's in the same process: a system
+whose output is wrong is not counted as a peer.
 Systems as in e2e.py: stock Inductor and PyTorch's CPU recipe (both with the global freezing flag),
 zen. ``--cold`` gives every process empty Inductor and zen caches.
 Writes ``model-sizes.md`` and ``.json`` (rows of earlier runs that were not re-run are kept).
@@ -102,6 +104,7 @@ def one_run(args) -> dict:
     torch.manual_seed(1)
     prompt = torch.randint(0, VOCAB, (1, args.prompt))
     with torch.no_grad():
+        eager = step_logits(model.forward, prompt)
         forward = compiled_forward(model, args.system)
         t0 = time.perf_counter()
         generate(forward, prompt, 3)
@@ -110,9 +113,33 @@ def one_run(args) -> dict:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         out["compiled_rss_mb"] = rss_mb()
         tokens, ttft, steps = generate(forward, prompt, args.new)
+        compiled = step_logits(forward, prompt)
     out.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, ttft_ms=ttft * 1e3,
-               tpot_ms=statistics.median(steps) * 1e3, tokens=tokens.tolist()[0])
+               tpot_ms=statistics.median(steps) * 1e3, tokens=tokens.tolist()[0],
+               logits_db=min(sqnr_db(c, e) for c, e in zip(compiled, eager)))
     return out
+
+
+def step_logits(forward, prompt) -> tuple:
+    """The prompt's next-token logits and the next step's, as generate() calls the model (its graphs)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    first = forward(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.float()
+    step = forward(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits.float()
+    return first, step
+
+
+def sqnr_db(y, ref) -> float:
+    import torch
+
+    return float(10 * torch.log10(ref.pow(2).mean() / (y - ref).pow(2).mean().clamp_min(1e-30)))
+
+
+# logits this far from eager's (same weights, same process) are not the model's: a system's times
+# then say nothing (stock Inductor's int8-dynamic linears at one row of a [1, 1, K] x gave -78 dB
+# on an AMX Xeon; random-weight logits of right systems sit at 20-50 dB from eager's)
+WRONG_DB = 10.0
 
 
 def run_child(args, size: str, fmt: str, system: str, env) -> dict:
@@ -150,14 +177,14 @@ def write(rows: list, args) -> None:
              "MB of RSS; model: the quantized model before compiling; compiled: after the first generate() (prefill and "
              "decode compiled) and `malloc_trim`; peak: the process's. In brackets: zen against the best peer of the row's "
              "size and format.", "",
-             "| size | format | system | compile s | model MB | compiled MB | peak MB | TTFT ms | TPOT ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| size | format | system | compile s | model MB | compiled MB | peak MB | TTFT ms | TPOT ms | logits dB vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | {r.get('model_rss_mb', '')} | | | | |")
+            lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | {r.get('model_rss_mb', '')} | | | | | |")
             continue
         peers = [p for p in rows if p["size"] == r["size"] and p["format"] == r["format"] and p["system"] != "zen"
-                 and "error" not in p]
+                 and "error" not in p and p.get("logits_db", WRONG_DB) >= WRONG_DB]
 
         def cell(key, fmt="{:.0f}"):
             text = fmt.format(r[key])
@@ -165,8 +192,11 @@ def write(rows: list, args) -> None:
                 text += f" ({r[key] / min(p[key] for p in peers):.2f}x)"
             return text
 
+        logits = f"{r['logits_db']:.1f}" if "logits_db" in r else ""
+        if r.get("logits_db", WRONG_DB) < WRONG_DB:
+            logits += " (wrong output: not a peer)"
         lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {cell('compile_s', '{:.1f}')} | {r['model_rss_mb']:.0f} | "
-                     f"{cell('compiled_rss_mb')} | {cell('peak_rss_mb')} | {cell('ttft_ms', '{:.0f}')} | {cell('tpot_ms', '{:.1f}')} |")
+                     f"{cell('compiled_rss_mb')} | {cell('peak_rss_mb')} | {cell('ttft_ms', '{:.0f}')} | {cell('tpot_ms', '{:.1f}')} | {logits} |")
     with open(os.path.join(args.out, "model-sizes.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[-len(rows) - 2:]), flush=True)
