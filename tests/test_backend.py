@@ -283,3 +283,26 @@ def test_ahead_of_time_compile_accepts_zen_and_saving_says_why_not(tmp_path):
     assert sqnr(y, m(x)) >= 40
     with pytest.raises(NotImplementedError, match="not saved"):
         compiled.save_compiled_function(str(tmp_path / "graph"))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8dq"])
+def test_two_modules_of_one_class_each_compute_with_their_own_weights(fmt, caplog):
+    """With Inductor's global freezing flag off, Dynamo passes parameters as inputs and reuses one
+    graph for every module of a class; zen froze the first module's weights into it, so a second
+    model compiled in the process returned the first one's outputs (-3 dB). Each module's weights
+    get a graph of their own, compiled once."""
+    import logging
+
+    from conftest import quantize
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    def module():
+        linear = torch.nn.Linear(512, 256).to(torch.bfloat16).eval()
+        return quantize(linear, Int8DynamicActivationInt8WeightConfig()) if fmt == "int8dq" else linear
+
+    first, second = module(), module()
+    x = torch.randn(2, 512, dtype=torch.bfloat16)
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="zen_inductor"):
+        for m in (first, second, first, second, second):
+            assert sqnr(compile_zen(m)(x), m(x).float()) >= 30
+    assert sum("compiling it for these weights" in r.message for r in caplog.records) == 1

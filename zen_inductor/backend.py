@@ -48,11 +48,14 @@ def zen(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     native.check_toolchain()
     if mode not in (None, "default"):
         inductor_patches.update(torch._inductor.list_mode_options(mode))
-    with config.patch(ours):
-        return _compile(gm, list(example_inputs), inductor_patches)
+    def compile_for(inputs):
+        with config.patch(ours):
+            return _compile(gm, list(inputs), inductor_patches, compile_for)
+
+    return compile_for(example_inputs)
 
 
-def _compile(gm, example_inputs, inductor_patches):
+def _compile(gm, example_inputs, inductor_patches, compile_for):
     record = CompileRecord(graph_name=f"graph_{next(_graph_ids)}")
     freeze = config.freezing and not torch.is_grad_enabled()
     if config.freezing and torch.is_grad_enabled():
@@ -78,7 +81,10 @@ def _compile(gm, example_inputs, inductor_patches):
         log.info("zen: %d parameters came in as graph inputs (Inductor's global freezing flag was off while "
                  "Dynamo traced), so Dynamo checks each one's metadata on every call; "
                  "torch._inductor.config.freezing = True before compiling lets it guard them by identity", len(lifted))
-    return ZenCompiled(compiled, keep=None if not lifted else [i for i in range(len(example_inputs)) if i not in set(lifted)])
+    if not lifted:
+        return ZenCompiled(compiled, keep=None)
+    return ZenCompiled(compiled, keep=[i for i in range(len(example_inputs)) if i not in set(lifted)],
+                       frozen=[example_inputs[i] for i in lifted], lifted=lifted, compile_for=compile_for)
 
 
 def inductor_config_patches(record: CompileRecord) -> dict:
@@ -99,14 +105,46 @@ class ZenCompiled(SerializableCallable):
     compile again in the next process.
     """
 
-    def __init__(self, compiled, keep: list[int] | None):
+    def __init__(self, compiled, keep: list[int] | None, frozen: list | None = None, lifted: list[int] | None = None,
+                 compile_for=None):
         self.compiled = compiled
         self.keep = keep  # positions of the inputs Inductor's graph still takes; None: all
+        # Where Dynamo passed the parameters as inputs (Inductor's global freezing flag off while
+        # it traced), it also reuses this graph for another module of the same class, whose
+        # weights are not the ones frozen into it: a second model compiled in the process
+        # returned the first one's outputs (-3 dB). Each frozen tensor carries this graph's token
+        # (no reference to it is held, so the model stays free to go); a call with tensors
+        # without it compiles a graph of their own.
+        self.lifted, self.compile_for = lifted or [], compile_for
+        self.token = object()
+        for t in frozen or ():
+            t.__dict__.setdefault("_zen_frozen_in", set()).add(self.token)
+        self.others: list = []  # graphs compiled for other modules' weights
 
     def __call__(self, *args):
         if self.keep is None:
             return self.compiled(*args)
+        if not self._frozen_here(args):
+            return self._for_other_weights(args)(*args)
         return self.compiled(*[args[i] for i in self.keep])
+
+    def _frozen_here(self, args) -> bool:
+        token = self.token
+        return all(token in getattr(args[i], "_zen_frozen_in", ()) for i in self.lifted)
+
+    def _for_other_weights(self, args) -> "ZenCompiled":
+        for other in self.others:
+            if other._frozen_here(args):
+                return other
+        if len(self.others) >= MOST_MODULES_A_GRAPH:
+            raise RuntimeError(
+                f"zen: one graph called with the weights of {len(self.others) + 2} modules; each needs a compile "
+                "of its own (their weights are frozen into it). Set torch._inductor.config.freezing = True before "
+                "compiling: Dynamo then tells the modules apart itself")
+        log.info("zen: a graph compiled for one module's weights is called with another's (Dynamo reuses it for "
+                 "modules of one class while Inductor's global freezing flag is off); compiling it for these weights")
+        self.others.append(self.compile_for(args))
+        return self.others[-1]
 
     @classmethod
     def serialize_compile_artifacts(cls, fn) -> bytes:
@@ -117,6 +155,10 @@ class ZenCompiled(SerializableCallable):
     @classmethod
     def deserialize_compile_artifacts(cls, data: bytes):
         raise NotImplementedError("zen's compiled graphs are not saved, so none can be loaded")
+
+
+# graphs one Dynamo graph compiles into for modules of one class (Dynamo's own recompile limit is 8)
+MOST_MODULES_A_GRAPH = 8
 
 
 def _constants_allowed(inputs):
