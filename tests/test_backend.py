@@ -305,4 +305,5 @@ def test_two_modules_of_one_class_each_compute_with_their_own_weights(fmt, caplo
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="zen_inductor"):
         for m in (first, second, first, second, second):
             assert sqnr(compile_zen(m)(x), m(x).float()) >= 30
+            assert len(zen_inductor.last_report()["matches"]) == 1  # the second one's graph is zen's too
     assert sum("compiling it for these weights" in r.message for r in caplog.records) == 1

@@ -48,14 +48,14 @@ def zen(gm: fx.GraphModule, example_inputs, *, mode=None, options=None):
     native.check_toolchain()
     if mode not in (None, "default"):
         inductor_patches.update(torch._inductor.list_mode_options(mode))
-    def compile_for(inputs):
+    def compile_for(inputs, static=None):
         with config.patch(ours):
-            return _compile(gm, list(inputs), inductor_patches, compile_for)
+            return _compile(gm, list(inputs), inductor_patches, compile_for, static)
 
     return compile_for(example_inputs)
 
 
-def _compile(gm, example_inputs, inductor_patches, compile_for):
+def _compile(gm, example_inputs, inductor_patches, compile_for, static=None):
     record = CompileRecord(graph_name=f"graph_{next(_graph_ids)}")
     freeze = config.freezing and not torch.is_grad_enabled()
     if config.freezing and torch.is_grad_enabled():
@@ -67,7 +67,7 @@ def _compile(gm, example_inputs, inductor_patches, compile_for):
     lifted = []
     if freeze:
         gm = _copy_for_lifting(gm)  # Dynamo calls us with the inputs of *its* graph; keep that intact
-        lifted = _lift_parameters(gm, example_inputs)
+        lifted = _lift_parameters(gm, example_inputs, static)
     inputs = [a for i, a in enumerate(example_inputs) if i not in set(lifted)]
     patches = {**inductor_config_patches(record), "freezing": freeze and config.inductor_freezing, **inductor_patches}
     with reuse_freed_memory(), _constants_allowed(inputs), torch._functorch.config.patch(enable_autograd_cache=False):
@@ -143,7 +143,7 @@ class ZenCompiled(SerializableCallable):
                 "compiling: Dynamo then tells the modules apart itself")
         log.info("zen: a graph compiled for one module's weights is called with another's (Dynamo reuses it for "
                  "modules of one class while Inductor's global freezing flag is off); compiling it for these weights")
-        self.others.append(self.compile_for(args))
+        self.others.append(self.compile_for(args, self.lifted))
         return self.others[-1]
 
     @classmethod
@@ -185,18 +185,20 @@ def _copy_for_lifting(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
-def _lift_parameters(gm: fx.GraphModule, example_inputs) -> list[int]:
+def _lift_parameters(gm: fx.GraphModule, example_inputs, static: list[int] | None = None) -> list[int]:
     """Turn placeholders that hold module parameters/buffers into attributes of ``gm``.
 
     Dynamo makes parameters graph attributes only if Inductor's *global* ``freezing`` flag was
     on while it traced; otherwise they arrive here as inputs and AOTAutograd/freezing treat them
     as activations. Lifting them here gives freezing its constants without touching globals.
-    Dynamo marks such inputs static (``_dynamo_static_input_type``); that mark is the test.
+    Dynamo marks such inputs static (``_dynamo_static_input_type``); that mark is the test, or
+    ``static``: the positions a compile of the same graph for another module's weights found.
     """
     lifted = []
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
-        if not isinstance(value, torch.Tensor) or not hasattr(value, "_dynamo_static_input_type"):
+        marked = hasattr(value, "_dynamo_static_input_type") if static is None else i in static
+        if not isinstance(value, torch.Tensor) or not marked:
             continue
         if _mutated(node):  # a KV cache marked static is state, not a weight
             continue
