@@ -1,10 +1,14 @@
 """Timing a kernel as a model calls it: back to back, on weights kept out of cache (decode reads
 them from DRAM in a real model), with the rules that keep a compile's timing short (hopeless
-candidates, slow calls, the M and the rows a bin is timed at)."""
+candidates, slow calls, the M and the rows a bin is timed at), and whether other processes
+shared the machine meanwhile."""
 from __future__ import annotations
 
+import os
+import resource
 import statistics
 import time
+from typing import Optional
 
 from .kernels import Kernel, LinearSpec, run_kernel
 from .bins import STATIC_DENSE_FROM_M, ShapeBin
@@ -130,3 +134,62 @@ def timing_rows(b: ShapeBin, spec: LinearSpec) -> int:
         return TIMING_ROWS
     return spec.n
 
+
+# other processes (and the hypervisor's steal) taking this much of the machine's CPU time while a
+# bin is timed make its times those of a shared machine: kept for this compile, not on disk. A
+# tuning beside a build on both cores stored a 77 us GEMV as 12.8 ms, and every later compile read it
+CONTENDED_SHARE = 0.25
+
+
+def _cpu_ticks() -> Optional[tuple]:
+    """(busy ticks of all CPUs, how many CPUs) from /proc/stat, or None where it cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    fields = [int(v) for v in lines[0].split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait, steal included
+    return busy, sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class OtherLoad:
+    """What share of the machine's CPU time others took from now to ``share()``: everything busy
+    on every CPU, less this process's own time (its threads, spinning ones too)."""
+
+    def __init__(self):
+        self.ticks, self.own, self.wall = _cpu_ticks(), _own_cpu_s(), time.perf_counter()
+
+    def share(self) -> float:
+        end = _cpu_ticks()
+        wall = time.perf_counter() - self.wall
+        if self.ticks is None or end is None or wall < 0.05:  # ticks are 10 ms: a shorter window says nothing
+            return 0.0
+        busy_s = (end[0] - self.ticks[0]) / os.sysconf("SC_CLK_TCK")
+        return max(0.0, busy_s - (_own_cpu_s() - self.own)) / (wall * end[1])
+
+
+# what a compile waits, in all, for other processes to let go before it times a contended bin again:
+# a fresh process's first tuning met Inductor's compile workers starting up (importing torch on
+# both cores: a 108 us GEMV timed 296), which takes a few seconds and ends
+QUIET_WAIT_S = 10.0
+
+
+def wait_for_quiet(tuner) -> bool:
+    """Wait, within ``tuner.quiet_wait_left_s``, for a quarter second in which other processes
+    take under half ``CONTENDED_SHARE`` of the machine: whether one came."""
+    t0 = time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < tuner.quiet_wait_left_s:
+            window = OtherLoad()
+            time.sleep(0.25)
+            if window.share() < CONTENDED_SHARE / 2:
+                return True
+        return False
+    finally:
+        tuner.quiet_wait_left_s = max(0.0, tuner.quiet_wait_left_s - (time.perf_counter() - t0))
