@@ -188,11 +188,12 @@ def write(rows: list, args) -> None:
 
         def cell(key, fmt="{:.0f}"):
             text = fmt.format(r[key])
-            if r["system"] == "zen" and peers:
-                text += f" ({r[key] / min(p[key] for p in peers):.2f}x)"
+            compared = [p for p in peers if key != "compile_s" or p["system"] != "eager"]  # eager compiles nothing
+            if r["system"] == "zen" and compared:
+                text += f" ({r[key] / min(p[key] for p in compared):.2f}x)"
             return text
 
-        logits = f"{r['logits_db']:.1f}" if "logits_db" in r else ""
+        logits = f"{r['logits_db']:.1f}" if "logits_db" in r and r["system"] != "eager" else "(the reference)"
         if r.get("logits_db", WRONG_DB) < WRONG_DB:
             logits += " (wrong output: not a peer)"
         lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {cell('compile_s', '{:.1f}')} | {r['model_rss_mb']:.0f} | "
