@@ -116,12 +116,15 @@ def _one_layout(bins: list, results: list, held: dict | None = None) -> None:
                 (ratio, name), layout = min(offers)
                 _switch(r, name, f"{held[layout]}: {name} at {ratio:.2f}x {r.winner}'s time")
     rest = [(b, r) for b, r in zip(bins, results) if KERNELS[r.winner].packing not in held]
+    layouts = {KERNELS[r.winner].packing for _, r in rest}
+    if len(layouts) < 2:
+        return
     within = {}
-    for layout in {KERNELS[r.winner].packing for _, r in rest}:
+    for layout in layouts:
         found = [_fastest_of(layout, b, r) for b, r in rest]
         if all(f and f[0] <= tolerance for f in found):
             within[layout] = sum(f[0] for f in found)
-    if len({KERNELS[r.winner].packing for _, r in rest}) > 1 and within:
+    if within:
         best = min(within, key=within.get)
         for b, r in rest:
             ratio, name = _fastest_of(best, b, r)
