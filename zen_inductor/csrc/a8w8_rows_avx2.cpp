@@ -83,15 +83,9 @@ extern "C" void kernel(const void* x, const int8_t* w, const float* scale, const
   float* xs = xs_buffer.data();
   for (int64_t m = 0; m < M; ++m)
     quantize_row(x, m, K, x_bf16, xq + m * K, xs + m);
-  const int64_t n_out = swiglu ? N / 2 : N, tiles = n_out / 8;
   const float* b = has_bias ? bias : nullptr;
-  const float* res = has_residual ? residual : nullptr;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) {
-    for_row_blocks(M, [&](auto rows, int64_t m0) {
-      constexpr int R = decltype(rows)::value;
-      emit_tile<R>([&](int64_t tile, __m256* acc) { tile_rows<R>(w, scale, b, xq, xs, acc, m0, tile, K); },
-                   y, m0, t, n_out, swiglu, y_bf16, res);
-    });
-  }
+  for_output_tiles(y, M, N, swiglu, y_bf16, has_residual ? residual : nullptr,
+                   [&](auto rows, int64_t m0, int64_t tile, __m256* acc) {
+                     tile_rows<decltype(rows)::value>(w, scale, b, xq, xs, acc, m0, tile, K);
+                   });
 }

@@ -170,4 +170,21 @@ inline void for_row_blocks(int64_t M, F&& f) {
     if (rest == 1) f(std::integral_constant<int, 1>{}, m);
 }
 
+// Every output tile of y (8 columns), for every row of x, the tiles shared among the threads:
+// tile_acc(rows, m0, tile, acc) computes the accumulators of rows m0 .. m0 + R - 1 of x
+// (R = decltype(rows)::value) against one tile of W; emit_tile applies swiglu and the residual.
+template <class F>
+inline void for_output_tiles(void* y, int64_t M, int64_t N, bool swiglu, bool y_bf16, const float* residual,
+                             F&& tile_acc) {
+  const int64_t n_out = swiglu ? N / 2 : N, tiles = n_out / 8;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) {
+    for_row_blocks(M, [&](auto rows, int64_t m0) {
+      constexpr int R = decltype(rows)::value;
+      emit_tile<R>([&](int64_t tile, __m256* acc) { tile_acc(rows, m0, tile, acc); }, y, m0, t, n_out, swiglu, y_bf16,
+                   residual);
+    });
+  }
+}
+
 }  // namespace zen_avx2

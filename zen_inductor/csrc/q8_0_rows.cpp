@@ -70,15 +70,9 @@ extern "C" void kernel(const void* x, const uint8_t* w, const float* bias, void*
       float sum;  // (a symmetric weight needs no sum of x)
       quantize_group_int16(x, m * K + b * kBlock, kBlock, x_bf16, xq + m * K + b * kBlock, xs + m * blocks + b, &sum);
     }
-  const int64_t n_out = swiglu ? N / 2 : N, tiles = n_out / 8;
   const float* b = has_bias ? bias : nullptr;
-  const float* res = has_residual ? residual : nullptr;
-#pragma omp parallel for schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) {
-    for_row_blocks(M, [&](auto rows, int64_t m0) {
-      constexpr int R = decltype(rows)::value;
-      emit_tile<R>([&](int64_t tile, __m256* acc) { tile_rows<R>(w, b, xq, xs, acc, m0, tile, K); },
-                   y, m0, t, n_out, swiglu, y_bf16, res);
-    });
-  }
+  for_output_tiles(y, M, N, swiglu, y_bf16, has_residual ? residual : nullptr,
+                   [&](auto rows, int64_t m0, int64_t tile, __m256* acc) {
+                     tile_rows<decltype(rows)::value>(w, b, xq, xs, acc, m0, tile, K);
+                   });
 }
