@@ -106,6 +106,35 @@ def compiled_forward(model, system: str):
     return torch.compile(model.forward)  # stock Inductor, frozen like the others
 
 
+def step_logits(forward, prompt, make_cache=None, mask=None) -> tuple:
+    """The prompt's next-token logits and the next step's, as generate() calls the model (its graphs)."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = make_cache() if make_cache is not None else DynamicCache()
+    padding = {}
+    if mask is not None:
+        padding = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_(min=0))
+    first = forward(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **padding).logits.float()
+    if mask is not None:
+        padding = dict(attention_mask=torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1),
+                       position_ids=padding["position_ids"][:, -1:] + 1)
+    step = forward(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True, logits_to_keep=1, **padding).logits.float()
+    return first, step
+
+
+def sqnr_db(y, ref) -> float:
+    import torch
+
+    return float(10 * torch.log10(ref.pow(2).mean() / (y - ref).pow(2).mean().clamp_min(1e-30)))
+
+
+# logits this far from eager's (same weights, same process) are not the model's: a system's times
+# then say nothing (stock Inductor's int8-dynamic linears at one row of a [1, 1, K] x gave -78 dB
+# on an AMX Xeon; random-weight logits of right systems sit at 18-50 dB from eager's)
+WRONG_DB = 10.0
+
+
 def one_run(args) -> dict:
     """Child process: one (format, system)."""
     import torch
@@ -126,6 +155,7 @@ def one_run(args) -> dict:
         prompt, mask = left_padded([row[i * args.prompt // (2 * args.batch):] for i, row in enumerate(prompt)])
     make_cache = cache_maker(model, args.system, args.cache, args.prompt + args.new)
     with torch.no_grad():
+        eager = step_logits(model.forward, prompt, make_cache, mask)
         forward = compiled_forward(model, args.system)
         t0 = time.perf_counter()
         generate(forward, prompt, 4, make_cache, mask)
@@ -135,11 +165,12 @@ def one_run(args) -> dict:
             tokens, ttft, steps = generate(forward, prompt, args.new, make_cache, mask)
             ttfts.append(ttft * 1e3)
             tpots.append(statistics.median(steps) * 1e3)
+        compiled = step_logits(forward, prompt, make_cache, mask)
     return {
         "format": args.format, "system": args.system, "model": args.model,
         "ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots), "compile_s": compile_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens.tolist()[0],
-        "batch": args.batch,
+        "batch": args.batch, "logits_db": min(sqnr_db(c, e) for c, e in zip(compiled, eager)),
         "caches": cache_use(args.system),
     }
 
@@ -270,16 +301,17 @@ def write(results, args, quiet=False):
     lines = [f"# e2e: {args.model}, prompt {args.prompt}, {args.new} new tokens, {batch}, greedy, {args.cache} "
              f"KV cache ({stamp})", "",
              f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}.", "",
-             "| format | system | TTFT ms | TPOT ms | decode tokens/s | compile s | peak RSS MB | tokens = eager | zen vs best peer "
-             "| caches at compile |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| format | system | TTFT ms | TPOT ms | decode tokens/s | compile s | peak RSS MB | tokens = eager | "
+             "logits dB vs eager | zen vs best peer | caches at compile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for fmt in dict.fromkeys(r["format"] for r in results):
         rows = [r for r in results if r["format"] == fmt]
         eager = next((r for r in rows if r.get("system") == "eager" and "tokens" in r), None)
-        peers = [r for r in rows if not _is_zen(r.get("system", "")) and "ttft_ms" in r]
+        peers = [r for r in rows if not _is_zen(r.get("system", "")) and "ttft_ms" in r
+                 and r.get("logits_db", WRONG_DB) >= WRONG_DB]  # a wrong output is not a peer
         for r in rows:
             if "error" in r:
-                lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | | | |")
+                lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | | | | |")
                 continue
             same = token_agreement(r.get("tokens"), eager.get("tokens") if eager else None)
             ratio = ""
@@ -287,9 +319,12 @@ def write(results, args, quiet=False):
                 best_ttft = min(p["ttft_ms"] for p in peers)
                 best_tpot = min(p["tpot_ms"] for p in peers)
                 ratio = f"TTFT {r['ttft_ms'] / best_ttft:.2f}x, TPOT {r['tpot_ms'] / best_tpot:.2f}x"
+            logits = "(the reference)" if r["system"] == "eager" else f"{r['logits_db']:.1f}" if "logits_db" in r else "?"
+            if r.get("logits_db", WRONG_DB) < WRONG_DB:
+                logits += " (wrong output: not a peer)"
             lines.append(f"| {fmt} | {r['system']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
                          f"{r.get('batch', 1) * 1e3 / r['tpot_ms']:.1f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | "
-                         f"{ratio} | {r.get('caches', '?')} |")
+                         f"{logits} | {ratio} | {r.get('caches', '?')} |")
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if quiet:

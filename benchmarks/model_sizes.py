@@ -32,7 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from e2e import _cpu, _versions, cold_caches, compiled_forward, quant_config  # noqa: E402
+from e2e import WRONG_DB, _cpu, _versions, cold_caches, compiled_forward, quant_config, sqnr_db, step_logits  # noqa: E402
 
 SIZES = {
     "1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, tied=True),
@@ -120,26 +120,6 @@ def one_run(args) -> dict:
     return out
 
 
-def step_logits(forward, prompt) -> tuple:
-    """The prompt's next-token logits and the next step's, as generate() calls the model (its graphs)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    first = forward(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits.float()
-    step = forward(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True, logits_to_keep=1).logits.float()
-    return first, step
-
-
-def sqnr_db(y, ref) -> float:
-    import torch
-
-    return float(10 * torch.log10(ref.pow(2).mean() / (y - ref).pow(2).mean().clamp_min(1e-30)))
-
-
-# logits this far from eager's (same weights, same process) are not the model's: a system's times
-# then say nothing (stock Inductor's int8-dynamic linears at one row of a [1, 1, K] x gave -78 dB
-# on an AMX Xeon; random-weight logits of right systems sit at 20-50 dB from eager's)
-WRONG_DB = 10.0
 
 
 def run_child(args, size: str, fmt: str, system: str, env) -> dict:
