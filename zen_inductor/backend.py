@@ -81,10 +81,7 @@ def _compile(gm, example_inputs, inductor_patches, compile_for, static=None):
         log.info("zen: %d parameters came in as graph inputs (Inductor's global freezing flag was off while "
                  "Dynamo traced), so Dynamo checks each one's metadata on every call; "
                  "torch._inductor.config.freezing = True before compiling lets it guard them by identity", len(lifted))
-    if not lifted:
-        return ZenCompiled(compiled, keep=None)
-    return ZenCompiled(compiled, keep=[i for i in range(len(example_inputs)) if i not in set(lifted)],
-                       frozen=[example_inputs[i] for i in lifted], lifted=lifted, compile_for=compile_for)
+    return ZenCompiled(compiled, example_inputs, lifted, compile_for)
 
 
 def inductor_config_patches(record: CompileRecord) -> dict:
@@ -105,20 +102,20 @@ class ZenCompiled(SerializableCallable):
     compile again in the next process.
     """
 
-    def __init__(self, compiled, keep: list[int] | None, frozen: list | None = None, lifted: list[int] | None = None,
-                 compile_for=None):
+    def __init__(self, compiled, inputs: list, lifted: list[int], compile_for):
         self.compiled = compiled
-        self.keep = keep  # positions of the inputs Inductor's graph still takes; None: all
+        # positions of the inputs Inductor's graph still takes; None: all
+        self.keep = [i for i in range(len(inputs)) if i not in set(lifted)] if lifted else None
         # Where Dynamo passed the parameters as inputs (Inductor's global freezing flag off while
         # it traced), it also reuses this graph for another module of the same class, whose
         # weights are not the ones frozen into it: a second model compiled in the process
         # returned the first one's outputs (-3 dB). Each frozen tensor carries this graph's token
         # (no reference to it is held, so the model stays free to go); a call with tensors
         # without it compiles a graph of their own.
-        self.lifted, self.compile_for = lifted or [], compile_for
+        self.lifted, self.compile_for = lifted, compile_for
         self.token = object()
-        for t in frozen or ():
-            t.__dict__.setdefault("_zen_frozen_in", set()).add(self.token)
+        for i in lifted:
+            inputs[i].__dict__.setdefault("_zen_frozen_in", set()).add(self.token)
         self.others: list = []  # graphs compiled for other modules' weights
 
     def __call__(self, *args):
