@@ -22,8 +22,10 @@ from . import cpu
 
 log = logging.getLogger("zen_inductor")
 
-# what csrc/avx512_common.h targets
-_AVX512 = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
+# what csrc/avx512_common.h targets (ZEN_AVX512), and with bf16 products (ZEN_AVX512_BF16): Ice Lake
+# Xeons have the first without the second
+_AVX512 = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
+_AVX512_BF16 = (*_AVX512, "avx512_bf16")
 # csrc/decode_attention.h's entry: q, k, v, mask, out, scale, then B, H, Hkv, L, D, 9 strides, has_mask, kv_kind,
 # k_scale, v_scale
 _DECODE_ATTENTION_ARGS = ("const float*", "const void*", "const void*", "const float*", "float*", "const float*",
@@ -59,7 +61,7 @@ SOURCES = {
         "bf16_gemv_avx512.cpp",
         ("const void*", "const uint16_t*", "const float*", "void*", "int64_t", "int64_t", "int64_t", "int64_t",
          "int64_t", "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
-        _AVX512,
+        _AVX512_BF16,
     ),
     "woq_avx512": (
         "woq_avx512.cpp",

@@ -1,10 +1,13 @@
 // Helpers shared by the AVX-512 kernels of this folder: blocks of 16 rows of W, one fp32 lane
 // each. Inductor builds our sources with its own ISA flags (AVX2 or AVX-512F, not BF16 or VNNI
 // everywhere), so these functions carry their target themselves and the callers check the CPU.
+// The target leaves AVX512-BF16 out: Ice Lake and Cascade Lake Xeons have AVX-512 and VNNI
+// without it, and only bf16_gemv_avx512.cpp multiplies in bf16 (ZEN_AVX512_BF16).
 #pragma once
 #include "avx2_common.h"
 
-#define ZEN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
+#define ZEN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+#define ZEN_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")))
 
 namespace zen_avx512 {
 
@@ -15,6 +18,14 @@ constexpr int STREAMS = 4;    // blocks a thread reads side by side (see bf16_ge
 
 ZEN_AVX512 inline __mmask16 first(int64_t valid) {
   return valid >= ROWS ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+}
+
+// 16 fp32 to bf16, rounded to nearest even as store8 rounds (vcvtneps2bf16 would need AVX512-BF16;
+// the same bits for every finite value that is not a denormal, and no NaNs come out of these kernels)
+ZEN_AVX512 inline __m256i round_to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd)), 16));
 }
 
 // Row m of y gets block b's 16 sums v (bias added): bf16 (rounded to nearest even) or fp32,
@@ -36,7 +47,7 @@ ZEN_AVX512 inline void store_block(void* y, int64_t m, int64_t b, int64_t N, __m
   if (residual)
     v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(first(N - n0), residual + m * N + n0));
   if (y_bf16) {
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + m * N + n0, first(N - n0), (__m256i)_mm512_cvtneps_pbh(v));
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(y) + m * N + n0, first(N - n0), round_to_bf16(v));
   } else {
     _mm512_mask_storeu_ps(static_cast<float*>(y) + m * N + n0, first(N - n0), v);
   }

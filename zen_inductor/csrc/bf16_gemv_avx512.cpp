@@ -14,8 +14,8 @@ using namespace zen_avx512;
 
 // Blocks b0 .. b0 + S - 1 against rows m0 .. m0 + R - 1 of x, bias added, epilogue applied, stored.
 template <int R, int S>
-ZEN_AVX512 void blocks(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t m0, int64_t b0,
-                       int64_t N, int64_t K, bool y_bf16, bool swiglu, const float* res) {
+ZEN_AVX512_BF16 void blocks(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t m0, int64_t b0,
+                            int64_t N, int64_t K, bool y_bf16, bool swiglu, const float* res) {
   __m512 acc[R][S];
   for (int r = 0; r < R; ++r)
     for (int s = 0; s < S; ++s)
@@ -48,8 +48,8 @@ ZEN_AVX512 void blocks(const uint16_t* x, const uint16_t* w, const float* b, voi
 // side by side (U streams, as the packed GEMV's 4: one row at a time, one stream a thread, read
 // llama1b's gate/up at 0.6x the packed GEMV's rate), and each 32 values of x serve all U.
 template <int R, int U>
-ZEN_AVX512 inline void plain_rows(const uint16_t* x, const uint16_t* w, int64_t m0, int64_t n, int64_t K, __mmask32 tail,
-                                  float (*sums)[ROWS], int64_t j) {
+ZEN_AVX512_BF16 inline void plain_rows(const uint16_t* x, const uint16_t* w, int64_t m0, int64_t n, int64_t K, __mmask32 tail,
+                                       float (*sums)[ROWS], int64_t j) {
   __m512 acc[R][U];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
@@ -75,8 +75,8 @@ ZEN_AVX512 inline void plain_rows(const uint16_t* x, const uint16_t* w, int64_t 
 }
 
 template <int R>
-ZEN_AVX512 void plain_block(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t m0, int64_t blk,
-                            int64_t N, int64_t K, bool y_bf16, bool swiglu, const float* res) {
+ZEN_AVX512_BF16 void plain_block(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t m0, int64_t blk,
+                                 int64_t N, int64_t K, bool y_bf16, bool swiglu, const float* res) {
   constexpr int U = 4;
   alignas(64) float sums[R][ROWS] = {};
   const int64_t n0 = blk * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
