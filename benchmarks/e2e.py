@@ -31,6 +31,8 @@ import tempfile
 import sys
 import time
 
+from zen_inductor.cpu import describe as describe_cpu
+
 MODELS = {
     # Llama-3.2-1B shapes, 4 layers, vocab 32000, tied embeddings
     "llama1b-4l": dict(family="llama", hidden=2048, intermediate=8192, heads=32, kv_heads=8, layers=4, vocab=32000),
@@ -350,14 +352,7 @@ def _is_zen(system: str) -> bool:  # zen and its variants (zen-a8); zentorch is 
 
 
 def _cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-        flags = open("/proc/cpuinfo").read()
-        isa = "AVX-512" if "avx512f" in flags else "AVX2"
-        return f"{name} ({isa})"
-    except Exception:
-        return "unknown"
+    return describe_cpu()
 
 
 def _versions():

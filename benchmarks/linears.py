@@ -22,6 +22,7 @@ from zen_inductor.bins import shape_bins, static_order  # noqa: E402
 from zen_inductor.timing import HOPELESS_RATIO, first_call_us, time_kernel, weight_copies  # noqa: E402
 from zen_inductor.verification import Verifier  # noqa: E402
 from zen_inductor.kernels import KERNELS, DenseWeight, LinearSpec, QuantWeight, candidates  # noqa: E402
+from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
 from benchmarks.e2e import MODELS  # noqa: E402
 
 
@@ -69,7 +70,7 @@ def main():
     shapes = {"qkv": (heads * hd + 2 * kv * hd, h), "o": (h, heads * hd), "gate_up": (2 * i, h), "down": (h, i), "lm_head": (spec_m["vocab"], h)}
     bw = read_bandwidth_gbs()
     lines = [f"# Per-linear kernels: {args.model} (merged q/k/v and gate/up as zen runs them)", "",
-             f"Measured read bandwidth: {bw:.1f} GB/s, {torch.get_num_threads()} threads. Times in us (median); "
+             f"Machine: {describe_cpu()}. Measured read bandwidth: {bw:.1f} GB/s, {torch.get_num_threads()} threads. Times in us (median); "
              "GB/s = weight bytes / time; `x` = not a candidate or failed verification; `>N`: one call "
              f"took over {HOPELESS_RATIO}x the best so far and was not repeated (as the autotuner does).", ""]
     for fmt in args.formats.split(","):

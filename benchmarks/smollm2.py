@@ -44,6 +44,8 @@ import sys
 import tempfile
 import time
 
+from zen_inductor.cpu import describe as describe_cpu
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = ("eager", "inductor", "zen", "zen-kv8", "zen-aot", "llamacpp", "llamacpp-kv8")
 AOT = "zen-aot"  # zen_inductor.compile_ahead_of_time: AOTInductor programs, no Dynamo or Python wrapper a step
@@ -266,10 +268,7 @@ def paired_ratios(rows: list, system: str = "zen") -> dict:
 
 
 def cpu() -> str:
-    with open("/proc/cpuinfo") as f:
-        text = f.read()
-    name = next(l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name"))
-    return f"{name} ({'AVX-512' if 'avx512f' in text else 'AVX2'})"
+    return describe_cpu()
 
 
 def main() -> None:

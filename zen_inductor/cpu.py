@@ -56,6 +56,22 @@ def missing(required: Iterable[str]) -> Optional[str]:
     return f"CPU lacks {', '.join(lacking)}" if lacking else None
 
 
+def describe() -> str:
+    """The CPU's name and the vector extensions that decide zen's kernels, for benchmark results:
+    "AVX-512" alone named both an AMX Xeon and an Ice Lake one, whose kernels differ."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        name = "unknown CPU"
+    have = hardware_flags()
+    if "avx512f" not in have:
+        return f"{name} ({'AVX2' if 'avx2' in have else 'no AVX2'})"
+    extras = {"avx512_vnni": "VNNI", "avx512_bf16": "BF16", "amx_bf16": "AMX"}
+    return f"{name} (AVX-512 {', '.join(v for k, v in extras.items() if k in have) or 'F'}; " \
+           f"without {', '.join(v for k, v in extras.items() if k not in have) or 'nothing of these'})"
+
+
 def native_bf16_gemm() -> bool:
     """Whether a bf16 GEMM runs in hardware (AVX512-BF16 or AMX) rather than through fp32."""
     return bool({"avx512_bf16", "amx_bf16"} & flags())
