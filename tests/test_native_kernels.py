@@ -482,16 +482,18 @@ def test_cpu_capability_default_hides_every_vector_extension():
         assert native.missing_isa("woq_avx2") == "CPU lacks avx2, fma" == native.unavailable("woq_avx2")
 
 
-@pytest.mark.skipif(native.unavailable("a8w8_rows_avx2") is not None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("name", [pytest.param("zen_a8w8_rows_avx2", marks=_needs("a8w8_rows_avx2", "AVX2")),
+                                  pytest.param("zen_a8w8_rows_avx512", marks=_needs("a8w8_rows_avx512", "AVX512-VNNI"))])
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
-def test_int8_rows_gemv_computes_what_int_mm_computes(act_dtype):
-    """zen_a8w8_rows_avx2 quantizes x as torchao's dynamic activations do and reads the model's
-    own int8 rows: its output is aten_int_mm_da8's, bit for bit (fp32 sums of exact integer dot
-    products, scaled in the same order), with bias, a residual and gate/up fused into SwiGLU."""
+def test_int8_rows_gemv_computes_what_int_mm_computes(name, act_dtype):
+    """The own-rows kernels quantize x as torchao's dynamic activations do and read the model's
+    own int8 rows: their output is aten_int_mm_da8's, bit for bit (fp32 sums of exact integer dot
+    products, scaled in the same order), with bias, a residual and gate/up fused into SwiGLU.
+    K = 1056 leaves the AVX-512 build a 32-byte tail of each row to read under its mask."""
     from zen_inductor.kernels import Plan, quant_linear
 
-    rows, int_mm = KERNELS["zen_a8w8_rows_avx2"], KERNELS["aten_int_mm_da8"]
-    n, k = 72, 1024  # 9 output tiles of 8
+    rows, int_mm = KERNELS[name], KERNELS["aten_int_mm_da8"]
+    n, k = 72, 1056  # 9 output tiles of 8
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)  # -128 too: |w| is 128 unsigned
     codes[0, :64] = -128

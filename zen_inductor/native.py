@@ -35,6 +35,11 @@ _DECODE_ATTENTION_ARGS = ("const float*", "const void*", "const void*", "const f
 # x_bf16, y_bf16, has_bias, bits, swiglu, residual, has_residual
 _Q8_0_ARGS = ("const void*", "const uint8_t*", "const float*", "void*", *("int64_t",) * 8, "const float*", "int64_t")
 
+# the entry on the model's own int8 rows (a8w8_rows.h): x, w, scale, bias, y, M, N, K, x_bf16, y_bf16,
+# has_bias, swiglu, residual, has_residual
+_A8W8_ROWS_ARGS = ("const void*", "const int8_t*", "const float*", "const float*", "void*", *("int64_t",) * 7,
+                   "const float*", "int64_t")
+
 # name -> (source file in zen_inductor/csrc, argument types of its ``kernel`` entry, CPU flags)
 # An entry the C++ ops call (csrc/ops.cpp) is bound by address; its types here say how many
 # words the op passes it (a linear entry's list follows the one convention of quant_linear.native).
@@ -70,11 +75,8 @@ SOURCES = {
          "int64_t", "const float*", "int64_t"),
         _AVX512,
     ),
-    "a8w8_rows_avx2": (
-        "a8w8_rows_avx2.cpp",
-        ("const void*", "const int8_t*", "const float*", "const float*", "void*", *("int64_t",) * 7, "const float*", "int64_t"),
-        ("avx2", "fma"),
-    ),
+    "a8w8_rows_avx2": ("a8w8_rows_avx2.cpp", _A8W8_ROWS_ARGS, ("avx2", "fma")),
+    "a8w8_rows_avx512": ("a8w8_rows_avx512.cpp", _A8W8_ROWS_ARGS, _AVX512),  # the same entry with vpdpbusd
     "q8_0_rows": ("q8_0_rows.cpp", _Q8_0_ARGS, ("avx2", "fma", "f16c")),
     "q8_0_gemm": ("q8_0_gemm.cpp", _Q8_0_ARGS, ("avx2", "fma", "f16c")),  # the same layout, for many rows of x
     "swiglu_avx2": (
@@ -101,7 +103,7 @@ SOURCES = {
 
 # entries called by the C++ ops (csrc/ops.cpp), loaded without Python bindings; the others are
 # called from Python through Inductor's bindings of their argument types
-BOUND_ENTRIES = frozenset({"a8w4_avx2", "a8w8_rows_avx2", "woq_avx2", "q8_0_rows", "q8_0_gemm", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention",
+BOUND_ENTRIES = frozenset({"a8w4_avx2", "a8w8_rows_avx2", "a8w8_rows_avx512", "woq_avx2", "q8_0_rows", "q8_0_gemm", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention",
                            "decode_attention_avx512"})
 
 

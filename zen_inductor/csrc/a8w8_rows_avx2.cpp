@@ -1,47 +1,16 @@
-// Dynamic int8 activations x int8 per-channel weights on the model's own rows: y = x @ W^T
-// (+ bias), AVX2, W the [N, K] int8 tensor the model holds and scale its [N] fp32 scales. The
-// int8 linears of torchao's dynamic-activation formats keep W so, and the prefill's _int_mm reads
-// it as it is (W^T a view): decode on the same bytes needs no packed copy beside the model's.
-// x goes to int8 the way torchao's dynamic activations do, one symmetric scale per row
-// (max |x| / 127, clamped, x / scale rounded to nearest even): the products are the model's own.
-// A dot product of four bytes pairs is vpmaddubsw on |w| (unsigned, up to 128) and x carrying
-// w's sign (x within +-127, so negating never overflows), then vpmaddwd into int32 lanes: each
-// 16-bit pair sum stays below 2 * 128 * 127, and K up to 2^20 stays far below 2^31.
-// Rows of W go 8 at a time (a tile of the output), each read from its first byte to its last,
-// up to 4 rows of x sharing each loaded line.
-#include <algorithm>
-
+// a8w8_rows.h's dot products with AVX2: a dot product of four byte pairs is vpmaddubsw on |w|
+// (unsigned, up to 128) and x carrying w's sign (x within +-127, so negating never overflows),
+// then vpmaddwd into int32 lanes: each 16-bit pair sum stays below 2 * 128 * 127, and K up to
+// 2^20 stays far below 2^31.
 #include "avx2_common.h"
 
 namespace {
 
 using namespace zen_avx2;
 
-constexpr float QMAX = 127.0f;
-
-// row m of x (bf16 or fp32) to int8 with one scale: the arithmetic of aten_int_mm_da8
-void quantize_row(const void* x, int64_t m, int64_t K, bool x_bf16, int8_t* xq, float* scale) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 amax = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8)
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load8(x, m * K + k, x_bf16)));
-  const float s = std::max(hmax(amax), 1e-7f) / QMAX;
-  *scale = s;
-  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-QMAX), hi = _mm256_set1_ps(QMAX);
-  for (int64_t k = 0; k < K; k += 8) {
-    const __m256 q = _mm256_round_ps(_mm256_div_ps(load8(x, m * K + k, x_bf16), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi));
-    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), _mm_packs_epi16(w16, w16));
-  }
-}
-
-// The outputs of rows 8t .. 8t + 7 of W for ROWS rows of x from m0 (scales and bias applied).
 template <int ROWS>
-void tile_rows(const int8_t* w, const float* ws, const float* bias, const int8_t* xq, const float* xs, __m256* acc,
-               int64_t m0, int64_t t, int64_t K) {
+void dot_rows(const int8_t* w, const int8_t* xq, int64_t m0, int64_t t, int64_t K, __m256i (*sums)[8]) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i sums[ROWS][8];
   for (int j = 0; j < 8; ++j) {
     const int8_t* row = w + (t * 8 + j) * K;
     __m256i a[ROWS];
@@ -61,31 +30,8 @@ void tile_rows(const int8_t* w, const float* ws, const float* bias, const int8_t
     for (int r = 0; r < ROWS; ++r)
       sums[r][j] = a[r];
   }
-  const __m256 w_scale = _mm256_loadu_ps(ws + t * 8);
-  for (int r = 0; r < ROWS; ++r) {
-    // (dot * x's scale) * w's scale: the order of _int_mm's output scaled in aten_int_mm_da8
-    const __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(reduce8(sums[r])), _mm256_set1_ps(xs[m0 + r])), w_scale);
-    acc[r] = bias ? _mm256_add_ps(y, _mm256_loadu_ps(bias + t * 8)) : y;
-  }
 }
 
 }  // namespace
 
-extern "C" void kernel(const void* x, const int8_t* w, const float* scale, const float* bias, void* y, int64_t M,
-                       int64_t N, int64_t K, int64_t x_bf16, int64_t y_bf16, int64_t has_bias, int64_t swiglu,
-                       const float* residual, int64_t has_residual) {
-  static thread_local std::vector<int8_t> xq_buffer;
-  static thread_local std::vector<float> xs_buffer;
-  xq_buffer.resize(M * K);
-  xs_buffer.resize(M);
-  // the calling thread's buffers: inside the parallel loop the names would be each thread's own
-  int8_t* xq = xq_buffer.data();
-  float* xs = xs_buffer.data();
-  for (int64_t m = 0; m < M; ++m)
-    quantize_row(x, m, K, x_bf16, xq + m * K, xs + m);
-  const float* b = has_bias ? bias : nullptr;
-  for_output_tiles(y, M, N, swiglu, y_bf16, has_residual ? residual : nullptr,
-                   [&](auto rows, int64_t m0, int64_t tile, __m256* acc) {
-                     tile_rows<decltype(rows)::value>(w, scale, b, xq, xs, acc, m0, tile, K);
-                   });
-}
+#include "a8w8_rows.h"

@@ -1,8 +1,9 @@
 """Int8 x int8 linears on the model's own weight: the [N, K] int8 codes and [N] scales that
 torchao's dynamic-activation formats keep (per-channel, symmetric), read where they are. The
 layout is no packing at all, so prefill and decode on it add no bytes to the model: ATen's
-``_int_mm`` (oneDNN's) on W^T as a view for many rows, our C++ GEMV (csrc/a8w8_rows_avx2.cpp) for
-few. Both quantize x as the model does, int8 per row: their outputs are the model's own."""
+``_int_mm`` (oneDNN's) on W^T as a view for many rows, our C++ GEMV (csrc/a8w8_rows.h, built for
+AVX2 and for AVX512-VNNI) for few. All quantize x as the model does, int8 per row: their outputs
+are the model's own."""
 from __future__ import annotations
 
 from typing import Optional
@@ -61,4 +62,6 @@ KERNELS = (
            fast_with="int8_gemm", activations="int8 per row"),
     Kernel("zen_a8w8_rows_avx2", "zen", _rows_supports, _prepack, NativeLinear("a8w8_rows_avx2", _rows_arguments),
            layout="int8_rows", own_weight=True, epilogues=("swiglu",), max_m=16, rank=(1, 30), activations="int8 per row"),
+    Kernel("zen_a8w8_rows_avx512", "zen", _rows_supports, _prepack, NativeLinear("a8w8_rows_avx512", _rows_arguments),
+           layout="int8_rows", own_weight=True, epilogues=("swiglu",), max_m=16, rank=(0, 29), activations="int8 per row"),
 )
