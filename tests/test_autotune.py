@@ -519,6 +519,31 @@ def test_packed_weights_are_kept_on_huge_pages_but_the_models_own_weight_is_not_
     assert packed[0].data_ptr() == dense.weight.data_ptr()  # read in place, not held twice
 
 
+def test_the_models_own_weight_read_in_place_is_put_on_huge_pages_where_it_lies():
+    """Where kernels that read the model's tensor as it is are candidates, the tuner moves that
+    tensor's whole 2 MB runs onto huge pages in place (MADV_COLLAPSE): decode reads it on them as
+    it reads packings, and the model keeps its address and bytes. Not for a tensor the pass made."""
+    from zen_inductor.allocator import HUGE_PAGE, _transparent_huge_pages
+    from zen_inductor.autotune import Tuner
+    from zen_inductor.kernels import DenseWeight, LinearSpec
+
+    if _transparent_huge_pages() not in ("always", "madvise"):
+        pytest.skip("this kernel offers no transparent huge pages")
+    spec = LinearSpec(n=4096, k=2048, group_size=0, bits=16, symmetric=True, act_dtype=torch.bfloat16)
+    for own in (False, True):
+        dense = DenseWeight(torch.randn(4096, 2048, dtype=torch.bfloat16))  # 16 MB: at least 7 whole huge pages
+        address, values = dense.weight.data_ptr(), dense.weight.clone()
+        first = -(-address // HUGE_PAGE) * HUGE_PAGE
+        storages = frozenset({dense.weight.untyped_storage().data_ptr()}) if own else frozenset()
+        with config.patch(kernel_allow=("dense_sgemm",), autotune=False):
+            packed = Tuner().plan(spec, dense, None, model_storages=storages).packed["dense_sgemm"]
+        assert packed[0].data_ptr() == address and torch.equal(dense.weight, values)
+        if own:
+            assert _huge_page_kb(first) >= 7 * HUGE_PAGE // 1024
+        else:
+            assert _huge_page_kb(first) < 7 * HUGE_PAGE // 1024  # (or the test shows nothing)
+
+
 def test_only_packings_serving_memory_bound_bins_are_copied_to_huge_pages(monkeypatch):
     # prefill GEMMs are bound by arithmetic: a copy of their packings (such as int4's bf16 copies)
     # would cost compile time and memory for nothing

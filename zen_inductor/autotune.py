@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from . import config, native, timing
-from .allocator import on_huge_pages, release_freed_memory
+from .allocator import collapse_to_huge_pages, on_huge_pages, release_freed_memory
 from .kernels import KERNELS, LAZY, LinearSpec, Plan, QuantWeight, candidates, on_lazy_choice
 from .record import NoKernel
 from .bins import ShapeBin, shape_bins, static_choice, static_order
@@ -75,6 +75,10 @@ class Tuner:
         if rows is not None and rows < 1:  # an empty x: every bin, as for a dynamic M
             rows = None
         packed_before = packed_before or {}
+        own_reading = _reading_storage(weight) in model_storages
+        if own_reading and any(k.own_weight for k in kernels):
+            # before timing: the model's tensor is the first timing copy, and what decode reads
+            collapse_to_huge_pages(_reading(weight))
         linear = _LinearTuning(self, spec, weight, bias, [k.name for k in kernels], excluded, one_bin=rows is not None)
         linear.packed.share(packed_before)
         bins = shape_bins()
@@ -83,7 +87,7 @@ class Tuner:
             bins = [b for b in bins if b.lo <= rows and (b.hi is None or rows <= b.hi)]
         results = [linear.choose(b) for b in bins]
         held = dict.fromkeys(packed_before, "the layout another graph holds")
-        if _reading_storage(weight) in model_storages:
+        if own_reading:
             held.update(dict.fromkeys((k.packing for k in kernels if k.own_weight), "the model's own weight"))
         _one_layout(bins, results, held)
         winners = tuple(r.winner for r in results) if rows is None else (results[0].winner,) * (len(edges) + 1)
@@ -91,8 +95,12 @@ class Tuner:
         return Tuning(plan, results, excluded, _kept(linear.packed, plan))
 
 
+def _reading(weight) -> torch.Tensor:
+    return weight.codes if isinstance(weight, QuantWeight) else weight.weight
+
+
 def _reading_storage(weight) -> int:
-    return (weight.codes if isinstance(weight, QuantWeight) else weight.weight).untyped_storage().data_ptr()
+    return _reading(weight).untyped_storage().data_ptr()
 
 
 def _one_layout(bins: list, results: list, held: dict | None = None) -> None:
