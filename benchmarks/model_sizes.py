@@ -139,6 +139,7 @@ def run_child(args, size: str, fmt: str, system: str, env) -> dict:
 
 
 def write(rows: list, args) -> None:
+    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "model-sizes.json")
     if os.path.exists(path):
         with open(path) as f:
