@@ -155,9 +155,9 @@ def collapse_to_huge_pages(t: torch.Tensor) -> bool:
     end = (t.untyped_storage().data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
     if end <= start:
         return False
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)(("madvise", libc))
     # the first marks the range (khugepaged may also collapse it later), the second collapses it now
-    return libc.madvise(start, end - start, _MADV_HUGEPAGE) == 0 and libc.madvise(start, end - start, _MADV_COLLAPSE) == 0
+    return madvise(start, end - start, _MADV_HUGEPAGE) == 0 and madvise(start, end - start, _MADV_COLLAPSE) == 0
 
 
 def _placed(t: torch.Tensor) -> bool:

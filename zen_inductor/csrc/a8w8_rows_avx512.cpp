@@ -4,8 +4,8 @@
 // takes w's sign: AVX-512 has no vpsignb, so x is negated under the mask of w's sign bits
 // (where w is 0, |w| is 0 and x's sign does not matter). x stays within +-127: no overflow.
 // A row's tail of 32 bytes (K is a multiple of 32) is read under a byte mask.
-// Measured against the AVX2 build on an Ice Lake Xeon (llama1b-4l's int8 linears): 1.1-1.5x at
-// M = 16, level at M = 1-4 (benchmarks/results/linears-llama1b-4l-icelake.md).
+// Measured against the AVX2 build on an Ice Lake Xeon (llama1b-4l's int8 linears): 0.9-1.5x at
+// M = 16, within the noise at M = 1-4 (benchmarks/results/linears-llama1b-4l-icelake.md).
 #include "avx512_common.h"
 
 namespace {
