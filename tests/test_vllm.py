@@ -26,7 +26,12 @@ pytestmark = pytest.mark.vllm
 
 HERE = os.path.dirname(__file__)
 LINEARS = 30 * 4  # SmolLM2's 30 layers: q/k/v and gate/up come merged by vLLM, then o and down
-BARS = {"bf16": 40.0, "int4wo": 40.0}  # weight-only: the bar of a kernel against its reference
+# Whole-model logits of two bf16 backends, not a kernel against its fp32 reference (test_native_kernels
+# holds every kernel to 40 dB there): on an Ice Lake Xeon zen_w4_avx512 and zen_w4_avx2, each 55.6 dB
+# from fp32 on SmolLM2's shapes at M = 1 and 41 (the bf16 rounding of their output), put the fixed
+# text's int4 logits 39.5 and 40.9 dB from the default backend's: where 30 layers of bf16 rounding
+# land, 2 dB of slack below the kernel bar. A wrong kernel lands under 10.
+BARS = {"bf16": 38.0, "int4wo": 38.0}
 
 
 @pytest.fixture(scope="module")
