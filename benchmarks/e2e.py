@@ -31,7 +31,7 @@ import tempfile
 import sys
 import time
 
-from zen_inductor.cpu import describe as describe_cpu
+from zen_inductor.cpu import describe as _cpu  # the machine line of every results file
 
 MODELS = {
     # Llama-3.2-1B shapes, 4 layers, vocab 32000, tied embeddings
@@ -349,10 +349,6 @@ def token_agreement(tokens, reference) -> str:
 
 def _is_zen(system: str) -> bool:  # zen and its variants (zen-a8); zentorch is a peer
     return system == "zen" or system.startswith("zen-")
-
-
-def _cpu():
-    return describe_cpu()
 
 
 def _versions():

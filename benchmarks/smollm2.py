@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 
-from zen_inductor.cpu import describe as describe_cpu
+from zen_inductor.cpu import describe as cpu  # the machine line of every results file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = ("eager", "inductor", "zen", "zen-kv8", "zen-aot", "llamacpp", "llamacpp-kv8")
@@ -265,10 +265,6 @@ def paired_ratios(rows: list, system: str = "zen") -> dict:
         if len(ratios) > 1:
             out[length] = ratios
     return out
-
-
-def cpu() -> str:
-    return describe_cpu()
 
 
 def main() -> None:
