@@ -203,9 +203,17 @@ def test_a_padded_batch_decodes_each_row_as_if_alone():
         alone_fed = [ids[1:, ids.shape[1] - len(prompts[1]):]] + [t[1:] for t in zen_fed[1:]]
         alone_run, alone_logits = teacher_forced(twin.forward, alone_fed)
         generate(alone_run, alone_fed[0], new, static_cache(twin))
-    for step, (z, e, r, a) in enumerate(zip(zen_logits, eager_logits, twin_logits, alone_logits)):
-        assert sqnr(z, r) >= sqnr(e, r) - 0.5, step
-        assert sqnr(z[1], a[0]) >= sqnr(e[1], a[0]) - 0.5, step  # the padding hidden as eager hides it
+    # Each step's kernels are timed, so which of two equally accurate kernels serves a bin (and
+    # where bf16 rounds) varies between runs: one step of one row moves ~1 dB with it. All steps
+    # together are held to eager's accuracy; each step is held within 2 dB of it, where padding
+    # that leaked into a row would cost it tens.
+    steps = list(zip(zen_logits, eager_logits, twin_logits, alone_logits))
+    for step, (z, e, r, a) in enumerate(steps):
+        assert sqnr(z, r) >= sqnr(e, r) - 2.0, step
+        assert sqnr(z[1], a[0]) >= sqnr(e[1], a[0]) - 2.0, step  # the padding hidden as eager hides it
+    z, e, r, a = (torch.stack(t) for t in zip(*steps))
+    assert sqnr(z, r) >= sqnr(e, r) - 0.5
+    assert sqnr(z[:, 1], a[:, 0]) >= sqnr(e[:, 1], a[:, 0]) - 0.5
     assert len(zen_logits) == new
     reports = reports_since(compiles_before)
     assert zen_inductor.counters["decode_attention.gqa_masked"] >= LAYERS
