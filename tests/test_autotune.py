@@ -92,6 +92,9 @@ print(json.dumps({{"cached": [b["cached"] for b in bins], "notes": [b["note"] fo
                   "fx_graph_cache_hits": counters["inductor"]["fxgraph_cache_hit"], "sqnr": sqnr}}))
 """
 
+# the note of a bin timed while other processes took the CPUs, which the tuning cache does not keep
+_NOT_KEPT = "not kept in the tuning cache"
+
 
 def _compile_elsewhere(cache_dir, seed=0):
     # another hash seed per process: nothing in a cache key may depend on Python's string hashing;
@@ -107,9 +110,11 @@ def _compile_elsewhere(cache_dir, seed=0):
 def test_second_process_tunes_and_generates_nothing(tmp_path):
     first = _compile_elsewhere(tmp_path, seed=0)
     assert not any(first["cached"]) and first["fx_graph_cache_hits"] == 0
-    # every bin with a choice is stored (bins with one candidate take it: "static rule", not stored)
-    stored = ["static rule" not in note for note in first["notes"]]
-    assert any(stored) and all(s or note == "static rule" for s, note in zip(stored, first["notes"])), first["notes"]
+    # every bin with a choice is stored (bins with one candidate take it: "static rule", not stored),
+    # but one timed while other processes took the CPUs, which its note says
+    stored = ["static rule" not in note and _NOT_KEPT not in note for note in first["notes"]]
+    assert any(stored) and all(s or note == "static rule" or _NOT_KEPT in note
+                               for s, note in zip(stored, first["notes"])), first["notes"]
     second = _compile_elsewhere(tmp_path, seed=1)  # other weights, same shapes
     # ... and the second process takes each of them from the cache, verified on its own weight
     assert [c for c, s in zip(second["cached"], stored) if s] == [True] * sum(stored), (first["notes"], second["notes"])
@@ -129,7 +134,8 @@ def test_corrupt_or_foreign_cache_is_rebuilt(tmp_path, caplog, content):
     assert sqnr(y, x.float() @ m.reference_weight().t()) >= 40
     assert any("unreadable" in r.getMessage() for r in caplog.records)
     rebuilt = json.loads((cache / "autotune.json").read_text())
-    assert rebuilt["version"] >= 1 and len(rebuilt["entries"]) == len(shape_bins())
+    contended = sum(_NOT_KEPT in r.getMessage() for r in caplog.records)  # bins timed beside other processes
+    assert rebuilt["version"] >= 1 and len(rebuilt["entries"]) == len(shape_bins()) - contended
 
 
 def test_cached_winner_must_pass_on_this_weight(tmp_path, monkeypatch):
@@ -798,7 +804,7 @@ def test_timings_taken_beside_other_busy_processes_are_timed_again_or_not_kept(t
 
     monkeypatch.setattr(timing, "QUIET_WAIT_S", 0.5)
     one = tuned_bin(busy())  # the load outlasts the wait
-    assert "not kept in the tuning cache" in one["note"], one
+    assert _NOT_KEPT in one["note"], one
     assert not entries()
     monkeypatch.setattr(timing, "QUIET_WAIT_S", 30.0)
     processes, wait = busy(), timing.wait_for_quiet
