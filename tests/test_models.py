@@ -159,8 +159,8 @@ def test_hugging_face_torchao_config(tmp_path):
 
 def test_a_padded_batch_decodes_each_row_as_if_alone():
     """Prompts of two lengths, left-padded into one batch with its attention mask, through a
-    StaticCache: zen's prefill and decode attention take the padding mask, every step's logits
-    are as accurate as eager's against the fp32 twin, and the padded row's as its prompt's alone."""
+    StaticCache: zen's prefill and decode attention take the padding mask, the steps' logits are
+    as accurate as eager's against the fp32 twin, and the padded row's against its prompt's alone."""
     from transformers import StaticCache
 
     from zen_inductor.demo import generate, left_padded
