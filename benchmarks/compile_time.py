@@ -23,7 +23,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from e2e import MODELS, _cpu, _versions, cold_caches, run_child  # noqa: E402
+from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
+from e2e import MODELS, _versions, cold_caches, run_child  # noqa: E402
 
 
 def main():
@@ -57,7 +58,7 @@ def write(rows, args):
     stamp = time.strftime("%Y-%m-%d")
     phases = args.phases
     lines = [f"# compile time: {args.model}, from empty caches to warm ({stamp})", "",
-             f"Machine: {_cpu()}, {os.cpu_count()} cores. Versions: {_versions()}.", "",
+             f"Machine: {describe_cpu()}, {os.cpu_count()} cores. Versions: {_versions()}.", "",
              "cold: empty Inductor FX graph cache and empty zen tuning cache; run n: a new process with the caches "
              "the earlier runs left. Seconds of the first generate() call (all graphs of the model); "
              "in brackets zen / stock Inductor.", "",

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.linears import read_bandwidth_gbs  # noqa: E402
-from benchmarks.smollm2 import cpu  # noqa: E402
+from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
 from zen_inductor.attention import decode_attention, unavailable  # noqa: E402
 from zen_inductor.kv_cache import dequantize, quantize  # noqa: E402
 
@@ -100,7 +100,7 @@ def main() -> None:
     compiled = torch.compile(gemms, dynamic=False)
     bandwidth = read_bandwidth_gbs()
     lines = [f"# Decode attention, one query position over a static cache ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {cpu()}, {torch.get_num_threads()} threads; read bandwidth {bandwidth:.1f} GB/s (a 512 MB buffer "
+             f"Machine: {describe_cpu()}, {torch.get_num_threads()} threads; read bandwidth {bandwidth:.1f} GB/s (a 512 MB buffer "
              f"summed). Batch 1; each call reads the next of {args.layers} caches, as a decode step walks its layers; "
              f"the last {UNWRITTEN} positions of each cache unwritten (masked). `python benchmarks/decode_attention.py`, "
              f"medians of {args.reps} passes. GB/s: bytes of K and V up to the last visible position over the time "

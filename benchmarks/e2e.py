@@ -31,7 +31,7 @@ import tempfile
 import sys
 import time
 
-from zen_inductor.cpu import describe as _cpu  # the machine line of every results file
+from zen_inductor.cpu import describe as describe_cpu
 
 MODELS = {
     # Llama-3.2-1B shapes, 4 layers, vocab 32000, tied embeddings
@@ -293,7 +293,7 @@ def write(results, args, quiet=False):
         fresh = {(r["format"], r["system"]) for r in results}
         results = [r for r in old if (r["format"], r["system"]) not in fresh] + results
     stamp = time.strftime("%Y-%m-%d")
-    meta = {"date": stamp, "machine": platform.processor() or platform.machine(), "cpu": _cpu(), "threads": os.cpu_count(),
+    meta = {"date": stamp, "machine": platform.processor() or platform.machine(), "cpu": describe_cpu(), "threads": os.cpu_count(),
             "model": args.model, "prompt": args.prompt, "new": args.new, "reps": args.reps, "cache": args.cache,
             "batch": args.batch, "padded": args.padded,
             "versions": _versions()}

@@ -137,7 +137,8 @@ def llamacpp_child(path: str, prompt: list, new: int) -> dict:
 
 
 def main() -> None:
-    from smollm2 import cpu, prose_ids
+    from smollm2 import prose_ids
+    from zen_inductor.cpu import describe as describe_cpu
 
     from zen_inductor.smollm2 import gguf_path
 
@@ -184,7 +185,7 @@ def main() -> None:
               f"{row['trimmed_mb'] - row['bare_mb']:.0f} MB = {row['held_x_file']:.2f}x the file", flush=True)
     name = os.path.basename(path)
     lines = [f"# GGUF memory: {name} ({file_mb:.1f} MB)", "",
-             f"Machine: {cpu()}, {os.cpu_count()} cores. Prompt {len(prompt)} tokens of benchmarks/data/prose.txt, "
+             f"Machine: {describe_cpu()}, {os.cpu_count()} cores. Prompt {len(prompt)} tokens of benchmarks/data/prose.txt, "
              f"{args.new} new tokens. One process per system; `python benchmarks/gguf_memory.py --file {args.file}`.", "",
              "RSS in MB. bare: after `import torch`; held: RSS after the run and "
              "`malloc_trim` minus bare; tensors: every live CPU tensor's bytes after the run.", "",
@@ -201,7 +202,7 @@ def main() -> None:
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(stem + ".json", "w") as f:
-        json.dump({"file": name, "file_mb": file_mb, "cpu": cpu(), "rows": rows}, f, indent=1)
+        json.dump({"file": name, "file_mb": file_mb, "cpu": describe_cpu(), "rows": rows}, f, indent=1)
     print("\n".join(lines))
 
 

@@ -32,7 +32,8 @@ import sys
 import time
 import types
 
-from e2e import MODELS, _cpu, _is_zen, _versions, build, compiled_forward, quant_config, run_arguments, token_agreement
+from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
+from e2e import MODELS, _is_zen, _versions, build, compiled_forward, quant_config, run_arguments, token_agreement
 
 SYSTEMS = ("inductor", "zentorch", "zen", "recipe")  # eager is far behind in every quantized format
 
@@ -101,7 +102,7 @@ def summarize(run: dict) -> dict:
 def write(runs: list, args) -> str:
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d")
-    meta = {"date": stamp, "cpu": _cpu(), "threads": os.cpu_count(), "model": args.model, "prompt": args.prompt,
+    meta = {"date": stamp, "cpu": describe_cpu(), "threads": os.cpu_count(), "model": args.model, "prompt": args.prompt,
             "new": args.new, "rounds": args.rounds, "versions": _versions()}
     with open(os.path.join(args.out, f"interleaved-{args.model}.json"), "w") as f:
         json.dump({"meta": meta, "runs": runs}, f, indent=1)

@@ -60,7 +60,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args()
-    from smollm2 import cpu, prose_ids  # noqa: the benchmark beside this one
+    from smollm2 import prose_ids  # noqa: the benchmark beside this one
+    from zen_inductor.cpu import describe as describe_cpu
     from transformers import StaticCache
 
     from zen_inductor import Int8StaticCache
@@ -86,7 +87,7 @@ def main() -> None:
             decode_rows.append((name, system, sqnr(int8, full), agree, full.shape[0]))
             print(f"{name}, {system}, decode: {sqnr(int8, full):.1f} dB, greedy {agree}/{full.shape[0]}", flush=True)
     lines = [f"# The int8 KV cache on SmolLM2-135M-Instruct: accuracy ({time.strftime('%Y-%m-%d')})", "",
-             f"`python benchmarks/kv_cache.py`. Machine: {cpu()}. Text: `benchmarks/data/prose.txt`, scored in one "
+             f"`python benchmarks/kv_cache.py`. Machine: {describe_cpu()}. Text: `benchmarks/data/prose.txt`, scored in one "
              "forward pass through the cache (every position's attention reads keys and values back from it). "
              "int8: `zen_inductor.Int8StaticCache` (symmetric, one fp32 scale a KV head and position); full: "
              "transformers' StaticCache in the model's dtype.", "",

@@ -32,7 +32,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from e2e import WRONG_DB, _cpu, _versions, cold_caches, compiled_forward, quant_config, sqnr_db, step_logits  # noqa: E402
+from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
+from e2e import WRONG_DB, _versions, cold_caches, compiled_forward, quant_config, sqnr_db, step_logits  # noqa: E402
 
 SIZES = {
     "1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, tied=True),
@@ -148,7 +149,7 @@ def write(rows: list, args) -> None:
         rows = [r for r in old if (r["size"], r["format"], r["system"]) not in fresh] + rows
     order = {s: i for i, s in enumerate(SIZES)}
     rows.sort(key=lambda r: (order[r["size"]], r["format"], r["system"]))
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu(), "threads": os.cpu_count(), "versions": _versions(),
+    meta = {"date": time.strftime("%Y-%m-%d"), "cpu": describe_cpu(), "threads": os.cpu_count(), "versions": _versions(),
             "prompt": args.prompt, "new": args.new, "cold": args.cold}
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

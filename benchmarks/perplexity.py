@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="perplexity-smollm2", help="the results' file name without its extension")
     args = p.parse_args()
-    from smollm2 import cpu  # noqa: the benchmark beside this one
+    from zen_inductor.cpu import describe as describe_cpu
 
     from zen_inductor.demo import fp32_reference
 
@@ -84,7 +84,7 @@ def main() -> None:
         rows.append((fmt, ref, eager, zen, compile_s))
         print(f"{fmt}: fp32 {ref:.3f}, eager {eager:.3f}, zen {zen:.3f} ({zen / eager:.4f}x eager), compile {compile_s:.0f} s", flush=True)
     lines = [f"# Perplexity of SmolLM2-135M-Instruct on benchmarks/data/prose.txt ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {cpu()}. First {ids.shape[1]} tokens, one forward pass. fp32: the same weights dequantized, in fp32.",
+             f"Machine: {describe_cpu()}. First {ids.shape[1]} tokens, one forward pass. fp32: the same weights dequantized, in fp32.",
              "gguf: the file's Q4_1 blocks (fp32 activations), gguf-Q4_0 and gguf-Q8_0 the blocks of files of those types made from it; the others: torchao on the file's weights dequantized to bf16.", "",
              "| format | fp32 | eager | zen | zen / eager | zen's first call s (compile) |", "|---|---|---|---|---|---|"]
     lines += [f"| {f} | {r:.3f} | {e:.3f} | {z:.3f} | {z / e:.4f} | {c:.0f} |" for f, r, e, z, c in rows]

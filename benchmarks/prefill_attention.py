@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.smollm2 import cpu  # noqa: E402
+from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
 from zen_inductor.attention import prefill_attention  # noqa: E402
 from zen_inductor.cpu import zentorch_unavailable  # noqa: E402
 
@@ -73,7 +73,7 @@ def main() -> None:
     args = p.parse_args()
     capability = torch.backends.cpu.get_cpu_capability()
     lines = [f"# Attention over a prompt under a causal mask over a static cache ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {cpu()}, {torch.get_num_threads()} threads; ATen's kernels built for {capability}. "
+             f"Machine: {describe_cpu()}, {torch.get_num_threads()} threads; ATen's kernels built for {capability}. "
              f"{HEADS} query over {KV_HEADS} KV heads, D {D}, keys = prompt + {UNWRITTEN} (the unwritten tail "
              f"masked). ms a call, medians of {args.reps}; ratio against ATen's flash attention given the whole mask.",
              "", "| dtype | prompt | kernel | ms | vs ATen, whole mask |", "|---|---|---|---|---|"]

@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 
-from zen_inductor.cpu import describe as cpu  # the machine line of every results file
+from zen_inductor.cpu import describe as describe_cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = ("eager", "inductor", "zen", "zen-kv8", "zen-aot", "llamacpp", "llamacpp-kv8")
@@ -339,7 +339,7 @@ def main() -> None:
     for ids_file in ids_files.values():
         os.remove(ids_file)
     lines = [f"# SmolLM2-135M-Instruct, {name}: zen against llama.cpp and PyTorch ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {cpu()}, {torch.get_num_threads()} threads"
+             f"Machine: {describe_cpu()}, {torch.get_num_threads()} threads"
              f"{'; every system as on an AVX2-only CPU (`--isa avx2`: zen, ATen, Inductor, MKL and oneDNN capped at AVX2, llama.cpp built without AVX-512)' if args.isa == 'avx2' else ''}. Batch 1, greedy, {args.new} new tokens, StaticCache "
              f"{'(one a process, reset before each generation: the prompt attends under a mask) ' if args.reuse_cache else ''}"
              f"(`-kv8`: 8-bit keys and values, zen's Int8StaticCache and llama.cpp's Q8_0 cache); "

@@ -28,7 +28,7 @@ import urllib.request
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from benchmarks.smollm2 import cpu  # noqa: E402
+from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
 
 
 def free_port() -> int:
@@ -217,7 +217,7 @@ def main() -> None:
     for fmt in args.formats.split(","):
         for system in args.systems.split(","):
             rows += run(fmt, system, concurrencies, args.new, args.out)
-    meta = {"cpu": cpu(), "vllm": vllm.__version__, "cores": os.cpu_count(), "model_threads": max(1, os.cpu_count() - 1),
+    meta = {"cpu": describe_cpu(), "vllm": vllm.__version__, "cores": os.cpu_count(), "model_threads": max(1, os.cpu_count() - 1),
             "date": time.strftime("%Y-%m-%d"), "new": args.new}
     write(rows, meta, args.out)
 
