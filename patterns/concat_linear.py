@@ -102,14 +102,7 @@ def merge_quant(ctx, nodes: list[fx.Node]) -> None:
     sources = [src for p in parts for src in p.sources]
 
     def read() -> QuantWeight:  # only if the merged linear is not tuned already
-        weights = [p.weight.get() for p in parts]
-        zps = [w.zero_point for w in weights]
-        return QuantWeight(
-            codes=torch.cat([w.codes for w in weights]), scale=torch.cat([w.scale for w in weights]),
-            offset=torch.cat([w.offset for w in weights]),
-            zero_point=torch.cat(zps) if all(z is not None for z in zps) else None,
-            group_size=weights[0].group_size, bits=max(w.bits for w in weights),
-        )
+        return QuantWeight.concat([p.weight.get() for p in parts])
 
     first = parts[0].weight
     weight = LazyWeight(n=sum(p.weight.n for p in parts), k=first.k, group_size=first.group_size,

@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from zen_inductor.record import NoKernel
 from zen_inductor.graph_pass import LazyWeight, PendingLinear
-from zen_inductor.kernels import SWIGLU_BLOCK, DenseWeight, QuantWeight, quant_linear, swiglu_row_order
+from zen_inductor.kernels import SWIGLU_BLOCK, DenseWeight, quant_linear, swiglu_row_order
 
 from zen_inductor.graph_facts import VIEWS, is_call
 
@@ -146,11 +146,7 @@ def _leading_size_queries(node: fx.Node, mul: fx.Node) -> list:
 def _reorder_rows(weight, rows: torch.Tensor):
     if isinstance(weight, DenseWeight):
         return DenseWeight(weight.weight[rows].contiguous())
-    return QuantWeight(
-        codes=weight.codes[rows], scale=weight.scale[rows], offset=weight.offset[rows],
-        zero_point=None if weight.zero_point is None else weight.zero_point[rows],
-        group_size=weight.group_size, bits=weight.bits,
-    )
+    return weight.reordered(rows)
 
 
 def fuse_swiglu(ctx, m: SwiGLU) -> None:

@@ -767,7 +767,7 @@ def test_an_int8_dynamic_linear_decodes_on_the_models_own_rows_where_they_are_cl
     offered = [b for b in entry["bins"] if KERNELS["zen_a8w8_rows_avx2"].serves(int(b["bin"].split("-")[0].rstrip("+"))) is None]
     assert offered and all(b["winner"] in own_rows for b in offered), entry["bins"]
     tunings = [t for key, t in linear.weight.qdata.__dict__["_zen_memo"].items() if key[0][0] == "tune"]
-    own_packings = [t.packed[name][0] for t in tunings for name in own_rows if name in t.packed]
+    own_packings = [t.packed[name][2] for t in tunings for name in own_rows if name in t.packed]
     assert own_packings and all(p.data_ptr() == linear.weight.qdata.data_ptr() for p in own_packings)
 
 

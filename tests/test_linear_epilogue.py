@@ -210,6 +210,28 @@ def test_int8_dynamic_mlp_gets_the_epilogue_and_the_residual_fold(dumped):
     assert sqnr(zen, ref) >= sqnr(eager, ref) - 0.5
 
 
+def test_int8_dynamic_gate_and_up_are_read_from_the_models_own_rows():
+    """Merged and reordered for the epilogue, an int8 dynamic gate/up needs no copy of its rows:
+    the kernels of the own-rows layout read gate's and up's int8 tensors where the model keeps
+    them (a merged copy was 537 MB of a 1B model after compiling). Every int8 tensor the plans
+    keep is one of the model's."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    torch.manual_seed(0)
+    model = quantize(MLP().to(torch.bfloat16).eval(), Int8DynamicActivationInt8WeightConfig())
+    x = any_rows(torch.randn(5, K).to(torch.bfloat16))
+    own_layout = ("aten_int_mm_da8", "zen_a8w8_rows_avx2", "zen_a8w8_rows_avx512")
+    with zen_inductor.config.patch(kernel_allow=own_layout), torch.no_grad():
+        eager, zen = model(x), compile_zen(model)(x)
+    assert zen_inductor.counters["linear_epilogue.swiglu"] == 1 and zen_inductor.counters["concat_linear"] == 1
+    assert sqnr(zen, eager) >= 30
+    rows = [getattr(model, name).weight.qdata for name in ("gate", "up", "down")]
+    tunings = [t for w in rows for key, t in w.__dict__.get("_zen_memo", {}).items() if key[0][0] == "tune"]
+    assert {t.plan.spec.n for t in tunings} == {2 * 192, K}  # gate/up merged, and down
+    kept = [p for t in tunings for name in t.plan.kernels for p in t.packed[name] if p.dtype == torch.int8 and p.numel()]
+    assert kept and {p.untyped_storage().data_ptr() for p in kept} <= {w.untyped_storage().data_ptr() for w in rows}
+
+
 def test_gate_used_elsewhere_is_a_near_miss_and_stays_correct():
     model = _int4_mlp(also_return_gate=True)
     x = any_rows(torch.randn(3, K).to(torch.bfloat16))

@@ -8,7 +8,7 @@ import torch
 
 import zen_inductor
 from zen_inductor import config, native
-from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, apply_epilogue, candidates, run_kernel
+from zen_inductor.kernels import KERNELS, LinearSpec, QuantWeight, apply_epilogue, candidates, run_kernel, swiglu_row_order
 from zen_inductor.cpu import zentorch_unavailable
 
 from conftest import compile_zen, quantize, sqnr
@@ -482,6 +482,29 @@ def test_cpu_capability_default_hides_every_vector_extension():
         assert native.missing_isa("woq_avx2") == "CPU lacks avx2, fma" == native.unavailable("woq_avx2")
 
 
+def _merged_rows_are_read_where_they_lie(rows, int_mm, codes, scale, spec, g):
+    """A weight made of three (q/k/v), then of two in 8-row tiles in turn (gate/up with the SwiGLU
+    epilogue) computes what its contiguous copy computes, bit for bit, with either kernel of the
+    layout, reading the parts' own tensors: no packed tensor is a copy of their rows."""
+    def part(lo, hi):
+        return QuantWeight(codes=codes[lo:hi].clone(), scale=scale[lo:hi], offset=scale[lo:hi] * 0, zero_point=None,
+                           group_size=spec.k, bits=8)
+
+    q, k, v = part(0, 40), part(40, 56), part(56, 72)
+    merged = QuantWeight.concat([q, k, v])
+    gate_up = QuantWeight.concat([part(0, 32), part(32, 64)]).reordered(swiglu_row_order(32))
+    for w, wspec in ((merged, spec), (gate_up, dataclasses.replace(spec, n=64, epilogue="swiglu"))):
+        copy = QuantWeight(w.codes.clone(), w.scale, w.offset, None, w.group_size, 8)  # no row sources: the rows in order
+        packed, packed_copy = rows.prepack(w, spec.act_dtype), rows.prepack(copy, spec.act_dtype)
+        sources = {t.data_ptr() for t in w.row_sources.tensors}
+        assert {t.data_ptr() for t in packed if t.dtype == torch.int8 and t.numel()} == sources
+        for m in (1, 5, 33):
+            x = torch.randn(m, spec.k, generator=g).to(spec.act_dtype)
+            for kernel in (rows, int_mm):  # each as on the copy (swiglu fused in one, applied after the other)
+                torch.testing.assert_close(run_kernel(kernel, x, packed, None, wspec), run_kernel(kernel, x, packed_copy, None, wspec),
+                                           rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", [pytest.param("zen_a8w8_rows_avx2", marks=_needs("a8w8_rows_avx2", "AVX2")),
                                   pytest.param("zen_a8w8_rows_avx512", marks=_needs("a8w8_rows_avx512", "AVX512-VNNI"))])
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
@@ -501,7 +524,7 @@ def test_int8_rows_gemv_computes_what_int_mm_computes(name, act_dtype):
     w = QuantWeight(codes=codes, scale=scale, offset=torch.zeros_like(scale), zero_point=None, group_size=k, bits=8)
     spec = LinearSpec(n, k, k, 8, True, act_dtype, dynamic_activation=True)
     packed = rows.prepack(w, act_dtype)
-    assert packed[0].data_ptr() == codes.data_ptr()  # the model's bytes, no copy
+    assert packed[2].data_ptr() == codes.data_ptr()  # the model's bytes, no copy
     bias = torch.randn(n).to(act_dtype)
     for m in (1, 3, 4, 5, 17):
         x = torch.randn(m, k, generator=g).to(act_dtype)
@@ -521,5 +544,6 @@ def test_int8_rows_gemv_computes_what_int_mm_computes(name, act_dtype):
     half = QuantWeight(codes=codes[:64], scale=scale[:64], offset=scale[:64] * 0, zero_point=None, group_size=k, bits=8)
     ref = apply_epilogue(run_kernel(int_mm, x, int_mm.prepack(half, act_dtype), bias[:64], dataclasses.replace(swiglu, epilogue="")).float(), swiglu)
     assert sqnr(run_kernel(rows, x, rows.prepack(half, act_dtype), bias[:64], swiglu), ref) >= 45
+    _merged_rows_are_read_where_they_lie(rows, int_mm, codes, scale, spec, g)
     assert rows.supports(dataclasses.replace(spec, k=1000, group_size=1000)) == "K=1000 is not a multiple of 32"
     assert rows.supports(dataclasses.replace(spec, group_size=128)) == "per-channel symmetric weights only"

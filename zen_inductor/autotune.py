@@ -76,9 +76,12 @@ class Tuner:
             rows = None
         packed_before = packed_before or {}
         own_reading = _reading_storage(weight) in model_storages
-        if own_reading and any(k.own_weight for k in kernels):
-            # before timing: the model's tensor is the first timing copy, and what decode reads
-            collapse_to_huge_pages(_reading(weight))
+        in_place = _in_place_tensors(weight, model_storages)
+        reads_own = [k for k in kernels if k.own_weight and (own_reading or (in_place and k.in_place_rows))]
+        if reads_own:
+            # before timing: the model's tensors are the first timing copy, and what decode reads
+            for t in in_place or [_reading(weight)]:
+                collapse_to_huge_pages(t)
         linear = _LinearTuning(self, spec, weight, bias, [k.name for k in kernels], excluded, one_bin=rows is not None)
         linear.packed.share(packed_before)
         bins = shape_bins()
@@ -87,8 +90,7 @@ class Tuner:
             bins = [b for b in bins if b.lo <= rows and (b.hi is None or rows <= b.hi)]
         results = [linear.choose(b) for b in bins]
         held = dict.fromkeys(packed_before, "the layout another graph holds")
-        if own_reading:
-            held.update(dict.fromkeys((k.packing for k in kernels if k.own_weight), "the model's own weight"))
+        held.update(dict.fromkeys((k.packing for k in reads_own), "the model's own weight"))
         _one_layout(bins, results, held)
         winners = tuple(r.winner for r in results) if rows is None else (results[0].winner,) * (len(edges) + 1)
         plan = Plan(spec, edges, winners)
@@ -101,6 +103,14 @@ def _reading(weight) -> torch.Tensor:
 
 def _reading_storage(weight) -> int:
     return _reading(weight).untyped_storage().data_ptr()
+
+
+def _in_place_tensors(weight, model_storages: frozenset) -> list:
+    """The model's tensors a weight the pass made of them (a merge, a reorder) reads where they lie; [] for another weight."""
+    sources = getattr(weight, "row_sources", None)
+    if sources is None or not all(t.untyped_storage().data_ptr() in model_storages for t in sources.tensors):
+        return []
+    return list(sources.tensors)
 
 
 def _one_layout(bins: list, results: list, held: dict | None = None) -> None:
@@ -337,6 +347,8 @@ def _kept(packed: "_Packings", plan: Plan) -> dict:
     reads the weight as it is) stays where it is: a copy would hold the weight twice."""
     source = packed.weight
     own = {t.untyped_storage().data_ptr() for t in vars(source).values() if isinstance(t, torch.Tensor)}
+    if getattr(source, "row_sources", None) is not None:
+        own.update(t.untyped_storage().data_ptr() for t in source.row_sources.tensors)
     memory_bound = {name for m in range(1, HUGE_PAGE_MAX_M + 1) for name in plan.kernels_for(m) if not KERNELS[name].pinned}
     moved = {id(packed[name]) for name in memory_bound}
     placed = {}

@@ -35,10 +35,10 @@ _DECODE_ATTENTION_ARGS = ("const float*", "const void*", "const void*", "const f
 # x_bf16, y_bf16, has_bias, bits, swiglu, residual, has_residual
 _Q8_0_ARGS = ("const void*", "const uint8_t*", "const float*", "void*", *("int64_t",) * 8, "const float*", "int64_t")
 
-# the entry on the model's own int8 rows (a8w8_rows.h): x, w, scale, bias, y, M, N, K, x_bf16, y_bf16,
-# has_bias, swiglu, residual, has_residual
-_A8W8_ROWS_ARGS = ("const void*", "const int8_t*", "const float*", "const float*", "void*", *("int64_t",) * 7,
-                   "const float*", "int64_t")
+# the entry on the model's own int8 rows (a8w8_rows.h): x, tiles, scale, w0, w1, w2, bias, y, M, N, K, x_bf16,
+# y_bf16, has_bias, swiglu, residual, has_residual
+_A8W8_ROWS_ARGS = ("const void*", "const int64_t*", "const float*", *("const int8_t*",) * 3, "const float*", "void*",
+                   *("int64_t",) * 7, "const float*", "int64_t")
 
 # name -> (source file in zen_inductor/csrc, argument types of its ``kernel`` entry, CPU flags)
 # An entry the C++ ops call (csrc/ops.cpp) is bound by address; its types here say how many

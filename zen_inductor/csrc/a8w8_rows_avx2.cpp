@@ -9,10 +9,10 @@ namespace {
 using namespace zen_avx2;
 
 template <int ROWS>
-void dot_rows(const int8_t* w, const int8_t* xq, int64_t m0, int64_t t, int64_t K, __m256i (*sums)[8]) {
+void dot_rows(const int8_t* tile, const int8_t* xq, int64_t m0, int64_t K, __m256i (*sums)[8]) {
   const __m256i ones = _mm256_set1_epi16(1);
   for (int j = 0; j < 8; ++j) {
-    const int8_t* row = w + (t * 8 + j) * K;
+    const int8_t* row = tile + j * K;
     __m256i a[ROWS];
     for (int r = 0; r < ROWS; ++r)
       a[r] = _mm256_setzero_si256();

@@ -13,11 +13,11 @@ namespace {
 // Four rows of W side by side (four streams a thread, K bytes apart), as the blocks16 kernels walk
 // four blocks: one row at a time left a core's memory reads one stream deep
 template <int ROWS>
-ZEN_AVX512 void dot_rows(const int8_t* w, const int8_t* xq, int64_t m0, int64_t t, int64_t K, __m256i (*sums)[8]) {
+ZEN_AVX512 void dot_rows(const int8_t* tile, const int8_t* xq, int64_t m0, int64_t K, __m256i (*sums)[8]) {
   constexpr int S = 4;
   const __m512i zero = _mm512_setzero_si512();
   for (int j0 = 0; j0 < 8; j0 += S) {
-    const int8_t* rows = w + (t * 8 + j0) * K;
+    const int8_t* rows = tile + j0 * K;
     __m512i a[ROWS][S];
     for (int r = 0; r < ROWS; ++r)
       for (int s = 0; s < S; ++s)

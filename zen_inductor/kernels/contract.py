@@ -68,6 +68,9 @@ class Kernel:
     # its packing is the reading's own tensor as it is (a view, no bytes of its own): where the
     # reading is the model's tensor, not one the pass made (a merge, a reorder), its layout is free
     own_weight: bool = False
+    # and where the pass made the reading of the model's tensors (``QuantWeight.row_sources``: a
+    # merge, a reorder), its packing reads those tensors where they lie: its layout is free there too
+    in_place_rows: bool = False
     # its packing must stay where prepack made it: zentorch's dynamic int8 GEMM computes garbage on
     # a copy of its prepacked bytes (-41 dB after a clone), so no huge pages and no clones for timing
     pinned: bool = False

@@ -3,7 +3,9 @@ torchao's dynamic-activation formats keep (per-channel, symmetric), read where t
 layout is no packing at all, so prefill and decode on it add no bytes to the model: ATen's
 ``_int_mm`` (oneDNN's) on W^T as a view for many rows, our C++ GEMV (csrc/a8w8_rows.h, built for
 AVX2 and for AVX512-VNNI) for few. All quantize x as the model does, int8 per row: their outputs
-are the model's own."""
+are the model's own. A weight concat_linear merged (q/k/v, gate/up, and gate/up's tiles in turn
+for the SwiGLU epilogue) is read from the parts' tensors where they lie: the GEMV follows a table
+of its 8-row tiles, ``_int_mm`` runs a part at a time."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,7 +14,7 @@ import torch
 
 from .contract import Kernel, Unsuited
 from .native_entry import NativeLinear
-from .weights import LinearSpec, QuantWeight
+from .weights import LinearSpec, QuantWeight, RowSources
 
 
 def _supports(spec: LinearSpec) -> Optional[str]:
@@ -35,33 +37,75 @@ def _rows_supports(spec: LinearSpec) -> Optional[str]:
     return None
 
 
+# The C++ entry's weight pointers: a merged q/k/v reads three tensors, gate/up two.
+MAX_SOURCES = 3
+TILE = 8  # rows of W a GEMV tile reads (a8w8_rows.h)
+_NONE = torch.empty(0, dtype=torch.int64)
+
+
+def _tile_table(place: RowSources) -> Optional[torch.Tensor]:
+    """Each tile of 8 rows of the weight as (tensor << 32) | first row in that tensor, where
+    every tile lies whole in one tensor (concat parts whose N is a multiple of 8; swiglu's gate
+    and up blocks of 8 in turn); None where one does not."""
+    order = place.row_order()
+    if order.numel() % TILE:
+        return None
+    tiles = order.view(-1, TILE)
+    first = tiles[:, 0].contiguous()
+    if not torch.equal(tiles, first[:, None] + torch.arange(TILE)):
+        return None
+    sizes = torch.tensor([t.shape[0] for t in place.tensors])
+    ends = sizes.cumsum(0)
+    which = torch.searchsorted(ends, first, right=True)
+    row = first - (ends - sizes)[which]
+    if bool((row + TILE > sizes[which]).any()):
+        return None
+    return (which << 32) | row
+
+
 def _prepack(w: QuantWeight, act_dtype):
-    # views of the reading, which aliases the model's codes: no copy (a bf16 scale, [N] numbers, is made fp32)
-    return [w.codes.contiguous(), w.scale[:, 0].to(torch.float32).contiguous()]
+    """[tiles, scale, W0, W1, W2, order]: W0-W2 the tensors the rows lie in, the model's own where
+    the reading is (views: no copy), or the parts of a merged weight (concat, swiglu's reorder);
+    the scales in the weight's row order, fp32 (a bf16 scale, [N] numbers, is made fp32)."""
+    place = w.in_place_rows()
+    tiles = _tile_table(place) if len(place.tensors) <= MAX_SOURCES else None
+    if tiles is None and len(place.tensors) > 1:  # rows finer than a tile apart, or too many parts: one copy in order
+        place = RowSources((w.codes,))
+        tiles = _tile_table(place)
+    tensors = [t.contiguous() for t in place.tensors]
+    unread = [torch.empty(0, dtype=torch.int8)] * (MAX_SOURCES - len(tensors))
+    order = place.order if place.order is not None else _NONE
+    return [_NONE if tiles is None else tiles, w.scale[:, 0].to(torch.float32).contiguous(), *tensors, *unread, order]
 
 
 def _int_mm_run(x, packed, bias, spec):
     # per-row symmetric int8 activations (as torchao's Int8DynamicActivation), int32 accumulate;
     # oneDNN reads W^T as a view of the [N, K] rows as fast as a transposed copy (AMX Xeon, 128-2048 rows)
-    codes, w_scale = packed
+    _, w_scale, *sources, order = packed
     xf = x.to(torch.float32)
     x_scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-7) / 127.0
     xq = torch.round(xf / x_scale).clamp_(-127, 127).to(torch.int8)
-    y = torch._int_mm(xq, codes.t()).to(torch.float32).mul_(x_scale).mul_(w_scale)
+    sums = [torch._int_mm(xq, w.t()) for w in sources if w.numel()]
+    acc = sums[0] if len(sums) == 1 else torch.cat(sums, dim=1)
+    if order.numel():  # the columns in the weight's row order
+        acc = acc.index_select(1, order)
+    y = acc.to(torch.float32).mul_(x_scale).mul_(w_scale)
     if bias is not None:
         y += bias
     return y.to(x.dtype)
 
 
 def _rows_arguments(packed, spec):
-    return packed[:2], (spec.k,), ()
+    return packed[:2 + MAX_SOURCES], (spec.k,), ()
 
 
 KERNELS = (
-    Kernel("aten_int_mm_da8", "aten", _supports, _prepack, _int_mm_run, layout="int8_rows", own_weight=True, rank=(2, 22),
+    Kernel("aten_int_mm_da8", "aten", _supports, _prepack, _int_mm_run, layout="int8_rows", own_weight=True, in_place_rows=True, rank=(2, 22),
            fast_with="int8_gemm", activations="int8 per row"),
     Kernel("zen_a8w8_rows_avx2", "zen", _rows_supports, _prepack, NativeLinear("a8w8_rows_avx2", _rows_arguments),
-           layout="int8_rows", own_weight=True, epilogues=("swiglu",), max_m=16, rank=(1, 30), activations="int8 per row"),
+           layout="int8_rows", own_weight=True, in_place_rows=True, epilogues=("swiglu",), max_m=16, rank=(1, 30), activations="int8 per row",
+           reads=2 + MAX_SOURCES),
     Kernel("zen_a8w8_rows_avx512", "zen", _rows_supports, _prepack, NativeLinear("a8w8_rows_avx512", _rows_arguments),
-           layout="int8_rows", own_weight=True, epilogues=("swiglu",), max_m=16, rank=(0, 29), activations="int8 per row"),
+           layout="int8_rows", own_weight=True, in_place_rows=True, epilogues=("swiglu",), max_m=16, rank=(0, 29), activations="int8 per row",
+           reads=2 + MAX_SOURCES),
 )
