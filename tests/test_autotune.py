@@ -274,9 +274,9 @@ def test_budget_counts_kernel_timing_only(monkeypatch):
     monkeypatch.setattr(autotune, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     check = Verifier.check
 
-    def slow_check(self, name, m):  # each verification: 100 s of the fake clock
+    def slow_check(self, name, m, *sampled):  # each verification: 100 s of the fake clock
         clock[0] += 100.0
-        return check(self, name, m)
+        return check(self, name, m, *sampled)
 
     def timed(kernel, x, copies, bias, spec, reps, first_us=0.0):  # each timing: 0.4 s, a fixed ranking
         clock[0] += 0.4
@@ -477,6 +477,41 @@ def test_verification_reference_is_made_in_row_blocks(monkeypatch):
             full = x.float() @ w.dequantize().t() + bias
             assert ref.shape == (m, spec.out_n)
             torch.testing.assert_close(ref, apply_epilogue(full, spec), rtol=1e-4, atol=1e-3)
+
+
+def test_a_kernel_that_passed_on_one_weight_is_checked_on_a_sample_of_the_next_ones_rows():
+    """A kernel is verified in full once a shape and compile: on the other weights of that shape
+    (a 1B model's 15 more layers of each) it is checked on a sample of W's rows, its output on
+    their real packing against fp32 for those rows (SwiGLU's outputs too), which still catches a
+    weight it gets wrong, without the pass over the whole weight a full reference takes."""
+    from zen_inductor.kernels import LinearSpec, QuantWeight
+
+    n, k, g = 1024, 256, 64
+    kernel = KERNELS["dequant_sgemm"]
+
+    def weight(seed, flipped=None):
+        gen = torch.Generator().manual_seed(seed)
+        codes = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+        if flipped is not None:
+            codes[flipped] = -codes[flipped]
+        scale = torch.rand(n, k // g, generator=gen) * 0.01 + 1e-3
+        return QuantWeight(codes, scale, torch.zeros_like(scale), None, g, 4)
+
+    for epilogue in ("", "swiglu"):
+        spec = LinearSpec(n, k, g, 4, True, torch.float32, epilogue=epilogue)
+        passed = set()
+
+        def verifier(w, packed_from=None):
+            return Verifier(spec, w, None, {kernel.name: kernel.prepack(packed_from or w, spec.act_dtype)}, passed)
+
+        first = verifier(weight(0))
+        assert first(kernel.name, 1) is None and first(kernel.name, 16) is None and "references" in vars(first)
+        second = verifier(weight(1))
+        assert second(kernel.name, 1) is None and second(kernel.name, 16) is None
+        assert "references" not in vars(second) and second.sample.numel() == 256
+        wrong = verifier(weight(1), packed_from=weight(1, flipped=second.sample[:16]))  # one sampled tile wrong
+        reason = wrong(kernel.name, 1)
+        assert reason and reason.endswith(f"({256 if not epilogue else 128} of its outputs)"), reason
 
 
 def test_a_bf16_dequantization_is_the_fp32_one_rounded():

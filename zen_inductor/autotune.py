@@ -57,6 +57,7 @@ class Tuner:
 
     def __init__(self):
         self.cache = TuningCache()
+        self.verified: set = set()  # (spec, kernel, m) checked in full on a weight of this compile
         self.timing_left_s = config.autotune_budget_s
         self.quiet_wait_left_s = timing.QUIET_WAIT_S  # for other processes to let go of the CPUs (timing.wait_for_quiet)
 
@@ -178,7 +179,7 @@ class _LinearTuning:
         # compile peaked at 6.5 GB, 5.4 now. The price: a candidate is packed again to be timed,
         # and there is no second sample (it would need every contender's packing again).
         self.release = one_bin and spec.n * spec.k >= RELEASE_FROM_WEIGHTS
-        self.verify = Verifier(spec, weight, bias, self.packed)
+        self.verify = Verifier(spec, weight, bias, self.packed, tuner.verified)
         # kernel -> (its time over the best's, M) where last timed or bounded. A kernel's time does not
         # fall as M grows and the best's grows at most in proportion to M, so a kernel r times
         # behind at M1 is at least r * M1 / M2 behind at M2: past HOPELESS_RATIO it is not timed
