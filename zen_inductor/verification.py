@@ -75,14 +75,20 @@ class Verifier:
         return (picked[:, None] * SAMPLE_TILE + torch.arange(SAMPLE_TILE)).reshape(-1)
 
     @functools.cached_property
-    def references(self) -> dict:
-        """m -> (x, fp32 reference output) for every row count, made on the first check (not at
-        all when the tuning is memoized). One pass over the weight a block of rows at a time: the
-        whole fp32 weight came from fresh pages (~0.5 s a GB here) and was read once per m."""
+    def inputs(self) -> dict:
+        """m -> the x a check runs, the same for full and sampled checks."""
         xs = {}
         for m in sorted(set(self.row_counts)):
             torch.manual_seed(m)
             xs[m] = torch.randn(m, self.spec.k, dtype=self.spec.act_dtype)
+        return xs
+
+    @functools.cached_property
+    def references(self) -> dict:
+        """m -> (x, fp32 reference output) for every row count, made on the first check (not at
+        all when the tuning is memoized). One pass over the weight a block of rows at a time: the
+        whole fp32 weight came from fresh pages (~0.5 s a GB here) and was read once per m."""
+        xs = self.inputs
         x32 = torch.cat(list(xs.values())).to(torch.float32)
         ref = torch.empty((x32.shape[0], self.spec.n), dtype=torch.float32)
         for w, start, end in fp32_row_blocks(self.spec.n, self.spec.k):
@@ -109,12 +115,7 @@ class Verifier:
         columns = (rows.view(-1, SAMPLE_TILE)[:, :1] // 2 + torch.arange(SAMPLE_TILE // 2)).reshape(-1) if swiglu else rows
         spec = dataclasses.replace(self.spec, n=rows.numel())
         bias = self.bias[rows].to(torch.float32) if self.bias is not None else 0
-        out = {}
-        for m in set(self.row_counts):
-            torch.manual_seed(m)
-            x = torch.randn(m, self.spec.k, dtype=self.spec.act_dtype)
-            out[m] = (x, epilogue_reference(x.to(torch.float32) @ w.t() + bias, spec), columns)
-        return out
+        return {m: (x, epilogue_reference(x.to(torch.float32) @ w.t() + bias, spec), columns) for m, x in self.inputs.items()}
 
     def check(self, name, m, sampled: bool = False):
         if sampled:

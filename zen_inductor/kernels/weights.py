@@ -5,6 +5,7 @@ A pattern turns a matched subgraph into a ``QuantWeight`` (or a ``DenseWeight``)
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -55,7 +56,7 @@ class QuantWeight:
         sources = None
         if bits == 8:
             parts = [w.in_place_rows() for w in weights]
-            offsets = [0] + [int(x) for x in torch.tensor([p.n for p in parts]).cumsum(0)[:-1]]
+            offsets = itertools.accumulate((p.n for p in parts[:-1]), initial=0)
             ordered = all(p.order is None for p in parts)
             order = None if ordered else torch.cat([p.row_order() + o for p, o in zip(parts, offsets)])
             sources = RowSources(tuple(t for p in parts for t in p.tensors), order)
