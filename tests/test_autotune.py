@@ -853,3 +853,15 @@ def test_timings_taken_beside_other_busy_processes_are_timed_again_or_not_kept(t
     one = tuned_bin(processes)
     assert "timed again once others let go" in one["note"] and "not kept" not in one["note"], one
     assert entries()
+
+
+def test_tuning_leaves_torchs_random_state_alone(tmp_path):
+    """Verification's inputs and the timed x come from generators of their own: a compile does
+    not reseed the user's RNG (nor pay a global reseed per check)."""
+    w = int4_weight(N, K, 64)
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
+    with config.patch(cache_dir=str(tmp_path), autotune_budget_s=30.0):
+        tuning = autotune.Tuner().plan(a8w4_spec(w, torch.bfloat16, dynamic=False), w, None)
+    assert any(r.times_us for r in tuning.bins), "nothing was timed: the test would say nothing"
+    assert torch.equal(torch.random.get_rng_state(), before)

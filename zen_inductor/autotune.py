@@ -253,14 +253,13 @@ class _LinearTuning:
         took the cores, the bin is timed once more when they let go within the tuner's wait."""
         spec = self.spec
         native.settle()  # no compiler beside the timed kernels
-        torch.manual_seed(0)
         rows = timing.timing_rows(b, spec)
         if rows < spec.n and self.part is None:
             self.part = _WeightPart(self.weight, spec, self.bias, rows)
         tspec, tpacked, tbias = (self.part.spec, self.part.packed, self.part.bias) if rows < spec.n else (spec, self.packed, self.bias)
         per_rows = spec.n / rows  # times are given for the whole weight
         m = timing.timing_m(b, tspec)
-        x = torch.randn(m, spec.k, dtype=spec.act_dtype)
+        x = torch.randn(m, spec.k, dtype=spec.act_dtype, generator=torch.Generator().manual_seed(0))  # torch's own RNG untouched
         deadline = time.perf_counter() + self.tuner.timing_left_s
         others = timing.OtherLoad()
         samplers = {}  # kernel -> its timing with copies and repeats, for a second sample
