@@ -32,7 +32,9 @@ Either reads the cache itself when the K and V given are transformers' ``repeat_
 (``graph_facts.before_repeat_kv``). Where that cache is int8 codes dequantized with one scale a KV head and
 position (``zen_inductor.kv_cache.Int8StaticCache``: ``(codes.to(fp32) * scales).to(dtype)``), the C++
 kernel takes the codes and scales themselves (``_int8_codes``) and reads 1 byte a value, not the
-dequantized copy of the whole cache the graph would otherwise write and read at every step. In a SmolLM2 decode step at a 512-token prompt the C++ kernel took the
+dequantized copy of the whole cache the graph would otherwise write and read at every step; a bf16
+cache widened for an fp32 model (``Bf16StaticCache``: ``keys.to(fp32)``) is read as bf16 the same
+way (``_bf16_cache``). In a SmolLM2 decode step at a 512-token prompt the C++ kernel took the
 step from 10.0-10.5 to 8.4 ms against the GEMMs; at 128 tokens they tie
 (benchmarks/results/decode-step-smollm2.md).
 """
@@ -118,6 +120,17 @@ def _int8_codes(node: fx.Node):
     return None
 
 
+def _bf16_cache(node: fx.Node):
+    """The bf16 cache where ``node`` is it widened to fp32 (``zen_inductor.kv_cache.Bf16StaticCache``
+    beside an fp32 model: ``keys.to(fp32)``), else None."""
+    if not (isinstance(node, fx.Node) and node.target in _CONVERTS and isinstance(node.args[0], fx.Node)):
+        return None
+    narrow, wide = fake_value(node.args[0]), fake_value(node)
+    if narrow is None or wide is None or narrow.dtype != torch.bfloat16 or wide.dtype != torch.float32 or narrow.dim() != 4:
+        return None
+    return node.args[0]
+
+
 def why_not_native(node: fx.Node, hkv: int) -> str | None:
     """Why zen.decode_attention cannot take this call over ``hkv`` KV heads (the GEMMs do), or None."""
     q, k, v = (fake_value(a) for a in node.args[:3])
@@ -144,11 +157,16 @@ def rewrite(ctx, node: fx.Node) -> None:
     variant = ("gqa" if h != hkv else "mha") + ("_masked" if mask is not None else "")
     if why_not_native(node, hkv) is None:
         k_int8, v_int8 = _int8_codes(under_full_slices(k)), _int8_codes(under_full_slices(v))
-        int8 = k_int8 is not None and v_int8 is not None
-        args = (k_int8[0], v_int8[0], mask, float(scale), k_int8[1], v_int8[1]) if int8 else (k, v, mask, float(scale))
+        k_bf16, v_bf16 = _bf16_cache(under_full_slices(k)), _bf16_cache(under_full_slices(v))
+        if k_int8 is not None and v_int8 is not None:
+            args, cache = (k_int8[0], v_int8[0], mask, float(scale), k_int8[1], v_int8[1]), "_int8"
+        elif k_bf16 is not None and v_bf16 is not None:
+            args, cache = (k_bf16, v_bf16, mask, float(scale)), "_bf16"
+        else:
+            args, cache = (k, v, mask, float(scale)), ""
         with ctx.graph.inserting_before(node):
             out = emit_op(ctx.graph, attention.decode_attention, q, *args)
-        ctx.record.match(PATTERN, variant + ("_int8" if int8 else ""), node, "zen.decode_attention (C++)")
+        ctx.record.match(PATTERN, variant + cache, node, "zen.decode_attention (C++)")
         replace_outputs(ctx.graph, node, out)
         return
     op = functools.partial(emit_op, ctx.graph)

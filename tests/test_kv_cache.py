@@ -1,11 +1,12 @@
 """zen_inductor.Int8StaticCache: int8 keys and values with a scale a KV head and position, used by
-transformers' generate(), and read as codes by zen's decode attention."""
+transformers' generate(), and read as codes by zen's decode attention; Bf16StaticCache: bf16 keys
+and values beside an fp32 model, read as bf16."""
 import pytest
 import torch
 
 import zen_inductor
 from zen_inductor import attention
-from zen_inductor.kv_cache import CODE_MAX, Int8StaticCache, dequantize, quantize
+from zen_inductor.kv_cache import CODE_MAX, Bf16StaticCache, Int8StaticCache, dequantize, quantize
 
 from conftest import compile_zen, sqnr
 
@@ -97,3 +98,41 @@ def test_zen_reads_the_codes_not_a_dequantized_cache(dtype, dumped):
     # the codes and scales reach the op: no tensor of a whole layer's cache in floats is made
     assert "i8[1, 2, 32, 64]" in after and not any(f'{t}[1, 2, 32, 64]"' in after for t in ("f32", "bf16"))
     assert sqnr(zen, eager) >= (40 if dtype == torch.float32 else 25)
+
+
+def test_the_bf16_cache_holds_bf16_and_returns_the_models_dtype():
+    """Eager: the layers keep bf16, update hands back fp32, and the logits stay within bf16's
+    rounding of keys and values of the fp32 StaticCache's; generate() accepts the cache."""
+    from transformers import StaticCache
+
+    model = llama()
+    prompt = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = step_logits(model.forward, model.config, StaticCache, prompt, 6)
+        bf16 = step_logits(model.forward, model.config, Bf16StaticCache, prompt, 6)
+        cache = Bf16StaticCache(config=model.config, max_cache_len=32)
+        out = model.generate(prompt, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    assert out.shape == (1, 28)
+    assert cache.layers[0].keys.dtype == torch.bfloat16 and cache.layers[0].keys[..., :27, :].abs().sum() > 0
+    keys, _ = cache.layers[0].update(torch.zeros(1, 2, 1, 64), torch.zeros(1, 2, 1, 64))
+    assert keys.dtype == torch.float32
+    assert sqnr(bf16, full) >= 30
+    print(f"bf16 cache against the fp32 cache: {sqnr(bf16, full):.1f} dB over 7 positions' logits")
+
+
+@pytest.mark.skipif(attention.unavailable() is not None, reason="zen.decode_attention cannot be built here")
+def test_zen_reads_the_bf16_cache_not_its_fp32_copy(dumped):
+    """An fp32 model with the bf16 cache, compiled by zen: each decode step's attention is
+    zen.decode_attention on the bf16 cache itself, no fp32 copy of a layer's cache is made, and the
+    logits are eager's on the same cache."""
+    model = llama(torch.float32)
+    prompt = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager = step_logits(model.forward, model.config, Bf16StaticCache, prompt, 4)
+        zen = step_logits(compile_zen(model.forward), model.config, Bf16StaticCache, prompt, 4)
+    assert zen_inductor.counters["decode_attention.gqa_masked_bf16"] == LAYERS  # the decode graph's layers
+    after = dumped("after.py")  # the last graph compiled: decode
+    calls = [line for line in after.splitlines() if "zen.decode_attention" in line]
+    assert len(calls) == LAYERS and "flash_attention" not in after
+    assert "bf16[1, 2, 32, 64]" in after and 'f32[1, 2, 32, 64]"' not in after
+    assert sqnr(zen, eager) >= 40

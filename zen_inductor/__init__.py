@@ -51,10 +51,10 @@ def load_ahead_of_time(package_dir: str):
 
 
 def __getattr__(name: str):
-    if name == "Int8StaticCache":  # imports transformers: only when asked for
-        from .kv_cache import Int8StaticCache
+    if name in ("Int8StaticCache", "Bf16StaticCache"):  # imports transformers: only when asked for
+        from . import kv_cache
 
-        return Int8StaticCache
+        return getattr(kv_cache, name)
     raise AttributeError(f"module 'zen_inductor' has no attribute {name!r}")
 
 
@@ -64,4 +64,4 @@ def zen(gm, example_inputs, **kwargs):
     return _zen(gm, example_inputs, **kwargs)
 
 
-__all__ = ["Int8StaticCache", "compile_ahead_of_time", "config", "counters", "last_report", "load_ahead_of_time", "load_gguf", "reports", "zen"]
+__all__ = ["Bf16StaticCache", "Int8StaticCache", "compile_ahead_of_time", "config", "counters", "last_report", "load_ahead_of_time", "load_gguf", "reports", "zen"]

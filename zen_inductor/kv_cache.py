@@ -1,5 +1,6 @@
-"""An int8 static KV cache for transformers' ``generate()``: half the bytes of a bf16 cache (a
-quarter of fp32's) for decode to read at long contexts.
+"""Static KV caches narrower than the model for transformers' ``generate()``, for decode to read
+fewer bytes at long contexts: int8 (``Int8StaticCache``: half the bytes of a bf16 cache, a quarter
+of fp32's), and bf16 beside an fp32 model (``Bf16StaticCache``, at the end).
 
     cache = zen_inductor.Int8StaticCache(config=model.config, max_cache_len=prompt + new)
     model.generate(**inputs, past_key_values=cache, max_new_tokens=new)
@@ -88,8 +89,41 @@ class Int8StaticCache(Cache):
     decoder layer of ``config``; pass it as ``past_key_values``."""
 
     def __init__(self, config, max_cache_len: int, **kwargs):
-        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        others = sorted(set(layer_types) - {"full_attention"})
-        if others:
-            raise ValueError(f"Int8StaticCache holds full-attention layers only; this model has {', '.join(others)} layers")
-        super().__init__(layers=[Int8StaticLayer(max_cache_len=max_cache_len) for _ in layer_types])
+        layers = _full_attention_layers(config, type(self).__name__)
+        super().__init__(layers=[Int8StaticLayer(max_cache_len=max_cache_len) for _ in layers])
+
+
+class Bf16StaticLayer(StaticLayer):
+    """A StaticLayer whose ``keys`` and ``values`` are bf16 whatever the model computes in;
+    ``update`` returns them widened to the model's dtype."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states.to(torch.bfloat16), value_states.to(torch.bfloat16))
+        self.dtype = key_states.dtype  # what update returns
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = super().update(key_states.to(torch.bfloat16), value_states.to(torch.bfloat16))
+        return keys.to(self.dtype), values.to(self.dtype)
+
+
+class Bf16StaticCache(Cache):
+    """transformers' StaticCache with bf16 keys and values (``Bf16StaticLayer``) for a model that
+    computes in fp32 (``load_gguf``'s default): half the bytes of its own cache, as llama.cpp keeps
+    an f16 cache beside fp32 arithmetic. Under ``torch.compile(backend="zen")`` decode attention
+    reads the bf16 cache itself (patterns/decode_attention.py), not the widened copy ``update``
+    returns. For a bf16 model it is transformers' StaticCache."""
+
+    def __init__(self, config, max_cache_len: int, **kwargs):
+        layers = _full_attention_layers(config, type(self).__name__)
+        super().__init__(layers=[Bf16StaticLayer(max_cache_len=max_cache_len) for _ in layers])
+
+
+def _full_attention_layers(config, cache: str) -> list:
+    """The decoder's layer types, all full attention (sliding-window layers keep their own layout)."""
+    layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    others = sorted(set(layer_types) - {"full_attention"})
+    if others:
+        raise ValueError(f"{cache} holds full-attention layers only; this model has {', '.join(others)} layers")
+    return layer_types
