@@ -17,6 +17,8 @@ with its global freezing flag on (PyTorch's CPU recipe for inference); zen as a 
 A system named with ``-kv8`` keeps its KV cache in 8 bits: zen-kv8 generates through
 ``zen_inductor.Int8StaticCache`` (int8, a scale a KV head and position), llamacpp-kv8 with llama.cpp's
 Q8_0 keys and values (blocks of 32, with its flash attention, which a quantized V needs).
+zen-kv16 keeps bf16 keys and values beside the fp32 model (``zen_inductor.Bf16StaticCache``): the
+bytes of llama.cpp's default f16 cache.
 ZEN_BENCH_LLAMACPP_EXTRA_BUFTS=0 turns llama.cpp's extra buffer types off (see llamacpp_run).
 --reuse-cache: the torch systems keep one StaticCache and reset it before each generation, as a
 server holding its caches does. A fresh cache tells transformers the prompt starts at position 0
@@ -47,9 +49,10 @@ import time
 from zen_inductor.cpu import describe as describe_cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SYSTEMS = ("eager", "inductor", "zen", "zen-kv8", "zen-aot", "llamacpp", "llamacpp-kv8")
+SYSTEMS = ("eager", "inductor", "zen", "zen-kv8", "zen-kv16", "zen-aot", "llamacpp", "llamacpp-kv8")
 AOT = "zen-aot"  # zen_inductor.compile_ahead_of_time: AOTInductor programs, no Dynamo or Python wrapper a step
 KV8 = "-kv8"
+KV16 = "-kv16"
 # what caps each library at AVX2 (zen, ATen and Inductor's generated code, MKL, oneDNN)
 ISA_AVX2 = {"ZEN_INDUCTOR_CPU_CAPABILITY": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
             "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -110,8 +113,9 @@ def torch_run(system: str, path: str, prompt: list, new: int, reps: int, reuse_c
     model, _ = zen_inductor.load_gguf(path)
     load_s = time.perf_counter() - t0
     ids, length = torch.tensor([prompt]), len(prompt)
-    forward = compiled_forward(model, system.removesuffix(KV8), skip_module_guards)
-    cache_class = zen_inductor.Int8StaticCache if system.endswith(KV8) else StaticCache
+    forward = compiled_forward(model, system.removesuffix(KV8).removesuffix(KV16), skip_module_guards)
+    cache_class = (zen_inductor.Int8StaticCache if system.endswith(KV8) else
+                   zen_inductor.Bf16StaticCache if system.endswith(KV16) else StaticCache)
     kept = cache_class(config=model.config, max_cache_len=length + new) if reuse_cache else None
 
     @torch.no_grad()
@@ -342,7 +346,7 @@ def main() -> None:
              f"Machine: {describe_cpu()}, {torch.get_num_threads()} threads"
              f"{'; every system as on an AVX2-only CPU (`--isa avx2`: zen, ATen, Inductor, MKL and oneDNN capped at AVX2, llama.cpp built without AVX-512)' if args.isa == 'avx2' else ''}. Batch 1, greedy, {args.new} new tokens, StaticCache "
              f"{'(one a process, reset before each generation: the prompt attends under a mask) ' if args.reuse_cache else ''}"
-             f"(`-kv8`: 8-bit keys and values, zen's Int8StaticCache and llama.cpp's Q8_0 cache); "
+             f"(`-kv8`: 8-bit keys and values, zen's Int8StaticCache and llama.cpp's Q8_0 cache; `-kv16`: zen's Bf16StaticCache, the bytes of llama.cpp's default f16 cache); "
              f"medians of {args.reps} runs (eager: 1)"
              f"{f' in each of {args.rounds} processes a system and prompt, in alternating order; a row gives their medians, TPOT with its range' if args.rounds > 1 else ''}. "
              f"{'Every torch system compiled with its module guards skipped (`--skip-module-guards`). ' if args.skip_module_guards else ''}"
