@@ -81,25 +81,6 @@ def test_generate_with_the_int8_cache_stays_close_to_the_full_precision_cache():
     print(f"int8 cache against the fp32 cache: {sqnr(int8, full):.1f} dB over 7 positions' logits")
 
 
-@pytest.mark.skipif(attention.unavailable() is not None, reason="zen.decode_attention cannot be built here")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_zen_reads_the_codes_not_a_dequantized_cache(dtype, dumped):
-    """Compiled by zen, each decode step's attention is zen.decode_attention on the int8 codes and
-    their scales: no dequantized copy of the cache is made, and the logits are eager's on the same cache."""
-    model = llama(dtype)
-    prompt = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        eager = step_logits(model.forward, model.config, Int8StaticCache, prompt, 4)
-        zen = step_logits(compile_zen(model.forward), model.config, Int8StaticCache, prompt, 4)
-    assert zen_inductor.counters["decode_attention.gqa_masked_int8"] == LAYERS  # the decode graph's layers
-    after = dumped("after.py")  # the last graph compiled: decode
-    calls = [line for line in after.splitlines() if "zen.decode_attention" in line]
-    assert len(calls) == LAYERS and "flash_attention" not in after
-    # the codes and scales reach the op: no tensor of a whole layer's cache in floats is made
-    assert "i8[1, 2, 32, 64]" in after and not any(f'{t}[1, 2, 32, 64]"' in after for t in ("f32", "bf16"))
-    assert sqnr(zen, eager) >= (40 if dtype == torch.float32 else 25)
-
-
 def test_the_bf16_cache_holds_bf16_and_returns_the_models_dtype():
     """Eager: the layers keep bf16, update hands back fp32, and the logits stay within bf16's
     rounding of keys and values of the fp32 StaticCache's; generate() accepts the cache."""
@@ -121,18 +102,24 @@ def test_the_bf16_cache_holds_bf16_and_returns_the_models_dtype():
 
 
 @pytest.mark.skipif(attention.unavailable() is not None, reason="zen.decode_attention cannot be built here")
-def test_zen_reads_the_bf16_cache_not_its_fp32_copy(dumped):
-    """An fp32 model with the bf16 cache, compiled by zen: each decode step's attention is
-    zen.decode_attention on the bf16 cache itself, no fp32 copy of a layer's cache is made, and the
-    logits are eager's on the same cache."""
-    model = llama(torch.float32)
+@pytest.mark.parametrize("cache_cls, dtype, stored, min_db", [
+    (Int8StaticCache, torch.float32, "i8", 40), (Int8StaticCache, torch.bfloat16, "i8", 25),
+    (Bf16StaticCache, torch.float32, "bf16", 40),
+])
+def test_zen_reads_the_narrow_cache_not_a_widened_copy(cache_cls, dtype, stored, min_db, dumped):
+    """Compiled by zen, each decode step's attention is zen.decode_attention on what the cache
+    stores (int8 codes and their scales; bf16 beside an fp32 model): no copy of a layer's cache in
+    wider floats is made, and the logits are eager's on the same cache."""
+    model = llama(dtype)
     prompt = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        eager = step_logits(model.forward, model.config, Bf16StaticCache, prompt, 4)
-        zen = step_logits(compile_zen(model.forward), model.config, Bf16StaticCache, prompt, 4)
-    assert zen_inductor.counters["decode_attention.gqa_masked_bf16"] == LAYERS  # the decode graph's layers
+        eager = step_logits(model.forward, model.config, cache_cls, prompt, 4)
+        zen = step_logits(compile_zen(model.forward), model.config, cache_cls, prompt, 4)
+    variant = "int8" if cache_cls is Int8StaticCache else "bf16"
+    assert zen_inductor.counters[f"decode_attention.gqa_masked_{variant}"] == LAYERS  # the decode graph's layers
     after = dumped("after.py")  # the last graph compiled: decode
     calls = [line for line in after.splitlines() if "zen.decode_attention" in line]
     assert len(calls) == LAYERS and "flash_attention" not in after
-    assert "bf16[1, 2, 32, 64]" in after and 'f32[1, 2, 32, 64]"' not in after
-    assert sqnr(zen, eager) >= 40
+    wider = {"i8": ("f32", "bf16"), "bf16": ("f32",)}[stored]
+    assert f"{stored}[1, 2, 32, 64]" in after and not any(f'{t}[1, 2, 32, 64]"' in after for t in wider)
+    assert sqnr(zen, eager) >= min_db
