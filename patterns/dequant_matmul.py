@@ -11,8 +11,9 @@ which covers torchao IntxWeightOnly (int4/int8, sym/asym, per-group/per-channel)
 
 The chain is not matched op by op. It is *read* on the real weights: with the float codes replaced
 by 0 and by 1 the chain gives the offset and the scale of every weight element, so any affine
-dequant is understood, whatever its spelling; the reading is then proven by recomputing the
-weight both ways. The group size is where scale and offset are constant along K.
+dequant is understood, whatever its spelling; two probes suffice because the chain's ops prove it
+affine in the codes (no code as a divisor). The group size is where scale and offset are constant
+along K.
 
 Constraints (each failure is a near miss with its reason): weights frozen; activations bf16 or
 fp32; codes fit 8 bits; the chain is affine in the codes; some kernel that keeps the weight

@@ -2,8 +2,8 @@
 
 Inside the joint pass the weights are placeholders; the real tensors sit in the tracing context.
 A pattern that must know more than shapes (is this int8 tensor really int4? is the zero point
-all zeros? which group size do the scales follow?) asks this evaluator, and proves its reading
-of the dequant chain by recomputing the weight both ways.
+all zeros? which group size do the scales follow?) asks this evaluator, which reads the dequant
+chain on probe codes (weight_reading.py).
 """
 from __future__ import annotations
 

@@ -220,7 +220,7 @@ def _read_chain(ctx, codes: fx.Node, path: list[fx.Node]) -> QuantWeight:
     if shift:
         offset.add_(scale, alpha=shift)
     # no third evaluation on the real codes: check_chain proved the chain affine, and that proof
-    # in fp32 was a third of the reading (8 s of a cold 1B compile)
+    # in fp32 was a third of the reading (6-9 s of a cold 1B int4 compile)
     return describe_quantized(q, scale, offset, group_hint(codes, q.shape[1]))
 
 
