@@ -156,8 +156,9 @@ def rewrite(ctx, node: fx.Node) -> None:
     mask = node.kwargs.get("attn_mask")
     variant = ("gqa" if h != hkv else "mha") + ("_masked" if mask is not None else "")
     if why_not_native(node, hkv) is None:
-        k_int8, v_int8 = _int8_codes(under_full_slices(k)), _int8_codes(under_full_slices(v))
-        k_bf16, v_bf16 = _bf16_cache(under_full_slices(k)), _bf16_cache(under_full_slices(v))
+        k_cache, v_cache = under_full_slices(k), under_full_slices(v)
+        k_int8, v_int8 = _int8_codes(k_cache), _int8_codes(v_cache)
+        k_bf16, v_bf16 = _bf16_cache(k_cache), _bf16_cache(v_cache)
         if k_int8 is not None and v_int8 is not None:
             args, cache = (k_int8[0], v_int8[0], mask, float(scale), k_int8[1], v_int8[1]), "_int8"
         elif k_bf16 is not None and v_bf16 is not None:

@@ -240,11 +240,11 @@ def _read_blocks(ctx, op: fx.Node, path: list[fx.Node]) -> QuantWeight:
         offset = m.to(torch.float32) + 8 * scale if kind == "Q4_1" else torch.zeros_like(scale)
     weight = QuantWeight(codes=codes, scale=scale, offset=offset, zero_point=integer_zero_point(scale, offset),
                          group_size=codes.shape[1] // scale.shape[1], bits=bits)
-    _prove(weight, _along_path(ctx, op, path, dequantize_blocks(kind, blocks), affine=True).t())
+    _prove_blocks(weight, _along_path(ctx, op, path, dequantize_blocks(kind, blocks), affine=True).t())
     return weight
 
 
-def _prove(weight: QuantWeight, real: torch.Tensor) -> None:
+def _prove_blocks(weight: QuantWeight, real: torch.Tensor) -> None:
     """The op's result moved along its path gives the weight as read from the blocks (to 45 dB,
     the weight read as signal): a path that scales or moves the weight otherwise fails. Dequantized
     a block of rows at a time in one small buffer: one more full-size fp32 tensor cost ~0.5 s a GB
