@@ -508,6 +508,28 @@ def _merged_rows_are_read_where_they_lie(rows, int_mm, codes, scale, spec, g):
                                            **exact)
 
 
+@_needs("int8_quantize_rows", "AVX2")
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+def test_int8_quantize_rows_is_atens_arithmetic_bit_for_bit(act_dtype):
+    """The prefill's _int_mm takes x quantized in one pass of our C++: its codes and scales must be
+    the ATen reference's exactly, rounding halves to even, a zero row's scale clamped, many rows
+    split across threads; K not a multiple of 8 goes to the reference."""
+    from zen_inductor.kernels.int8_rows import quantize_rows, quantize_rows_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(67, 1056, generator=g) * 3).to(act_dtype)
+    x[1] = 0
+    x[2, :8] = torch.tensor([127.0, 2.5, -3.5, 0.5, -0.5, 126.5, -127.0, 1.5])  # scale exactly 1: ties
+    x[3, :4] = torch.tensor([1e30, -1e30, 1e-30, 0.0]).to(act_dtype)
+    codes, scale = quantize_rows(x)
+    ref_codes, ref_scale = quantize_rows_reference(x)
+    assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
+    assert codes[2, :8].tolist() == [127, 2, -4, 0, 0, 126, -127, 2]
+    assert codes[1].eq(0).all() and scale[1, 0] == torch.tensor(1e-7) / 127.0
+    odd = x[:5, :1052]
+    assert all(torch.equal(a, b) for a, b in zip(quantize_rows(odd), quantize_rows_reference(odd)))
+
+
 @pytest.mark.parametrize("name", [pytest.param("zen_a8w8_rows_avx2", marks=_needs("a8w8_rows_avx2", "AVX2")),
                                   pytest.param("zen_a8w8_rows_avx512", marks=_needs("a8w8_rows_avx512", "AVX512-VNNI"))])
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])

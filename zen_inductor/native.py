@@ -94,6 +94,11 @@ SOURCES = {
         _DECODE_ATTENTION_ARGS,
         _AVX512,
     ),
+    "int8_quantize_rows": (  # x, codes, scales, M, K, x_bf16: aten_int_mm_da8's int8 x
+        "int8_quantize_rows.cpp",
+        ("const void*", "int8_t*", "float*", "int64_t", "int64_t", "int64_t"),
+        ("avx2", "fma"),
+    ),
     "tiles_dequant": (
         "tiles_dequant.cpp",
         ("const uint8_t*", "const float*", "const float*", "float*", "int64_t", "int64_t", "int64_t", "int64_t"),

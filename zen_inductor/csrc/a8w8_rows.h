@@ -10,9 +10,8 @@
 //   dot_rows<R>(tile, xq, m0, K, sums): the exact int32 dot products of the 8 rows from tile
 //   (K bytes apart) with rows m0 .. m0 + R - 1 of xq, sums[r][j] a __m256i whose 8 lanes add up
 //   to row j's.
-// x goes to int8 the way torchao's dynamic activations do, one symmetric scale per row
-// (max |x| / 127, clamped, x / scale rounded to nearest even), and the integer sums are scaled in
-// _int_mm's order: both builds compute aten_int_mm_da8's output bit for bit.
+// x goes to int8 as torchao's dynamic activations do (int8_row_quantize.h), and the integer sums
+// are scaled in _int_mm's order: both builds compute aten_int_mm_da8's output bit for bit.
 // Rows of W go 8 at a time (a tile of the output), each read from its first byte to its last,
 // up to 4 rows of x sharing each loaded line.
 #pragma once
@@ -20,29 +19,11 @@
 #include <vector>
 
 #include "avx2_common.h"
+#include "int8_row_quantize.h"
 
 namespace {
 
 using namespace zen_avx2;
-
-constexpr float QMAX = 127.0f;
-
-// row m of x (bf16 or fp32) to int8 with one scale: the arithmetic of aten_int_mm_da8
-void quantize_row(const void* x, int64_t m, int64_t K, bool x_bf16, int8_t* xq, float* scale) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 amax = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8)
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, load8(x, m * K + k, x_bf16)));
-  const float s = std::max(hmax(amax), 1e-7f) / QMAX;
-  *scale = s;
-  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-QMAX), hi = _mm256_set1_ps(QMAX);
-  for (int64_t k = 0; k < K; k += 8) {
-    const __m256 q = _mm256_round_ps(_mm256_div_ps(load8(x, m * K + k, x_bf16), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, lo), hi));
-    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(xq + k), _mm_packs_epi16(w16, w16));
-  }
-}
 
 // The outputs of rows 8t .. 8t + 7 of W for ROWS rows of x from m0 (scales and bias applied).
 template <int ROWS>
