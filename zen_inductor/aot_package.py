@@ -157,6 +157,7 @@ def _zen_calls(package: str) -> dict:
                     plan = Plan.decode(args["plan"]["as_string"])
                     kernels = [KERNELS[k] for k in plan.kernels]
                     native_used.update(k.native for k in kernels if k.native)
+                    native_used.update(library for k in kernels for library in k.helpers)
                     if plan.spec.epilogue == "swiglu" and any("swiglu" not in k.epilogues for k in kernels):
                         native_used.add(SWIGLU_NATIVE)  # applied after a kernel that does not fuse it
                     zentorch |= any(k.source == "zentorch" for k in kernels)

@@ -1,7 +1,8 @@
 // x [M, K] to int8 codes and one fp32 scale a row (int8_row_quantize.h), rows split across
-// threads: the int8 x of aten_int_mm_da8's prefill GEMM in one pass over x. ATen's ops took six
-// passes over an fp32 copy (abs, amax, div, round, clamp, cast): 70 ms of a 2048 x 8192 bf16 x on
-// two Zen 4 cores, as long as the _int_mm it fed.
+// threads: the int8 x of aten_int_mm_da8's prefill GEMM in one pass over x. ATen's ops made an
+// fp32 copy and passed over it five times (abs, amax, div, round, clamp, cast): ~75 ms for a
+// 2048 x 8192 bf16 x on two Zen 4 cores, about as long as the _int_mm it fed, and fp32
+// temporaries of 4x x's elements.
 #include "int8_row_quantize.h"
 
 using namespace zen_avx2;

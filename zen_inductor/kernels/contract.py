@@ -46,6 +46,9 @@ class Kernel:
     max_m: Optional[int] = None  # bins whose smallest M is above this do not offer the kernel
     # our C++ library (native.SOURCES) it needs, built once a spec needs it; a NativeLinear run's own
     native: str = ""
+    # our C++ libraries ``run`` uses where they build and does without (ATen's ops) where they do
+    # not: started with the kernel's candidacy, carried by ahead-of-time packages, never required
+    helpers: tuple = ()
     # ``run`` also takes ``residual=`` (fp32 [M, N], patterns/residual_add.py) and returns
     # ``residual + y`` in fp32, the add done as it stores y (with no epilogue only): every NativeLinear does
     residual: bool = False

@@ -93,7 +93,7 @@ def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows_reference``'s codes and scales bit for bit, in one pass of our C++ over x
-    where it builds (K a multiple of 8): ATen's six passes over an fp32 copy cost a 2048-token
+    where it builds (K a multiple of 8): ATen's passes over an fp32 copy cost a 2048-token
     prefill's down projection as much time as its _int_mm."""
     if x.dtype not in (torch.bfloat16, torch.float32) or x.shape[1] % 8 or native.unavailable(QUANTIZE_NATIVE):
         return quantize_rows_reference(x)
@@ -153,7 +153,7 @@ def _rows_arguments(packed, spec):
 
 KERNELS = (
     Kernel("aten_int_mm_da8", "aten", _supports, _prepack, _int_mm_run, layout="int8_rows", own_weight=True, in_place_rows=True,
-           epilogues=("swiglu",), rank=(2, 22),
+           epilogues=("swiglu",), rank=(2, 22), helpers=(QUANTIZE_NATIVE,),
            fast_with="int8_gemm", activations="int8 per row"),
     Kernel("zen_a8w8_rows_avx2", "zen", _rows_supports, _prepack, NativeLinear("a8w8_rows_avx2", _rows_arguments),
            layout="int8_rows", own_weight=True, in_place_rows=True, epilogues=("swiglu",), max_m=16, rank=(1, 30), activations="int8 per row",
