@@ -35,10 +35,9 @@ def candidates(spec: LinearSpec, packings_ahead: int = 0) -> tuple[list[Kernel],
                 reasons[kernel] = memory_short_of(kernel.copy_bytes_per_weight * spec.n * spec.k + packings_ahead)
     if config.prune_dominated_kernels:  # first by kernels that need no build: none is built for a kernel left out
         reasons.update(_dominated([k for k, r in reasons.items() if not r], lambda k: not k.native))
-    for kernel, reason in reasons.items():
-        for library in (kernel.native, *kernel.helpers) if not reason else ():
-            if library:
-                native.start(library)  # the builds this spec needs run side by side
+    for kernel in (k for k, r in reasons.items() if not r):
+        for library in filter(None, (kernel.native, *kernel.helpers)):
+            native.start(library)  # the builds this spec needs run side by side
     if spec.epilogue == "swiglu" and any(not r and spec.epilogue not in k.epilogues for k, r in reasons.items()):
         native.start(SWIGLU_NATIVE)  # apply_epilogue's, for the kernels that do not fuse it
     ok, excluded = [], {}
