@@ -43,13 +43,18 @@ ZEN_AVX512_BF16 void blocks(const uint16_t* x, const uint16_t* w, const float* b
 }
 
 // The same sums on W as the model holds it, row-major [N, K] (plain): no packed copy. vdpbf16ps
-// takes 32 values of a row of W against the same 32 of x, so each row ends in 16 partial sums
-// added across lanes; 16 rows make one block's sums for store_block. U rows of a block are read
-// side by side (U streams, as the packed GEMV's 4: one row at a time, one stream a thread, read
-// llama1b's gate/up at 0.6x the packed GEMV's rate), and each 32 values of x serve all U.
+// takes 32 values of a row of W against the same 32 of x, so each row ends in 16 partial sums;
+// a block's 16 rows are added across lanes together at the end (sum16). U rows of a block are
+// read side by side, and each 32 values of x serve all U. With more than one row of x the loop
+// is slow enough to leave streams to start cold at each 4 KB page (the hardware prefetcher does
+// not cross one; a row of llama1b is one page): rows are asked for 2 KB ahead, past a row's end
+// in the next U rows (Zen 4, llama1b shapes at M = 4: 1.2-1.4x the packed GEMV's time without,
+// 1.0-1.2x with; at M = 1 the same requests made it slower).
+constexpr int64_t kAhead = 1024;  // values of a row
+
 template <int R, int U>
 ZEN_AVX512_BF16 inline void plain_rows(const uint16_t* x, const uint16_t* w, int64_t m0, int64_t n, int64_t K, __mmask32 tail,
-                                       float (*sums)[ROWS], int64_t j) {
+                                       __m512 (*partial)[ROWS], int64_t j) {
   __m512 acc[R][U];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
@@ -57,7 +62,13 @@ ZEN_AVX512_BF16 inline void plain_rows(const uint16_t* x, const uint16_t* w, int
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[U];
-    for (int u = 0; u < U; ++u) wv[u] = (__m512bh)_mm512_loadu_si512(wr + u * K + k);
+    for (int u = 0; u < U; ++u) {
+      wv[u] = (__m512bh)_mm512_loadu_si512(wr + u * K + k);
+      if (R > 1) {
+        const int64_t ahead = k + kAhead;
+        _mm_prefetch(reinterpret_cast<const char*>(ahead < K ? wr + u * K + ahead : wr + (u + U) * K + ahead - K), _MM_HINT_T0);
+      }
+    }
     for (int r = 0; r < R; ++r) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + (m0 + r) * K + k);
       for (int u = 0; u < U; ++u) acc[r][u] = _mm512_dpbf16_ps(acc[r][u], wv[u], xv);
@@ -71,22 +82,38 @@ ZEN_AVX512_BF16 inline void plain_rows(const uint16_t* x, const uint16_t* w, int
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < U; ++u) sums[r][j + u] = _mm512_reduce_add_ps(acc[r][u]);
+    for (int u = 0; u < U; ++u) partial[r][j + u] = acc[r][u];
+}
+
+// Lane i: the sum of v[i]'s 16 lanes. Pairs of vectors are interleaved and added, halving the
+// vectors and doubling the rows each lane serves: 45 instructions where 16 separate sums across
+// lanes take ~130 (at K = 576 those sums were a third of a row's work).
+ZEN_AVX512 inline __m512 sum16(const __m512* v) {
+  __m512 t[8], u[4], h[2];
+  for (int i = 0; i < 8; ++i)  // a lane of 128 bits: [a, b, a, b]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // [a, b, c, d]
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  for (int i = 0; i < 2; ++i)  // lanes 0-1 for u[2i]'s four rows, 2-3 for u[2i + 1]'s
+    h[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(h[0], h[1], 0x88), _mm512_shuffle_f32x4(h[0], h[1], 0xDD));
 }
 
 template <int R>
 ZEN_AVX512_BF16 void plain_block(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t m0, int64_t blk,
                                  int64_t N, int64_t K, bool y_bf16, bool swiglu, const float* res) {
   constexpr int U = 4;
-  alignas(64) float sums[R][ROWS] = {};
+  __m512 partial[R][ROWS];
   const int64_t n0 = blk * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
   const __mmask32 tail = K % 32 ? static_cast<__mmask32>((1ull << (K % 32)) - 1) : 0;
   int64_t j = 0;
-  for (; j + U <= rows; j += U) plain_rows<R, U>(x, w, m0, n0 + j, K, tail, sums, j);
-  for (; j < rows; ++j) plain_rows<R, 1>(x, w, m0, n0 + j, K, tail, sums, j);
+  for (; j + U <= rows; j += U) plain_rows<R, U>(x, w, m0, n0 + j, K, tail, partial, j);
+  for (; j < rows; ++j) plain_rows<R, 1>(x, w, m0, n0 + j, K, tail, partial, j);
+  for (int r = 0; r < R; ++r)
+    for (int64_t i = rows; i < ROWS; ++i) partial[r][i] = _mm512_setzero_ps();
   const __m512 bias = load_bias(b, blk, N);
   for (int r = 0; r < R; ++r)
-    store_block(y, m0 + r, blk, N, _mm512_add_ps(_mm512_load_ps(sums[r]), bias), y_bf16, swiglu, res);
+    store_block(y, m0 + r, blk, N, _mm512_add_ps(sum16(partial[r]), bias), y_bf16, swiglu, res);
 }
 
 }  // namespace
