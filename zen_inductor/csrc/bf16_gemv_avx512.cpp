@@ -45,11 +45,11 @@ ZEN_AVX512_BF16 void blocks(const uint16_t* x, const uint16_t* w, const float* b
 // The same sums on W as the model holds it, row-major [N, K] (plain): no packed copy. vdpbf16ps
 // takes 32 values of a row of W against the same 32 of x, so each row ends in 16 partial sums;
 // a block's 16 rows are added across lanes together at the end (sum16). U rows of a block are
-// read side by side, and each 32 values of x serve all U. With more than one row of x the loop
-// is slow enough to leave streams to start cold at each 4 KB page (the hardware prefetcher does
-// not cross one; a row of llama1b is one page): rows are asked for 2 KB ahead, past a row's end
-// in the next U rows (Zen 4, llama1b shapes at M = 4: 1.2-1.4x the packed GEMV's time without,
-// 1.0-1.2x with; at M = 1 the same requests made it slower).
+// read side by side, and each 32 values of x serve all U (in registers: R U sums, U rows of W).
+// With more than one row of x the loop is slow enough to leave streams to start cold at each
+// 4 KB page (the hardware prefetcher does not cross one; a row of llama1b is one page): rows are
+// asked for 2 KB ahead, past a row's end in the next U rows (Zen 4, llama1b shapes at M = 4:
+// 1.2-1.4x the packed GEMV's time without, 1.0-1.2x with; at M = 1 the same requests slowed it).
 constexpr int64_t kAhead = 1024;  // values of a row
 
 template <int R, int U>
@@ -102,7 +102,7 @@ ZEN_AVX512 inline __m512 sum16(const __m512* v) {
 template <int R>
 ZEN_AVX512_BF16 void plain_block(const uint16_t* x, const uint16_t* w, const float* b, void* y, int64_t m0, int64_t blk,
                                  int64_t N, int64_t K, bool y_bf16, bool swiglu, const float* res) {
-  constexpr int U = 4;
+  constexpr int U = R == 1 ? 8 : 4;  // M = 1: 1.0-1.1x the packed GEMV's time with 8, 1.0-1.25x with 4
   __m512 partial[R][ROWS];
   const int64_t n0 = blk * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
   const __mmask32 tail = K % 32 ? static_cast<__mmask32>((1ull << (K % 32)) - 1) : 0;

@@ -95,9 +95,9 @@ KERNELS = (
     # the llama1b-4l decode linears. At M=16 four passes over each block make it compute-bound
     Kernel("zen_bf16_gemv_avx512", "dense", _bf16_vnni_supports, _bf16_vnni_prepack, NativeLinear("bf16_gemv_avx512", _bf16_vnni_arguments),
            layout="bf16_vnni", epilogues=("swiglu",), max_m=4, rank=(0, 20), copy_bytes_per_weight=2),
-    # the same instructions on the model's own row-major weight, for where a packed copy would not
-    # fit (a bf16 model's copy is the model's size again): 1.0-1.8x the packed one's time at M=1,
-    # 1.4-2.0x at M=4 (a sum across lanes a row; Zen 4, llama1b-4l and SmolLM2 shapes)
+    # the same instructions on the model's own row-major weight: no copy the model's size again.
+    # 0.95-1.1x the packed one's time at M=1, 1.0-1.2x at M=4 (Zen 4, llama1b-4l and SmolLM2
+    # shapes), so within config.layout_tolerance it takes the bin and the copy is never made
     Kernel("zen_bf16_rows_avx512", "dense", _bf16_vnni_supports, _dense_prepack,
            NativeLinear("bf16_gemv_avx512", functools.partial(_bf16_vnni_arguments, plain=True)), layout="dense", own_weight=True,
            epilogues=("swiglu",), max_m=4, rank=(1, 21)),
