@@ -26,6 +26,24 @@ def test_decode_attention_matches_sdpa_with_a_static_cache_mask(b, h, hkv, lengt
     assert (out.float() - ref).norm() / ref.norm() < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mask_of_its_own_for_each_head(dtype):
+    """A [B, H, 1, L] mask (each query head its own row, read as it lies) and one broadcast along
+    the positions (stride 0, read value by value) give SDPA's answer."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 1, 64, dtype=dtype)
+    k, v = (torch.randn(1, 2, 200, 64, dtype=dtype) for _ in range(2))
+    per_head = torch.zeros(1, 8, 1, 200, dtype=dtype)
+    for h in range(8):
+        per_head[:, h, :, 20 * h + 30:] = float("-inf")
+    broadcast = torch.zeros(1, 8, 1, 1, dtype=dtype).expand(1, 8, 1, 200)
+    for mask in (per_head, broadcast):
+        out = decode_attention(q, k, v, mask, 0.125)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(),
+                                                               scale=0.125, enable_gqa=True)
+        assert (out.float() - ref).norm() / ref.norm() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
 def test_a_head_that_sees_nothing_gets_zero():
     q, k, v = torch.randn(1, 2, 1, 32), torch.randn(1, 1, 10, 32), torch.randn(1, 1, 10, 32)
     mask = torch.full((1, 1, 1, 10), float("-inf"))

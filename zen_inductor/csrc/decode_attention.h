@@ -155,13 +155,23 @@ ZEN_ATTENTION_TARGET inline void scores_grouped(const float* q, const char* k, i
       for (int g = 0; g < G; ++g) acc[p * G + g] = L::fmadd(qv[g], kv, acc[p * G + g]);
     }
   }
+  // the sums in query-major order, so each query's P scores are added as one vector (a scalar
+  // add a score, times an int8 scale, held ~10% of an int8 call's samples at 4k; 3% faster)
   constexpr int kPadded = (P * G + 7) / 8 * 8;
   __m256 folded[kPadded];
-  for (int j = 0; j < kPadded; ++j) folded[j] = j < P * G ? L::fold8(acc[j]) : _mm256_setzero_ps();
+  for (int j = 0; j < kPadded; ++j) folded[j] = j < P * G ? L::fold8(acc[(j % P) * G + j / P]) : _mm256_setzero_ps();
   alignas(32) float dots[kPadded];
   for (int j = 0; j < kPadded; j += 8) _mm256_store_ps(dots + j, sums8(folded + j));
-  for (int p = 0; p < P; ++p)
-    for (int g = 0; g < G; ++g) scores[g * kChunk + p] += kind == kInt8 ? dots[p * G + g] * row_scales[p] : dots[p * G + g];
+  for (int g = 0; g < G; ++g) {
+    float* row = scores + g * kChunk;
+    if constexpr (P == 4) {
+      __m128 four = _mm_load_ps(dots + g * P);
+      if (kind == kInt8) four = _mm_mul_ps(four, _mm_loadu_ps(row_scales));
+      _mm_storeu_ps(row, _mm_add_ps(_mm_loadu_ps(row), four));
+    } else {
+      for (int p = 0; p < P; ++p) row[p] += kind == kInt8 ? dots[g * P + p] * row_scales[p] : dots[g * P + p];
+    }
+  }
 }
 
 // out[g * out_stride + (0 .. S)] += sum_i w[g * kChunk + i] V[i][d0 .. d0 + S) for the G queries, S = L::kGroupSlice
@@ -224,14 +234,17 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   float* weights = weights_rows.data();
   bool seen[kChunk] = {};  // some query of the group may see the position
   for (int64_t g = 0; g < group; ++g) {
+    float* row = weights + g * kChunk;
     if (g > 0 && s.m_sh == 0) {  // one mask for every head (transformers' is [B, 1, 1, L]): copied
-      std::memcpy(weights + g * kChunk, weights, n * sizeof(float));
+      std::memcpy(row, weights, n * sizeof(float));
       continue;
     }
-    for (int64_t i = 0; i < n; ++i) {
-      weights[g * kChunk + i] = mask_at(mask, s, b, kvh * group + g, l0 + i);
-      seen[i] = seen[i] || weights[g * kChunk + i] != kNegInf;
+    if (s.has_mask && s.m_sl == 1) {  // a row of the mask as it lies
+      std::memcpy(row, mask + b * s.m_sb + (kvh * group + g) * s.m_sh + l0, n * sizeof(float));
+    } else {
+      for (int64_t i = 0; i < n; ++i) row[i] = mask_at(mask, s, b, kvh * group + g, l0 + i);
     }
+    for (int64_t i = 0; i < n; ++i) seen[i] = seen[i] || row[i] != kNegInf;
   }
   // narrow K and V widened once a chunk, not once per query of the group, where the lanes ask (the
   // passes below read each row group times: on AVX2 widening there made bf16 slower than fp32 at
