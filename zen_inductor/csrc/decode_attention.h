@@ -331,7 +331,7 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
     }
     if (kind == kInt8) {  // a position's weight times its V row's scale: V's sums take codes
       // in vectors: the scalar loop (w and v_scales may alias, for the compiler) waited on each
-      // scale's load, ~10% of an int8 call at 4k
+      // scale's load (llama1b's shape at 4k: 178-181 us a call against 192-218)
       int64_t i2 = 0;
       for (; i2 + L::W <= n; i2 += L::W) L::store(w + i2, L::mul(L::load(w + i2), L::load(v_scales + i2)));
       for (; i2 < n; ++i2) w[i2] *= v_scales[i2];
