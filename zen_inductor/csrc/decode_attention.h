@@ -6,7 +6,8 @@
 //   codes (kind: kFp32, kBf16, kInt8), fold8(V): a __m256 whose 8 lanes sum to the same as V's,
 //   kWidenOnce: whether narrow rows are widened to fp32 once a chunk (else as each pass reads them)
 //   where the group's queries are read one by one; kGroupPositions, kGroupSlice: see grouped_lanes;
-//   kAheadRows: how many positions ahead the scores ask for K's rows (0: never).
+//   kAheadRows, kAheadNarrowRows: how many positions ahead the scores ask for K's rows, fp32 and
+//   narrow (0: never).
 //
 // K and V come as fp32, bf16, or int8 codes with one fp32 scale a (batch, KV head, position). An
 // int8 row's scale is applied to what its codes gave: to a score after the dot product, to a
@@ -267,9 +268,10 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
     // L2 (a chunk's rows, up to 256 KB, did not stay in L1 until then)
     for (int64_t j = 0; j < count && !widened; ++j)
       for (int64_t byte = 0; byte < D * width; byte += 64) _mm_prefetch(vb + (i + j) * v_row + byte, _MM_HINT_T1);
-    // K's rows L::kAheadRows positions on, into L1: the hardware prefetcher stops at each 4 KB
-    // page (32 positions of bf16 K), and the scores waited on K's loads
-    for (int64_t j = i + L::kAheadRows; L::kAheadRows && j < std::min<int64_t>(i + L::kAheadRows + 8, n) && !widened; ++j)
+    // K's rows some positions on (the lane policy's), into L1: the hardware prefetcher stops at
+    // each 4 KB page (32 positions of bf16 K), and the scores waited on K's loads
+    const int64_t ahead = kind == kFp32 ? L::kAheadRows : L::kAheadNarrowRows;
+    for (int64_t j = i + ahead; ahead && j < std::min<int64_t>(i + ahead + 8, n) && !widened; ++j)
       for (int64_t byte = 0; byte < D * width; byte += 64) _mm_prefetch(kb + j * k_row + byte, _MM_HINT_T0);
     // the scores of 8 positions at a time; an int8 position's scale is padded to 8 for the tail
     alignas(32) float row_scales[8] = {};

@@ -13,7 +13,8 @@ struct Lanes16 {
   static constexpr int64_t kGroupSlice = 64;
   // Zen 4, llama1b's and SmolLM2's shapes at 4096: fp32 K 10-25% faster, bf16 3-12% (16 and 64
   // ahead: less)
-  static constexpr int64_t kAheadRows = 32;
+  static constexpr int64_t kAheadRows = 32;  // fp32 K
+  static constexpr int64_t kAheadNarrowRows = 32;  // bf16 and int8 K
   ZEN_AVX512 static V zero() { return _mm512_setzero_ps(); }
   ZEN_AVX512 static V set1(float x) { return _mm512_set1_ps(x); }
   ZEN_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
