@@ -215,6 +215,82 @@ ZEN_ATTENTION_TARGET void widen_rows(const char* rows, int64_t row_bytes, int ki
   }
 }
 
+// row g of weights (kChunk apart): the additive mask of query g of (b, kv head) at positions l0 ..
+// l0 + n; seen[i]: some query of the group may see position l0 + i
+inline void mask_rows(const float* mask, const Shape& s, int64_t b, int64_t kvh, int64_t l0, int64_t n, float* weights,
+                      bool* seen) {
+  const int64_t group = s.H / s.Hkv;
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = weights + g * kChunk;
+    if (g > 0 && s.m_sh == 0) {  // one mask for every head (transformers' is [B, 1, 1, L]): copied
+      std::memcpy(row, weights, n * sizeof(float));
+      continue;
+    }
+    if (s.has_mask && s.m_sl == 1) {  // a row of the mask as it lies
+      std::memcpy(row, mask + b * s.m_sb + (kvh * group + g) * s.m_sh + l0, n * sizeof(float));
+    } else {
+      for (int64_t i = 0; i < n; ++i) row[i] = mask_at(mask, s, b, kvh * group + g, l0 + i);
+    }
+    for (int64_t i = 0; i < n; ++i) seen[i] = seen[i] || row[i] != kNegInf;
+  }
+}
+
+// Before the scores of positions i .. i + count: V's rows, read after every score of the chunk,
+// asked for now into L2 (a chunk's rows, up to 256 KB, did not stay in L1 until then); K's rows
+// some positions on (the lane policy's) into L1: the hardware prefetcher stops at each 4 KB page
+// (32 positions of bf16 K), and the scores waited on K's loads.
+template <class L>
+ZEN_ATTENTION_TARGET inline void ask_ahead(const char* kb, int64_t k_row, const char* vb, int64_t v_row, int64_t row_bytes,
+                                           int kind, int64_t i, int64_t count, int64_t n) {
+  for (int64_t j = i; j < i + count; ++j)
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) _mm_prefetch(vb + j * v_row + byte, _MM_HINT_T1);
+  const int64_t ahead = kind == kFp32 ? L::kAheadRows : L::kAheadNarrowRows;
+  for (int64_t j = i + ahead; ahead && j < std::min<int64_t>(i + ahead + 8, n); ++j)
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) _mm_prefetch(kb + j * k_row + byte, _MM_HINT_T0);
+}
+
+// The n scores w of one query become exp(score - max) in place, p[0] the max and p[1] their sum;
+// false (w all 0) where no position is seen
+ZEN_ATTENTION_TARGET inline bool exponentials(float* w, int64_t n, float* p) {
+  __m256 top8 = _mm256_set1_ps(kNegInf);  // eight running maxima: one was a chain of dependent max
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(w + i));
+  alignas(32) float tops[8];
+  _mm256_store_ps(tops, top8);
+  float top = *std::max_element(tops, tops + 8);
+  for (; i < n; ++i) top = std::max(top, w[i]);
+  p[0] = top;
+  p[1] = 0.0f;
+  if (top == kNegInf) {
+    std::fill(w, w + n, 0.0f);
+    return false;
+  }
+  const __m256 topv = _mm256_set1_ps(top), neg_inf = _mm256_set1_ps(kNegInf);
+  __m256 sum = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= n; i += 8) {  // a masked position weighs exactly 0 (exp8 clamps at e^-87)
+    const __m256 score = _mm256_loadu_ps(w + i);
+    const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(score, topv)), _mm256_cmp_ps(score, neg_inf, _CMP_NEQ_OQ));
+    _mm256_storeu_ps(w + i, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  p[1] = hsum(sum);
+  for (; i < n; ++i) {
+    w[i] = w[i] == kNegInf ? 0.0f : std::exp(w[i] - top);
+    p[1] += w[i];
+  }
+  return true;
+}
+
+// w[i] *= scales[i]: an int8 position's weight times its V row's scale. In vectors: the scalar
+// loop (w and scales may alias, for the compiler) waited on each scale's load (llama1b's shape at
+// 4k: 178-181 us a call against 192-218).
+template <class L>
+ZEN_ATTENTION_TARGET inline void scale_weights(float* w, const float* scales, int64_t n) {
+  int64_t i = 0;
+  for (; i + L::W <= n; i += L::W) L::store(w + i, L::mul(L::load(w + i), L::load(scales + i)));
+  for (; i < n; ++i) w[i] *= scales[i];
+}
+
 // partial[g * (D + 2)]: the chunk's max score, sum of exp, then D weighted sums of V, for query g
 // of the group; positions [l0, l1) of (b, kv head)
 template <class L>
@@ -234,19 +310,7 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   weights_rows.resize(group * kChunk);
   float* weights = weights_rows.data();
   bool seen[kChunk] = {};  // some query of the group may see the position
-  for (int64_t g = 0; g < group; ++g) {
-    float* row = weights + g * kChunk;
-    if (g > 0 && s.m_sh == 0) {  // one mask for every head (transformers' is [B, 1, 1, L]): copied
-      std::memcpy(row, weights, n * sizeof(float));
-      continue;
-    }
-    if (s.has_mask && s.m_sl == 1) {  // a row of the mask as it lies
-      std::memcpy(row, mask + b * s.m_sb + (kvh * group + g) * s.m_sh + l0, n * sizeof(float));
-    } else {
-      for (int64_t i = 0; i < n; ++i) row[i] = mask_at(mask, s, b, kvh * group + g, l0 + i);
-    }
-    for (int64_t i = 0; i < n; ++i) seen[i] = seen[i] || row[i] != kNegInf;
-  }
+  mask_rows(mask, s, b, kvh, l0, n, weights, seen);
   // narrow K and V widened once a chunk, not once per query of the group, where the lanes ask (the
   // passes below read each row group times: on AVX2 widening there made bf16 slower than fp32 at
   // half the bytes)
@@ -264,15 +328,7 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   for (int64_t i = 0; i < n; i += 8) {
     const int64_t count = std::min<int64_t>(8, n - i);
     if (std::none_of(seen + i, seen + i + count, [](bool x) { return x; })) continue;
-    // V's rows are read after every score of the chunk: asked for now, they arrive meanwhile, into
-    // L2 (a chunk's rows, up to 256 KB, did not stay in L1 until then)
-    for (int64_t j = 0; j < count && !widened; ++j)
-      for (int64_t byte = 0; byte < D * width; byte += 64) _mm_prefetch(vb + (i + j) * v_row + byte, _MM_HINT_T1);
-    // K's rows some positions on (the lane policy's), into L1: the hardware prefetcher stops at
-    // each 4 KB page (32 positions of bf16 K), and the scores waited on K's loads
-    const int64_t ahead = kind == kFp32 ? L::kAheadRows : L::kAheadNarrowRows;
-    for (int64_t j = i + ahead; ahead && j < std::min<int64_t>(i + ahead + 8, n) && !widened; ++j)
-      for (int64_t byte = 0; byte < D * width; byte += 64) _mm_prefetch(kb + j * k_row + byte, _MM_HINT_T0);
+    if (!widened) ask_ahead<L>(kb, k_row, vb, v_row, D * width, kind, i, count, n);
     // the scores of 8 positions at a time; an int8 position's scale is padded to 8 for the tail
     alignas(32) float row_scales[8] = {};
     if (kind == kInt8) std::copy(k_scales + i, k_scales + std::min<int64_t>(i + 8, n), row_scales);
@@ -303,41 +359,9 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   for (int64_t g = 0; g < group; ++g) {
     float* w = weights + g * kChunk;
     float* p = partial + g * stride;
-    __m256 top8 = _mm256_set1_ps(kNegInf);  // eight running maxima: one was a chain of dependent max
-    int64_t i8 = 0;
-    for (; i8 + 8 <= n; i8 += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(w + i8));
-    alignas(32) float tops[8];
-    _mm256_store_ps(tops, top8);
-    float top = *std::max_element(tops, tops + 8);
-    for (; i8 < n; ++i8) top = std::max(top, w[i8]);
-    p[0] = top;
-    p[1] = 0.0f;
     std::fill(p + 2, p + stride, 0.0f);
-    if (top == kNegInf) {
-      std::fill(w, w + n, 0.0f);
-      continue;
-    }
-    const __m256 topv = _mm256_set1_ps(top), neg_inf = _mm256_set1_ps(kNegInf);
-    __m256 sum = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {  // a masked position weighs exactly 0 (exp8 clamps at e^-87)
-      const __m256 score = _mm256_loadu_ps(w + i);
-      const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(score, topv)), _mm256_cmp_ps(score, neg_inf, _CMP_NEQ_OQ));
-      _mm256_storeu_ps(w + i, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    p[1] = hsum(sum);
-    for (; i < n; ++i) {
-      w[i] = w[i] == kNegInf ? 0.0f : std::exp(w[i] - top);
-      p[1] += w[i];
-    }
-    if (kind == kInt8) {  // a position's weight times its V row's scale: V's sums take codes
-      // in vectors: the scalar loop (w and v_scales may alias, for the compiler) waited on each
-      // scale's load (llama1b's shape at 4k: 178-181 us a call against 192-218)
-      int64_t i2 = 0;
-      for (; i2 + L::W <= n; i2 += L::W) L::store(w + i2, L::mul(L::load(w + i2), L::load(v_scales + i2)));
-      for (; i2 < n; ++i2) w[i2] *= v_scales[i2];
-    }
+    if (!exponentials(w, n, p)) continue;
+    if (kind == kInt8) scale_weights<L>(w, v_scales, n);  // V's sums take codes
     if (grouped) continue;  // V's sums for the whole group, below
     float* out = p + 2;
     int64_t d = 0;
