@@ -235,20 +235,6 @@ inline void mask_rows(const float* mask, const Shape& s, int64_t b, int64_t kvh,
   }
 }
 
-// Before the scores of positions i .. i + count: V's rows, read after every score of the chunk,
-// asked for now into L2 (a chunk's rows, up to 256 KB, did not stay in L1 until then); K's rows
-// some positions on (the lane policy's) into L1: the hardware prefetcher stops at each 4 KB page
-// (32 positions of bf16 K), and the scores waited on K's loads.
-template <class L>
-ZEN_ATTENTION_TARGET inline void ask_ahead(const char* kb, int64_t k_row, const char* vb, int64_t v_row, int64_t row_bytes,
-                                           int kind, int64_t i, int64_t count, int64_t n) {
-  for (int64_t j = i; j < i + count; ++j)
-    for (int64_t byte = 0; byte < row_bytes; byte += 64) _mm_prefetch(vb + j * v_row + byte, _MM_HINT_T1);
-  const int64_t ahead = kind == kFp32 ? L::kAheadRows : L::kAheadNarrowRows;
-  for (int64_t j = i + ahead; ahead && j < std::min<int64_t>(i + ahead + 8, n); ++j)
-    for (int64_t byte = 0; byte < row_bytes; byte += 64) _mm_prefetch(kb + j * k_row + byte, _MM_HINT_T0);
-}
-
 // The n scores w of one query become exp(score - max) in place, p[0] the max and p[1] their sum;
 // false (w all 0) where no position is seen
 ZEN_ATTENTION_TARGET inline bool exponentials(float* w, int64_t n, float* p) {
@@ -328,7 +314,15 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   for (int64_t i = 0; i < n; i += 8) {
     const int64_t count = std::min<int64_t>(8, n - i);
     if (std::none_of(seen + i, seen + i + count, [](bool x) { return x; })) continue;
-    if (!widened) ask_ahead<L>(kb, k_row, vb, v_row, D * width, kind, i, count, n);
+    // V's rows are read after every score of the chunk: asked for now, they arrive meanwhile, into
+    // L2 (a chunk's rows, up to 256 KB, did not stay in L1 until then)
+    for (int64_t j = 0; j < count && !widened; ++j)
+      for (int64_t byte = 0; byte < D * width; byte += 64) _mm_prefetch(vb + (i + j) * v_row + byte, _MM_HINT_T1);
+    // K's rows some positions on (the lane policy's), into L1: the hardware prefetcher stops at
+    // each 4 KB page (32 positions of bf16 K), and the scores waited on K's loads
+    const int64_t ahead = kind == kFp32 ? L::kAheadRows : L::kAheadNarrowRows;
+    for (int64_t j = i + ahead; ahead && j < std::min<int64_t>(i + ahead + 8, n) && !widened; ++j)
+      for (int64_t byte = 0; byte < D * width; byte += 64) _mm_prefetch(kb + j * k_row + byte, _MM_HINT_T0);
     // the scores of 8 positions at a time; an int8 position's scale is padded to 8 for the tail
     alignas(32) float row_scales[8] = {};
     if (kind == kInt8) std::copy(k_scales + i, k_scales + std::min<int64_t>(i + 8, n), row_scales);
