@@ -78,14 +78,6 @@ inline float value_at(const void* row, int64_t d, int kind) {
   return out;
 }
 
-// [sum(a0), ..., sum(a7)]: eight dot products finished at once (one horizontal sum a position was
-// a chain of shuffles per score, and the scores pass ran at a third of its loads' pace)
-inline __m256 sums8(const __m256* a) {
-  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
-
 // scores[i] += q . K[l0 + i] for eight positions, rows of K `row_bytes` apart (int8 codes: times
 // row_scales[i])
 template <class L>
@@ -100,7 +92,9 @@ ZEN_ATTENTION_TARGET inline void scores8(const float* q, const char* k, int64_t 
   }
   __m256 folded[8];
   for (int j = 0; j < 8; ++j) folded[j] = L::fold8(acc[j]);
-  __m256 dots = sums8(folded);
+  // eight dot products finished at once by reduce8 (one sum across lanes a position was a chain of
+  // shuffles per score, and the scores pass ran at a third of its loads' pace)
+  __m256 dots = reduce8(folded);
   alignas(32) float tail[8] = {};
   for (int64_t d = DW; d < D; ++d)
     for (int j = 0; j < 8; ++j) tail[j] += q[d] * value_at(k + j * row_bytes, d, kind);
@@ -162,7 +156,7 @@ ZEN_ATTENTION_TARGET inline void scores_grouped(const float* q, const char* k, i
   __m256 folded[kPadded];
   for (int j = 0; j < kPadded; ++j) folded[j] = j < P * G ? L::fold8(acc[(j % P) * G + j / P]) : _mm256_setzero_ps();
   alignas(32) float dots[kPadded];
-  for (int j = 0; j < kPadded; j += 8) _mm256_store_ps(dots + j, sums8(folded + j));
+  for (int j = 0; j < kPadded; j += 8) _mm256_store_ps(dots + j, reduce8(folded + j));
   for (int g = 0; g < G; ++g) {
     float* row = scores + g * kChunk;
     if constexpr (P == 4) {
@@ -319,9 +313,10 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
     for (int64_t j = 0; j < count && !widened; ++j)
       for (int64_t byte = 0; byte < D * width; byte += 64) _mm_prefetch(vb + (i + j) * v_row + byte, _MM_HINT_T1);
     // K's rows some positions on (the lane policy's), into L1: the hardware prefetcher stops at
-    // each 4 KB page (32 positions of bf16 K), and the scores waited on K's loads
-    const int64_t ahead = kind == kFp32 ? L::kAheadRows : L::kAheadNarrowRows;
-    for (int64_t j = i + ahead; ahead && j < std::min<int64_t>(i + ahead + 8, n) && !widened; ++j)
+    // each 4 KB page (32 positions of bf16 K), and the scores waited on K's loads. Kept here: moved
+    // into a function template of their own, the compiler emitted none of these requests.
+    const int64_t ahead = widened ? 0 : kind == kFp32 ? L::kAheadRows : L::kAheadNarrowRows;
+    for (int64_t j = i + ahead; ahead && j < std::min<int64_t>(i + ahead + 8, n); ++j)
       for (int64_t byte = 0; byte < D * width; byte += 64) _mm_prefetch(kb + j * k_row + byte, _MM_HINT_T0);
     // the scores of 8 positions at a time; an int8 position's scale is padded to 8 for the tail
     alignas(32) float row_scales[8] = {};
