@@ -26,7 +26,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.linears import read_bandwidth_gbs  # noqa: E402
 from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
 from zen_inductor.attention import decode_attention, unavailable  # noqa: E402
 from zen_inductor.kv_cache import dequantize, quantize  # noqa: E402
@@ -43,20 +42,43 @@ def gemms(q, k, v, mask, scale):
     return (torch.softmax(scores, -1) @ v.float()).view(b, h, 1, d).to(q.dtype)
 
 
-def per_call_us(call, caches, reps: int) -> float:
+def passes_us(call, caches, reps: int, before=lambda: None) -> list[float]:
+    """us a call in each of ``reps`` passes over the caches, ``before()`` run ahead of each pass."""
     for cache in caches:
         call(*cache)
     samples = []
     for _ in range(reps):
+        before()
         t0 = time.perf_counter()
         for cache in caches:
             call(*cache)
         samples.append((time.perf_counter() - t0) / len(caches) * 1e6)
-    return statistics.median(samples)
+    return samples
 
 
-def one_case(h, hkv, d, dtype, context, compiled, args) -> dict:
-    """us a call of zen's kernel, ATen's SDPA and the GEMMs, and the bytes of K and V zen reads."""
+def per_call_us(call, caches, reps: int) -> float:
+    return statistics.median(passes_us(call, caches, reps))
+
+
+class ReadBandwidth:
+    """GB/s of one sum over a 512 MB buffer, taken just before each pass of zen's calls: this VM's
+    read bandwidth moved between 42 and 77 GB/s within minutes, so a figure taken once at the start
+    made the share of it a kernel reached swing as much (over 100% at times)."""
+
+    def __init__(self):
+        self.buf = torch.ones(128 << 20, dtype=torch.float32)
+        self.buf.sum()
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        t0 = time.perf_counter()
+        self.buf.sum()
+        self.samples.append(self.buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+
+
+def one_case(h, hkv, d, dtype, context, compiled, bandwidth: ReadBandwidth, args) -> dict:
+    """us a call of zen's kernel, ATen's SDPA and the GEMMs; zen's GB/s of K and V, the read bandwidth
+    beside it and the median over passes of the share of it zen reached."""
     torch.manual_seed(0)
     int8 = dtype == torch.int8
     values = torch.bfloat16 if int8 else dtype  # the peers' cache
@@ -73,18 +95,23 @@ def one_case(h, hkv, d, dtype, context, compiled, args) -> dict:
     scale = 1 / math.sqrt(d)
     q, k, v, _ = caches[0]
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float(), enable_gqa=True)
+    bandwidth.samples.clear()
     if int8:
         assert (decode_attention(*codes[0][:4], scale, *codes[0][4:]).float() - ref).norm() / ref.norm() < 1e-2
-        zen = per_call_us(lambda q, k, v, m, ks, vs: decode_attention(q, k, v, m, scale, ks, vs), codes, args.reps)
+        zen = passes_us(lambda q, k, v, m, ks, vs: decode_attention(q, k, v, m, scale, ks, vs), codes, args.reps,
+                        bandwidth.sample)
     else:
         assert (decode_attention(q, k, v, mask, scale).float() - ref).norm() / ref.norm() < 1e-2
-        zen = per_call_us(lambda q, k, v, m: decode_attention(q, k, v, m, scale), caches, args.reps)
+        zen = passes_us(lambda q, k, v, m: decode_attention(q, k, v, m, scale), caches, args.reps, bandwidth.sample)
     sdpa = per_call_us(lambda q, k, v, m: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=m, enable_gqa=True), caches, args.reps)
     torch._dynamo.reset()
     fused = per_call_us(lambda q, k, v, m: compiled(q, k, v, m, scale), caches, args.reps)
     visible = 2 * hkv * (context - UNWRITTEN)  # rows of K and V
-    return dict(zen=zen, sdpa=sdpa, fused=fused, bytes=visible * (d + 4 if int8 else d * dtype.itemsize))
+    size = visible * (d + 4 if int8 else d * dtype.itemsize)
+    return dict(zen=statistics.median(zen), sdpa=sdpa, fused=fused, gbs=size / statistics.median(zen) / 1e3,
+                bandwidth=statistics.median(bandwidth.samples),
+                share=statistics.median(size / us / 1e3 / bw for us, bw in zip(zen, bandwidth.samples)))
 
 
 def main() -> None:
@@ -98,23 +125,25 @@ def main() -> None:
     if unavailable():
         raise SystemExit(f"zen.decode_attention cannot run here: {unavailable()}")
     compiled = torch.compile(gemms, dynamic=False)
-    bandwidth = read_bandwidth_gbs()
+    bandwidth = ReadBandwidth()
     lines = [f"# Decode attention, one query position over a static cache ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {describe_cpu()}, {torch.get_num_threads()} threads; read bandwidth {bandwidth:.1f} GB/s (a 512 MB buffer "
-             f"summed). Batch 1; each call reads the next of {args.layers} caches, as a decode step walks its layers; "
-             f"the last {UNWRITTEN} positions of each cache unwritten (masked). `python benchmarks/decode_attention.py`, "
-             f"medians of {args.reps} passes. GB/s: bytes of K and V up to the last visible position over the time "
-             f"(int8: codes and scales; SDPA and the GEMMs on the same values in bf16).", "",
-             "| shape | KV dtype | context | zen C++ us | GB/s | of read bandwidth | ATen SDPA us | GEMMs (Inductor) us |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Machine: {describe_cpu()}, {torch.get_num_threads()} threads. Batch 1; each call reads the next of "
+             f"{args.layers} caches, as a decode step walks its layers; the last {UNWRITTEN} positions of each cache "
+             f"unwritten (masked). `python benchmarks/decode_attention.py`, medians of {args.reps} passes. GB/s: bytes "
+             f"of K and V up to the last visible position over the time (int8: codes and scales; SDPA and the GEMMs "
+             f"on the same values in bf16). Read bandwidth: a 512 MB buffer summed just before each pass of zen's "
+             f"calls (median); of read bandwidth: the median over passes of the pass's GB/s over the sum's.", "",
+             "| shape | KV dtype | context | zen C++ us | GB/s | read bandwidth GB/s | of read bandwidth | ATen SDPA us "
+             "| GEMMs (Inductor) us |",
+             "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for label, (h, hkv, d) in SHAPES.items():
         for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
             for context in (int(c) for c in args.contexts.split(",")):
-                row = one_case(h, hkv, d, dtype, context, compiled, args)
-                gbs = row["bytes"] / row["zen"] / 1e3
-                line = (f"| {label} | {str(dtype).replace('torch.', '')} | {context} | {row['zen']:.1f} | {gbs:.1f} | "
-                        f"{gbs / bandwidth:.0%} | {row['sdpa']:.1f} | {row['fused']:.1f} |")
+                row = one_case(h, hkv, d, dtype, context, compiled, bandwidth, args)
+                line = (f"| {label} | {str(dtype).replace('torch.', '')} | {context} | {row['zen']:.1f} | "
+                        f"{row['gbs']:.1f} | {row['bandwidth']:.1f} | {row['share']:.0%} | {row['sdpa']:.1f} | "
+                        f"{row['fused']:.1f} |")
                 print(line, flush=True)
                 lines.append(line)
     if args.out:
