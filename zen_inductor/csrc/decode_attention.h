@@ -120,6 +120,41 @@ ZEN_ATTENTION_TARGET inline void weighted_rows(const float* w, const bool* seen,
   for (int t = 0; t < T; ++t) L::store(out + L::W * t, acc[t]);
 }
 
+// scores[g * kChunk + j] += q_g . K[j] for each query g of the group (rows of q, D apart), one query
+// at a time, positions j < count (8: in vectors; -inf + a finite dot stays -inf)
+template <class L>
+ZEN_ATTENTION_TARGET inline void scores_each(const float* q, const char* k, int64_t row_bytes, int kind,
+                                             const float* row_scales, int64_t D, int64_t group, int64_t count,
+                                             float* scores) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qg = q + g * D;
+    float* row = scores + g * kChunk;
+    if (count == 8) {
+      scores8<L>(qg, k, row_bytes, kind, row_scales, D, row);
+      continue;
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      if (row[j] == kNegInf) continue;
+      float sum = 0.0f;
+      for (int64_t d = 0; d < D; ++d) sum += qg[d] * value_at(k + j * row_bytes, d, kind);
+      row[j] += kind == kInt8 ? sum * row_scales[j] : sum;
+    }
+  }
+}
+
+// out[0 .. D) += sum_i w[i] V[i] for one query: weighted_rows over 64 values at a time, then 2W, W, 1
+template <class L>
+ZEN_ATTENTION_TARGET inline void weighted_sums(const float* w, const bool* seen, int64_t n, const char* v,
+                                               int64_t row_bytes, int kind, int64_t D, float* out) {
+  int64_t d = 0;
+  for (; d + 64 <= D; d += 64) weighted_rows<L, 64 / L::W>(w, seen, n, v, row_bytes, kind, d, out + d);
+  for (; d + 2 * L::W <= D; d += 2 * L::W) weighted_rows<L, 2>(w, seen, n, v, row_bytes, kind, d, out + d);
+  for (; d + L::W <= D; d += L::W) weighted_rows<L, 1>(w, seen, n, v, row_bytes, kind, d, out + d);
+  for (; d < D; ++d)
+    for (int64_t i = 0; i < n; ++i)
+      if (seen[i]) out[d] += w[i] * value_at(v + i * row_bytes, d, kind);
+}
+
 // Every query of a GQA group at once, where the group holds 2-4 queries of D a multiple of 64: each
 // row of K and V is loaded and widened once for the queries that share it, not once per query.
 // scores8 and weighted_rows per query widened each bf16 row four times for llama1b's groups and
@@ -351,20 +386,8 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
       });
       continue;
     }
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q + (b * s.H + kvh * group + g) * D;
-      float* scores = weights + g * kChunk + i;
-      if (count == 8) {  // -inf + a finite dot stays -inf
-        scores8<L>(qg, kb + i * k_row, k_row, kind, row_scales, D, scores);
-        continue;
-      }
-      for (int64_t j = 0; j < count; ++j) {
-        if (scores[j] == kNegInf) continue;
-        float sum = 0.0f;
-        for (int64_t d = 0; d < D; ++d) sum += qg[d] * value_at(kb + (i + j) * k_row, d, kind);
-        scores[j] += kind == kInt8 ? sum * row_scales[j] : sum;
-      }
-    }
+    scores_each<L>(q + (b * s.H + kvh * group) * D, kb + i * k_row, k_row, kind, row_scales, D, group, count,
+                   weights + i);
   }
   for (int64_t g = 0; g < group; ++g) {
     float* w = weights + g * kChunk;
@@ -373,14 +396,7 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
     if (!exponentials(w, n, p)) continue;
     if (kind == kInt8) scale_weights<L>(w, v_scales, n);  // V's sums take codes
     if (grouped) continue;  // V's sums for the whole group, below
-    float* out = p + 2;
-    int64_t d = 0;
-    for (; d + 64 <= D; d += 64) weighted_rows<L, 64 / L::W>(w, seen, n, vb, v_row, kind, d, out + d);
-    for (; d + 2 * L::W <= D; d += 2 * L::W) weighted_rows<L, 2>(w, seen, n, vb, v_row, kind, d, out + d);
-    for (; d + L::W <= D; d += L::W) weighted_rows<L, 1>(w, seen, n, vb, v_row, kind, d, out + d);
-    for (; d < D; ++d)
-      for (int64_t i2 = 0; i2 < n; ++i2)
-        if (seen[i2]) out[d] += w[i2] * value_at(vb + i2 * v_row, d, kind);
+    weighted_sums<L>(w, seen, n, vb, v_row, kind, D, p + 2);
   }
   if (grouped)
     with_group(group, [&](auto G) ZEN_ATTENTION_TARGET {
