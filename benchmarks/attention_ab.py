@@ -34,21 +34,26 @@ SOURCES = {"avx2": "decode_attention.cpp", "avx512": "decode_attention_avx512.cp
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
 
 
+def source_names(rev: str) -> list[str]:
+    if rev == "worktree":
+        return os.listdir(os.path.join(ROOT, CSRC))
+    return subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{CSRC}"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout.split()
+
+
+def source(rev: str, name: str) -> bytes:
+    if rev == "worktree":
+        with open(os.path.join(ROOT, CSRC, name), "rb") as f:
+            return f.read()
+    return subprocess.run(["git", "show", f"{rev}:{CSRC}/{name}"], cwd=ROOT, check=True, capture_output=True).stdout
+
+
 def export_csrc(rev: str, into: str) -> None:
     """The kernel sources of ``rev`` (or of the working tree) as files in ``into``."""
     os.makedirs(into)
-    if rev == "worktree":
-        names = os.listdir(os.path.join(ROOT, CSRC))
-        read = lambda name: open(os.path.join(ROOT, CSRC, name), "rb").read()  # noqa: E731
-    else:
-        listing = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{CSRC}"], cwd=ROOT, check=True,
-                                 capture_output=True, text=True).stdout
-        names = listing.split()
-        read = lambda name: subprocess.run(["git", "show", f"{rev}:{CSRC}/{name}"], cwd=ROOT,  # noqa: E731
-                                           check=True, capture_output=True).stdout
-    for name in names:
+    for name in source_names(rev):
         with open(os.path.join(into, name), "wb") as f:
-            f.write(read(name))
+            f.write(source(rev, name))
 
 
 def build(rev: str, isa: str, work: str) -> str:
@@ -82,7 +87,8 @@ def main() -> None:
         subprocess.run(["g++", "-O2", os.path.join(HERE, "attention_ab.cpp"), "-o", harness, "-ldl"], check=True)
         libs = [build(rev, args.isa, work) for rev in revs]
         lines = [f"# Decode attention builds side by side ({time.strftime('%Y-%m-%d')})", "",
-                 f"Machine: {describe_cpu()}; the {args.isa} build; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}. "
+                 f"Machine: {describe_cpu()}; the {args.isa} build; OMP_NUM_THREADS="
+                 f"{os.environ.get('OMP_NUM_THREADS', 'unset')}. "
                  f"`python benchmarks/attention_ab.py --revs {args.revs} --isa {args.isa}`: us a call, medians of "
                  f"{args.rounds} rounds, the builds alternating in one process; each call reads the next of "
                  f"{args.caches} caches, the last 64 positions masked.", "",

@@ -216,7 +216,8 @@ template <int Hint>
     return;
   }
   for (int64_t j = 0; j < count; ++j)
-    for (int64_t byte = 0; byte < bytes; byte += 64) _mm_prefetch(rows + j * row_bytes + byte, static_cast<_mm_hint>(Hint));
+    for (int64_t byte = 0; byte < bytes; byte += 64)
+      _mm_prefetch(rows + j * row_bytes + byte, static_cast<_mm_hint>(Hint));
 }
 
 // rows a pass asks for into L2 as it goes, one with each of its first n rows: the K of the thread's
