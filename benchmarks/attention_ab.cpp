@@ -3,7 +3,7 @@
 // its median us a call printed. One process for every build: the machine's bandwidth moves between
 // runs by more than the differences looked for.
 //
-//   attention_ab H Hkv L kind caches rounds lib.so...   (kind: 0 fp32, 1 bf16, 2 int8 codes)
+//   attention_ab H Hkv L D kind caches rounds lib.so...   (kind: 0 fp32, 1 bf16, 2 int8 codes)
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -52,14 +52,14 @@ static Cache make_cache(int64_t rows, int64_t D, int kind, std::mt19937& rng) {
 }
 
 int main(int argc, char** argv) {
-  if (argc < 8) {
-    std::fprintf(stderr, "attention_ab H Hkv L kind caches rounds lib.so...\n");
+  if (argc < 9) {
+    std::fprintf(stderr, "attention_ab H Hkv L D kind caches rounds lib.so...\n");
     return 2;
   }
-  const int64_t H = std::atoll(argv[1]), Hkv = std::atoll(argv[2]), L = std::atoll(argv[3]), D = 64;
-  const int kind = std::atoi(argv[4]), caches = std::atoi(argv[5]), rounds = std::atoi(argv[6]);
+  const int64_t H = std::atoll(argv[1]), Hkv = std::atoll(argv[2]), L = std::atoll(argv[3]), D = std::atoll(argv[4]);
+  const int kind = std::atoi(argv[5]), caches = std::atoi(argv[6]), rounds = std::atoi(argv[7]);
   std::vector<Kernel> kernels;
-  for (int i = 7; i < argc; ++i) {
+  for (int i = 8; i < argc; ++i) {
     void* lib = dlopen(argv[i], RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
       std::fprintf(stderr, "%s\n", dlerror());

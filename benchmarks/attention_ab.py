@@ -23,12 +23,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.decode_attention import table  # noqa: E402
 from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CSRC = "zen_inductor/csrc"
-SHAPES = {"smollm2 (9 heads / 3 KV, D 64)": (9, 3), "llama1b (32 heads / 8 KV, D 64)": (32, 8)}
 KINDS = {"float32": 0, "bfloat16": 1, "int8": 2}
 SOURCES = {"avx2": "decode_attention.cpp", "avx512": "decode_attention_avx512.cpp"}
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC"]
@@ -65,8 +65,8 @@ def build(rev: str, isa: str, work: str) -> str:
     return lib
 
 
-def run_case(harness: str, libs: list[str], h: int, hkv: int, context: int, kind: int, args) -> list[float]:
-    command = [harness, str(h), str(hkv), str(context), str(kind), str(args.caches), str(args.rounds), *libs]
+def run_case(harness: str, libs: list[str], h: int, hkv: int, d: int, context: int, kind: int, args) -> list[float]:
+    command = [harness, str(h), str(hkv), str(context), str(d), str(kind), str(args.caches), str(args.rounds), *libs]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return [float(x) for x in re.findall(r"median ([\d.]+) us", out)]
 
@@ -95,18 +95,12 @@ def main() -> None:
                  "| shape | KV dtype | context | " + " | ".join(f"{rev} us" for rev in revs) + " | " +
                  " | ".join(f"{rev} / {revs[0]}" for rev in revs[1:]) + " |",
                  "|---|---|---|" + "---|" * (2 * len(revs) - 1)]
-        print("\n".join(lines), flush=True)
-        for label, (h, hkv) in SHAPES.items():
-            for dtype in args.dtypes.split(","):
-                for context in (int(c) for c in args.contexts.split(",")):
-                    us = run_case(harness, libs, h, hkv, context, KINDS[dtype], args)
-                    line = (f"| {label} | {dtype} | {context} | " + " | ".join(f"{x:.1f}" for x in us) + " | " +
-                            " | ".join(f"{x / us[0]:.2f}x" for x in us[1:]) + " |")
-                    print(line, flush=True)
-                    lines.append(line)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+
+        def row(label, h, hkv, d, dtype, context):
+            us = run_case(harness, libs, h, hkv, d, context, KINDS[dtype], args)
+            return " | ".join(f"{x:.1f}" for x in us) + " | " + " | ".join(f"{x / us[0]:.2f}x" for x in us[1:])
+
+        table(lines, row, args)
 
 
 if __name__ == "__main__":

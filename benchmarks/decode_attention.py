@@ -136,14 +136,23 @@ def main() -> None:
              "| shape | KV dtype | context | zen C++ us | GB/s | read bandwidth GB/s | of read bandwidth | ATen SDPA us "
              "| GEMMs (Inductor) us |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def row(label, h, hkv, d, dtype_name, context):
+        r = one_case(h, hkv, d, getattr(torch, dtype_name), context, compiled, bandwidth, args)
+        return (f"{r['zen']:.1f} | {r['gbs']:.1f} | {r['bandwidth']:.1f} | {r['share']:.0%} | {r['sdpa']:.1f} | "
+                f"{r['fused']:.1f}")
+
+    table(lines, row, args)
+
+
+def table(lines: list[str], row, args) -> None:
+    """``lines`` (the head), then a row a shape, KV dtype and context (``args.dtypes``,
+    ``args.contexts``) whose cells after those three ``row(label, h, hkv, d, dtype, context)``
+    gives; printed as they come, written to ``args.out`` if given."""
     print("\n".join(lines), flush=True)
     for label, (h, hkv, d) in SHAPES.items():
-        for dtype in (getattr(torch, name) for name in args.dtypes.split(",")):
+        for dtype in args.dtypes.split(","):
             for context in (int(c) for c in args.contexts.split(",")):
-                row = one_case(h, hkv, d, dtype, context, compiled, bandwidth, args)
-                line = (f"| {label} | {str(dtype).replace('torch.', '')} | {context} | {row['zen']:.1f} | "
-                        f"{row['gbs']:.1f} | {row['bandwidth']:.1f} | {row['share']:.0%} | {row['sdpa']:.1f} | "
-                        f"{row['fused']:.1f} |")
+                line = f"| {label} | {dtype} | {context} | {row(label, h, hkv, d, dtype, context)} |"
                 print(line, flush=True)
                 lines.append(line)
     if args.out:
