@@ -3,8 +3,8 @@ machine's noise does not swamp (its read bandwidth moved between 42 and 77 GB/s 
 one VM, more than most kernel changes move a call).
 
 Each revision's ``zen_inductor/csrc`` is taken from git (``worktree``: the files as they are), its
-AVX2 and AVX-512 builds compiled with g++ -O3 -march=native -fopenmp (the flags that matter of
-Inductor's; its own build of one source ran at the same speed), and ``attention_ab.cpp`` calls the
+AVX2 and AVX-512 builds compiled with g++ -O3 -march=native -fopenmp (Inductor's optimization and
+ISA flags; its own build of one source ran at the same speed), and ``attention_ab.cpp`` calls the
 builds of one ISA in alternating rounds over ``--caches`` caches of one shape, after checking they
 agree. Medians of the rounds.
 

@@ -136,6 +136,7 @@ def main() -> None:
              "| shape | KV dtype | context | zen C++ us | GB/s | read bandwidth GB/s | of read bandwidth | ATen SDPA us "
              "| GEMMs (Inductor) us |",
              "|---|---|---|---|---|---|---|---|---|"]
+
     def row(label, h, hkv, d, dtype_name, context):
         r = one_case(h, hkv, d, getattr(torch, dtype_name), context, compiled, bandwidth, args)
         return (f"{r['zen']:.1f} | {r['gbs']:.1f} | {r['bandwidth']:.1f} | {r['share']:.0%} | {r['sdpa']:.1f} | "

@@ -12,10 +12,10 @@ struct Lanes8 {
   // Zen 4 capped at AVX2, llama1b's shape at 4096: 32 ahead made fp32 K 10-15% slower, bf16 K 6%
   // faster (270-277 against 286-302 us a call)
   static constexpr int64_t kAheadRows = 0;
+  static constexpr int64_t kAheadNarrowRows = 32;
   // Zen 5 capped at AVX2, 4k: this build is bound by its instructions more than by the memory, and
   // asking for the next chunk's K made llama1b's shape 12% slower in bf16 and fp32
   static constexpr bool kNextChunkAhead = false;
-  static constexpr int64_t kAheadNarrowRows = 32;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }

@@ -14,11 +14,11 @@ struct Lanes16 {
   // Zen 4, llama1b's and SmolLM2's shapes at 4096: fp32 K 10-25% faster, bf16 3-12% (16 and 64
   // ahead: less)
   static constexpr int64_t kAheadRows = 32;  // fp32 K
-  // the next chunk's K asked for while a chunk's V sums are taken, when the memory sat idle: a
-  // call spent about a third of its time there (K and V of a chunk come in its scores pass). Zen 5,
-  // 4k: llama1b's shape 7-15% faster in bf16 and fp32, SmolLM2's 8-15%
-  static constexpr bool kNextChunkAhead = true;
   static constexpr int64_t kAheadNarrowRows = 32;  // bf16 and int8 K
+  // the next chunk's K asked for while a chunk's V sums are taken from L2, when the memory sat
+  // idle (a chunk's K and V come in during its scores pass; a llama1b bf16 call at 4k took ~150 us
+  // with K and V in L3, ~205-230 from memory): Zen 5 at 2-4k, fp32 and bf16 3-22% faster
+  static constexpr bool kNextChunkAhead = true;
   ZEN_AVX512 static V zero() { return _mm512_setzero_ps(); }
   ZEN_AVX512 static V set1(float x) { return _mm512_set1_ps(x); }
   ZEN_AVX512 static V load(const float* p) { return _mm512_loadu_ps(p); }
