@@ -161,6 +161,12 @@ def _own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+# CPU time is counted in 10 ms ticks: a shorter window says nothing, and windows of 50-70 ms beside
+# two busy processes read 38-63% of the machine, now and then little enough to pass for quiet (on
+# Zen 5 a bin of a 2048 x 2048 int8 linear was timed in ~60 ms; the tuning then kept it)
+MIN_WINDOW_S = 0.1
+
+
 class OtherLoad:
     """What share of the machine's CPU time others took from now to ``share()``: everything busy
     on every CPU, less this process's own time (its threads, spinning ones too)."""
@@ -169,9 +175,12 @@ class OtherLoad:
         self.ticks, self.own, self.wall = _cpu_ticks(), _own_cpu_s(), time.perf_counter()
 
     def share(self) -> float:
+        wall = time.perf_counter() - self.wall
+        if wall < MIN_WINDOW_S:  # the rest of the window waited for (no CPU of ours): too few ticks to tell
+            time.sleep(MIN_WINDOW_S - wall)
         end = _cpu_ticks()
         wall = time.perf_counter() - self.wall
-        if self.ticks is None or end is None or wall < 0.05:  # ticks are 10 ms: a shorter window says nothing
+        if self.ticks is None or end is None:
             return 0.0
         busy_s = (end[0] - self.ticks[0]) / os.sysconf("SC_CLK_TCK")
         return max(0.0, busy_s - (_own_cpu_s() - self.own)) / (wall * end[1])
