@@ -5,7 +5,8 @@
 //   load_kv(row, d, kind): W values of a row of K or V from d on, as fp32 from fp32, bf16 or int8
 //   codes (kind: kFp32, kBf16, kInt8), fold8(V): a __m256 whose 8 lanes sum to the same as V's,
 //   kWidenOnce: whether narrow rows are widened to fp32 once a chunk (else as each pass reads them)
-//   where the group's queries are read one by one; kGroupPositions, kGroupSlice: see grouped_lanes;
+//   where the group's queries are read one by one; kGroupPositions, group_slice<G>(): see
+//   grouped_lanes;
 //   kAheadRows, kAheadNarrowRows: how many positions ahead the scores ask for K's rows, fp32 and
 //   narrow (0: never); kNextChunkAhead: whether the V sums of a chunk ask for the next chunk's K.
 //
@@ -159,8 +160,9 @@ ZEN_ATTENTION_TARGET inline void weighted_sums(const float* w, const bool* seen,
 // row of K and V is loaded and widened once for the queries that share it, not once per query.
 // scores8 and weighted_rows per query widened each bf16 row four times for llama1b's groups and
 // left the AVX-512 build at 41-55% of the read bandwidth at 4k. The lanes set how much stays in
-// registers: L::kGroupPositions positions' scores for the group, V's sums over L::kGroupSlice values
-// (AVX-512: 4 and 64, 16 sums of 16 lanes; AVX2: 2 and 16, 8 sums of 8 lanes, in its 16 registers).
+// registers: L::kGroupPositions positions' scores for the group, V's sums over L::group_slice<G>()
+// values (AVX-512: 4 and 64, 16 sums of 16 lanes; AVX2: 2, and 32 for groups of 2-3, 16 for 4, in
+// its 16 registers).
 constexpr bool grouped_lanes(int64_t group, int64_t D) { return group >= 2 && group <= 4 && D % 64 == 0; }
 
 // f(std::integral_constant<int, G>{}) for a group of G = 2, 3 or 4 queries (grouped_lanes holds)
@@ -227,12 +229,13 @@ struct RowsAhead {
   int64_t n = 0, row_bytes = 0, bytes = 0;
 };
 
-// out[g * out_stride + (0 .. S)] += sum_i w[g * kChunk + i] V[i][d0 .. d0 + S) for the G queries, S = L::kGroupSlice
+// out[g * out_stride + (0 .. S)] += sum_i w[g * kChunk + i] V[i][d0 .. d0 + S) for the G queries,
+// S = L::group_slice<G>()
 template <class L, int G>
 ZEN_ATTENTION_TARGET inline void weighted_rows_grouped(const float* w, const bool* seen, int64_t n, const char* v,
                                                        int64_t row_bytes, int kind, int64_t d0, float* out,
                                                        int64_t out_stride, const RowsAhead& ahead) {
-  constexpr int T = L::kGroupSlice / L::W;
+  constexpr int T = L::template group_slice<G>() / L::W;
   typename L::V acc[G][T];
   for (int g = 0; g < G; ++g)
     for (int t = 0; t < T; ++t) acc[g][t] = L::load(out + g * out_stride + L::W * t);
@@ -401,7 +404,7 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
   }
   if (grouped)
     with_group(group, [&](auto G) ZEN_ATTENTION_TARGET {
-      for (int64_t d0 = 0; d0 < D; d0 += L::kGroupSlice)
+      for (int64_t d0 = 0; d0 < D; d0 += L::template group_slice<G()>())
         weighted_rows_grouped<L, G()>(weights, seen, n, vb, v_row, kind, d0, partial + 2 + d0, stride,
                                       d0 == 0 ? next_k : RowsAhead{});
     });

@@ -10,7 +10,8 @@ struct Lanes16 {
   static constexpr int64_t W = 16;
   static constexpr bool kWidenOnce = false;
   static constexpr int kGroupPositions = 4;
-  static constexpr int64_t kGroupSlice = 64;
+  template <int G>
+  static constexpr int64_t group_slice() { return 64; }
   // Zen 4, llama1b's and SmolLM2's shapes at 4096: fp32 K 10-25% faster, bf16 3-12% (16 and 64
   // ahead: less)
   static constexpr int64_t kAheadRows = 32;  // fp32 K
