@@ -8,9 +8,10 @@ struct Lanes8 {
   static constexpr int64_t W = 8;
   static constexpr bool kWidenOnce = true;  // per-query passes: a bf16 row widened per query cost more than a copy
   static constexpr int kGroupPositions = 2;
-  // V's sums over 32 values for groups of 2-3 (3 x 4 sums, 3 weights and a row's 8 values fill the
-  // 16 registers), 16 for 4: half the passes over V's rows and their weights loaded again. Zen 5
-  // capped at AVX2, bf16 at 4k: SmolLM2's groups of 3 82 -> 77 us a call, groups of 2 104 -> 94
+  // V's sums over 32 values for groups of 2-3 (8-12 sums of 8 lanes, beside a row's 4 vectors, in
+  // the 16 registers; a group of 4 would need 16 sums): half the passes over V's rows, each loading
+  // their weights again. Zen 5 capped at AVX2, bf16 at 4k: SmolLM2's groups of 3 82 -> 77 us a
+  // call, groups of 2 104 -> 94
   template <int G>
   static constexpr int64_t group_slice() { return G <= 3 ? 32 : 16; }
   // Zen 4 capped at AVX2, llama1b's shape at 4096: 32 ahead made fp32 K 10-15% slower, bf16 K 6%
