@@ -70,6 +70,9 @@ int64_t visible_end(const float* mask, const Shape& s, int64_t b, int64_t kvh) {
   return 0;
 }
 
+// bytes of one value of a row of K or V of `kind`
+constexpr int64_t kind_bytes(int kind) { return kind == kFp32 ? 4 : kind == kBf16 ? 2 : 1; }
+
 // one value of a row of K or V (fp32, bf16 or an int8 code) as fp32
 inline float value_at(const void* row, int64_t d, int kind) {
   if (kind == kInt8) return static_cast<float>(static_cast<const int8_t*>(row)[d]);
@@ -340,7 +343,7 @@ ZEN_ATTENTION_TARGET void attend_chunk(const float* q, const void* k, const void
                                        const float* v_scale, const float* mask, const Shape& s, int64_t b, int64_t kvh,
                                        int64_t l0, int64_t l1, const RowsAhead& next_k, float* partial) {
   const int64_t group = s.H / s.Hkv, D = s.D, stride = D + 2, n = l1 - l0;
-  const int64_t width = kind == kFp32 ? 4 : kind == kBf16 ? 2 : 1;
+  const int64_t width = kind_bytes(kind);
   int64_t k_row = s.k_sl * width, v_row = s.v_sl * width;
   const char* kb = static_cast<const char*>(k) + (b * s.k_sb + kvh * s.k_sh + l0 * s.k_sl) * width;
   const char* vb = static_cast<const char*>(v) + (b * s.v_sb + kvh * s.v_sh + l0 * s.v_sl) * width;
@@ -436,7 +439,7 @@ void attend(const float* q_unscaled, float scale, const void* k, const void* v, 
     const int64_t l0 = (item - first_item[i]) * chunk;
     return std::array<int64_t, 3>{i, l0, std::min(ends[i], l0 + chunk)};
   };
-  const int64_t width = kind == kFp32 ? 4 : kind == kBf16 ? 2 : 1;
+  const int64_t width = kind_bytes(kind);
   // each thread a run of consecutive items, so the item after this one is known (its K is asked
   // for ahead where the lanes say); on AVX2 the runs were also 2-6% faster than items handed out
   // one by one (Zen 5 capped at AVX2, 4k)
