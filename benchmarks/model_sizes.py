@@ -1,7 +1,7 @@
 """How compile time and memory grow with the model: Llama-shaped models of 1B, 3B and 8B.
 
     python benchmarks/model_sizes.py [--sizes 1b,3b,8b] [--formats int4wo,int8dq] [--systems recipe,inductor,zen]
-                                     [--prompt 128] [--new 8] [--cold] [--out benchmarks/results]
+                                     [--prompt 128] [--new 8] [--cold] [--out benchmarks/results] [--name model-sizes]
 
 Random weights in Llama 3.2 1B / 3B and Llama 3.1 8B shapes (vocab 128256; tied embeddings for 1B
 and 3B). The whole bf16 model is never held: it is built on the meta device, then each part is
@@ -9,12 +9,15 @@ materialized, filled and quantized with torchao before the next (as a user with 
 can do with ``quantize_`` per module). Every (size, format, system) runs in its own process;
 each reports the RSS of the quantized model before compiling, the first generate() call (prefill
 and decode graphs compiled: the compile time), the peak RSS of the whole process (``ru_maxrss``),
-the RSS after compiling (``malloc_trim`` first), TTFT and TPOT over ``--new`` tokens, and how far
+the RSS after compiling (``malloc_trim`` first), what of it is tensors the compile added (packed
+weights, folded constants: live tensors whose storage did not exist before it) and what is neither
+the model nor those (code, libraries, heap kept), TTFT and TPOT over ``--new`` tokens, and how far
 the compiled model's logits (prompt and one step) are from eager's in the same process: a system
 whose output is wrong is not counted as a peer.
 Systems as in e2e.py: stock Inductor and PyTorch's CPU recipe (both with the global freezing flag),
 zen. ``--cold`` gives every process empty Inductor and zen caches.
-Writes ``model-sizes.md`` and ``.json`` (rows of earlier runs that were not re-run are kept).
+Writes ``<name>.md``, ``.json`` (rows of earlier runs that were not re-run are kept) and ``.png``
+(compile time and memory against the model's parameters).
 """
 from __future__ import annotations
 
@@ -41,11 +44,30 @@ SIZES = {
     "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, tied=False),
 }
 VOCAB = 128256
+PARAMETERS = {"1b": 1.24, "3b": 3.21, "8b": 8.03}  # billions, the Llama releases of these shapes
 
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def tensor_storages() -> dict:
+    """(address, bytes) of the storage of every live tensor the garbage collector tracks: a tensor
+    subclass's own storage is empty, its parts (codes, scales) are tensors of their own."""
+    import torch
+
+    found = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            try:
+                storage = obj.untyped_storage()
+                key = (storage.data_ptr(), storage.nbytes())
+            except (NotImplementedError, RuntimeError):  # a wrapper subclass, a fake tensor of a trace
+                continue
+            if key[0] and key[1]:
+                found[key] = key[1]
+    return found
 
 
 def build_quantized(size: str, fmt: str):
@@ -106,6 +128,7 @@ def one_run(args) -> dict:
     prompt = torch.randint(0, VOCAB, (1, args.prompt))
     with torch.no_grad():
         eager = step_logits(model.forward, prompt)
+        before = tensor_storages()
         forward = compiled_forward(model, args.system)
         t0 = time.perf_counter()
         generate(forward, prompt, 3)
@@ -113,6 +136,9 @@ def one_run(args) -> dict:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         out["compiled_rss_mb"] = rss_mb()
+        added = sum(n for key, n in tensor_storages().items() if key not in before)
+        out["added_tensors_mb"] = added / 2**20
+        out["other_mb"] = out["compiled_rss_mb"] - out["model_rss_mb"] - out["added_tensors_mb"]
         tokens, ttft, steps = generate(forward, prompt, args.new)
         compiled = step_logits(forward, prompt)
     out.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, ttft_ms=ttft * 1e3,
@@ -141,7 +167,7 @@ def run_child(args, size: str, fmt: str, system: str, env) -> dict:
 
 def write(rows: list, args) -> None:
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "model-sizes.json")
+    path = os.path.join(args.out, f"{args.name}.json")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)["rows"]
@@ -157,13 +183,15 @@ def write(rows: list, args) -> None:
              f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}. Prompt {args.prompt}, "
              f"{args.new} new tokens, batch 1. {'Empty caches for every process.' if args.cold else 'Caches as found.'}", "",
              "MB of RSS; model: the quantized model before compiling; compiled: after the first generate() (prefill and "
-             "decode compiled) and `malloc_trim`; peak: the process's. In brackets: zen against the best peer of the row's "
-             "size and format.", "",
-             "| size | format | system | compile s | model MB | compiled MB | peak MB | TTFT ms | TPOT ms | logits dB vs eager |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "decode compiled) and `malloc_trim`, of which added: live tensors the compile made (packed weights, folded "
+             "constants), other: neither the model nor those (code, libraries, heap kept); peak: the process's. In "
+             "brackets: zen against the best peer of the row's size and format.", "",
+             "| size | format | system | compile s | model MB | compiled MB | added MB | other MB | peak MB | TTFT ms "
+             "| TPOT ms | logits dB vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | {r.get('model_rss_mb', '')} | | | | | |")
+            lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | | | | | | | | |")
             continue
         peers = [p for p in rows if p["size"] == r["size"] and p["format"] == r["format"] and p["system"] != "zen"
                  and "error" not in p and p.get("logits_db", WRONG_DB) >= WRONG_DB]
@@ -179,10 +207,59 @@ def write(rows: list, args) -> None:
         if r.get("logits_db", WRONG_DB) < WRONG_DB:
             logits += " (wrong output: not a peer)"
         lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {cell('compile_s', '{:.1f}')} | {r['model_rss_mb']:.0f} | "
-                     f"{cell('compiled_rss_mb')} | {cell('peak_rss_mb')} | {cell('ttft_ms', '{:.0f}')} | {cell('tpot_ms', '{:.1f}')} | {logits} |")
-    with open(os.path.join(args.out, "model-sizes.md"), "w") as f:
+                     f"{cell('compiled_rss_mb')} | {r.get('added_tensors_mb', float('nan')):.0f} | {r.get('other_mb', float('nan')):.0f} | {cell('peak_rss_mb')} | {cell('ttft_ms', '{:.0f}')} | {cell('tpot_ms', '{:.1f}')} | {logits} |")
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines[-len(rows) - 2:]), flush=True)
+    try:
+        chart(rows, meta, os.path.join(args.out, f"{args.name}.png"))
+    except ImportError as e:  # matplotlib is in the bench extra only
+        print(f"no PNG chart: {e}")
+
+
+def chart(rows: list, meta: dict, path: str) -> None:
+    """Compile time, peak RSS and RSS after compiling against the model's parameters, a line per
+    system and format; a run killed out of memory drawn as a cross at the machine's memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    panels = (("compile_s", "compile (first generate), s", 1), ("peak_rss_mb", "peak RSS, GB", 1 / 1024),
+              ("compiled_rss_mb", "RSS after compiling, GB", 1 / 1024))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
+    lines = dict.fromkeys((r["system"], r["format"]) for r in rows)
+    for i, (system, fmt) in enumerate(lines):
+        mine = [r for r in rows if (r["system"], r["format"]) == (system, fmt)]
+        style = dict(color="C3" if system == "zen" else f"C{i % 3}", linestyle="-" if fmt == "int4wo" else "--")
+        for ax, (key, title, scale) in zip(axes, panels):
+            done = [(PARAMETERS[r["size"]], r[key] * scale) for r in mine if key in r]
+            if done:
+                ax.plot(*zip(*done), marker="o", label=f"{system} {fmt}", **style)
+            killed = [PARAMETERS[r["size"]] for r in mine if "out of memory" in r.get("error", "")]
+            if killed and key != "compile_s":
+                ax.plot(killed, [memory_gb] * len(killed), marker="x", markersize=10, linestyle="none", **style)
+            ax.set_title(title)
+            ax.set_xlabel("parameters, billions")
+            ax.grid(alpha=0.3)
+    for fmt in dict.fromkeys(r["format"] for r in rows):  # the model itself, before any compile
+        sizes = {r["size"]: r["model_rss_mb"] / 1024 for r in rows if r["format"] == fmt and "model_rss_mb" in r}
+        points = sorted((PARAMETERS[size], gb) for size, gb in sizes.items())
+        if points:
+            axes[2].plot(*zip(*points), color="black", linestyle="-" if fmt == "int4wo" else "--", linewidth=0.8,
+                         label=f"the model, {fmt}")
+    for ax in axes:
+        ax.set_ylim(bottom=0)
+    for ax in axes[1:]:
+        ax.axhline(memory_gb, color="grey", linewidth=0.8)
+    axes[2].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Llama shapes, random weights, prompt {meta['prompt']} — {meta['cpu']}, {meta['threads']} cores, "
+                 f"{meta['date']}; x: killed out of memory (grey: the machine's memory)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -194,6 +271,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=8)
     p.add_argument("--cold", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--name", default="model-sizes", help="the results files' name, without extension")
     p.add_argument("--child", nargs=3, metavar=("SIZE", "FORMAT", "SYSTEM"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
