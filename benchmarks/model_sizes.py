@@ -54,12 +54,16 @@ def rss_mb() -> float:
 
 def tensor_storages() -> dict:
     """(address, bytes) of the storage of every live tensor the garbage collector tracks: a tensor
-    subclass's own storage is empty, its parts (codes, scales) are tensors of their own."""
+    subclass's own storage is empty, its parts (codes, scales) are tensors of their own. oneDNN's
+    packed weights (stock Inductor's frozen linears) have no storage to ask: their elements count."""
     import torch
 
     found = {}
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+            if obj.is_mkldnn:
+                found[("mkldnn", id(obj))] = obj.numel() * obj.element_size()
+                continue
             try:
                 storage = obj.untyped_storage()
                 key = (storage.data_ptr(), storage.nbytes())
@@ -239,7 +243,7 @@ def chart(rows: list, meta: dict, path: str) -> None:
                 ax.plot(*zip(*done), marker="o", label=f"{system} {fmt}", **style)
             killed = [PARAMETERS[r["size"]] for r in mine if "out of memory" in r.get("error", "")]
             if killed and key != "compile_s":
-                ax.plot(killed, [memory_gb] * len(killed), marker="x", markersize=10, linestyle="none", **style)
+                ax.plot(killed, [memory_gb] * len(killed), marker="x", markersize=10, linestyle="none", color=style["color"])
             ax.set_title(title)
             ax.set_xlabel("parameters, billions")
             ax.grid(alpha=0.3)
