@@ -1,7 +1,8 @@
 """How compile time and memory grow with the model: Llama-shaped models of 1B, 3B and 8B.
 
     python benchmarks/model_sizes.py [--sizes 1b,3b,8b] [--formats int4wo,int8dq] [--systems recipe,inductor,zen]
-                                     [--prompt 128] [--new 8] [--cold] [--out benchmarks/results] [--name model-sizes]
+                                     [--prompt 128] [--new 8] [--cold] [--isa native|avx2] [--out benchmarks/results]
+                                     [--name model-sizes]
 
 Random weights in Llama 3.2 1B / 3B and Llama 3.1 8B shapes (vocab 128256; tied embeddings for 1B
 and 3B). The whole bf16 model is never held: it is built on the meta device, then each part is
@@ -15,7 +16,8 @@ the model nor those (code, libraries, heap kept), TTFT and TPOT over ``--new`` t
 the compiled model's logits (prompt and one step) are from eager's in the same process: a system
 whose output is wrong is not counted as a peer.
 Systems as in e2e.py: stock Inductor and PyTorch's CPU recipe (both with the global freezing flag),
-zen. ``--cold`` gives every process empty Inductor and zen caches.
+zen. ``--cold`` gives every process empty Inductor and zen caches; ``--isa avx2`` runs every system
+as on an AVX2-only CPU (zen, ATen, Inductor, MKL and oneDNN capped: smollm2.py's ``ISA_AVX2``).
 Writes ``<name>.md``, ``.json`` (rows of earlier runs that were not re-run are kept) and ``.png``
 (compile time and memory against the model's parameters).
 """
@@ -37,6 +39,7 @@ sys.path.insert(0, HERE)
 
 from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
 from e2e import WRONG_DB, _versions, cold_caches, compiled_forward, quant_config, sqnr_db, step_logits  # noqa: E402
+from smollm2 import ISA_AVX2  # noqa: E402
 
 SIZES = {
     "1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, tied=True),
@@ -180,12 +183,14 @@ def write(rows: list, args) -> None:
     order = {s: i for i, s in enumerate(SIZES)}
     rows.sort(key=lambda r: (order[r["size"]], r["format"], r["system"]))
     meta = {"date": time.strftime("%Y-%m-%d"), "cpu": describe_cpu(), "threads": os.cpu_count(), "versions": _versions(),
-            "prompt": args.prompt, "new": args.new, "cold": args.cold}
+            "prompt": args.prompt, "new": args.new, "cold": args.cold, "isa": args.isa}
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# Model sizes: compile time and memory against the model ({meta['date']})", "",
              f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}. Prompt {args.prompt}, "
-             f"{args.new} new tokens, batch 1. {'Empty caches for every process.' if args.cold else 'Caches as found.'}", "",
+             f"{args.new} new tokens, batch 1. {'Empty caches for every process.' if args.cold else 'Caches as found.'}"
+             f"{' Every system as on an AVX2-only CPU (`--isa avx2`: zen, ATen, Inductor, MKL and oneDNN capped at AVX2).' if args.isa == 'avx2' else ''}",
+             "",
              "MB of RSS; model: the quantized model before compiling; compiled: after the first generate() (prefill and "
              "decode compiled) and `malloc_trim`, of which added: live tensors the compile made (packed weights, folded "
              "constants), other: neither the model nor those (code, libraries, heap kept); peak: the process's. In "
@@ -259,7 +264,8 @@ def chart(rows: list, meta: dict, path: str) -> None:
         ax.axhline(memory_gb, color="grey", linewidth=0.8)
     axes[2].legend(fontsize=8)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Llama shapes, random weights, prompt {meta['prompt']} — {meta['cpu']}, {meta['threads']} cores, "
+    capped = ", capped at AVX2" if meta.get("isa") == "avx2" else ""
+    fig.suptitle(f"Llama shapes, random weights, prompt {meta['prompt']} — {meta['cpu']}{capped}, {meta['threads']} cores, "
                  f"{meta['date']}; x: killed out of memory (grey: the machine's memory)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -274,6 +280,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=8)
     p.add_argument("--cold", action="store_true")
+    p.add_argument("--isa", choices=("native", "avx2"), default="native")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="model-sizes", help="the results files' name, without extension")
     p.add_argument("--child", nargs=3, metavar=("SIZE", "FORMAT", "SYSTEM"), help=argparse.SUPPRESS)
@@ -287,11 +294,9 @@ def main() -> None:
         for fmt in args.formats.split(","):
             for system in args.systems.split(","):
                 print(f"[{size} / {fmt} / {system}] running...", flush=True)
-                if args.cold:
-                    with tempfile.TemporaryDirectory(prefix="zen-sizes-") as root:
-                        row = run_child(args, size, fmt, system, cold_caches(root))
-                else:
-                    row = run_child(args, size, fmt, system, None)
+                with tempfile.TemporaryDirectory(prefix="zen-sizes-") as root:
+                    env = cold_caches(root) if args.cold else dict(os.environ)
+                    row = run_child(args, size, fmt, system, {**env, **(ISA_AVX2 if args.isa == "avx2" else {})})
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
                 write(rows, args)
