@@ -16,7 +16,7 @@ the model nor those (code, libraries, heap kept), TTFT and TPOT over ``--new`` t
 the compiled model's logits (prompt and one step) are from eager's in the same process: a system
 whose output is wrong is not counted as a peer.
 Systems as in e2e.py: stock Inductor and PyTorch's CPU recipe (both with the global freezing flag),
-zen. ``--cold`` gives every process empty Inductor and zen caches; ``--isa avx2`` runs every system
+zen, and zen-nocopies (``dequantized_copies=False``: no bf16 copy of a quantized weight for prefill). ``--cold`` gives every process empty Inductor and zen caches; ``--isa avx2`` runs every system
 as on an AVX2-only CPU (zen, ATen, Inductor, MKL and oneDNN capped: smollm2.py's ``ISA_AVX2``).
 Writes ``<name>.md``, ``.json`` (rows of earlier runs that were not re-run are kept) and ``.png``
 (compile time and memory against the model's parameters).
@@ -48,6 +48,9 @@ SIZES = {
 }
 VOCAB = 128256
 PARAMETERS = {"1b": 1.24, "3b": 3.21, "8b": 8.03}  # billions, the Llama releases of these shapes
+PEERS = ("eager", "inductor", "recipe")
+# zen without bf16 copies of quantized weights for prefill: what memory costs when it is short
+NO_COPIES = "zen-nocopies"
 
 
 def rss_mb() -> float:
@@ -136,7 +139,11 @@ def one_run(args) -> dict:
     with torch.no_grad():
         eager = step_logits(model.forward, prompt)
         before = tensor_storages()
-        forward = compiled_forward(model, args.system)
+        if args.system == NO_COPIES:
+            torch._inductor.config.freezing = True  # as compiled_forward sets it for every system
+            forward = torch.compile(model.forward, backend="zen", options={"dequantized_copies": False})
+        else:
+            forward = compiled_forward(model, args.system)
         t0 = time.perf_counter()
         generate(forward, prompt, 3)
         out["compile_s"] = time.perf_counter() - t0
@@ -202,13 +209,13 @@ def write(rows: list, args) -> None:
         if "error" in r:
             lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | | | | | | | | |")
             continue
-        peers = [p for p in rows if p["size"] == r["size"] and p["format"] == r["format"] and p["system"] != "zen"
+        peers = [p for p in rows if p["size"] == r["size"] and p["format"] == r["format"] and p["system"] in PEERS
                  and "error" not in p and p.get("logits_db", WRONG_DB) >= WRONG_DB]
 
         def cell(key, fmt="{:.0f}"):
             text = fmt.format(r[key])
             compared = [p for p in peers if key != "compile_s" or p["system"] != "eager"]  # eager compiles nothing
-            if r["system"] == "zen" and compared:
+            if r["system"] not in PEERS and compared:
                 text += f" ({r[key] / min(p[key] for p in compared):.2f}x)"
             return text
 
@@ -241,7 +248,8 @@ def chart(rows: list, meta: dict, path: str) -> None:
     lines = dict.fromkeys((r["system"], r["format"]) for r in rows)
     for i, (system, fmt) in enumerate(lines):
         mine = [r for r in rows if (r["system"], r["format"]) == (system, fmt)]
-        style = dict(color="C3" if system == "zen" else f"C{i % 3}", linestyle="-" if fmt == "int4wo" else "--")
+        colour = {"zen": "C3", NO_COPIES: "C4"}.get(system, f"C{i % 3}")
+        style = dict(color=colour, linestyle="-" if fmt == "int4wo" else "--")
         for ax, (key, title, scale) in zip(axes, panels):
             done = [(PARAMETERS[r["size"]], r[key] * scale) for r in mine if key in r]
             if done:
