@@ -163,6 +163,35 @@ def test_a_reading_holds_its_codes_and_one_scale_and_offset_a_group():
 
 
 @pytest.mark.parametrize("zero_point", [True, False])
+def test_symmetric_codes_are_read_with_one_full_size_probe_held(monkeypatch, zero_point):
+    """Where the chain gives 0 for code 0 everywhere (symmetric codes) its value at code 1 is the
+    scale: the zeros probe's result is let go before the ones probe is evaluated, so reading a
+    weight holds 4 bytes a weight of fp32 temporaries at a time, not 8."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from zen_inductor import weight_reading
+
+    along, results, held = weight_reading._along_path, [], []
+
+    def recording(ctx, codes, path, value, affine):
+        if affine:
+            held.append(sum(not r.expired() for r in results))
+        out = along(ctx, codes, path, value, affine)
+        if affine:
+            results.append(StorageWeakRef(out.untyped_storage()))
+        return out
+
+    monkeypatch.setattr(weight_reading, "_along_path", recording)
+    torch.manual_seed(1)
+    m = HandDequant(32, zero_point, 4).eval()
+    x = torch.randn(3, K, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = compile_zen(m)(x)
+    assert len(held) >= 2 and set(held[1::2]) == {1 if zero_point else 0}, held  # at each ones probe
+    assert sqnr(y, reference_output(x, m.reference_weight(), None)) >= 40
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
 def test_gptq_packed_int4(zero_point):
     torch.manual_seed(2)
     m = GPTQPacked(64, zero_point).eval()

@@ -214,11 +214,15 @@ def _read_chain(ctx, codes: fx.Node, path: list[fx.Node]) -> QuantWeight:
     # [N, K]-contiguous results, and the transposes below copy nothing (they were 5 s of a
     # 328 M-parameter read here).
     offset = _along_path(ctx, codes, path, torch.zeros_like(raw, dtype=torch.float32), affine=True).t().contiguous()
+    symmetric = not offset.any()
+    if symmetric:  # f(1) is then the scale, and the two full-size probes are never held at once
+        offset = torch.zeros(offset.shape[0], 1).expand(offset.shape)
     scale = _along_path(ctx, codes, path, torch.ones_like(raw, dtype=torch.float32), affine=True).t().contiguous()
-    scale -= offset
     q = q.t().contiguous()
-    if shift:
-        offset.add_(scale, alpha=shift)
+    if not symmetric:
+        scale -= offset
+    if shift:  # the codes' shift moves into the offset (above)
+        offset = scale * shift if symmetric else offset.add_(scale, alpha=shift)
     # no third evaluation on the real codes: check_chain proved the chain affine, and that proof
     # in fp32 was a third of the reading (6-9 s of a cold 1B int4 compile)
     return describe_quantized(q, scale, offset, group_hint(codes, q.shape[1]))
