@@ -229,6 +229,27 @@ def test_a_bf16_copy_leaves_room_for_the_packings_still_to_come(monkeypatch):
     assert K * 2 * K <= aheads[0][1] <= 2 * K * 2 * K  # two layouts of the second: its codes at 4 bits and its scales
 
 
+def test_zentorch_int8_copy_is_made_only_where_memory_holds_it(monkeypatch):
+    """zentorch's dynamic int8 GEMM reads a packing of its own, an int8 copy beside the model's
+    rows, which aten_int_mm_da8 and the rows kernels read as they lie: like the bf16 copies it is a
+    candidate only while config.memory_reserve of the machine's memory stays available."""
+    from zen_inductor import allocator
+    from zen_inductor.cpu import zentorch_unavailable
+    from zen_inductor.kernels import LinearSpec, candidates
+
+    spec = LinearSpec(n=N, k=K, group_size=K, bits=8, symmetric=True, act_dtype=torch.bfloat16, dynamic_activation=True)
+    total_kb = 24 << 20
+    monkeypatch.setattr(allocator, "_meminfo_kb", lambda: {"MemTotal": total_kb, "MemAvailable": total_kb // 2})
+    plenty = [k.name for k in candidates(spec)[0]]
+    monkeypatch.setattr(allocator, "_meminfo_kb", lambda: {"MemTotal": total_kb, "MemAvailable": total_kb // 4})
+    ok, excluded = candidates(spec)
+    short = [k.name for k in ok]
+    assert "zentorch_dynamic_qlinear" not in short and "aten_int_mm_da8" in short  # the own rows still serve
+    if zentorch_unavailable() is None:
+        assert "zentorch_dynamic_qlinear" in plenty
+        assert "config.memory_reserve" in excluded["zentorch_dynamic_qlinear"], excluded
+
+
 def test_the_forecast_of_packings_to_come_learns_from_those_made():
     """A linear keeps two layouts at least (decode and prefill bins); where the packings so far
     took more than that against the least packing's bytes, the forecast for the linears after

@@ -62,8 +62,10 @@ class Kernel:
     # what the kernel does to x: "as given" (computes in fp32 from x's own values), "int8 per row"
     # (symmetric, torchao's dynamic grid), "int8 per group" (finer than torchao's)
     activations: str = "as given"
-    # bytes a weight of a float copy the packing is (the dequantized copies, 2 for bf16): such a
-    # kernel is a candidate only where memory holds the copy beside the packings still to come
+    # bytes a weight of a copy the packing is, where another kernel serves on the model's own
+    # tensor or a packing the linear needs anyway (the dequantized bf16 copies: 2; zentorch's int8
+    # one: 1): such a kernel is a candidate only where memory holds the copy beside the packings
+    # still to come
     copy_bytes_per_weight: int = 0
     # how many of its layout's packed tensors ``run`` reads, from the first (0: all of them): a graph
     # carries only those (the int4 tiles' column sums serve zen_a8w4_avx2 alone: 13 MB of SmolLM2)

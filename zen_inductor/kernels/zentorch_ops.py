@@ -107,8 +107,11 @@ KERNELS = (
     Kernel("zentorch_woq_linear", "zentorch", _zentorch_woq_supports, _zentorch_woq_prepack, _zentorch_woq_run,
            dominated_by=(("zen_w4_avx2", "zentorch_linear_dequantized"), ("zen_w4_avx512", "zentorch_linear_dequantized")),
            rank=(5, 25)),
+    # its packing is a second int8 copy: the model's own rows serve every bin (aten_int_mm_da8 and
+    # the rows kernels), so it is made only where memory holds it (1.25x ahead at prefill, Zen 5)
     Kernel("zentorch_dynamic_qlinear", "zentorch", _zentorch_dqlinear_supports, _zentorch_dqlinear_prepack,
-           _zentorch_dqlinear_run, rank=(1, 21), fast_with="int8_gemm", activations="int8 per row", pinned=True),
+           _zentorch_dqlinear_run, rank=(1, 21), fast_with="int8_gemm", activations="int8 per row", pinned=True,
+           copy_bytes_per_weight=1),
     # a bf16 copy of the quantized weight for a bf16 GEMM: dequantized once, at compile time
     Kernel("zentorch_linear_dequantized", "torch", _zentorch_dequantized_supports, _zentorch_linear_prepack,
            _zentorch_linear_run, layout="zentorch_dense", rank=(20, 0), copy_bytes_per_weight=2),
