@@ -52,6 +52,7 @@ PARAMETERS = {"1b": 1.24, "3b": 3.21, "8b": 8.03}  # billions, the Llama release
 PEERS = ("eager", "inductor", "recipe")
 # zen without bf16 copies of quantized weights for prefill: what memory costs when it is short
 NO_COPIES = "zen-nocopies"
+COLOURS = {"inductor": "C0", "recipe": "C1", "eager": "C2", "zen": "C3", NO_COPIES: "C4"}
 
 
 def start_peak() -> bool:
@@ -267,10 +268,9 @@ def chart(rows: list, meta: dict, path: str) -> None:
               ("compiled_rss_mb", "RSS after compiling, GB", 1 / 1024))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
     lines = dict.fromkeys((r["system"], r["format"]) for r in rows)
-    for i, (system, fmt) in enumerate(lines):
+    for system, fmt in lines:
         mine = [r for r in rows if (r["system"], r["format"]) == (system, fmt)]
-        colour = {"zen": "C3", NO_COPIES: "C4"}.get(system, f"C{i % 3}")
-        style = dict(color=colour, linestyle="-" if fmt == "int4wo" else "--")
+        style = dict(color=COLOURS.get(system, "C5"), linestyle="-" if fmt == "int4wo" else "--")
         for ax, (key, title, scale) in zip(axes, panels):
             done = [(PARAMETERS[r["size"]], r[key] * scale) for r in mine if key in r]
             if done:
@@ -291,12 +291,12 @@ def chart(rows: list, meta: dict, path: str) -> None:
         ax.set_ylim(bottom=0)
     for ax in axes[1:]:
         ax.axhline(memory_gb, color="grey", linewidth=0.8)
-    axes[2].legend(fontsize=8)
-    axes[0].legend(fontsize=8)
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=6, fontsize=8)
     capped = ", capped at AVX2" if meta.get("isa") == "avx2" else ""
     fig.suptitle(f"Llama shapes, random weights, prompt {meta['prompt']} — {meta['cpu']}{capped}, {meta['threads']} cores, "
                  f"{meta['date']}; x: killed out of memory (grey: the machine's memory)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
