@@ -221,8 +221,8 @@ def write(rows: list, args) -> None:
              "",
              "MB of RSS; model: the quantized model before compiling; compiled: after the first generate() (prefill and "
              "decode compiled) and `malloc_trim`, of which added: live tensors the compile made (packed weights, folded "
-             "constants), other: neither the model nor those (code, libraries, heap kept); peak: the process's from the "
-             "end of the build on (or from its start, where a row's build peak is its peak). In "
+             "constants), other: neither the model nor those (code, libraries, heap kept); peak: the highest RSS from the "
+             "end of the model's build on. In "
              "brackets: zen against the best peer of the row's size and format.", "",
              "| size | format | system | compile s | model MB | compiled MB | added MB | other MB | peak MB | TTFT ms "
              "| TPOT ms | logits dB vs eager |",
