@@ -17,8 +17,9 @@ the model nor those (code, libraries, heap kept), TTFT and TPOT over ``--new`` t
 the compiled model's logits (prompt and one step) are from eager's in the same process: a system
 whose output is wrong is not counted as a peer.
 Systems as in e2e.py: stock Inductor and PyTorch's CPU recipe (both with the global freezing flag),
-zen, and zen-nocopies (``dequantized_copies=False``: no bf16 copy of a quantized weight for prefill). ``--cold`` gives every process empty Inductor and zen caches; ``--isa avx2`` runs every system
-as on an AVX2-only CPU (zen, ATen, Inductor, MKL and oneDNN capped: smollm2.py's ``ISA_AVX2``).
+zen, and zen-nocopies (``dequantized_copies=False``: no bf16 copy of a quantized weight for
+prefill). ``--cold`` gives every process empty Inductor and zen caches; ``--isa avx2`` runs every
+system as on an AVX2-only CPU (zen, ATen, Inductor, MKL and oneDNN capped: smollm2.py's ``ISA_AVX2``).
 Writes ``<name>.md``, ``.json`` (rows of earlier runs that were not re-run are kept) and ``.png``
 (compile time and memory against the model's parameters).
 """
@@ -57,8 +58,8 @@ COLOURS = {"inductor": "C0", "recipe": "C1", "eager": "C2", "zen": "C3", NO_COPI
 
 def start_peak() -> bool:
     """Start the process's peak RSS afresh (Linux resets it on "5" to clear_refs): the build of the
-    model peaks above some compiles (an 8B int8 model's layer-by-layer quantization at 13.7 GB
-    against stock Inductor's whole compile below it), and its peak is no system's."""
+    model is no system's, yet it peaks as high as some compiles (an 8B int8 model's layer-by-layer
+    quantization: 13.7-13.8 GB, stock Inductor's compile of it 14.0)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
