@@ -41,7 +41,7 @@ MODELS = {
     "tiny": dict(family="llama", hidden=256, intermediate=512, heads=4, kv_heads=2, layers=2, vocab=1024),
 }
 FORMATS = ("bf16", "int4wo", "int8dq", "int8wo", "da8w4")
-SYSTEMS = ("eager", "inductor", "recipe", "zentorch", "zen")  # also: "zen-a8" (see compiled_forward)
+SYSTEMS = ("eager", "inductor", "recipe", "zentorch", "zen")  # also: "zen-a8", "zen-nocopies" (see compiled_forward)
 
 
 def build(spec: dict):
@@ -92,6 +92,8 @@ def compiled_forward(model, system: str):
         return torch.compile(model.forward, backend="zen")
     if system == "zen-a8":  # zen, letting int8-activation kernels serve weight-only linears too
         return torch.compile(model.forward, backend="zen", options={"int8_activations_for_weight_only": True})
+    if system == "zen-nocopies":  # zen without bf16 copies of quantized weights for prefill
+        return torch.compile(model.forward, backend="zen", options={"dequantized_copies": False})
     if system == "zentorch":
         import zentorch  # noqa: F401  registers the backend
 
@@ -347,7 +349,7 @@ def token_agreement(tokens, reference) -> str:
     return "yes" if tokens == reference else f"{sum(a == b for a, b in zip(tokens, reference))}/{len(tokens)}"
 
 
-def _is_zen(system: str) -> bool:  # zen and its variants (zen-a8); zentorch is a peer
+def _is_zen(system: str) -> bool:  # zen and its variants (zen-a8, zen-nocopies); zentorch is a peer
     return system == "zen" or system.startswith("zen-")
 
 

@@ -40,7 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from zen_inductor.cpu import describe as describe_cpu  # noqa: E402
-from e2e import WRONG_DB, _versions, cold_caches, compiled_forward, quant_config, sqnr_db, step_logits  # noqa: E402
+from e2e import (WRONG_DB, _is_zen, _versions, cold_caches, compiled_forward, quant_config, sqnr_db,  # noqa: E402
+                 step_logits)
 from smollm2 import ISA_AVX2  # noqa: E402
 
 SIZES = {
@@ -50,10 +51,7 @@ SIZES = {
 }
 VOCAB = 128256
 PARAMETERS = {"1b": 1.24, "3b": 3.21, "8b": 8.03}  # billions, the Llama releases of these shapes
-PEERS = ("eager", "inductor", "recipe")
-# zen without bf16 copies of quantized weights for prefill: what memory costs when it is short
-NO_COPIES = "zen-nocopies"
-COLOURS = {"inductor": "C0", "recipe": "C1", "eager": "C2", "zen": "C3", NO_COPIES: "C4"}
+COLOURS = {"inductor": "C0", "recipe": "C1", "eager": "C2", "zen": "C3", "zen-nocopies": "C4"}
 
 
 def start_peak() -> bool:
@@ -161,11 +159,7 @@ def one_run(args) -> dict:
     with torch.no_grad():
         eager = step_logits(model.forward, prompt)
         before = tensor_storages()
-        if args.system == NO_COPIES:
-            torch._inductor.config.freezing = True  # as compiled_forward sets it for every system
-            forward = torch.compile(model.forward, backend="zen", options={"dequantized_copies": False})
-        else:
-            forward = compiled_forward(model, args.system)
+        forward = compiled_forward(model, args.system)
         t0 = time.perf_counter()
         generate(forward, prompt, 3)
         out["compile_s"] = time.perf_counter() - t0
@@ -232,13 +226,13 @@ def write(rows: list, args) -> None:
         if "error" in r:
             lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | | | | | | | | |")
             continue
-        peers = [p for p in rows if p["size"] == r["size"] and p["format"] == r["format"] and p["system"] in PEERS
+        peers = [p for p in rows if p["size"] == r["size"] and p["format"] == r["format"] and not _is_zen(p["system"])
                  and "error" not in p and p.get("logits_db", WRONG_DB) >= WRONG_DB]
 
         def cell(key, fmt="{:.0f}"):
             text = fmt.format(r[key])
             compared = [p for p in peers if key != "compile_s" or p["system"] != "eager"]  # eager compiles nothing
-            if r["system"] not in PEERS and compared:
+            if _is_zen(r["system"]) and compared:
                 text += f" ({r[key] / min(p[key] for p in compared):.2f}x)"
             return text
 
