@@ -1,6 +1,8 @@
 """dequant -> matmul: every CPU-quantized linear form is matched, runs fused, and is accurate."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import zen_inductor
 import zen_inductor.dumps
@@ -160,6 +162,39 @@ def test_a_reading_holds_its_codes_and_one_scale_and_offset_a_group():
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (w.codes, w.scale, w.offset)}
     assert sum(held.values()) == n * k + 2 * n * (k // g) * 4
     assert torch.equal(w.dequantize(), q.float() * scale + offset)
+
+
+@settings(max_examples=40, derandomize=True, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([8, 16, 24, 32, 48, 64, 96, 128]), st.integers(1, 12), st.data())
+def test_the_group_is_the_largest_run_along_k_in_which_scale_and_offset_stay_constant(n, g, groups, data):
+    """Against trying every divisor of K: groups that happen to repeat their neighbour's value
+    (a larger group then holds), offsets broadcast along K, and a hint that is or is not a group."""
+    from zen_inductor.weight_reading import group_size
+
+    k = g * groups
+    pick = st.lists(st.sampled_from([0.25, 1.0]), min_size=n * groups, max_size=n * groups)
+    scale = torch.tensor(data.draw(pick)).view(n, groups).repeat_interleave(g, dim=1)
+    offset = (torch.tensor(data.draw(pick)).view(n, groups).repeat_interleave(g, dim=1) if data.draw(st.booleans())
+              else torch.zeros(n, 1).expand(n, k))
+
+    def constant_in(t, size):
+        blocks = t.reshape(n, k // size, size)
+        return bool((blocks == blocks[..., :1]).all())
+
+    largest = max(d for d in range(1, k + 1) if k % d == 0 and constant_in(scale, d) and constant_in(offset, d))
+    assert largest % g == 0
+    hint = data.draw(st.sampled_from([g, k, 8]))
+    assert group_size(scale, offset, hint) == (hint if largest % hint == 0 else largest)
+
+
+def test_a_nan_scale_is_a_miss_that_says_so():
+    from zen_inductor.record import PatternMiss
+    from zen_inductor.weight_reading import describe_quantized
+
+    scale = torch.ones(4, 64)
+    scale[2, 5] = float("nan")
+    with pytest.raises(PatternMiss, match="NaN"):
+        describe_quantized(torch.zeros(4, 64, dtype=torch.int8), scale, torch.zeros(4, 64), 32)
 
 
 @pytest.mark.parametrize("zero_point", [True, False])

@@ -13,6 +13,7 @@ Constraints that fail raise ``PatternMiss`` with the reason.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.fx as fx
@@ -272,10 +273,26 @@ def group_hint(codes: fx.Node, k: int) -> int:
     return shape[-1] if len(shape) == 3 and shape[-2] * shape[-1] == k else k
 
 
-def _constant_in_groups(t: torch.Tensor, g: int) -> bool:
-    n, k = t.shape
-    blocks = t.view(n, k // g, g)
-    return torch.equal(blocks.amin(-1), blocks.amax(-1))  # aminmax(dim=) is 4x slower here
+def _changes_along_k(t: torch.Tensor) -> torch.Tensor:
+    """[K - 1] bools: where some row of ``t`` [N, K] differs from the element before it (NaN
+    differs from everything)."""
+    if t.stride(1) == 0:  # expanded along K: it never changes
+        return torch.zeros(t.shape[1] - 1, dtype=torch.bool)
+    return (t[:, 1:] != t[:, :-1]).any(0)
+
+
+def group_size(scale: torch.Tensor, offset: torch.Tensor, hint: int) -> int:
+    """The group along K in which scale and offset [N, K] stay constant: ``hint`` where it
+    divides the largest such group, else the largest.
+
+    Groups of g hold a constant exactly where every change along K falls on a multiple of g, so the
+    largest g is the gcd of K and the changes' positions: one elementwise pass over each tensor.
+    (Trying each divisor of K with a min and max reduction over its groups was 8.5 s of a cold 1B
+    compile here.)"""
+    k = scale.shape[1]
+    changes = (_changes_along_k(scale) | _changes_along_k(offset)).nonzero().flatten() + 1
+    largest = math.gcd(k, *changes.tolist())
+    return hint if largest % hint == 0 else largest
 
 
 def code_range(qmin, qmax) -> tuple[int, int]:
@@ -299,12 +316,8 @@ def describe_quantized(q, scale, offset, hint: int) -> QuantWeight:
     if shift:
         q = (q if q.is_floating_point() else q.to(torch.int16)) - shift
         offset = offset + shift * scale
-    group = None
-    for g in [hint] + sorted((d for d in range(1, k + 1) if k % d == 0), reverse=True):
-        if k % g == 0 and _constant_in_groups(scale, g) and _constant_in_groups(offset, g):
-            group = g
-            break
-    if group is None:  # not even single elements compare equal: NaN, as a code for a divisor makes
+    group = group_size(scale, offset, hint)
+    if group == 1 and bool(scale.isnan().any() or offset.isnan().any()):  # as a code for a divisor makes
         raise PatternMiss("the dequant chain is not affine in the integer codes (its probes gave NaN)")
     if group < _MIN_GROUP:
         raise PatternMiss(f"scales change every {group} elements along K; no kernel takes groups that small")
