@@ -1,8 +1,8 @@
 """How compile time and memory grow with the model: Llama-shaped models of 1B, 3B and 8B.
 
     python benchmarks/model_sizes.py [--sizes 1b,3b,8b] [--formats int4wo,int8dq] [--systems recipe,inductor,zen]
-                                     [--prompt 128] [--new 8] [--cold] [--isa native|avx2] [--out benchmarks/results]
-                                     [--name model-sizes]
+                                     [--prompt 128] [--new 8] [--caches found|new-model|first-use] [--warm]
+                                     [--isa native|avx2] [--out benchmarks/results] [--name model-sizes]
 
 Random weights in Llama 3.2 1B / 3B and Llama 3.1 8B shapes (vocab 128256; tied embeddings for 1B
 and 3B). The whole bf16 model is never held: it is built on the meta device, then each part is
@@ -18,7 +18,12 @@ the compiled model's logits (prompt and one step) are from eager's in the same p
 whose output is wrong is not counted as a peer.
 Systems as in e2e.py: stock Inductor and PyTorch's CPU recipe (both with the global freezing flag),
 zen, and zen-nocopies (``dequantized_copies=False``: no bf16 copy of a quantized weight for
-prefill). ``--cold`` gives every process empty Inductor and zen caches; ``--isa avx2`` runs every
+prefill). ``--caches`` says what the compile finds: the user's caches as found; ``first-use``: empty
+Inductor and zen caches (the first compile on a machine: Inductor's ISA probes and zen's kernel
+libraries are built in it); ``new-model``: caches where the same system compiled a small model of other
+shapes just before, in a process of its own (a new model on a machine used before: nothing of this
+model is cached, the machine's one-time builds are). ``--warm`` compiles the model a second time in
+the caches the first left (Inductor's FX graph cache, zen's tuning cache: a user's next run). ``--isa avx2`` runs every
 system as on an AVX2-only CPU (zen, ATen, Inductor, MKL and oneDNN capped: smollm2.py's ``ISA_AVX2``).
 Writes ``<name>.md``, ``.json`` (rows of earlier runs that were not re-run are kept) and ``.png``
 (compile time and memory against the model's parameters).
@@ -50,6 +55,15 @@ SIZES = {
     "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, tied=False),
 }
 VOCAB = 128256
+CACHES = {
+    "found": "Caches as found.",
+    "first-use": "Empty caches for every process (a first compile on the machine).",
+    "new-model": ("Every process finds the caches a compile of a small model of other shapes by the same system "
+                  "left (a new model on a machine used before: Inductor's ISA probes and zen's kernel libraries "
+                  "built, nothing of this model cached)."),
+}
+# the small model --caches new-model compiles first: shapes none of SIZES has
+PRIME = dict(hidden=512, intermediate=1024, layers=1, heads=8, kv_heads=2, head_dim=64, tied=True)
 PARAMETERS = {"1b": 1.24, "3b": 3.21, "8b": 8.03}  # billions, the Llama releases of these shapes
 COLOURS = {"inductor": "C0", "recipe": "C1", "eager": "C2", "zen": "C3", "zen-nocopies": "C4"}
 
@@ -106,7 +120,7 @@ def build_quantized(size: str, fmt: str):
     import transformers
     from torchao.quantization import quantize_
 
-    spec = SIZES[size]
+    spec = SIZES.get(size, PRIME)
     cfg = transformers.LlamaConfig(
         hidden_size=spec["hidden"], intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
         num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"], head_dim=spec["head_dim"],
@@ -206,32 +220,35 @@ def write(rows: list, args) -> None:
     order = {s: i for i, s in enumerate(SIZES)}
     rows.sort(key=lambda r: (order[r["size"]], r["format"], r["system"]))
     meta = {"date": time.strftime("%Y-%m-%d"), "cpu": describe_cpu(), "threads": os.cpu_count(), "versions": _versions(),
-            "prompt": args.prompt, "new": args.new, "cold": args.cold, "isa": args.isa}
+            "prompt": args.prompt, "new": args.new, "caches": args.caches, "isa": args.isa}
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# Model sizes: compile time and memory against the model ({meta['date']})", "",
              f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}. Prompt {args.prompt}, "
-             f"{args.new} new tokens, batch 1. {'Empty caches for every process.' if args.cold else 'Caches as found.'}"
+             f"{args.new} new tokens, batch 1. {CACHES[args.caches]}"
              f"{' Every system as on an AVX2-only CPU (`--isa avx2`: zen, ATen, Inductor, MKL and oneDNN capped at AVX2).' if args.isa == 'avx2' else ''}",
              "",
              "MB of RSS; model: the quantized model before compiling; compiled: after the first generate() (prefill and "
              "decode compiled) and `malloc_trim`, of which added: live tensors the compile made (packed weights, folded "
              "constants), other: neither the model nor those (code, libraries, heap kept); peak: the highest RSS from the "
-             "end of the model's build on. In "
-             "brackets: zen against the best peer of the row's size and format.", "",
-             "| size | format | system | compile s | model MB | compiled MB | added MB | other MB | peak MB | TTFT ms "
+             "end of the model's build on. "
+             f"{'warm s: the same compile again in the caches the first left (Inductor FX graph and zen tuning caches). ' if any('warm_compile_s' in r for r in rows) else ''}"
+             "In brackets: zen against the best peer of the row's size and format.", "",
+             "| size | format | system | compile s | warm s | model MB | compiled MB | added MB | other MB | peak MB | TTFT ms "
              "| TPOT ms | logits dB vs eager |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {r['error']} | | | | | | | | | |")
             continue
         peers = [p for p in rows if p["size"] == r["size"] and p["format"] == r["format"] and not _is_zen(p["system"])
                  and "error" not in p and p.get("logits_db", WRONG_DB) >= WRONG_DB]
 
         def cell(key, fmt="{:.0f}"):
+            if key not in r:
+                return ""
             text = fmt.format(r[key])
-            compared = [p for p in peers if key != "compile_s" or p["system"] != "eager"]  # eager compiles nothing
+            compared = [p for p in peers if key in p and (not key.endswith("compile_s") or p["system"] != "eager")]  # eager compiles nothing
             if _is_zen(r["system"]) and compared:
                 text += f" ({r[key] / min(p[key] for p in compared):.2f}x)"
             return text
@@ -239,7 +256,7 @@ def write(rows: list, args) -> None:
         logits = f"{r['logits_db']:.1f}" if "logits_db" in r and r["system"] != "eager" else "(the reference)"
         if r.get("logits_db", WRONG_DB) < WRONG_DB:
             logits += " (wrong output: not a peer)"
-        lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {cell('compile_s', '{:.1f}')} | {r['model_rss_mb']:.0f} | "
+        lines.append(f"| {r['size']} | {r['format']} | {r['system']} | {cell('compile_s', '{:.1f}')} | {cell('warm_compile_s', '{:.1f}')} | {r['model_rss_mb']:.0f} | "
                      f"{cell('compiled_rss_mb')} | {r.get('added_tensors_mb', float('nan')):.0f} | {r.get('other_mb', float('nan')):.0f} | {cell('peak_rss_mb')} | {cell('ttft_ms', '{:.0f}')} | {cell('tpot_ms', '{:.1f}')} | {logits} |")
     with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -303,7 +320,8 @@ def main() -> None:
     p.add_argument("--systems", default="recipe,inductor,zen")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=8)
-    p.add_argument("--cold", action="store_true")
+    p.add_argument("--caches", choices=("found", "new-model", "first-use"), default="found")
+    p.add_argument("--warm", action="store_true", help="a second compile in the caches the first left")
     p.add_argument("--isa", choices=("native", "avx2"), default="native")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--name", default="model-sizes", help="the results files' name, without extension")
@@ -319,8 +337,16 @@ def main() -> None:
             for system in args.systems.split(","):
                 print(f"[{size} / {fmt} / {system}] running...", flush=True)
                 with tempfile.TemporaryDirectory(prefix="zen-sizes-") as root:
-                    env = cold_caches(root) if args.cold else dict(os.environ)
-                    row = run_child(args, size, fmt, system, {**env, **(ISA_AVX2 if args.isa == "avx2" else {})})
+                    env = {**(dict(os.environ) if args.caches == "found" else cold_caches(root)),
+                           **(ISA_AVX2 if args.isa == "avx2" else {})}
+                    if args.caches == "new-model":
+                        primed = run_child(args, "prime", fmt, system, env)
+                        if "error" in primed:
+                            raise SystemExit(f"the small model's compile failed: {primed['error']}")
+                    row = run_child(args, size, fmt, system, env)
+                    if args.warm and "error" not in row:
+                        again = run_child(args, size, fmt, system, env)
+                        row["warm_compile_s"] = again.get("compile_s", float("nan"))
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
                 write(rows, args)

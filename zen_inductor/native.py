@@ -173,8 +173,18 @@ def check_toolchain() -> None:
     runs on the second core while AOTAutograd traces the graph on one (~2.5 s of a llama1b-4l
     prefill graph); our builds and Inductor's code generation then wait for what is left of it.
     (Our pass reading weights beside it gained nothing: torch's ops there use both cores.)
+
+    With native kernels on, the C++ ops' build starts too: any compile that runs a kernel of ours
+    loads that library (our linears are bound into it, Inductor's wrapper calls through it), and
+    its build against torch's headers is the longest of ours (~13 s here). Started on the first
+    linear, a cold 1B int4 compile waited 12 s for it; from here it follows the ISA check while
+    the model is traced.
     """
+    from . import config
+
     _toolchain()
+    if config.native_kernels:
+        _op_library()
 
 
 @functools.lru_cache(None)
