@@ -209,6 +209,22 @@ def run_child(args, size: str, fmt: str, system: str, env) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def measure(args, size: str, fmt: str, system: str) -> dict:
+    """One row: the model compiled in the caches ``--caches`` names (a cache root of its own unless
+    "found"), after the small model where "new-model", and again in the same caches with ``--warm``."""
+    with tempfile.TemporaryDirectory(prefix="zen-sizes-") as root:
+        env = {**(dict(os.environ) if args.caches == "found" else cold_caches(root)),
+               **(ISA_AVX2 if args.isa == "avx2" else {})}
+        if args.caches == "new-model":
+            primed = run_child(args, "prime", fmt, system, env)
+            if "error" in primed:
+                raise SystemExit(f"the small model's compile failed: {primed['error']}")
+        row = run_child(args, size, fmt, system, env)
+        if args.warm and "error" not in row:
+            row["warm_compile_s"] = run_child(args, size, fmt, system, env).get("compile_s", float("nan"))
+    return row
+
+
 def write(rows: list, args) -> None:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.name}.json")
@@ -336,17 +352,7 @@ def main() -> None:
         for fmt in args.formats.split(","):
             for system in args.systems.split(","):
                 print(f"[{size} / {fmt} / {system}] running...", flush=True)
-                with tempfile.TemporaryDirectory(prefix="zen-sizes-") as root:
-                    env = {**(dict(os.environ) if args.caches == "found" else cold_caches(root)),
-                           **(ISA_AVX2 if args.isa == "avx2" else {})}
-                    if args.caches == "new-model":
-                        primed = run_child(args, "prime", fmt, system, env)
-                        if "error" in primed:
-                            raise SystemExit(f"the small model's compile failed: {primed['error']}")
-                    row = run_child(args, size, fmt, system, env)
-                    if args.warm and "error" not in row:
-                        again = run_child(args, size, fmt, system, env)
-                        row["warm_compile_s"] = again.get("compile_s", float("nan"))
+                row = measure(args, size, fmt, system)
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
                 write(rows, args)
