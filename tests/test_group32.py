@@ -237,7 +237,7 @@ def _int8_per_group(x: torch.Tensor, group: int = 32) -> torch.Tensor:
     return (torch.round(g / torch.where(scale > 0, scale, 1)) * scale).view(x.shape)
 
 
-@pytest.mark.skipif(native.unavailable("woq_avx512") is not None, reason="woq_avx512 cannot run here")
+@pytest.mark.skipif(native.unavailable("woq_a8_avx512") is not None, reason="woq_a8_avx512 cannot run here")
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
 def test_int8_activation_blocks_compute_the_weight_on_x_quantized_per_group(bits, act_dtype):

@@ -40,6 +40,11 @@ _Q8_0_ARGS = ("const void*", "const uint8_t*", "const float*", "void*", *("int64
 _A8W8_ROWS_ARGS = ("const void*", "const int64_t*", "const float*", *("const int8_t*",) * 3, "const float*", "void*",
                    *("int64_t",) * 7, "const float*", "int64_t")
 
+# the entries of csrc/woq_avx512.h: x, w, scale, offset, bias, y, M, N, K, G, x_bf16, y_bf16, has_bias, bits,
+# grouped, swiglu, residual, has_residual
+_WOQ_AVX512_ARGS = ("const void*", "const uint8_t*", "const float*", "const float*", "const float*", "void*",
+                    *("int64_t",) * 10, "const float*", "int64_t")
+
 # name -> (source file in zen_inductor/csrc, argument types of its ``kernel`` entry, CPU flags)
 # An entry the C++ ops call (csrc/ops.cpp) is bound by address; its types here say how many
 # words the op passes it (a linear entry's list follows the one convention of quant_linear.native).
@@ -68,13 +73,8 @@ SOURCES = {
          "int64_t", "int64_t", "int64_t", "int64_t", "const float*", "int64_t"),
         _AVX512_BF16,
     ),
-    "woq_avx512": (
-        "woq_avx512.cpp",
-        ("const void*", "const uint8_t*", "const float*", "const float*", "const float*", "void*",
-         "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t", "int64_t",
-         "int64_t", "const float*", "int64_t"),
-        _AVX512,
-    ),
+    "woq_avx512": ("woq_avx512.cpp", _WOQ_AVX512_ARGS, _AVX512),
+    "woq_a8_avx512": ("woq_a8_avx512.cpp", _WOQ_AVX512_ARGS, _AVX512),  # the same entry on x in int8 per group
     "a8w8_rows_avx2": ("a8w8_rows_avx2.cpp", _A8W8_ROWS_ARGS, ("avx2", "fma")),
     "a8w8_rows_avx512": ("a8w8_rows_avx512.cpp", _A8W8_ROWS_ARGS, _AVX512),  # the same entry with vpdpbusd
     "q8_0_rows": ("q8_0_rows.cpp", _Q8_0_ARGS, ("avx2", "fma", "f16c")),
@@ -108,7 +108,8 @@ SOURCES = {
 
 # entries called by the C++ ops (csrc/ops.cpp), loaded without Python bindings; the others are
 # called from Python through Inductor's bindings of their argument types
-BOUND_ENTRIES = frozenset({"a8w4_avx2", "a8w8_rows_avx2", "a8w8_rows_avx512", "woq_avx2", "q8_0_rows", "q8_0_gemm", "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "decode_attention",
+BOUND_ENTRIES = frozenset({"a8w4_avx2", "a8w8_rows_avx2", "a8w8_rows_avx512", "woq_avx2", "q8_0_rows", "q8_0_gemm",
+                           "bf16_gemv_avx2", "bf16_gemv_avx512", "woq_avx512", "woq_a8_avx512", "decode_attention",
                            "decode_attention_avx512"})
 
 

@@ -156,7 +156,7 @@ def _blocks16_prepack(w: QuantWeight, act_dtype):
     return [torch.cat(records, dim=2, out=out), *params]
 
 
-def _blocks16_arguments(packed, spec, x_int8: bool = False):
+def _blocks16_arguments(packed, spec):
     records, scale = packed[0], packed[1]
     group = spec.k // records.shape[1]
     if scale.numel():
@@ -164,7 +164,7 @@ def _blocks16_arguments(packed, spec, x_int8: bool = False):
     else:  # a record's codes, then its [16] scales and offsets: fp32 (1) or float16 (2); scales alone (3, 4)
         tail_bytes = records.shape[2] - group * 16 * spec.bits // 8
         tails = {(False, 128): 1, (False, 64): 2, (True, 64): 3, (True, 32): 4}[spec.symmetric, tail_bytes]
-    return packed[:3], (spec.k, group), (spec.bits, tails, int(x_int8))
+    return packed[:3], (spec.k, group), (spec.bits, tails)
 
 
 def _woq_arguments(packed, spec):
@@ -190,7 +190,7 @@ def _tiles_sgemm_run(x, packed, bias, spec):
 
 _WOQ_AVX2 = NativeLinear("woq_avx2", _woq_arguments)
 _WOQ_AVX512 = NativeLinear("woq_avx512", _blocks16_arguments)
-_A8_AVX512 = NativeLinear("woq_avx512", functools.partial(_blocks16_arguments, x_int8=True))
+_A8_AVX512 = NativeLinear("woq_a8_avx512", _blocks16_arguments)
 
 KERNELS = (
     Kernel("zen_a8w4_avx2", "zen", _a8w4_supports, _a8w4_prepack, NativeLinear("a8w4_avx2", _a8w4_arguments), layout="int4_tiles",
