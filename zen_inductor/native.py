@@ -177,9 +177,10 @@ def check_toolchain() -> None:
 
     With native kernels on, the C++ ops' build starts too: any compile that runs a kernel of ours
     loads that library (our linears are bound into it, Inductor's wrapper calls through it), and
-    its build against torch's headers is the longest of ours (~13 s here). Started on the first
-    linear, a cold 1B int4 compile waited 12 s for it; from here it follows the ISA check while
-    the model is traced.
+    its build against torch's headers is the longest of ours (~12 s here). Started on the first
+    linear, a cold 1B int4 compile waited 12 s for it; from here it runs beside the ISA check (it
+    picks no vector ISA) while the model is traced: ready ~14 s after zen's entry on a machine's
+    first compile, ~19 s when it followed the check.
     """
     from . import config
 
@@ -317,7 +318,11 @@ def fast_calls():
 
 
 def _build_with_toolchain(load_async, *args, **kwargs):
-    _toolchain_checked()  # every build needs it; a second check beside it would repeat its probes
+    # a build that picks the vector ISA waits for the check (a second one beside it would repeat its
+    # probes); the C++ ops use none, and their build (the longest of ours) runs beside the check:
+    # a first compile on a machine waited ~7 s less for it
+    if kwargs.get("needs_vec_isa", True):
+        _toolchain_checked()
     return load_async(*args, **kwargs)()
 
 
