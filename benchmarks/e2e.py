@@ -2,7 +2,7 @@
 
     python benchmarks/e2e.py [--formats bf16,int4wo,...] [--systems eager,inductor,recipe,zentorch,zen]
                              [--model llama1b-4l|qwen3-4l|tiny] [--reps 3] [--out benchmarks/results]
-                             [--prompt 128] [--cache dynamic|static] [--batch 1]
+                             [--prompt 128] [--cache dynamic|static] [--batch 1] [--isa native|avx2]
 
 Every (format, system) runs in its own process (compile time and peak RSS are its own), in an
 order that alternates systems so slow drift of the shared machine spreads over all of them.
@@ -17,6 +17,7 @@ prompt plus the new tokens, as ``generate(cache_implementation="static")`` makes
 (results in ``...-bB``; the table gains decode tokens/s, B over TPOT); with ``--padded`` the B
 prompts differ in length (row i: PROMPT - i * PROMPT / 2B tokens), left-padded into one batch
 with its attention mask as transformers' ``generate`` pads them (results in ``...-bB-padded``).
+``--isa avx2`` runs every system as on an AVX2-only CPU (results in ``...-avx2``).
 """
 from __future__ import annotations
 
@@ -195,7 +196,8 @@ def cache_maker(model, system: str, cache: str, length: int):
 
 def results_name(args) -> str:
     return (f"e2e-{args.model}" + (f"-{args.cache}-cache-p{args.prompt}" if args.cache != "dynamic" else "")
-            + (f"-b{args.batch}" if args.batch > 1 else "") + ("-padded" if args.padded else ""))
+            + (f"-b{args.batch}" if args.batch > 1 else "") + ("-padded" if args.padded else "")
+            + ("-avx2" if getattr(args, "isa", "native") == "avx2" else ""))
 
 
 def cache_use(system: str) -> str:
@@ -242,6 +244,8 @@ def main():
     p.add_argument("--merge", action="store_true", help="keep other rows of an earlier run of this model")
     p.add_argument("--padded", action="store_true", help="prompts of B lengths, left-padded with an attention mask")
     p.add_argument("--cold", action="store_true", help="every process compiles with empty Inductor and zen caches")
+    p.add_argument("--isa", choices=("native", "avx2"), default="native",
+                   help="avx2: every system as on an AVX2-only CPU (smollm2.py's ISA_AVX2 in each process)")
     p.add_argument("--child", nargs=2, metavar=("FORMAT", "SYSTEM"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -253,11 +257,12 @@ def main():
         systems = args.systems.split(",")
         for i, system in enumerate(systems if len(results) % 2 == 0 else reversed(systems)):
             print(f"[{fmt} / {system}] running...", flush=True)
+            capped = isa_env(args)
             if args.cold:
                 with tempfile.TemporaryDirectory(prefix="zen-e2e-") as root:
-                    r = run_child(args, fmt, system, env=cold_caches(root))
+                    r = run_child(args, fmt, system, env={**cold_caches(root), **capped})
             else:
-                r = run_child(args, fmt, system)
+                r = run_child(args, fmt, system, env={**os.environ, **capped} if capped else None)
             if "error" in r:
                 print(f"[{fmt} / {system}] failed: {r['error']}", flush=True)
                 results.append({"format": fmt, "system": system, "error": r["error"]})
@@ -279,6 +284,15 @@ def run_child(args, fmt: str, system: str, env=None) -> dict:
     return json.loads(line[7:])
 
 
+def isa_env(args) -> dict:
+    """What a child's environment adds for ``--isa``: nothing, or the caps of every library at AVX2."""
+    if getattr(args, "isa", "native") != "avx2":
+        return {}
+    from smollm2 import ISA_AVX2
+
+    return ISA_AVX2
+
+
 def cold_caches(root: str) -> dict:
     """The environment of a process whose compiles find Inductor's and zen's caches empty."""
     return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(root, "inductor"),
@@ -297,14 +311,16 @@ def write(results, args, quiet=False):
     stamp = time.strftime("%Y-%m-%d")
     meta = {"date": stamp, "machine": platform.processor() or platform.machine(), "cpu": describe_cpu(), "threads": os.cpu_count(),
             "model": args.model, "prompt": args.prompt, "new": args.new, "reps": args.reps, "cache": args.cache,
-            "batch": args.batch, "padded": args.padded,
+            "batch": args.batch, "padded": args.padded, "isa": getattr(args, "isa", "native"),
             "versions": _versions()}
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     batch = f"batch {args.batch}" + (f" (prompts of {args.prompt // 2 + args.prompt // (2 * args.batch)}-{args.prompt} tokens, left-padded)" if args.padded else "")
     lines = [f"# e2e: {args.model}, prompt {args.prompt}, {args.new} new tokens, {batch}, greedy, {args.cache} "
              f"KV cache ({stamp})", "",
-             f"Machine: {meta['cpu']}, {meta['threads']} cores. Versions: {meta['versions']}.", "",
+             f"Machine: {meta['cpu']}, {meta['threads']} cores"
+             + (", every system capped at AVX2 (`--isa avx2`: zen, ATen, Inductor, MKL and oneDNN)"
+                if meta["isa"] == "avx2" else "") + f". Versions: {meta['versions']}.", "",
              "| format | system | TTFT ms | TPOT ms | decode tokens/s | compile s | peak RSS MB | tokens = eager | "
              "logits dB vs eager | zen vs best peer | caches at compile |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
