@@ -2,9 +2,10 @@
 // for every M (decode's GEMV, and prefill, where rows of x reuse each block while it is in cache).
 // The quantized siblings of bf16_gemv_avx512.cpp: blocks of 16 rows of W, each one contiguous
 // stream, STREAMS of them side by side per thread. Two libraries include this text: woq_avx512.cpp
-// (x split into two signed bytes) and woq_a8_avx512.cpp (x in int8 per group, X8 below), because
-// both in one took 12 s of g++ where the first alone takes 4: the X8 blocks are two thirds of the
-// instantiations, and only config.int8_activations_for_weight_only asks for them.
+// (x split into two signed bytes) and woq_a8_avx512.cpp (x in int8 per group: ZEN_WOQ_X8 set to 1
+// before the include, X8 below), because both in one took 12 s of g++ where the first alone takes
+// 4: the X8 blocks are two thirds of the instantiations, and only
+// config.int8_activations_for_weight_only asks for them.
 //
 // Codes are stored unsigned, u = c + z (z = 8 for int4, 128 for int8), the side of vpdpbusd that
 // takes unsigned bytes; it multiplies four of them by four signed bytes and adds the four
@@ -223,3 +224,15 @@ void woq_linear(const void* x, const uint8_t* w, const float* scale, const float
 }
 
 }  // namespace
+
+#ifndef ZEN_WOQ_X8
+#define ZEN_WOQ_X8 0
+#endif
+
+extern "C" void kernel(const void* x, const uint8_t* w, const float* scale, const float* offset, const float* bias,
+                       void* y, int64_t M, int64_t N, int64_t K, int64_t G, int64_t x_bf16, int64_t y_bf16,
+                       int64_t has_bias, int64_t bits, int64_t grouped, int64_t swiglu, const float* residual,
+                       int64_t has_residual) {
+  woq_linear<ZEN_WOQ_X8 != 0>(x, w, scale, offset, bias, y, M, N, K, G, x_bf16, y_bf16, has_bias, bits, grouped,
+                              swiglu, residual, has_residual);
+}
