@@ -197,7 +197,7 @@ def cache_maker(model, system: str, cache: str, length: int):
 def results_name(args) -> str:
     return (f"e2e-{args.model}" + (f"-{args.cache}-cache-p{args.prompt}" if args.cache != "dynamic" else "")
             + (f"-b{args.batch}" if args.batch > 1 else "") + ("-padded" if args.padded else "")
-            + ("-avx2" if getattr(args, "isa", "native") == "avx2" else ""))
+            + ("-avx2" if args.isa == "avx2" else ""))
 
 
 def cache_use(system: str) -> str:
@@ -286,7 +286,7 @@ def run_child(args, fmt: str, system: str, env=None) -> dict:
 
 def isa_env(args) -> dict:
     """What a child's environment adds for ``--isa``: nothing, or the caps of every library at AVX2."""
-    if getattr(args, "isa", "native") != "avx2":
+    if args.isa != "avx2":
         return {}
     from smollm2 import ISA_AVX2
 
@@ -311,7 +311,7 @@ def write(results, args, quiet=False):
     stamp = time.strftime("%Y-%m-%d")
     meta = {"date": stamp, "machine": platform.processor() or platform.machine(), "cpu": describe_cpu(), "threads": os.cpu_count(),
             "model": args.model, "prompt": args.prompt, "new": args.new, "reps": args.reps, "cache": args.cache,
-            "batch": args.batch, "padded": args.padded, "isa": getattr(args, "isa", "native"),
+            "batch": args.batch, "padded": args.padded, "isa": args.isa,
             "versions": _versions()}
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
