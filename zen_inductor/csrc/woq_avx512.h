@@ -166,7 +166,7 @@ void woq_linear(const void* x, const uint8_t* w, const float* scale, const float
   const int64_t groups = K / G;
   xq.resize(M * K);
   xl.resize(M * K);
-  if constexpr (!X8) xh.resize(M * K);  // int8 x has no high bytes
+  xh.resize(M * K);
   xs.resize(M * groups);
   xsum.resize(M * groups);
   int16_t* xqp = xq.data();
@@ -189,13 +189,13 @@ void woq_linear(const void* x, const uint8_t* w, const float* scale, const float
           total += xqp[k];
         }
         xsump[i] = xsp[i] * static_cast<float>(total);
-      } else {
-        quantize_group_int16(x, at, G, x_bf16, xqp + at, xsp + i, xsump + i, XQ_LIMIT);
-        for (int64_t k = at; k < at + G; ++k) {  // xq = 256 h + l, both signed
-          const int8_t low = static_cast<int8_t>(xqp[k] & 0xFF);
-          xlp[k] = low;
-          xhp[k] = static_cast<int8_t>((xqp[k] - low) / 256);
-        }
+        continue;
+      }
+      quantize_group_int16(x, at, G, x_bf16, xqp + at, xsp + i, xsump + i, XQ_LIMIT);
+      for (int64_t k = at; k < at + G; ++k) {  // xq = 256 h + l, both signed
+        const int8_t low = static_cast<int8_t>(xqp[k] & 0xFF);
+        xlp[k] = low;
+        xhp[k] = static_cast<int8_t>((xqp[k] - low) / 256);
       }
     }
     auto run = [&](auto bits_c, auto tail_c, auto offsets_c) {
