@@ -230,9 +230,10 @@ def test_a_package_names_the_libraries_its_calls_need(tmp_path):
         package.writestr("r/data/aotinductor/model/x.wrapper.json", json.dumps({"nodes": [by_rows, attention]}))
     assert aot_package._zen_calls(str(tmp_path / "r.pt2")) == {"native": {"woq_avx2", "q8_0_rows", "decode_attention"},
                                                                "zentorch": False}
-    # a kernel's helpers: _int_mm's x quantized by our C++ where the package carries it
+    # a kernel's helpers: _int_mm's x quantized and its sums scaled by our C++ where the package carries them
     int8 = LinearSpec(n=512, k=128, group_size=128, bits=8, symmetric=True, act_dtype=torch.bfloat16, dynamic_activation=True)
     call["node"]["inputs"][0]["arg"]["as_string"] = Plan(int8, (16,), ("zen_a8w8_rows_avx2", "aten_int_mm_da8")).encode()
     with zipfile.ZipFile(tmp_path / "s.pt2", "w") as package:
         package.writestr("s/data/aotinductor/model/x.wrapper.json", json.dumps({"nodes": [call]}))
-    assert aot_package._zen_calls(str(tmp_path / "s.pt2"))["native"] == {"a8w8_rows_avx2", "int8_quantize_rows"}
+    assert aot_package._zen_calls(str(tmp_path / "s.pt2"))["native"] == {"a8w8_rows_avx2", "int8_quantize_rows",
+                                                                       "int8_rows_epilogue"}

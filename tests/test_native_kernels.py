@@ -530,6 +530,53 @@ def test_int8_quantize_rows_is_atens_arithmetic_bit_for_bit(act_dtype):
     assert all(torch.equal(a, b) for a, b in zip(quantize_rows(odd), quantize_rows_reference(odd)))
 
 
+@_needs("int8_rows_epilogue", "AVX2")
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])
+def test_int_mm_epilogue_is_the_aten_ops_in_one_pass(act_dtype, monkeypatch):
+    """aten_int_mm_da8's epilogue (int32 sums times x's row scale and W's column scale, bias, SwiGLU)
+    in one pass of our C++: the ATen ops' output bit for bit for a plain and a merged linear's
+    parts side by side, within fp32's rounding of silu for SwiGLU; many rows split across threads,
+    and none. The kernel runs it there: with the ATen ops made to fail, it still computes."""
+    from zen_inductor.kernels import int8_rows
+
+    g = torch.Generator().manual_seed(0)
+    none = torch.empty(0, dtype=torch.int64)
+    for rows in (0, 1, 67):
+        sums = [torch.randint(-2 ** 22, 2 ** 22, (rows, n), generator=g, dtype=torch.int32) for n in (48, 16, 16)]
+        x_scale = torch.rand(rows, 1, generator=g) * 1e-3
+        w_scale = torch.rand(80, generator=g) * 1e-3
+        for bias in (None, torch.randn(80, generator=g).to(act_dtype)):
+            for parts in (sums[:1], sums):
+                spec = LinearSpec(sum(p.shape[1] for p in parts), 64, 64, 8, True, act_dtype, dynamic_activation=True)
+                ref = int8_rows.int_mm_epilogue_reference(parts, False, none, x_scale, w_scale[:spec.n],
+                                                         None if bias is None else bias[:spec.n], spec, act_dtype)
+                got = int8_rows._int_mm_epilogue(parts, False, x_scale, w_scale[:spec.n], None if bias is None else bias[:spec.n],
+                                                 act_dtype)
+                assert got.dtype == act_dtype and torch.equal(got, ref)
+            pair, spec = sums[1:], LinearSpec(16, 64, 64, 8, True, act_dtype, dynamic_activation=True, epilogue="swiglu")
+            ref = int8_rows.int_mm_epilogue_reference(pair, True, none, x_scale, w_scale[:32], None if bias is None else bias[:32],
+                                                      spec, act_dtype)
+            got = int8_rows._int_mm_epilogue(pair, True, x_scale, w_scale[:32], None if bias is None else bias[:32], act_dtype)
+            assert got.shape == (rows, 16)
+            torch.testing.assert_close(got, ref, rtol=2 ** -20 if act_dtype == torch.float32 else 2 ** -8, atol=1e-6)
+    k, n = 64, 32
+    codes = torch.randint(-128, 128, (2 * n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(2 * n, 1, generator=g) * 1e-2
+    w, gate, up = (QuantWeight(codes=codes[r], scale=scale[r], offset=scale[r] * 0, zero_point=None, group_size=k, bits=8)
+                   for r in (slice(None), slice(0, n), slice(n, None)))
+    gate_up = QuantWeight.concat([gate, up]).reordered(swiglu_row_order(n))
+    x = torch.randn(40, k, generator=g).to(act_dtype)
+    int_mm = KERNELS["aten_int_mm_da8"]
+    plain = LinearSpec(2 * n, k, k, 8, True, act_dtype, dynamic_activation=True)
+    cases = ((w, plain), (gate_up, dataclasses.replace(plain, epilogue="swiglu")))
+    with config.patch(cpu_capability="default"):  # no C++: the ATen ops
+        expected = [run_kernel(int_mm, x, int_mm.prepack(v, act_dtype), None, s) for v, s in cases]
+    monkeypatch.setattr(int8_rows, "int_mm_epilogue_reference", lambda *a: pytest.fail("the ATen ops ran"))
+    got = [run_kernel(int_mm, x, int_mm.prepack(v, act_dtype), None, s) for v, s in cases]
+    assert torch.equal(got[0], expected[0]) and got[1].shape == (40, n)
+    torch.testing.assert_close(got[1], expected[1], rtol=2 ** -20 if act_dtype == torch.float32 else 2 ** -8, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", [pytest.param("zen_a8w8_rows_avx2", marks=_needs("a8w8_rows_avx2", "AVX2")),
                                   pytest.param("zen_a8w8_rows_avx512", marks=_needs("a8w8_rows_avx512", "AVX512-VNNI"))])
 @pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float32])

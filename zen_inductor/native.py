@@ -99,6 +99,11 @@ SOURCES = {
         ("const void*", "int8_t*", "float*", "int64_t", "int64_t", "int64_t"),
         ("avx2", "fma"),
     ),
+    "int8_rows_epilogue": (  # aten_int_mm_da8's int32 sums to its output (scales, bias, swiglu) in one pass
+        "int8_rows_epilogue.cpp",
+        ("const int32_t*", "const int32_t*", *("const float*",) * 5, "void*", *("int64_t",) * 7),
+        ("avx2", "fma"),
+    ),
     "tiles_dequant": (
         "tiles_dequant.cpp",
         ("const uint8_t*", "const float*", "const float*", "float*", "int64_t", "int64_t", "int64_t", "int64_t"),

@@ -112,18 +112,58 @@ def _int_mm_run(x, packed, bias, spec):
     xq, x_scale = quantize_rows(x)
     sums = [torch._int_mm(xq, w.t()) for w in sources if w.numel()]
     gate = _gate_part(order, len(sums)) if spec.epilogue == "swiglu" else None
-    if gate is not None:
-        pairs = [(rows.to(torch.float32).mul_(x_scale).mul_(_half(w_scale, i)), _half(bias, i))
-                 for i, rows in enumerate((sums[gate], sums[1 - gate]))]
+    if gate is not None:  # its products give silu(gate) * up where they are
+        sums = [sums[gate], sums[1 - gate]]
+    gathered = gate is None and (spec.epilogue == "swiglu" or order.numel())  # columns to gather first
+    if gathered or any(s.shape[1] % 8 for s in sums) or x.dtype not in (torch.bfloat16, torch.float32) \
+            or native.unavailable(EPILOGUE_NATIVE):
+        return int_mm_epilogue_reference(sums, gate is not None, order, x_scale, w_scale, bias, spec, x.dtype)
+    return _int_mm_epilogue(sums, gate is not None, x_scale, w_scale, bias, x.dtype)
+
+
+EPILOGUE_NATIVE = "int8_rows_epilogue"  # _int_mm_epilogue's one pass
+
+
+def _int_mm_epilogue(sums, swiglu: bool, x_scale, w_scale, bias, dtype):
+    """The int32 sums (gate's and up's where ``swiglu``, else the parts side by side) to the
+    linear's output in one pass of our C++ (csrc/int8_rows_epilogue.cpp)."""
+    rows = x_scale.shape[0]
+    n_out = sums[0].shape[1] if swiglu else sum(s.shape[1] for s in sums)
+    out = torch.empty((rows, n_out), dtype=dtype)
+    if not rows:
+        return out
+    kernel = native.load(EPILOGUE_NATIVE)
+    flags = (int(bias is not None), int(swiglu), int(dtype == torch.bfloat16))
+    if swiglu:
+        scales = [_half(w_scale, i) for i in (0, 1)]
+        biases = [_half(bias, i) for i in (0, 1)] if bias is not None else [_NO_BIAS] * 2
+        kernel(*sums, x_scale, *scales, *biases, out, rows, n_out, n_out, 0, *flags)
+        return out
+    bias = bias.to(torch.float32).contiguous() if bias is not None else _NO_BIAS
+    col = 0
+    for part in sums:
+        kernel(part, part, x_scale, w_scale, w_scale, bias, bias, out, rows, part.shape[1], n_out, col, *flags)
+        col += part.shape[1]
+    return out
+
+
+_NO_BIAS = torch.empty(0, dtype=torch.float32)
+
+
+def int_mm_epilogue_reference(sums, swiglu: bool, order, x_scale, w_scale, bias, spec, dtype):
+    """``_int_mm_epilogue`` by ATen ops: the fallback, and the tests' reference. Where not
+    ``swiglu``, ``sums`` are the weight's parts side by side, ``order`` the columns to gather."""
+    if swiglu:
+        pairs = [(rows.to(torch.float32).mul_(x_scale).mul_(_half(w_scale, i)), _half(bias, i)) for i, rows in enumerate(sums)]
         g, u = (y.add_(b) if b is not None else y for y, b in pairs)
-        return torch.nn.functional.silu(g, inplace=True).mul_(u).to(x.dtype)
+        return torch.nn.functional.silu(g, inplace=True).mul_(u).to(dtype)
     acc = sums[0] if len(sums) == 1 else torch.cat(sums, dim=1)
     if order.numel():  # the columns in the weight's row order
         acc = acc.index_select(1, order)
     y = acc.to(torch.float32).mul_(x_scale).mul_(w_scale)
     if bias is not None:
         y += bias
-    return apply_epilogue(y, spec).to(x.dtype)
+    return apply_epilogue(y, spec).to(dtype)
 
 
 def _gate_part(order: torch.Tensor, parts: int) -> Optional[int]:
@@ -153,7 +193,7 @@ def _rows_arguments(packed, spec):
 
 KERNELS = (
     Kernel("aten_int_mm_da8", "aten", _supports, _prepack, _int_mm_run, layout="int8_rows", own_weight=True, in_place_rows=True,
-           epilogues=("swiglu",), rank=(2, 22), helpers=(QUANTIZE_NATIVE,),
+           epilogues=("swiglu",), rank=(2, 22), helpers=(QUANTIZE_NATIVE, EPILOGUE_NATIVE),
            fast_with="int8_gemm", activations="int8 per row"),
     Kernel("zen_a8w8_rows_avx2", "zen", _rows_supports, _prepack, NativeLinear("a8w8_rows_avx2", _rows_arguments),
            layout="int8_rows", own_weight=True, in_place_rows=True, epilogues=("swiglu",), max_m=16, rank=(1, 30), activations="int8 per row",
