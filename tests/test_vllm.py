@@ -104,14 +104,17 @@ def test_zen_with_two_tensor_parallel_workers_matches_one(engine):
     in two: a random-weight Llama with 8."""
     one, two = engine("zen", "int4wo", model="tiny"), engine("zen", "int4wo", tensor_parallel=2, model="tiny")
     # the workers' halves of each attention and MLP output are summed in bf16, one rounding more per
-    # block than one worker makes (8 over the 4 layers): every logit of the text within 4 bf16 steps
-    # (at the text's largest logit) of the one worker's; measured 3 on this machine
+    # block than one worker makes (8 over the 4 layers), and each worker times its own kernels for its
+    # shards: on Zen 5 the fixed text's logits (|logit| <= 2.8) landed 35.7 dB from one worker's, and
+    # vLLM's default backend's two workers 36.0 dB from its one (its worst logit 3 bf16 steps off, zen's
+    # 3.5, 4.5 in a run that had tuned afresh: a bound on the worst logit was too tight to hold). 6 dB of
+    # slack; a worker with a wrong shard or a lost half lands under 10.
+    text_sqnr = _text_sqnr(one, two)
     tokens = one["scored"]["tokens"]
     pairs = [(a[str(t)], b[str(t)]) for t, a, b in zip(tokens, one["scored"]["positions"], two["scored"]["positions"]) if a]
-    tolerance = 4 * _bf16_step(max(abs(a) for a, _ in pairs))
-    worst = max(abs(a - b) for a, b in pairs)
-    print(f"two workers against one: logits differ by at most {worst} (tolerance {tolerance})")
-    assert worst <= tolerance
+    print(f"two workers against one: the fixed text's logits at {text_sqnr:.1f} dB, the worst "
+          f"{max(abs(a - b) for a, b in pairs)} off")
+    assert text_sqnr >= 30.0
     _assert_greedy_close(one, two, "int4wo zen on the tiny Llama, two workers against one")
     assert len(two["reports"]) == 2  # each worker compiled its shard
     for report in two["reports"]:
