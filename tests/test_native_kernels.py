@@ -535,32 +535,30 @@ def test_int8_quantize_rows_is_atens_arithmetic_bit_for_bit(act_dtype):
 def test_int_mm_epilogue_is_the_aten_ops_in_one_pass(act_dtype, monkeypatch):
     """aten_int_mm_da8's epilogue (int32 sums times x's row scale and W's column scale, bias, SwiGLU)
     in one pass of our C++: the ATen ops' output bit for bit for a plain and a merged linear's
-    parts side by side, each in blocks of columns or whole, within fp32's rounding of silu for
-    SwiGLU; many rows split across threads, and none. The kernel runs it there, on _int_mm's
-    blocks of columns: with the ATen ops made to fail, it still computes what they compute."""
+    parts side by side, within fp32's rounding of silu for SwiGLU; many rows split across threads,
+    and none. The kernel runs it there: with the ATen ops made to fail, it still computes."""
     from zen_inductor.kernels import int8_rows
 
     g = torch.Generator().manual_seed(0)
     none = torch.empty(0, dtype=torch.int64)
     for rows in (0, 1, 67):
         sums = [torch.randint(-2 ** 22, 2 ** 22, (rows, n), generator=g, dtype=torch.int32) for n in (48, 16, 16)]
-        blocks = [[sums[0][:, :32].contiguous(), sums[0][:, 32:].contiguous()], [sums[1]], [sums[2]]]
         x_scale = torch.rand(rows, 1, generator=g) * 1e-3
         w_scale = torch.rand(80, generator=g) * 1e-3
         for bias in (None, torch.randn(80, generator=g).to(act_dtype)):
-            for whole, parts in ((sums[:1], blocks[:1]), (sums, blocks)):
-                spec = LinearSpec(sum(p.shape[1] for p in whole), 64, 64, 8, True, act_dtype, dynamic_activation=True)
-                b = None if bias is None else bias[:spec.n]
-                ref = int8_rows.int_mm_epilogue_reference(whole, False, none, x_scale, w_scale[:spec.n], b, spec, act_dtype)
-                got = int8_rows._int_mm_epilogue(parts, False, x_scale, w_scale[:spec.n], b, act_dtype)
+            for parts in (sums[:1], sums):
+                spec = LinearSpec(sum(p.shape[1] for p in parts), 64, 64, 8, True, act_dtype, dynamic_activation=True)
+                ref = int8_rows.int_mm_epilogue_reference(parts, False, none, x_scale, w_scale[:spec.n],
+                                                         None if bias is None else bias[:spec.n], spec, act_dtype)
+                got = int8_rows._int_mm_epilogue(parts, False, x_scale, w_scale[:spec.n], None if bias is None else bias[:spec.n],
+                                                 act_dtype)
                 assert got.dtype == act_dtype and torch.equal(got, ref)
-            spec = LinearSpec(16, 64, 64, 8, True, act_dtype, dynamic_activation=True, epilogue="swiglu")
-            b = None if bias is None else bias[:32]
-            ref = int8_rows.int_mm_epilogue_reference(sums[1:], True, none, x_scale, w_scale[:32], b, spec, act_dtype)
-            for parts in ([[s] for s in sums[1:]], [[s[:, :8].contiguous(), s[:, 8:].contiguous()] for s in sums[1:]]):
-                got = int8_rows._int_mm_epilogue(parts, True, x_scale, w_scale[:32], b, act_dtype)
-                assert got.shape == (rows, 16)
-                torch.testing.assert_close(got, ref, rtol=2 ** -20 if act_dtype == torch.float32 else 2 ** -8, atol=1e-6)
+            pair, spec = sums[1:], LinearSpec(16, 64, 64, 8, True, act_dtype, dynamic_activation=True, epilogue="swiglu")
+            ref = int8_rows.int_mm_epilogue_reference(pair, True, none, x_scale, w_scale[:32], None if bias is None else bias[:32],
+                                                      spec, act_dtype)
+            got = int8_rows._int_mm_epilogue(pair, True, x_scale, w_scale[:32], None if bias is None else bias[:32], act_dtype)
+            assert got.shape == (rows, 16)
+            torch.testing.assert_close(got, ref, rtol=2 ** -20 if act_dtype == torch.float32 else 2 ** -8, atol=1e-6)
     k, n = 64, 32
     codes = torch.randint(-128, 128, (2 * n, k), generator=g, dtype=torch.int8)
     scale = torch.rand(2 * n, 1, generator=g) * 1e-2
@@ -574,7 +572,6 @@ def test_int_mm_epilogue_is_the_aten_ops_in_one_pass(act_dtype, monkeypatch):
     with config.patch(cpu_capability="default"):  # no C++: the ATen ops
         expected = [run_kernel(int_mm, x, int_mm.prepack(v, act_dtype), None, s) for v, s in cases]
     monkeypatch.setattr(int8_rows, "int_mm_epilogue_reference", lambda *a: pytest.fail("the ATen ops ran"))
-    monkeypatch.setattr(int8_rows, "COLUMN_BLOCK", 24)  # gate's and up's 32 columns in two blocks, W's 64 in three
     got = [run_kernel(int_mm, x, int_mm.prepack(v, act_dtype), None, s) for v, s in cases]
     assert torch.equal(got[0], expected[0]) and got[1].shape == (40, n)
     torch.testing.assert_close(got[1], expected[1], rtol=2 ** -20 if act_dtype == torch.float32 else 2 ** -8, atol=1e-6)

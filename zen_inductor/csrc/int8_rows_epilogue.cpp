@@ -8,8 +8,7 @@
 //
 // sums and up: [M, N] int32, contiguous (up read only for swiglu); x_scale [M]; w_scale, w_scale_up,
 // bias, bias_up read from column col0 on; out's row m starts at m * ld_out, and its columns
-// col0 .. col0 + N are written: a merged q/k/v's parts, and the blocks of columns _int_mm gave,
-// are written side by side, a call each.
+// col0 .. col0 + N are written: a merged q/k/v's parts are written side by side, a call each.
 // N a multiple of 8.
 #include "avx2_common.h"
 

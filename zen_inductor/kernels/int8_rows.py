@@ -110,56 +110,40 @@ def _int_mm_run(x, packed, bias, spec):
     # oneDNN reads W^T as a view of the [N, K] rows as fast as a transposed copy (AMX Xeon, 128-2048 rows)
     _, w_scale, *sources, order = packed
     xq, x_scale = quantize_rows(x)
-    parts = [_products(xq, w) for w in sources if w.numel()]
-    gate = _gate_part(order, len(parts)) if spec.epilogue == "swiglu" else None
+    sums = [torch._int_mm(xq, w.t()) for w in sources if w.numel()]
+    gate = _gate_part(order, len(sums)) if spec.epilogue == "swiglu" else None
     if gate is not None:  # its products give silu(gate) * up where they are
-        parts = [parts[gate], parts[1 - gate]]
+        sums = [sums[gate], sums[1 - gate]]
     gathered = gate is None and (spec.epilogue == "swiglu" or order.numel())  # columns to gather first
-    if gathered or any(c.shape[1] % 8 for p in parts for c in p) or x.dtype not in (torch.bfloat16, torch.float32) \
+    if gathered or any(s.shape[1] % 8 for s in sums) or x.dtype not in (torch.bfloat16, torch.float32) \
             or native.unavailable(EPILOGUE_NATIVE):
-        whole = [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in parts]
-        return int_mm_epilogue_reference(whole, gate is not None, order, x_scale, w_scale, bias, spec, x.dtype)
-    return _int_mm_epilogue(parts, gate is not None, x_scale, w_scale, bias, x.dtype)
-
-
-# Columns of W a _int_mm call takes. At 2048 rows of x, llama1b's gate ([8192, 2048]) in blocks of
-# 2048 took 35.0 against 52.4 ms whole on Zen 5 (134.7 against 151.0 capped at AVX2); blocks of
-# 4096 gained nothing, and its [2048, 8192] down and [3072, 2048] q/k/v were as fast either way.
-COLUMN_BLOCK = 2048
-
-
-def _products(xq: torch.Tensor, w: torch.Tensor) -> list:
-    """x's int32 products with W's rows [N, K], COLUMN_BLOCK columns a tensor."""
-    return [torch._int_mm(xq, w[n:n + COLUMN_BLOCK].t()) for n in range(0, w.shape[0], COLUMN_BLOCK)]
+        return int_mm_epilogue_reference(sums, gate is not None, order, x_scale, w_scale, bias, spec, x.dtype)
+    return _int_mm_epilogue(sums, gate is not None, x_scale, w_scale, bias, x.dtype)
 
 
 EPILOGUE_NATIVE = "int8_rows_epilogue"  # _int_mm_epilogue's one pass
 
 
-def _int_mm_epilogue(parts, swiglu: bool, x_scale, w_scale, bias, dtype):
-    """The int32 products (each part's in blocks of columns: gate's and up's where ``swiglu``, else
-    the parts side by side) to the linear's output in one pass of our C++
-    (csrc/int8_rows_epilogue.cpp), a call a block."""
+def _int_mm_epilogue(sums, swiglu: bool, x_scale, w_scale, bias, dtype):
+    """The int32 sums (gate's and up's where ``swiglu``, else the parts side by side) to the
+    linear's output in one pass of our C++ (csrc/int8_rows_epilogue.cpp)."""
     rows = x_scale.shape[0]
-    widths = [sum(block.shape[1] for block in part) for part in parts]
-    n_out = widths[0] if swiglu else sum(widths)
+    n_out = sums[0].shape[1] if swiglu else sum(s.shape[1] for s in sums)
     out = torch.empty((rows, n_out), dtype=dtype)
     if not rows:
         return out
     kernel = native.load(EPILOGUE_NATIVE)
     flags = (int(bias is not None), int(swiglu), int(dtype == torch.bfloat16))
-    col = 0
     if swiglu:
         scales = [_half(w_scale, i) for i in (0, 1)]
         biases = [_half(bias, i) for i in (0, 1)] if bias is not None else [_NO_BIAS] * 2
-        for gate, up in zip(*parts):
-            kernel(gate, up, x_scale, *scales, *biases, out, rows, gate.shape[1], n_out, col, *flags)
-            col += gate.shape[1]
+        kernel(*sums, x_scale, *scales, *biases, out, rows, n_out, n_out, 0, *flags)
         return out
     bias = bias.to(torch.float32).contiguous() if bias is not None else _NO_BIAS
-    for block in (block for part in parts for block in part):
-        kernel(block, block, x_scale, w_scale, w_scale, bias, bias, out, rows, block.shape[1], n_out, col, *flags)
-        col += block.shape[1]
+    col = 0
+    for part in sums:
+        kernel(part, part, x_scale, w_scale, w_scale, bias, bias, out, rows, part.shape[1], n_out, col, *flags)
+        col += part.shape[1]
     return out
 
 
