@@ -252,12 +252,11 @@ def main():
         args.format, args.system = args.child
         print("RESULT " + json.dumps(one_run(args)), flush=True)
         return
-    results = []
+    results, capped = [], isa_env(args)
     for fmt in args.formats.split(","):
         systems = args.systems.split(",")
         for i, system in enumerate(systems if len(results) % 2 == 0 else reversed(systems)):
             print(f"[{fmt} / {system}] running...", flush=True)
-            capped = isa_env(args)
             if args.cold:
                 with tempfile.TemporaryDirectory(prefix="zen-e2e-") as root:
                     r = run_child(args, fmt, system, env={**cold_caches(root), **capped})

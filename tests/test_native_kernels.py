@@ -548,15 +548,14 @@ def test_int_mm_epilogue_is_the_aten_ops_in_one_pass(act_dtype, monkeypatch):
         for bias in (None, torch.randn(80, generator=g).to(act_dtype)):
             for parts in (sums[:1], sums):
                 spec = LinearSpec(sum(p.shape[1] for p in parts), 64, 64, 8, True, act_dtype, dynamic_activation=True)
-                ref = int8_rows.int_mm_epilogue_reference(parts, False, none, x_scale, w_scale[:spec.n],
-                                                         None if bias is None else bias[:spec.n], spec, act_dtype)
-                got = int8_rows._int_mm_epilogue(parts, False, x_scale, w_scale[:spec.n], None if bias is None else bias[:spec.n],
-                                                 act_dtype)
+                b = None if bias is None else bias[:spec.n]
+                ref = int8_rows.int_mm_epilogue_reference(parts, False, none, x_scale, w_scale[:spec.n], b, spec, act_dtype)
+                got = int8_rows._int_mm_epilogue(parts, False, x_scale, w_scale[:spec.n], b, act_dtype)
                 assert got.dtype == act_dtype and torch.equal(got, ref)
             pair, spec = sums[1:], LinearSpec(16, 64, 64, 8, True, act_dtype, dynamic_activation=True, epilogue="swiglu")
-            ref = int8_rows.int_mm_epilogue_reference(pair, True, none, x_scale, w_scale[:32], None if bias is None else bias[:32],
-                                                      spec, act_dtype)
-            got = int8_rows._int_mm_epilogue(pair, True, x_scale, w_scale[:32], None if bias is None else bias[:32], act_dtype)
+            b = None if bias is None else bias[:32]
+            ref = int8_rows.int_mm_epilogue_reference(pair, True, none, x_scale, w_scale[:32], b, spec, act_dtype)
+            got = int8_rows._int_mm_epilogue(pair, True, x_scale, w_scale[:32], b, act_dtype)
             assert got.shape == (rows, 16)
             torch.testing.assert_close(got, ref, rtol=2 ** -20 if act_dtype == torch.float32 else 2 ** -8, atol=1e-6)
     k, n = 64, 32

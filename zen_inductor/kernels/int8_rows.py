@@ -112,13 +112,14 @@ def _int_mm_run(x, packed, bias, spec):
     xq, x_scale = quantize_rows(x)
     sums = [torch._int_mm(xq, w.t()) for w in sources if w.numel()]
     gate = _gate_part(order, len(sums)) if spec.epilogue == "swiglu" else None
-    if gate is not None:  # its products give silu(gate) * up where they are
+    swiglu = gate is not None  # its products give silu(gate) * up where they are
+    if swiglu:
         sums = [sums[gate], sums[1 - gate]]
-    gathered = gate is None and (spec.epilogue == "swiglu" or order.numel())  # columns to gather first
+    gathered = not swiglu and (spec.epilogue == "swiglu" or order.numel())  # columns to gather first
     if gathered or any(s.shape[1] % 8 for s in sums) or x.dtype not in (torch.bfloat16, torch.float32) \
             or native.unavailable(EPILOGUE_NATIVE):
-        return int_mm_epilogue_reference(sums, gate is not None, order, x_scale, w_scale, bias, spec, x.dtype)
-    return _int_mm_epilogue(sums, gate is not None, x_scale, w_scale, bias, x.dtype)
+        return int_mm_epilogue_reference(sums, swiglu, order, x_scale, w_scale, bias, spec, x.dtype)
+    return _int_mm_epilogue(sums, swiglu, x_scale, w_scale, bias, x.dtype)
 
 
 EPILOGUE_NATIVE = "int8_rows_epilogue"  # _int_mm_epilogue's one pass
