@@ -29,7 +29,8 @@ the last one the mask lets a row of the block see. Transformers passes a mask wh
 are not exactly the prompt (a static cache, padding, a cached prefix), and flash attention skips
 nothing under a mask: this halves a causal prompt's attention over a static cache (ATen's kernel
 at 2048 positions: 69 -> 45 ms, Zen 4, fp32). The kernel is zentorch's where the rules above
-allow it, else ATen's flash attention (on AVX2: zentorch cannot run there).
+allow it, else our flash attention in C++ (on AVX2, where zentorch cannot run: 1.3-1.5x ATen's
+blocks, attention.py has the figures), else ATen's flash attention.
 
 Replacement: without a mask, the call's target becomes ``zentorch.zentorch_sdpa``, arguments
 unchanged; with one, ``zen.prefill_attention(q, k, v, mask, scale, zentorch)`` takes the place of
@@ -164,10 +165,17 @@ def _rewrite_masked(ctx, node: fx.Node) -> None:
     with ctx.graph.inserting_before(node):
         out = emit_op(ctx.graph, attention.attention_by_rows if by_rows else attention.prefill_attention, q, k, v,
                       _shared_mask(ctx.graph, node.kwargs["attn_mask"]), float(scale), why_not_ours is None)
-    kernel = "zentorch_sdpa" if why_not_ours is None else f"ATen's flash attention ({why_not_ours})"
+    kernel = "zentorch_sdpa" if why_not_ours is None else _kernel_without_zentorch(fake_value(q), why_not_ours)
     one = "; one position by zen.decode_attention (C++)" if by_rows else ""
     ctx.record.match(PATTERN, _variant(q, k) + "_masked", node, f"zen.prefill_attention, blocks by {kernel}{one}")
     replace_outputs(ctx.graph, node, out)
+
+
+def _kernel_without_zentorch(q: torch.Tensor, why_not_zentorch: str) -> str:
+    why_not_native = attention.native_prefill_unavailable(q.dtype, q.shape[-1])
+    if why_not_native is None:
+        return f"zen's flash attention in C++ ({why_not_zentorch})"
+    return f"ATen's flash attention ({why_not_zentorch}; {why_not_native})"
 
 
 apply = rewrite_each(PATTERN, search, why_not, rewrite, "prefill attention left to ATen's flash attention")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import zen_inductor
-from zen_inductor import aot_package, gguf_model
+from zen_inductor import aot_package, gguf_model, native
 
 from conftest import sqnr
 
@@ -222,14 +222,15 @@ def test_a_package_names_the_libraries_its_calls_need(tmp_path):
         package.writestr("q/data/aotinductor/model/x.wrapper.json", json.dumps({"nodes": [call]}))
     assert aot_package._zen_calls(str(tmp_path / "q.pt2"))["native"] == {"woq_avx2"}
     # one program for every length: a one-row linear's entry beside its plan's kernels, and the
-    # attention's one position by decode attention
+    # attention's one position by decode attention, its prompt by our C++ where that builds
     by_rows = {"node": {"target": "zen::quant_linear.by_rows", "inputs": [
         {"name": "plan", "arg": {"as_string": fused}}, {"name": "entry", "arg": {"as_string": "q8_0_rows"}}]}}
     attention = {"node": {"target": "zen::prefill_attention.by_rows", "inputs": [{"name": "zentorch", "arg": {"as_bool": False}}]}}
     with zipfile.ZipFile(tmp_path / "r.pt2", "w") as package:
         package.writestr("r/data/aotinductor/model/x.wrapper.json", json.dumps({"nodes": [by_rows, attention]}))
-    assert aot_package._zen_calls(str(tmp_path / "r.pt2")) == {"native": {"woq_avx2", "q8_0_rows", "decode_attention"},
-                                                               "zentorch": False}
+    prompt = {"prefill_attention_avx2"} if native.unavailable("prefill_attention_avx2") is None else set()
+    assert aot_package._zen_calls(str(tmp_path / "r.pt2")) == {
+        "native": {"woq_avx2", "q8_0_rows", "decode_attention", *prompt}, "zentorch": False}
     # a kernel's helpers: _int_mm's x quantized and its sums scaled by our C++ where the package carries them
     int8 = LinearSpec(n=512, k=128, group_size=128, bits=8, symmetric=True, act_dtype=torch.bfloat16, dynamic_activation=True)
     call["node"]["inputs"][0]["arg"]["as_string"] = Plan(int8, (16,), ("zen_a8w8_rows_avx2", "aten_int_mm_da8")).encode()

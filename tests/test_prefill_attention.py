@@ -194,3 +194,67 @@ def test_the_layers_share_one_additive_mask(dumped):
     assert zen_inductor.counters["prefill_attention.gqa_masked"] == 2
     masks = re.findall(r"prefill_attention\.default\(\w+, \w+, \w+, (\w+),", dumped("after.py"))
     assert len(masks) == 2 and masks[0] == masks[1]
+
+
+# --- our flash attention in C++, where zentorch does not run ------------------------------------
+
+
+def _reference(q, k, v, mask, scale):
+    """softmax(q k^T scale + mask) v in fp64 over the KV heads each query head shares; a query that
+    sees no key gets 0."""
+    g = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(g, 1) for t in (k, v))
+    scores = q.double() @ k.transpose(-1, -2) * scale + mask.double()
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)
+    return weights @ v
+
+
+def _ran_aten_flash(call) -> bool:
+    with torch.profiler.profile() as prof:
+        call()
+    return any("flash_attention" in e.name for e in prof.events())
+
+
+@settings(max_examples=25, derandomize=True, deadline=None)
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.integers(1, 4), length=st.integers(1, 260),
+       extra=st.integers(0, 80), head_dim=st.sampled_from([16, 64, 128]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       mask_kind=st.sampled_from(["causal", "random", "keys only"]), layout=st.sampled_from(["contiguous", "as projected"]),
+       seed=st.integers(0, 2**16))
+def test_our_flash_attention_is_softmax_attention(batch, kv_heads, group, length, extra, head_dim, dtype, mask_kind,
+                                                  layout, seed):
+    """Any shape, GQA group, mask (causal over a static cache with its tail unwritten, entries and
+    whole rows hidden at random, one row of keys for every query) and layout of q, k, v: the C++
+    kernel runs (no ATen flash attention) and gives softmax attention computed in fp64, rows that see
+    nothing 0."""
+    from zen_inductor import attention
+
+    why = attention.native_prefill_unavailable(dtype, head_dim)
+    if why is not None:  # zentorch runs prompts where it can; ours is for the rest
+        pytest.skip(why)
+    g = torch.Generator().manual_seed(seed)
+    keys, heads = length + extra, kv_heads * group
+    if layout == "contiguous":
+        q = torch.randn(batch, heads, length, head_dim, generator=g).to(dtype)
+        k, v = (torch.randn(batch, kv_heads, keys, head_dim, generator=g).to(dtype) for _ in range(2))
+    else:  # [B, L, H, D] projections seen as [B, H, L, D]
+        q = torch.randn(batch, length, heads, head_dim, generator=g).to(dtype).transpose(1, 2)
+        k, v = (torch.randn(batch, keys, kv_heads, head_dim, generator=g).to(dtype).transpose(1, 2) for _ in range(2))
+    if mask_kind == "causal":
+        mask = _static_cache_mask(length, keys, (0,) * batch, dtype)
+        mask[..., keys - extra // 2:] = NEG_INF  # the unwritten tail
+    else:
+        rows = 1 if mask_kind == "keys only" else length
+        shown = torch.rand(batch, 1, rows, keys, generator=g) < 0.7
+        shown[:, :, torch.rand(rows, generator=g) < 0.1] = False  # rows that see nothing
+        mask = torch.where(shown, torch.randn(shown.shape, generator=g), NEG_INF).to(dtype)
+    scale = head_dim ** -0.5
+    out = attention.prefill_attention(q, k, v, mask, scale, False)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    ref = _reference(q, k, v, mask, scale).float()
+    if ref.abs().sum() == 0:
+        assert not out.any()
+    else:
+        assert sqnr(out, ref) >= (40 if dtype == torch.bfloat16 else 100)
+    hidden = (mask == NEG_INF).all(-1, keepdim=True).expand(batch, heads, length, 1)
+    assert not out.masked_select(hidden).any()  # a query that sees no key gets 0
+    assert not _ran_aten_flash(lambda: attention.prefill_attention(q, k, v, mask, scale, False))

@@ -143,6 +143,7 @@ _LIBRARIES = "native"
 def _zen_calls(package: str) -> dict:
     """Which of our C++ libraries and whether zentorch the program's calls of zen's ops need, read
     from the calls AOTInductor serialized for its proxy executor."""
+    from .attention import PREFILL_NATIVE
     from .kernels import KERNELS
     from .kernels.epilogues import SWIGLU_NATIVE
     from .kernels.op import Plan
@@ -167,6 +168,8 @@ def _zen_calls(package: str) -> dict:
                     native_used.add("decode_attention")  # its AVX-512 twin is used where it loads
                 elif node["target"] in ("zen::prefill_attention", "zen::prefill_attention.by_rows"):
                     zentorch |= args["zentorch"]["as_bool"]
+                    if not args["zentorch"]["as_bool"] and native.unavailable(PREFILL_NATIVE) is None:
+                        native_used.add(PREFILL_NATIVE)  # the prompt's kernel where the op does not fall to ATen
                     if node["target"].endswith("by_rows"):
                         native_used.add("decode_attention")
     return {"native": native_used, "zentorch": zentorch}

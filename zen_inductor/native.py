@@ -94,6 +94,11 @@ SOURCES = {
         _DECODE_ATTENTION_ARGS,
         _AVX512,
     ),
+    "prefill_attention_avx2": (  # q, k, v, mask, out, extents, kt, v32, B, H, Hkv, L, S, D, 12 strides, has_mask,
+        "prefill_attention_avx2.cpp",  # bf16, mask_bf16, scale
+        (*("const void*",) * 4, "void*", "const int64_t*", "float*", "float*", *("int64_t",) * 21, "const float*"),
+        ("avx2", "fma"),
+    ),
     "int8_quantize_rows": (  # x, codes, scales, M, K, x_bf16: aten_int_mm_da8's int8 x
         "int8_quantize_rows.cpp",
         ("const void*", "int8_t*", "float*", "int64_t", "int64_t", "int64_t"),
