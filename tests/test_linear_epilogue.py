@@ -220,7 +220,7 @@ def test_int8_dynamic_gate_and_up_are_read_from_the_models_own_rows():
     torch.manual_seed(0)
     model = quantize(MLP().to(torch.bfloat16).eval(), Int8DynamicActivationInt8WeightConfig())
     x = any_rows(torch.randn(5, K).to(torch.bfloat16))
-    own_layout = ("aten_int_mm_da8", "zen_a8w8_rows_avx2", "zen_a8w8_rows_avx512")
+    own_layout = ("aten_int_mm_da8", "zen_a8w8_gemm_avx2", "zen_a8w8_rows_avx2", "zen_a8w8_rows_avx512")
     with zen_inductor.config.patch(kernel_allow=own_layout), torch.no_grad():
         eager, zen = model(x), compile_zen(model)(x)
     assert zen_inductor.counters["linear_epilogue.swiglu"] == 1 and zen_inductor.counters["concat_linear"] == 1

@@ -1,10 +1,13 @@
 """Our C++ kernels: int8 x int4, weight-only int4 and int8, bf16 GEMV, dequantize + sgemm; torchao DA8W4; fallbacks."""
 import dataclasses
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import zen_inductor
 from zen_inductor import config, native
@@ -618,3 +621,45 @@ def test_int8_rows_gemv_computes_what_int_mm_computes(name, act_dtype):
     _merged_rows_are_read_where_they_lie(rows, int_mm, codes, scale, spec, g)
     assert rows.supports(dataclasses.replace(spec, k=1000, group_size=1000)) == "K=1000 is not a multiple of 32"
     assert rows.supports(dataclasses.replace(spec, group_size=128)) == "per-channel symmetric weights only"
+
+
+@_needs("int8_gemm_avx2", "AVX2")
+@settings(max_examples=20, derandomize=True, deadline=None)
+@given(rows=st.integers(1, 40), n=st.integers(1, 300), k=st.integers(1, 2200), threads=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_int8_gemm_avx2_sums_exactly(rows, n, k, threads, seed):
+    """zen_a8w8_gemm_avx2's sums are the integer products exactly, whatever M (tiles of 6 and a
+    rest), N (panels of 16, blocks of 256 and the threads' shares), K (odd, past a block of
+    1024) and codes, -128 and 127 included: no 16-bit sum saturates."""
+    from zen_inductor.kernels import int8_rows
+
+    g = torch.Generator().manual_seed(seed)
+    xq = torch.randint(-127, 128, (rows, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    xq[0, :64], w[0, :64] = 127, 127 if seed % 2 else -128  # the products that saturate vpmaddubsw
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sums = int8_rows._gemm_sums(xq, w)
+    finally:
+        torch.set_num_threads(previous)
+    assert sums.dtype == torch.int32 and torch.equal(sums.long(), xq.long() @ w.long().t())
+
+
+def test_int_mm_sums_are_exact_where_onednn_saturates():
+    """Capped at AVX2, oneDNN's _int_mm gives wrong sums (the probe sees it): the kernel is not offered
+    there, and its sums, where a plan still runs it, come from exact fp32 stretches instead."""
+    code = (
+        "import torch\n"
+        "from zen_inductor.kernels import int8_rows\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = (torch.randn(64, 2048, generator=g) * 40).round().clamp(-127, 127).to(torch.int8)\n"
+        "w = (torch.randn(96, 2048, generator=g) * 40).round().clamp(-127, 127).to(torch.int8)\n"
+        "exact = x.long() @ w.long().t()\n"
+        "print(int8_rows.int_mm_exact(), torch.equal(torch._int_mm(x, w.t()).long(), exact),\n"
+        "      torch.equal(int8_rows._int_mm_sums(x, w).long(), exact))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    probe, int_mm_right, ours_right = out.stdout.split()[-3:]
+    assert ours_right == "True"
+    assert probe == int_mm_right  # the probe tells where _int_mm is wrong (on this CPU capped at AVX2: False)

@@ -99,6 +99,11 @@ SOURCES = {
         (*("const void*",) * 4, "void*", "const int64_t*", "float*", "float*", *("int64_t",) * 21, "const float*"),
         ("avx2", "fma"),
     ),
+    "int8_gemm_avx2": (  # x, w, sums, x16, packed, M, N, K, threads: zen_a8w8_gemm_avx2's exact int32 sums
+        "int8_gemm_avx2.cpp",
+        ("const int8_t*", "const int8_t*", "int32_t*", "int16_t*", "int32_t*", *("int64_t",) * 4),
+        ("avx2", "fma"),
+    ),
     "int8_quantize_rows": (  # x, codes, scales, M, K, x_bf16: aten_int_mm_da8's int8 x
         "int8_quantize_rows.cpp",
         ("const void*", "int8_t*", "float*", "int64_t", "int64_t", "int64_t"),

@@ -1,18 +1,21 @@
 """Int8 x int8 linears on the model's own weight: the [N, K] int8 codes and [N] scales that
 torchao's dynamic-activation formats keep (per-channel, symmetric), read where they are. The
 layout is no packing at all, so prefill and decode on it add no bytes to the model: ATen's
-``_int_mm`` (oneDNN's) on W^T as a view for many rows, our C++ GEMV (csrc/a8w8_rows.h, built for
-AVX2 and for AVX512-VNNI) for few. All quantize x as the model does, int8 per row: their outputs
-are the model's own. A weight concat_linear merged (q/k/v, gate/up, and gate/up's tiles in turn
-for the SwiGLU epilogue) is read from the parts' tensors where they lie: the GEMV follows a table
-of its 8-row tiles, ``_int_mm`` runs a part at a time."""
+``_int_mm`` (oneDNN's) on W^T as a view for many rows where the CPU has VNNI, our C++ GEMM
+(csrc/int8_gemm_avx2.cpp) where it has not (oneDNN's AVX2 GEMM saturates there), our C++ GEMV
+(csrc/a8w8_rows.h, built for AVX2 and for AVX512-VNNI) for few. All quantize x as the model does,
+int8 per row, and sum exactly: their outputs are the model's own. A weight concat_linear merged
+(q/k/v, gate/up, and gate/up's tiles in turn for the SwiGLU epilogue) is read from the parts'
+tensors where they lie: the GEMV follows a table of its 8-row tiles, the GEMMs run a part at a
+time."""
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from .. import native
+from .. import cpu, native
 from .contract import Kernel, Unsuited
 from .epilogues import apply_epilogue
 from .native_entry import NativeLinear
@@ -26,6 +29,14 @@ def _supports(spec: LinearSpec) -> Optional[str]:
         return "per-channel symmetric weights only"
     if spec.act_dtype not in (torch.bfloat16, torch.float32):
         return f"{spec.act_dtype} activations"
+    return None
+
+
+def _int_mm_supports(spec: LinearSpec) -> Optional[str]:
+    if reason := _supports(spec):
+        return reason
+    if not {"avx512_vnni", "avx_vnni", "amx_int8"} & cpu.flags() or not int_mm_exact():
+        return "torch._int_mm without VNNI: oneDNN's GEMM there saturates its 16-bit pair sums (zen_a8w8_gemm_avx2 is exact)"
     return None
 
 
@@ -105,12 +116,62 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, x_scale
 
 
+def _int_mm_sums(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """xq [M, K] times the rows w [N, K], int32: oneDNN's GEMM (it reads W^T as a view of the rows as
+    fast as a transposed copy, AMX Xeon, 128-2048 rows) where its sums are exact, else fp32 GEMMs
+    over stretches of K short enough to be exact: the kernel is not offered there, but a plan or a
+    test may still run it."""
+    if int_mm_exact():
+        return torch._int_mm(xq, w.t())
+    x32, total = xq.to(torch.float32), None
+    for k0 in range(0, xq.shape[1], EXACT_FP32_K):
+        part = (x32[:, k0:k0 + EXACT_FP32_K] @ w[:, k0:k0 + EXACT_FP32_K].to(torch.float32).t()).to(torch.int32)
+        total = part if total is None else total.add_(part)
+    return total
+
+
+EXACT_FP32_K = 1024  # 1024 * 127 * 128 < 2^24: every partial sum is an integer fp32 holds exactly
+
+
+@functools.lru_cache(None)
+def int_mm_exact() -> bool:
+    """Whether torch._int_mm's int32 sums are exact on this machine. Without VNNI, oneDNN's u8 x s8
+    GEMM adds two byte products into 16 bits with saturation (vpmaddubsw) and x shifted to u8 (x +
+    128) overflows it: 13-18% of the sums came out wrong on Gaussian int8 codes (Zen 5, oneDNN capped
+    at AVX2), all of them on 127s, which this asks."""
+    x = torch.full((32, 64), 127, dtype=torch.int8)
+    return bool((torch._int_mm(x, x.t()) == 64 * 127 * 127).all())
+
+
+def _gemm_sums(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The same sums by our C++ (csrc/int8_gemm_avx2.cpp: 16-bit products by vpmaddwd, exact)."""
+    rows, k = xq.shape
+    sums = torch.empty((rows, w.shape[0]), dtype=torch.int32)
+    threads = torch.get_num_threads()
+    x16 = torch.empty(rows * (k + k % 2), dtype=torch.int16)
+    blocks = torch.empty(threads * GEMM_BLOCK_WORDS, dtype=torch.int32)
+    native.load(GEMM_NATIVE)(xq, w, sums, x16, blocks, rows, w.shape[0], k, threads)
+    return sums
+
+
+GEMM_NATIVE = "int8_gemm_avx2"
+GEMM_BLOCK_WORDS = 256 * 1024 // 2  # a thread's packed block of w: kNc * kKc / 2 int32 (the C++'s)
+
+
 def _int_mm_run(x, packed, bias, spec):
-    # per-row symmetric int8 activations (as torchao's Int8DynamicActivation), int32 accumulate;
-    # oneDNN reads W^T as a view of the [N, K] rows as fast as a transposed copy (AMX Xeon, 128-2048 rows)
+    return _rows_gemm_run(x, packed, bias, spec, _int_mm_sums)
+
+
+def _gemm_run(x, packed, bias, spec):
+    return _rows_gemm_run(x, packed, bias, spec, _gemm_sums)
+
+
+def _rows_gemm_run(x, packed, bias, spec, sums_of):
+    # per-row symmetric int8 activations (as torchao's Int8DynamicActivation), int32 sums a part of
+    # the weight (sums_of), then the scales, bias and epilogue in one pass
     _, w_scale, *sources, order = packed
     xq, x_scale = quantize_rows(x)
-    sums = [torch._int_mm(xq, w.t()) for w in sources if w.numel()]
+    sums = [sums_of(xq, w) for w in sources if w.numel()]
     gate = _gate_part(order, len(sums)) if spec.epilogue == "swiglu" else None
     swiglu = gate is not None  # its products give silu(gate) * up where they are
     if swiglu:
@@ -193,9 +254,12 @@ def _rows_arguments(packed, spec):
 
 
 KERNELS = (
-    Kernel("aten_int_mm_da8", "aten", _supports, _prepack, _int_mm_run, layout="int8_rows", own_weight=True, in_place_rows=True,
+    Kernel("aten_int_mm_da8", "aten", _int_mm_supports, _prepack, _int_mm_run, layout="int8_rows", own_weight=True, in_place_rows=True,
            epilogues=("swiglu",), rank=(2, 22), helpers=(QUANTIZE_NATIVE, EPILOGUE_NATIVE),
            fast_with="int8_gemm", activations="int8 per row"),
+    Kernel("zen_a8w8_gemm_avx2", "zen", _supports, _prepack, _gemm_run, layout="int8_rows", own_weight=True,
+           in_place_rows=True, epilogues=("swiglu",), rank=(3, 23), native=GEMM_NATIVE,
+           helpers=(QUANTIZE_NATIVE, EPILOGUE_NATIVE), dominated_by=("aten_int_mm_da8",), activations="int8 per row"),
     Kernel("zen_a8w8_rows_avx2", "zen", _rows_supports, _prepack, NativeLinear("a8w8_rows_avx2", _rows_arguments),
            layout="int8_rows", own_weight=True, in_place_rows=True, epilogues=("swiglu",), max_m=16, rank=(1, 30), activations="int8 per row",
            reads=2 + MAX_SOURCES),
