@@ -38,8 +38,10 @@ def _qkv(length, heads=8, kv_heads=2, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_prefill_attention_runs_zentorch_sdpa(dumped, dtype):
-    """zentorch_sdpa where it is ahead; ATen's flash attention, with the reason, where zentorch
-    cannot run or the CPU runs bf16 attention on AMX."""
+    """zentorch_sdpa where it is ahead; where zentorch cannot run, our C++ (zen.unmasked_attention,
+    causal); ATen's flash attention, with the reason, where the CPU runs bf16 attention on AMX."""
+    from zen_inductor import attention
+
     fast = compile_zen(CausalAttend())
     with torch.no_grad():
         for length in (5, 37, 128):  # one graph: the prompt length is dynamic
@@ -48,7 +50,13 @@ def test_prefill_attention_runs_zentorch_sdpa(dumped, dtype):
             # fp32 eager is the reference itself (inf dB): 100 dB is as close as a kernel must be
             assert sqnr(fast(q, k, v), ref) >= min(sqnr(CausalAttend()(q, k, v), ref), 100) - 0.5, length
     unavailable = zentorch_unavailable() or (AMX_REASON if dtype == torch.bfloat16 and amx_bf16() else None)
-    if unavailable:  # the flash attention stays, and the dump says why
+    if unavailable and attention.native_prefill_unavailable(dtype, 64) is None:  # ours, on the KV heads
+        assert zen_inductor.counters["prefill_attention.gqa_causal"] == 1
+        after = dumped("after.py")
+        assert "zen.unmasked_attention" in after and "flash_attention" not in after
+        (match,) = [m for m in zen_inductor.last_report()["matches"] if m["pattern"] == "prefill_attention"]
+        assert unavailable in match["replacement"]
+    elif unavailable:  # the flash attention stays, and the dump says why
         (miss,) = zen_inductor.last_report()["near_misses"]
         assert unavailable in miss["reason"] and "flash_attention" in dumped("after.py")
         assert zen_inductor.counters["prefill_attention.near_miss"] == 1  # one compile for the three lengths
@@ -60,12 +68,21 @@ def test_prefill_attention_runs_zentorch_sdpa(dumped, dtype):
 
 @pytest.mark.parametrize("why", ["fp16", "zentorch off"])
 def test_prefill_attention_near_misses_stay_correct(why):
+    """Without zentorch's kernel: fp16 stays with ATen (a near miss, its reason given), and with
+    zentorch off our C++ runs the prompt where it builds."""
+    from zen_inductor import attention
+
     dtype = torch.float16 if why == "fp16" else torch.bfloat16
     q, k, v = _qkv(24, dtype=dtype)
     with torch.no_grad(), config.patch(use_zentorch=why != "zentorch off"):
         out = compile_zen(CausalAttend())(q, k, v)
     ref = _fp32(q, k, v)
     assert sqnr(out, ref) >= sqnr(CausalAttend()(q, k, v), ref) - 0.5
+    if why == "zentorch off" and attention.native_prefill_unavailable(dtype, 64) is None:
+        assert zen_inductor.counters["prefill_attention.gqa_causal"] == 1  # ours instead
+        (match,) = [m for m in zen_inductor.last_report()["matches"] if m["pattern"] == "prefill_attention"]
+        assert "zentorch disabled" in match["replacement"]
+        return
     assert zen_inductor.counters["prefill_attention"] == 0
     (miss,) = zen_inductor.last_report()["near_misses"]
     assert miss["pattern"] == "prefill_attention"
@@ -218,14 +235,14 @@ def _ran_aten_flash(call) -> bool:
 @settings(max_examples=25, derandomize=True, deadline=None)
 @given(batch=st.integers(1, 2), kv_heads=st.integers(1, 3), group=st.integers(1, 4), length=st.integers(1, 260),
        extra=st.integers(0, 80), head_dim=st.sampled_from([16, 64, 128]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       mask_kind=st.sampled_from(["causal", "random", "keys only"]), layout=st.sampled_from(["contiguous", "as projected"]),
+       mask_kind=st.sampled_from(["causal", "random", "keys only", "is_causal", "none"]), layout=st.sampled_from(["contiguous", "as projected"]),
        seed=st.integers(0, 2**16))
 def test_our_flash_attention_is_softmax_attention(batch, kv_heads, group, length, extra, head_dim, dtype, mask_kind,
                                                   layout, seed):
     """Any shape, GQA group, mask (causal over a static cache with its tail unwritten, entries and
-    whole rows hidden at random, one row of keys for every query) and layout of q, k, v: the C++
-    kernel runs (no ATen flash attention) and gives softmax attention computed in fp64, rows that see
-    nothing 0."""
+    whole rows hidden at random, one row of keys for every query; none, causal from the top left as
+    ATen's is_causal, or every key) and layout of q, k, v: the C++ kernel runs (no ATen flash
+    attention) and gives softmax attention computed in fp64, rows that see nothing 0."""
     from zen_inductor import attention
 
     why = attention.native_prefill_unavailable(dtype, head_dim)
@@ -242,13 +259,24 @@ def test_our_flash_attention_is_softmax_attention(batch, kv_heads, group, length
     if mask_kind == "causal":
         mask = _static_cache_mask(length, keys, (0,) * batch, dtype)
         mask[..., keys - extra // 2:] = NEG_INF  # the unwritten tail
+    elif mask_kind in ("is_causal", "none"):
+        mask = torch.zeros(length, keys, dtype=dtype)
+        if mask_kind == "is_causal":
+            mask = mask.masked_fill(torch.ones(length, keys, dtype=torch.bool).triu(1), NEG_INF)
+        mask = mask.expand(batch, 1, length, keys)
     else:
         rows = 1 if mask_kind == "keys only" else length
         shown = torch.rand(batch, 1, rows, keys, generator=g) < 0.7
         shown[:, :, torch.rand(rows, generator=g) < 0.1] = False  # rows that see nothing
         mask = torch.where(shown, torch.randn(shown.shape, generator=g), NEG_INF).to(dtype)
     scale = head_dim ** -0.5
-    out = attention.prefill_attention(q, k, v, mask, scale, False)
+    if mask_kind in ("is_causal", "none"):
+        def attend():
+            return attention.unmasked_attention(q, k, v, scale, mask_kind == "is_causal")
+    else:
+        def attend():
+            return attention.prefill_attention(q, k, v, mask, scale, False)
+    out = attend()
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     ref = _reference(q, k, v, mask, scale).float()
     if ref.abs().sum() == 0:
@@ -257,4 +285,4 @@ def test_our_flash_attention_is_softmax_attention(batch, kv_heads, group, length
         assert sqnr(out, ref) >= (40 if dtype == torch.bfloat16 else 100)
     hidden = (mask == NEG_INF).all(-1, keepdim=True).expand(batch, heads, length, 1)
     assert not out.masked_select(hidden).any()  # a query that sees no key gets 0
-    assert not _ran_aten_flash(lambda: attention.prefill_attention(q, k, v, mask, scale, False))
+    assert not _ran_aten_flash(attend)

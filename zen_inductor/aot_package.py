@@ -172,6 +172,8 @@ def _zen_calls(package: str) -> dict:
                         native_used.add(PREFILL_NATIVE)  # the prompt's kernel where the op does not fall to ATen
                     if node["target"].endswith("by_rows"):
                         native_used.add("decode_attention")
+                elif node["target"] == "zen::unmasked_attention" and native.unavailable(PREFILL_NATIVE) is None:
+                    native_used.add(PREFILL_NATIVE)
     return {"native": native_used, "zentorch": zentorch}
 
 

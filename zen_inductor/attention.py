@@ -21,6 +21,12 @@ flash attention a block.
         zentorch: zentorch.zentorch_sdpa runs the blocks, else the kernels after it
         out: [B, H, L, D] contiguous, in q's dtype, what the kernel gives over the whole mask
 
+``zen::unmasked_attention``: a prompt without a mask, by our C++ flash attention alone (where
+zentorch cannot run: patterns/prefill_attention.py); ``is_causal`` as ATen's (query l sees keys
+0 .. l), else every key.
+
+    out = zen.unmasked_attention(q, k, v, scale, is_causal)    (shapes as above)
+
 Why: given a mask, flash attention computes every (query, key) pair and adds the mask; it skips
 the blocks above the diagonal only when told ``is_causal``. Transformers passes a mask whenever the
 keys are not exactly the prompt: a static cache (S is the cache's length, its tail unwritten),
@@ -51,6 +57,8 @@ _LIB.define("prefill_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float 
 # one query position by decode_attention, more by prefill_attention, in one program (csrc/ops.cpp)
 _LIB.define("prefill_attention.by_rows(Tensor q, Tensor k, Tensor v, Tensor mask, float scale, bool zentorch) -> Tensor")
 _LIB.define("mask_extent(Tensor mask, int rows, int block) -> Tensor")  # implemented in csrc/ops.cpp
+# a prompt without a mask (ATen's is_causal, top-left, or every key), by our C++ alone
+_LIB.define("unmasked_attention(Tensor q, Tensor k, Tensor v, float scale, bool is_causal) -> Tensor")
 
 
 @torch.library.register_fake("zen::decode_attention", lib=_LIB)
@@ -64,6 +72,11 @@ def _prefill_fake(q, k, v, mask, scale, zentorch):
 
 
 torch.library.register_fake("zen::prefill_attention.by_rows", _prefill_fake, lib=_LIB)
+
+
+@torch.library.register_fake("zen::unmasked_attention", lib=_LIB)
+def _unmasked_fake(q, k, v, scale, is_causal):
+    return q.new_empty(q.shape)
 
 
 QUERY_BLOCK = 128  # queries a block (the measurements above)
@@ -86,26 +99,43 @@ def native_prefill_unavailable(dtype: torch.dtype, head_dim: int) -> Optional[st
     return native.unavailable(PREFILL_NATIVE)
 
 
-def _native_prefill_fits(q, k, v, mask) -> bool:
+def _native_prefill_fits(q, k, v, mask=None) -> bool:
     return (q.shape[2] > 0 and native_prefill_unavailable(q.dtype, q.shape[-1]) is None and k.dtype == v.dtype == q.dtype
-            and mask.dtype in (torch.float32, torch.bfloat16) and q.shape[1] % k.shape[1] == 0
+            and (mask is None or mask.dtype in (torch.float32, torch.bfloat16)) and q.shape[1] % k.shape[1] == 0
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1)
 
 
-def _native_prefill(q, k, v, mask, scale, extents):
+def _native_prefill(q, k, v, mask, scale, extents, causal=False):
     batch, heads, length, head_dim = q.shape
     keys = k.shape[2]
-    mask = mask.expand(batch, heads, length, keys)
-    if mask.stride(-1) != 1:
-        mask = mask.contiguous()
+    if mask is not None:
+        mask = mask.expand(batch, heads, length, keys)
+        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
     blocks = (min(int(extents.max()), keys) + KEY_BLOCK - 1) // KEY_BLOCK
     widened = torch.empty(2, batch * k.shape[1] * blocks * KEY_BLOCK * head_dim, dtype=torch.float32)
     out = torch.empty(q.shape, dtype=q.dtype)
-    native.load(PREFILL_NATIVE)(q, k, v, mask, out, extents, widened[0], widened[1], batch, heads, k.shape[1], length,
-                                keys, head_dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask.stride()[:3],
-                                1, int(q.dtype == torch.bfloat16), int(mask.dtype == torch.bfloat16),
+    plain = _NO_MASK if mask is None else mask
+    native.load(PREFILL_NATIVE)(q, k, v, plain, out, extents, widened[0], widened[1], batch, heads, k.shape[1], length,
+                                keys, head_dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                *((0, 0, 0) if mask is None else mask.stride()[:3]), int(mask is not None), int(causal),
+                                int(q.dtype == torch.bfloat16), int(plain.dtype == torch.bfloat16),
                                 torch.tensor([scale], dtype=torch.float32))
     return out
+
+
+_NO_MASK = torch.empty(0, dtype=torch.float32)
+
+
+@torch.library.impl("zen::unmasked_attention", "CPU", lib=_LIB)
+def _unmasked(q, k, v, scale, is_causal):
+    length, keys = q.shape[2], k.shape[2]
+    if not _native_prefill_fits(q, k, v):  # a layout the C++ does not take: ATen's flash attention, on KV heads
+        groups = q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(groups, 1) for t in (k, v))
+        return _FLASH(q, k, v, 0.0, is_causal, scale=scale)[0].contiguous()
+    ends = torch.arange(1, (length + QUERY_BLOCK - 1) // QUERY_BLOCK + 1) * QUERY_BLOCK
+    extents = ends.clamp_(max=keys) if is_causal else torch.full_like(ends, keys)
+    return _native_prefill(q, k, v, None, scale, extents, causal=is_causal)
 
 
 @torch.library.impl("zen::prefill_attention", "CPU", lib=_LIB)
@@ -143,6 +173,7 @@ def _mask_extent(mask: torch.Tensor, rows: int) -> torch.Tensor:
 decode_attention = torch.ops.zen.decode_attention.default
 prefill_attention = torch.ops.zen.prefill_attention.default
 attention_by_rows = torch.ops.zen.prefill_attention.by_rows
+unmasked_attention = torch.ops.zen.unmasked_attention.default
 
 
 def unavailable() -> Optional[str]:

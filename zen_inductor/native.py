@@ -95,8 +95,8 @@ SOURCES = {
         _AVX512,
     ),
     "prefill_attention_avx2": (  # q, k, v, mask, out, extents, kt, v32, B, H, Hkv, L, S, D, 12 strides, has_mask,
-        "prefill_attention_avx2.cpp",  # bf16, mask_bf16, scale
-        (*("const void*",) * 4, "void*", "const int64_t*", "float*", "float*", *("int64_t",) * 21, "const float*"),
+        "prefill_attention_avx2.cpp",  # causal, bf16, mask_bf16, scale
+        (*("const void*",) * 4, "void*", "const int64_t*", "float*", "float*", *("int64_t",) * 22, "const float*"),
         ("avx2", "fma"),
     ),
     "int8_gemm_avx2": (  # x, w, sums, x16, packed, M, N, K, threads: zen_a8w8_gemm_avx2's exact int32 sums

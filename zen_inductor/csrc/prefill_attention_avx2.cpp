@@ -11,7 +11,8 @@
 //
 // q [B, H, L, D], k and v [B, Hkv, S, D] (D contiguous, a multiple of 16, at most 256), of one
 // dtype, fp32 or bf16; mask additive (fp32 or bf16), read at b * m_sb + h * m_sh + l * m_sl + s
-// (0 strides broadcast), every key visible where there is none; extents[i]: one past the last key
+// (0 strides broadcast), where has_mask; causal: query l sees keys 0 .. l (ATen's is_causal,
+// top-left), else every key the mask lets it (all without one); extents[i]: one past the last key
 // any query of block i (kQueryBlock queries) may see (attention.py's mask_extent); out [B, H, L, D]
 // contiguous in q's dtype; kt and v32: fp32 room for K and V widened (widened_sizes in attention.py);
 // scale: one fp32. A query that sees no key gets 0, as ATen's flash attention gives.
@@ -32,7 +33,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 struct Shape {
   int64_t B, H, Hkv, L, S, D;
   int64_t q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, m_sb, m_sh, m_sl;
-  bool has_mask, bf16, mask_bf16;
+  bool has_mask, causal, bf16, mask_bf16;
 };
 
 inline float scalar_at(const void* p, int64_t i, bool bf16) {
@@ -190,7 +191,9 @@ void attend_block(const void* q, const float* kt, const float* v32, const void* 
       const char* mask_row = s.has_mask ? static_cast<const char*>(mask) +
                                               (b * s.m_sb + h * s.m_sh + (l0 + r) * s.m_sl + s0) * mask_width
                                         : nullptr;
-      alpha[r] = softmax_step(&scores[r * kKeyBlock], mask_row, s.mask_bf16, n, m[r], l[r]);
+      // causal (top-left, as ATen's is_causal): query l sees keys 0 .. l
+      const int64_t seen = s.causal ? std::clamp<int64_t>(l0 + r - s0 + 1, 0, n) : n;
+      alpha[r] = softmax_step(&scores[r * kKeyBlock], mask_row, s.mask_bf16, seen, m[r], l[r]);
     }
     for (int64_t r0 = 0; r0 < rows; r0 += kRows)
       with_rows(std::min<int64_t>(kRows, rows - r0), [&](auto R) {
@@ -210,9 +213,9 @@ extern "C" void kernel(const void* q, const void* k, const void* v, const void* 
                        float* kt, float* v32, int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t D,
                        int64_t q_sb, int64_t q_sh, int64_t q_sl, int64_t k_sb, int64_t k_sh, int64_t k_sl,
                        int64_t v_sb, int64_t v_sh, int64_t v_sl, int64_t m_sb, int64_t m_sh, int64_t m_sl,
-                       int64_t has_mask, int64_t bf16, int64_t mask_bf16, const float* scale) {
+                       int64_t has_mask, int64_t causal, int64_t bf16, int64_t mask_bf16, const float* scale) {
   const Shape s{B, H, Hkv, L, S, D, q_sb, q_sh, q_sl, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, m_sb, m_sh, m_sl,
-                has_mask != 0, bf16 != 0, mask_bf16 != 0};
+                has_mask != 0, causal != 0, bf16 != 0, mask_bf16 != 0};
   const int64_t query_blocks = (L + kQueryBlock - 1) / kQueryBlock;
   const int64_t extent = *std::max_element(extents, extents + query_blocks);
   const int64_t blocks = (std::min(extent, S) + kKeyBlock - 1) / kKeyBlock;
