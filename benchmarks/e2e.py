@@ -171,12 +171,17 @@ def one_run(args) -> dict:
             ttfts.append(ttft * 1e3)
             tpots.append(statistics.median(steps) * 1e3)
         compiled = step_logits(forward, prompt, make_cache, mask)
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the fp32 twin below
+        # the model before quantization, in fp32: what every format approximates, where eager's own
+        # arithmetic may be wrong (capped at AVX2, torch._int_mm's sums saturate)
+        twin = build(spec).float()
+        fp32 = step_logits(twin.forward, prompt, cache_maker(twin, "eager", args.cache, args.prompt + args.new), mask)
     return {
         "format": args.format, "system": args.system, "model": args.model,
         "ttft_ms": statistics.median(ttfts), "tpot_ms": statistics.median(tpots), "compile_s": compile_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": tokens.tolist()[0],
+        "peak_rss_mb": peak_rss_mb, "tokens": tokens.tolist()[0],
         "batch": args.batch, "logits_db": min(sqnr_db(c, e) for c, e in zip(compiled, eager)),
-        "caches": cache_use(args.system),
+        "fp32_db": min(sqnr_db(c, e) for c, e in zip(compiled, fp32)), "caches": cache_use(args.system),
     }
 
 
@@ -321,8 +326,8 @@ def write(results, args, quiet=False):
              + (", every system capped at AVX2 (`--isa avx2`: zen, ATen, Inductor, MKL and oneDNN)"
                 if meta["isa"] == "avx2" else "") + f". Versions: {meta['versions']}.", "",
              "| format | system | TTFT ms | TPOT ms | decode tokens/s | compile s | peak RSS MB | tokens = eager | "
-             "logits dB vs eager | zen vs best peer | caches at compile |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "logits dB vs eager | logits dB vs fp32 | zen vs best peer | caches at compile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for fmt in dict.fromkeys(r["format"] for r in results):
         rows = [r for r in results if r["format"] == fmt]
         eager = next((r for r in rows if r.get("system") == "eager" and "tokens" in r), None)
@@ -330,7 +335,7 @@ def write(results, args, quiet=False):
                  and r.get("logits_db", WRONG_DB) >= WRONG_DB]  # a wrong output is not a peer
         for r in rows:
             if "error" in r:
-                lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | | | | |")
+                lines.append(f"| {fmt} | {r['system']} | failed: {r['error'][:80]} | | | | | | | | | |")
                 continue
             same = token_agreement(r.get("tokens"), eager.get("tokens") if eager else None)
             ratio = ""
@@ -341,9 +346,10 @@ def write(results, args, quiet=False):
             logits = "(the reference)" if r["system"] == "eager" else f"{r['logits_db']:.1f}" if "logits_db" in r else "?"
             if r.get("logits_db", WRONG_DB) < WRONG_DB:
                 logits += " (wrong output: not a peer)"
+            fp32 = f"{r['fp32_db']:.1f}" if "fp32_db" in r else "?"
             lines.append(f"| {fmt} | {r['system']} | {r['ttft_ms']:.1f} | {r['tpot_ms']:.2f} | "
                          f"{r.get('batch', 1) * 1e3 / r['tpot_ms']:.1f} | {r['compile_s']:.1f} | {r['peak_rss_mb']:.0f} | {same} | "
-                         f"{logits} | {ratio} | {r.get('caches', '?')} |")
+                         f"{logits} | {fp32} | {ratio} | {r.get('caches', '?')} |")
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     if quiet:

@@ -45,6 +45,19 @@ void maddubs_madd_ymm(int64_t blocks) {
         "vpmaddubsw %%ymm14, %%ymm15, %%ymm10\n\t vpmaddwd %%ymm14, %%ymm15, %%ymm11\n\t" ::: CLOBBER);
 }
 
+// AVX2's exact 16-bit step: vpmaddwd (two 16 x 16-bit products into 32 bits) and the vpaddd that
+// accumulates it, 6 + 6: csrc/int8_gemm_avx2.cpp's inner loop, which nothing saturates
+void madd_add_ymm(int64_t blocks) {
+  for (int64_t i = 0; i < blocks; ++i)
+    __asm__ volatile(
+        "vpmaddwd %%ymm14, %%ymm15, %%ymm0\n\t vpaddd %%ymm0, %%ymm6, %%ymm6\n\t"
+        "vpmaddwd %%ymm14, %%ymm15, %%ymm1\n\t vpaddd %%ymm1, %%ymm7, %%ymm7\n\t"
+        "vpmaddwd %%ymm14, %%ymm15, %%ymm2\n\t vpaddd %%ymm2, %%ymm8, %%ymm8\n\t"
+        "vpmaddwd %%ymm14, %%ymm15, %%ymm3\n\t vpaddd %%ymm3, %%ymm9, %%ymm9\n\t"
+        "vpmaddwd %%ymm14, %%ymm15, %%ymm4\n\t vpaddd %%ymm4, %%ymm10, %%ymm10\n\t"
+        "vpmaddwd %%ymm14, %%ymm15, %%ymm5\n\t vpaddd %%ymm5, %%ymm11, %%ymm11\n\t" ::: CLOBBER);
+}
+
 // AVX2 u8 x s8 products beside fp32 FMAs, alternating: whether they use different units
 void maddubs_beside_fma_ymm(int64_t blocks) {
   for (int64_t i = 0; i < blocks; ++i)

@@ -8,7 +8,8 @@ instructions each kernel's inner loop is made of (benchmarks/isa_ceilings.c, tim
 on every core at once), and beside each ceiling the peer's kernel on the shapes of the bar:
 
 - int8 x int8 GEMMs on AVX2 (``torch._int_mm``, oneDNN capped at AVX2 as on an AVX2-only EPYC, llama1b's
-  linears at a 2048-token prompt): vpmaddubsw + vpmaddwd, 32 multiply-adds a pair;
+  linears at a 2048-token prompt): vpmaddubsw + vpmaddwd, 32 multiply-adds a pair, which saturates;
+  zen's exact GEMM: vpmaddwd + vpaddd, 16 a pair;
 - bf16 GEMMs on one core (zentorch's linear, as vLLM's CPU worker runs them, SmolLM2's linears at
   prefill rows): vdpbf16ps, 32 multiply-adds;
 - decode attention capped at AVX2 (bf16 K and V, llama1b's heads at 4096 positions): its fp32 FMAs
@@ -40,6 +41,7 @@ ISA_AVX2 = {"ZEN_INDUCTOR_CPU_CAPABILITY": "avx2", "ATEN_CPU_CAPABILITY": "avx2"
 INSTRUCTIONS = {
     "fma_ymm": (("avx2", "fma"), 12, 8, "vfmadd231ps ymm (fp32)"),
     "maddubs_madd_ymm": (("avx2",), 12, 16, "vpmaddubsw + vpmaddwd ymm (AVX2 u8 x s8: 32 a pair)"),
+    "madd_add_ymm": (("avx2",), 12, 8, "vpmaddwd + vpaddd ymm (exact 16-bit: 16 a pair)"),
     "maddubs_beside_fma_ymm": (("avx2", "fma"), 12, 0, "vpmaddubsw beside vfmadd231ps ymm"),
     "dpbf16_zmm": (("avx512_bf16",), 24, 32, "vdpbf16ps zmm (AVX512-BF16)"),
     "dpbusd_zmm": (("avx512_vnni",), 24, 64, "vpdpbusd zmm (AVX512-VNNI u8 x s8)"),
@@ -101,15 +103,22 @@ def time_ms(fn, reps: int = 15) -> float:
 
 
 def peer_int8_gemms(rows: int) -> dict:
-    """torch._int_mm (oneDNN's u8s8 GEMM) on llama1b's shapes, in this process's ISA and threads."""
+    """torch._int_mm (oneDNN's u8s8 GEMM) and zen's exact AVX2 GEMM (zen_a8w8_gemm_avx2's sums) on
+    llama1b's shapes, in this process's ISA and threads; and how many of _int_mm's sums are wrong on
+    int8 codes of a Gaussian (what per-row quantization of activations and weights gives)."""
     import torch
+
+    from zen_inductor.kernels.int8_rows import _gemm_sums
 
     shapes = {}
     for k, n in LLAMA1B_INT8:
-        x = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
-        w = torch.randint(-127, 128, (n, k), dtype=torch.int8).t()
-        ms = time_ms(lambda: torch._int_mm(x, w))
-        shapes[f"{rows}x{k}x{n}"] = {"ms": ms, "gflops": 2 * rows * k * n / ms / 1e6}
+        x = (torch.randn(rows, k) * 40).round().clamp(-127, 127).to(torch.int8)
+        w = (torch.randn(n, k) * 40).round().clamp(-127, 127).to(torch.int8)
+        ms = time_ms(lambda: torch._int_mm(x, w.t()))
+        ours_ms = time_ms(lambda: _gemm_sums(x, w))
+        wrong = (torch._int_mm(x, w.t()) != _gemm_sums(x, w)).float().mean().item()
+        shapes[f"{rows}x{k}x{n}"] = {"ms": ms, "gflops": 2 * rows * k * n / ms / 1e6, "ours_ms": ours_ms,
+                                     "ours_gflops": 2 * rows * k * n / ours_ms / 1e6, "wrong": wrong}
     return shapes
 
 
@@ -152,11 +161,15 @@ def report(c: dict, int8_avx2: dict, bf16: dict, bandwidth: float, cores: int) -
         flops = f"{v['gflops_all']:.0f}" if v["gflops_all"] else "-"
         lines.append(f"| {v['what']} | {v['core_g']:.2f} | {v['all_g']:.2f} | {flops} |")
     if "maddubs_madd_ymm" in c:
-        peak = c["maddubs_madd_ymm"]["gflops_all"]
+        peak, exact = c["maddubs_madd_ymm"]["gflops_all"], c["madd_add_ymm"]["gflops_all"]
         lines += ["", f"torch._int_mm capped at AVX2 ({cores} threads), llama1b's linears at 2048 rows, against "
-                  f"the AVX2 u8 x s8 ceiling of {peak:.0f} GFLOP/s:", "",
-                  "| M x K x N | ms | GFLOP/s | of the ceiling |", "|---|---|---|---|"]
-        lines += [f"| {s} | {v['ms']:.1f} | {v['gflops']:.0f} | {v['gflops'] / peak:.0%} |"
+                  f"the AVX2 u8 x s8 ceiling of {peak:.0f} GFLOP/s, and zen's exact GEMM (csrc/int8_gemm_avx2.cpp) "
+                  f"against the vpmaddwd + vpaddd ceiling of {exact:.0f}; wrong: the share of _int_mm's int32 sums "
+                  "that differ from the exact ones, on int8 codes of a Gaussian:", "",
+                  "| M x K x N | _int_mm ms | GFLOP/s | of its ceiling | wrong | zen ms | GFLOP/s | of its ceiling |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {s} | {v['ms']:.1f} | {v['gflops']:.0f} | {v['gflops'] / peak:.0%} | {v['wrong']:.1%} | "
+                  f"{v['ours_ms']:.1f} | {v['ours_gflops']:.0f} | {v['ours_gflops'] / exact:.0%} |"
                   for s, v in int8_avx2.items()]
     if bf16 and "dpbf16_zmm" in c:
         peak = c["dpbf16_zmm"]["gflops_core"]
