@@ -27,6 +27,20 @@ inline __m256 load8(const void* x, int64_t i, bool bf16) {
   return _mm256_loadu_ps(static_cast<const float*>(x) + i);
 }
 
+// f(std::integral_constant<int, R>{}) for R = rows, 1 .. 6: a register tile's rows as a constant
+// (the GEMM's and the prefill attention's tiles of 6 rows, and their last, shorter ones)
+template <class F>
+inline void with_tile_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    default: f(std::integral_constant<int, 6>{}); break;
+  }
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

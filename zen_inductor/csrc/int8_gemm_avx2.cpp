@@ -93,18 +93,6 @@ template <>
 }
 #undef ZEN_ROW
 
-template <class F>
-inline void with_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    default: f(std::integral_constant<int, kMr>{}); break;
-  }
-}
-
 // w's rows n0 .. n0 + cols, k0 .. k0 + kpairs * 2 (past K: 0) as panels of 16 columns, [panel][kpairs][16]
 // 32-bit words, each the int16 pair (w[n][k], w[n][k + 1]); columns past `cols` 0
 void pack_block(const int8_t* w, int64_t K, int64_t n0, int64_t cols, int64_t k0, int64_t kpairs, int32_t* packed) {
@@ -160,7 +148,7 @@ extern "C" void kernel(const int8_t* x, const int8_t* w, int32_t* sums, int16_t*
         const int64_t kpairs = std::min(kKc, K2 - k0) / 2;
         pack_block(w, K, n0, cols, k0, kpairs, block);
         for (int64_t m0 = 0; m0 < M; m0 += kMr) {
-          with_rows(std::min<int64_t>(kMr, M - m0), [&](auto R) {
+          zen_avx2::with_tile_rows(std::min<int64_t>(kMr, M - m0), [&](auto R) {
             for (int64_t j0 = 0; j0 < cols; j0 += kNr)
               tile<R()>(x16 + m0 * K2 + k0, K2, block + (j0 / kNr) * kpairs * kNr, kpairs, sums + m0 * N + n0 + j0, N,
                         std::min<int64_t>(kNr, cols - j0), k0 == 0);

@@ -91,18 +91,6 @@ inline void add_weighted_rows(const float* w, const float* v, int64_t keys, int6
 }
 
 // f(std::integral_constant<int, R>{}) for R = rows, 1 .. kRows
-template <class F>
-inline void with_rows(int64_t rows, F&& f) {
-  switch (rows) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    default: f(std::integral_constant<int, 6>{}); break;
-  }
-}
-
 // One row of a block's scores (n keys from s0, the rest of the row's kKeyBlock past S) becomes its
 // weights exp(score - max) against the row's running max m, whose sum l is rescaled to it; returns
 // the rescale of the row's earlier sums (1 where nothing was seen yet or the max held)
@@ -184,7 +172,7 @@ void attend_block(const void* q, const float* kt, const float* v32, const void* 
     const float* kt_block = kt + bh * per_head + kb * D * kKeyBlock;
     const float* v_block = v32 + bh * per_head + s0 * D;
     for (int64_t r0 = 0; r0 < rows; r0 += kRows)
-      with_rows(std::min<int64_t>(kRows, rows - r0), [&](auto R) {
+      zen_avx2::with_tile_rows(std::min<int64_t>(kRows, rows - r0), [&](auto R) {
         score_rows<R()>(&qs[r0 * D], D, kt_block, &scores[r0 * kKeyBlock]);
       });
     for (int64_t r = 0; r < rows; ++r) {
@@ -196,7 +184,7 @@ void attend_block(const void* q, const float* kt, const float* v32, const void* 
       alpha[r] = softmax_step(&scores[r * kKeyBlock], mask_row, s.mask_bf16, seen, m[r], l[r]);
     }
     for (int64_t r0 = 0; r0 < rows; r0 += kRows)
-      with_rows(std::min<int64_t>(kRows, rows - r0), [&](auto R) {
+      zen_avx2::with_tile_rows(std::min<int64_t>(kRows, rows - r0), [&](auto R) {
         add_weighted_rows<R()>(&scores[r0 * kKeyBlock], v_block, n, D, alpha + r0, &o[r0 * D]);
       });
   }
