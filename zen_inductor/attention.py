@@ -84,7 +84,6 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
 PREFILL_NATIVE = "prefill_attention_avx2"
-KEY_BLOCK = 64  # the C++ kernel's keys a block: its fp32 copies of K and V are whole blocks
 
 
 def native_prefill_unavailable(dtype: torch.dtype, head_dim: int) -> Optional[str]:
@@ -111,12 +110,9 @@ def _native_prefill(q, k, v, mask, scale, extents, causal=False):
     if mask is not None:
         mask = mask.expand(batch, heads, length, keys)
         mask = mask if mask.stride(-1) == 1 else mask.contiguous()
-    blocks = (min(int(extents.max()), keys) + KEY_BLOCK - 1) // KEY_BLOCK
-    widened = torch.empty(2, batch * k.shape[1] * blocks * KEY_BLOCK * head_dim, dtype=torch.float32)
     out = torch.empty(q.shape, dtype=q.dtype)
     plain = _NO_MASK if mask is None else mask
-    native.load(PREFILL_NATIVE)(q, k, v, plain, out, extents, widened[0], widened[1], batch, heads, k.shape[1], length,
-                                keys, head_dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+    native.load(PREFILL_NATIVE)(q, k, v, plain, out, extents, batch, heads, k.shape[1], length, keys, head_dim, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                 *((0, 0, 0) if mask is None else mask.stride()[:3]), int(mask is not None), int(causal),
                                 int(q.dtype == torch.bfloat16), int(plain.dtype == torch.bfloat16),
                                 torch.tensor([scale], dtype=torch.float32))

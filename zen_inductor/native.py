@@ -94,14 +94,14 @@ SOURCES = {
         _DECODE_ATTENTION_ARGS,
         _AVX512,
     ),
-    "prefill_attention_avx2": (  # q, k, v, mask, out, extents, kt, v32, B, H, Hkv, L, S, D, 12 strides, has_mask,
-        "prefill_attention_avx2.cpp",  # causal, bf16, mask_bf16, scale
-        (*("const void*",) * 4, "void*", "const int64_t*", "float*", "float*", *("int64_t",) * 22, "const float*"),
+    "prefill_attention_avx2": (  # q, k, v, mask, out, extents, B, H, Hkv, L, S, D, 12 strides, has_mask, causal,
+        "prefill_attention_avx2.cpp",  # bf16, mask_bf16, scale
+        (*("const void*",) * 4, "void*", "const int64_t*", *("int64_t",) * 22, "const float*"),
         ("avx2", "fma"),
     ),
-    "int8_gemm_avx2": (  # x, w, sums, x16, packed, M, N, K, threads: zen_a8w8_gemm_avx2's exact int32 sums
+    "int8_gemm_avx2": (  # x, w, sums, M, N, K, threads: zen_a8w8_gemm_avx2's exact int32 sums
         "int8_gemm_avx2.cpp",
-        ("const int8_t*", "const int8_t*", "int32_t*", "int16_t*", "int32_t*", *("int64_t",) * 4),
+        ("const int8_t*", "const int8_t*", "int32_t*", *("int64_t",) * 4),
         ("avx2", "fma"),
     ),
     "int8_quantize_rows": (  # x, codes, scales, M, K, x_bf16: aten_int_mm_da8's int8 x

@@ -4,7 +4,7 @@
 //
 // Why not torch._int_mm there: without VNNI, oneDNN's u8 x s8 GEMM multiplies with vpmaddubsw,
 // which adds two byte products into 16 bits with saturation; x shifted to u8 (x + 128, up to 255)
-// times w up to 127 overflows it: 13-18% of the int32 sums came out wrong on Gaussian int8 codes
+// times w up to 127 overflows it: 15-49% of the int32 sums came out wrong on Gaussian int8 codes
 // (Zen 5, oneDNN capped at AVX2; every one on uniform codes). Here both sides are widened to 16
 // bits and multiplied by vpmaddwd, two exact 16 x 16-bit products into 32 bits: as many products
 // an instruction as vpmaddubsw + vpmaddwd gave, no rounding nor saturation anywhere.
@@ -12,7 +12,7 @@
 // The GotoBLAS loops: each thread a range of columns; for each block of kNc columns and kKc values
 // of k, w's block is packed as 16-bit pairs (k, k + 1) of 16 columns at a time, [kKc / 2][16][2],
 // and register tiles of kMr rows x 16 columns (12 accumulators) run over it, x widened to 16 bits
-// once a call.
+// once a call (both in memory of the call's own).
 #include "avx2_common.h"
 
 #include <algorithm>
@@ -125,11 +125,11 @@ void pack_block(const int8_t* w, int64_t K, int64_t n0, int64_t cols, int64_t k0
 
 }  // namespace
 
-// x16: room for M * K2 int16 (K2 = K rounded up to even), packed: room for `threads` blocks of
-// kNc * kKc / 2 int32 (the Python side allocates both: kernels/int8_rows.py)
-extern "C" void kernel(const int8_t* x, const int8_t* w, int32_t* sums, int16_t* x16, int32_t* packed, int64_t M,
-                       int64_t N, int64_t K, int64_t threads) {
+extern "C" void kernel(const int8_t* x, const int8_t* w, int32_t* sums, int64_t M, int64_t N, int64_t K,
+                       int64_t threads) {
   const int64_t K2 = (K + 1) / 2 * 2;
+  std::vector<int16_t> widened(M * K2);  // x in 16 bits, each row's pairs 4-byte aligned
+  int16_t* x16 = widened.data();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t k = 0; k < K; ++k) x16[m * K2 + k] = x[m * K + k];
@@ -141,7 +141,8 @@ extern "C" void kernel(const int8_t* x, const int8_t* w, int32_t* sums, int16_t*
     // each thread its columns, in whole panels, and its own packed blocks
     const int64_t panels = (N + kNr - 1) / kNr;
     const int64_t c0 = std::min(N, panels * t / T * kNr), c1 = std::min(N, panels * (t + 1) / T * kNr);
-    int32_t* block = packed + t * (kNc * kKc / 2);
+    std::vector<int32_t> packed(kNc * kKc / 2);
+    int32_t* block = packed.data();
     for (int64_t n0 = c0; n0 < c1; n0 += kNc) {
       const int64_t cols = std::min(kNc, c1 - n0);
       for (int64_t k0 = 0; k0 < K2; k0 += kKc) {

@@ -14,8 +14,7 @@
 // (0 strides broadcast), where has_mask; causal: query l sees keys 0 .. l (ATen's is_causal,
 // top-left), else every key the mask lets it (all without one); extents[i]: one past the last key
 // any query of block i (kQueryBlock queries) may see (attention.py's mask_extent); out [B, H, L, D]
-// contiguous in q's dtype; kt and v32: fp32 room for K and V widened (widened_sizes in attention.py);
-// scale: one fp32. A query that sees no key gets 0, as ATen's flash attention gives.
+// contiguous in q's dtype; scale: one fp32. A query that sees no key gets 0, as ATen's flash attention gives.
 #include "avx2_common.h"
 
 #include <algorithm>
@@ -198,7 +197,7 @@ void attend_block(const void* q, const float* kt, const float* v32, const void* 
 }  // namespace
 
 extern "C" void kernel(const void* q, const void* k, const void* v, const void* mask, void* out, const int64_t* extents,
-                       float* kt, float* v32, int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t D,
+                       int64_t B, int64_t H, int64_t Hkv, int64_t L, int64_t S, int64_t D,
                        int64_t q_sb, int64_t q_sh, int64_t q_sl, int64_t k_sb, int64_t k_sh, int64_t k_sl,
                        int64_t v_sb, int64_t v_sh, int64_t v_sl, int64_t m_sb, int64_t m_sh, int64_t m_sl,
                        int64_t has_mask, int64_t causal, int64_t bf16, int64_t mask_bf16, const float* scale) {
@@ -207,14 +206,15 @@ extern "C" void kernel(const void* q, const void* k, const void* v, const void* 
   const int64_t query_blocks = (L + kQueryBlock - 1) / kQueryBlock;
   const int64_t extent = *std::max_element(extents, extents + query_blocks);
   const int64_t blocks = (std::min(extent, S) + kKeyBlock - 1) / kKeyBlock;
-  widen_kv(k, v, s, blocks, kt, v32);
+  std::vector<float> kt(B * Hkv * blocks * kKeyBlock * D), v32(kt.size());
+  widen_kv(k, v, s, blocks, kt.data(), v32.data());
   // the longest blocks first (under a causal mask, the last queries), so the threads end together
   const int64_t items = B * H * query_blocks;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t item = 0; item < items; ++item) {
     const int64_t qb = query_blocks - 1 - item / (B * H), bh = item % (B * H);
     const int64_t l0 = qb * kQueryBlock, rows = std::min(kQueryBlock, L - l0);
-    attend_block(q, kt, v32, mask, out, *scale, s, bh / H, bh % H, l0, rows,
+    attend_block(q, kt.data(), v32.data(), mask, out, *scale, s, bh / H, bh % H, l0, rows,
                  std::min(extents[qb], S), blocks);
   }
 }

@@ -137,25 +137,21 @@ EXACT_FP32_K = 1024  # 1024 * 127 * 128 < 2^24: every partial sum is an integer 
 def int_mm_exact() -> bool:
     """Whether torch._int_mm's int32 sums are exact on this machine. Without VNNI, oneDNN's u8 x s8
     GEMM adds two byte products into 16 bits with saturation (vpmaddubsw) and x shifted to u8 (x +
-    128) overflows it: 13-18% of the sums came out wrong on Gaussian int8 codes (Zen 5, oneDNN capped
-    at AVX2), all of them on 127s, which this asks."""
+    128) overflows it: 15-49% of the sums came out wrong on Gaussian int8 codes (Zen 5, oneDNN capped
+    at AVX2: results/isa-ceilings-zen5.md), all of them on 127s, which this asks."""
     x = torch.full((32, 64), 127, dtype=torch.int8)
     return bool((torch._int_mm(x, x.t()) == 64 * 127 * 127).all())
 
 
 def _gemm_sums(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The same sums by our C++ (csrc/int8_gemm_avx2.cpp: 16-bit products by vpmaddwd, exact)."""
-    rows, k = xq.shape
-    sums = torch.empty((rows, w.shape[0]), dtype=torch.int32)
-    threads = torch.get_num_threads()
-    x16 = torch.empty(rows * (k + k % 2), dtype=torch.int16)
-    blocks = torch.empty(threads * GEMM_BLOCK_WORDS, dtype=torch.int32)
-    native.load(GEMM_NATIVE)(xq, w, sums, x16, blocks, rows, w.shape[0], k, threads)
+    xq, w = xq.contiguous(), w.contiguous()  # views where a caller gave them; the kernel reads rows
+    sums = torch.empty((xq.shape[0], w.shape[0]), dtype=torch.int32)
+    native.load(GEMM_NATIVE)(xq, w, sums, xq.shape[0], w.shape[0], xq.shape[1], torch.get_num_threads())
     return sums
 
 
 GEMM_NATIVE = "int8_gemm_avx2"
-GEMM_BLOCK_WORDS = 256 * 1024 // 2  # a thread's packed block of w: kNc * kKc / 2 int32 (the C++'s)
 
 
 def _int_mm_run(x, packed, bias, spec):
