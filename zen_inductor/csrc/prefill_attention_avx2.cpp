@@ -43,8 +43,8 @@ inline float scalar_at(const void* p, int64_t i, bool bf16) {
   return out;
 }
 
-// tile[r][0 .. 16) = sum_d a[r * lda + d] * b[d * ldb + (0 .. 16)] for R rows: the scores (a: the
-// scaled queries, b: K transposed) and V's sums (a: the weights, b: V's rows), which add to `acc_in`
+// acc[r] += sum_d a[r * lda + d] * b[d * ldb + (0 .. 16)] for R rows: the scores (a: the scaled
+// queries, b: K transposed) and V's sums (a: the weights, b: V's rows)
 template <int R>
 inline void tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, __m256 (&acc)[kRows][2]) {
   for (int64_t d = 0; d < depth; ++d) {
