@@ -137,15 +137,21 @@ def rewrite(ctx, node: fx.Node) -> None:
     ctx.record.match(PATTERN, _variant(*sdpa.args[:2]), sdpa, "zentorch_sdpa")
 
 
-def _rewrite_unmasked(ctx, node: fx.Node) -> None:
-    """No mask and no zentorch (AVX2): our C++ kernel, causal or over every key, on the KV heads."""
+def _operands(node: fx.Node) -> tuple:
+    """``(q, k, v, scale)`` of a flash-attention call, K and V as the cache holds them: transformers
+    repeats them over the query heads (``repeat_kv``) and our kernels take the KV heads (GQA)."""
     q = node.args[0]
     k, v = kv_before_repeat_kv(*node.args[1:3], fake_value(q).shape[1])
     scale = call_arg(node, 5, "scale", None)
-    scale = scale if scale is not None else fake_value(q).shape[-1] ** -0.5
+    return q, k, v, float(scale if scale is not None else fake_value(q).shape[-1] ** -0.5)
+
+
+def _rewrite_unmasked(ctx, node: fx.Node) -> None:
+    """No mask and no zentorch (AVX2): our C++ kernel, causal or over every key, on the KV heads."""
+    q, k, v, scale = _operands(node)
     causal = bool(call_arg(node, 4, "is_causal", False))
     with ctx.graph.inserting_before(node):
-        out = emit_op(ctx.graph, attention.unmasked_attention, q, k, v, float(scale), causal)
+        out = emit_op(ctx.graph, attention.unmasked_attention, q, k, v, scale, causal)
     ctx.record.match(PATTERN, _variant(q, k) + ("_causal" if causal else ""), node,
                      f"zen.unmasked_attention: zen's flash attention in C++ ({why_not_zentorch(node)})")
     replace_outputs(ctx.graph, node, out)
@@ -181,27 +187,22 @@ def _shared_mask(graph: fx.Graph, mask: fx.Node) -> fx.Node:
 
 
 def _rewrite_masked(ctx, node: fx.Node) -> None:
-    q = node.args[0]
-    # transformers repeats K and V over the query heads when it passes a mask; both kernels take
-    # the KV heads as they are (GQA), without that copy of the keys
-    k, v = kv_before_repeat_kv(*node.args[1:3], fake_value(q).shape[1])
-    scale = call_arg(node, 5, "scale", None)
-    scale = scale if scale is not None else fake_value(q).shape[-1] ** -0.5
+    q, k, v, scale = _operands(node)
     why_not_ours = why_not_zentorch(node)
     # a program whose query length may be one (ahead of time: a prompt, then every decode step)
     # runs one position by decode attention, in C++
     by_rows = may_be_one(fake_value(q).shape[2], ctx.ahead_of_time) and why_not_decode(node, fake_value(k).shape[1]) is None
     with ctx.graph.inserting_before(node):
         out = emit_op(ctx.graph, attention.attention_by_rows if by_rows else attention.prefill_attention, q, k, v,
-                      _shared_mask(ctx.graph, node.kwargs["attn_mask"]), float(scale), why_not_ours is None)
-    kernel = "zentorch_sdpa" if why_not_ours is None else _kernel_without_zentorch(fake_value(q), why_not_ours)
+                      _shared_mask(ctx.graph, node.kwargs["attn_mask"]), scale, why_not_ours is None)
+    kernel = "zentorch_sdpa" if why_not_ours is None else _kernel_without_zentorch(node, why_not_ours)
     one = "; one position by zen.decode_attention (C++)" if by_rows else ""
     ctx.record.match(PATTERN, _variant(q, k) + "_masked", node, f"zen.prefill_attention, blocks by {kernel}{one}")
     replace_outputs(ctx.graph, node, out)
 
 
-def _kernel_without_zentorch(q: torch.Tensor, why_not_zentorch: str) -> str:
-    why_not_native = attention.native_prefill_unavailable(q.dtype, q.shape[-1])
+def _kernel_without_zentorch(node: fx.Node, why_not_zentorch: str) -> str:
+    why_not_native = _why_not_native(node)
     if why_not_native is None:
         return f"zen's flash attention in C++ ({why_not_zentorch})"
     return f"ATen's flash attention ({why_not_zentorch}; {why_not_native})"
